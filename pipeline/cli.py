@@ -1,0 +1,55 @@
+"""The ``rdma-pipeline`` command.
+
+Each subcommand lives in its own module with ``add_arguments(parser)`` and ``main(args) -> int``;
+``COMMANDS`` maps names to those modules. Command modules keep heavy imports inside ``main`` so
+that ``--help`` stays fast. Errors of the ``MigrationError`` tree print as one line and exit 2,
+unless ``--debug`` asks for the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from pipeline import __version__
+from pipeline.errors import MigrationError
+
+# name -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {}
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rdma-pipeline",
+        description="Live-migrate VM RAM with QEMU's RDMA migration protocol.",
+    )
+    parser.add_argument("--version", action="version", version=f"rdma-pipeline {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module_name, help_text) in COMMANDS.items():
+        module = importlib.import_module(module_name)
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        module.add_arguments(p)
+        p.set_defaults(_main=module.main)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return EXIT_USAGE
+    try:
+        return int(args._main(args) or 0)
+    except MigrationError as exc:
+        if args.debug:
+            raise
+        print(f"rdma-pipeline {args.command}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"rdma-pipeline {args.command}: interrupted", file=sys.stderr)
+        return 130

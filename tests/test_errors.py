@@ -1,0 +1,21 @@
+import pytest
+
+from pipeline import errors
+
+
+@pytest.mark.parametrize("cls", [errors.LocalProtocolError, errors.RemoteProtocolError,
+                                 errors.TransportUnsupported, errors.ShmError,
+                                 errors.GuestError, errors.MigrationCancelled])
+def test_every_error_is_a_migration_error(cls):
+    assert issubclass(cls, errors.MigrationError)
+
+
+def test_hint_is_part_of_the_message():
+    exc = errors.TransportError("no RDMA device", errno=38, hint="use --transport soft")
+    assert str(exc) == "no RDMA device (use --transport soft)"
+    assert exc.errno == 38
+
+
+def test_stage_failed_says_how():
+    assert "killed by signal 9" in str(errors.StageFailed("poster", -9))
+    assert "exited with code 2" in str(errors.StageFailed("scanner", 2, "ring closed"))
