@@ -1,0 +1,184 @@
+"""A synthetic guest: a process that writes RAM at a set rate and logs what it wrote.
+
+``Workload`` is the deterministic part (no I/O, no clock): batch ``k`` of a guest with seed
+``s`` always writes the same pages with the same contents, so a guest resumed on the destination
+from its state (``GuestState``: seed, batch counter, sequential position, pages written)
+continues exactly where the source stopped it. Pages are written whole, vectorised (a uint64 view
+of shape ``(pages, 512)``), each non-zero page stamped with a value derived from (seed, batch,
+page); a set share of the pages written are zero pages. Every page is marked in the dirty log
+*after* it is written, so a scanner that fetch-and-clears the log never misses a write.
+
+``guest_main`` is the process (see ``stages.harness``): it attaches the region and the dirty log
+by name, fills its RAM once ("boots"), reports ready, then writes at ``dirty_rate`` bytes/s,
+answering ``pause`` / ``resume`` / ``state`` / ``stop`` on its pipe between batches.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+PAGE = 4096
+WORDS = PAGE // 8
+PATTERNS = ("uniform", "hotspot", "sequential")
+TICK = 0.01                  # seconds between batches at a non-zero rate
+MAX_BATCH_PAGES = 16384      # 64 MiB per batch at most
+DEVICE_SECTION = "rdp-synthetic-guest"
+
+
+@dataclass
+class GuestState:
+    """Everything needed to resume the same guest elsewhere."""
+
+    seed: int = 1
+    pattern: str = "uniform"
+    zero_share: float = 0.1
+    dirty_rate: int = 0          # bytes/s
+    batch: int = 0               # batches written so far
+    position: int = 0            # next page of the sequential pattern (global page number)
+    pages_written: int = 0
+
+    def to_bytes(self) -> bytes:
+        return json.dumps(asdict(self), sort_keys=True).encode()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> GuestState:
+        return cls(**json.loads(data.decode()))
+
+
+def page_stamp(seed: int, batch: np.ndarray | int, pages: np.ndarray) -> np.ndarray:
+    """Non-zero uint64 stamp of each page written by ``batch``."""
+    pages = np.asarray(pages, dtype=np.uint64)
+    v = (np.uint64(seed & 0xFFFF) << np.uint64(48)) ^ (np.uint64(batch) << np.uint64(24)) ^ pages
+    return v | np.uint64(1 << 63)
+
+
+class Workload:
+    """Which pages batch ``k`` writes and what it writes there, over blocks of given sizes."""
+
+    def __init__(self, state: GuestState, block_pages: list[int]) -> None:
+        if state.pattern not in PATTERNS:
+            raise ValueError(f"pattern {state.pattern!r}: use one of {', '.join(PATTERNS)}")
+        if not 0.0 <= state.zero_share <= 1.0:
+            raise ValueError("zero share must be between 0 and 1")
+        self.state = state
+        self.block_pages = list(block_pages)
+        self.starts = np.cumsum([0] + self.block_pages)   # global page number of each block
+        self.total_pages = int(self.starts[-1])
+
+    def pick(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """Global page numbers and zero flags of the next batch (advances the state)."""
+        st = self.state
+        rng = np.random.default_rng([st.seed, st.batch])
+        total = self.total_pages
+        if st.pattern == "uniform":
+            pages = rng.integers(0, total, n, dtype=np.int64)
+        elif st.pattern == "hotspot":
+            hot = max(1, total // 10)
+            in_hot = rng.random(n) < 0.9
+            pages = np.where(in_hot, rng.integers(0, hot, n), rng.integers(0, total, n))
+        else:
+            pages = (st.position + np.arange(n, dtype=np.int64)) % total
+            st.position = int((st.position + n) % total)
+        zero = rng.random(n) < st.zero_share
+        return pages.astype(np.int64), zero
+
+    def split(self, pages: np.ndarray) -> list[tuple[int, np.ndarray]]:
+        """(block index, block-relative pages) for each block hit by ``pages``."""
+        blk = np.searchsorted(self.starts, pages, side="right") - 1
+        out = []
+        for b in np.unique(blk):
+            sel = pages[blk == b] - self.starts[b]
+            out.append((int(b), sel))
+        return out
+
+    def write_batch(self, views: list[np.ndarray], n: int, mark=None) -> int:
+        """Write batch of ``n`` pages into ``views`` (uint64, (pages, 512) per block)."""
+        st = self.state
+        pages, zero = self.pick(n)
+        stamps = page_stamp(st.seed, st.batch, pages)
+        stamps[zero] = 0
+        blk = np.searchsorted(self.starts, pages, side="right") - 1
+        for b in np.unique(blk):
+            sel = blk == b
+            local = pages[sel] - self.starts[b]
+            views[b][local] = stamps[sel][:, None]
+            if mark is not None:
+                mark(int(b), np.unique(local))
+        st.batch += 1
+        st.pages_written += n
+        return n
+
+    def boot(self, views: list[np.ndarray], fill: float) -> None:
+        """Fill the first ``fill`` share of every block with stamped data (not logged)."""
+        share = self.state.zero_share
+        zero_every = 0 if share <= 0 else max(1, int(round(1 / share)))
+        step = 1 << 13   # pages per slice: 32 MiB at a time, no huge temporaries
+        for b, view in enumerate(views):
+            upto = int(len(view) * fill)
+            for p0 in range(0, upto, step):
+                p1 = min(upto, p0 + step)
+                local = np.arange(p0, p1, dtype=np.int64)
+                stamps = page_stamp(self.state.seed, 0xFFFFFF, local + self.starts[b])
+                if zero_every:
+                    stamps[local % zero_every == zero_every - 1] = 0
+                view[p0:p1] = stamps[:, None]
+
+
+def guest_main(config: dict, link) -> int:
+    """Process entry: see the module docstring. ``config`` keys: region, dirtylog (or None),
+    state (GuestState as dict), fill (share of RAM to fill at boot, 0 on a resumed guest)."""
+    from shm.dirtylog import DirtyLog
+    from shm.region import RamRegion
+
+    state = GuestState(**config["state"])
+    with RamRegion.attach(config["region"]) as region:
+        log = DirtyLog.attach(config["dirtylog"]) if config.get("dirtylog") else None
+        try:
+            views = [blk.view.view(np.uint64).reshape(-1, WORDS) for blk in region.blocks]
+            work = Workload(state, [blk.nb_pages for blk in region.blocks])
+            if config.get("fill"):
+                work.boot(views, float(config["fill"]))
+            mark = log.mark if log is not None else None
+            link.ready(state=asdict(state), pid=__import__("os").getpid())
+            _run(work, views, mark, link, state)
+            return 0
+        finally:
+            if log is not None:
+                log.close()
+
+
+def _run(work: Workload, views, mark, link, state: GuestState) -> None:
+    paused = False
+    rate_pages = state.dirty_rate / PAGE
+    t0 = time.monotonic()
+    done_at_t0 = state.pages_written
+    while True:
+        if paused or rate_pages <= 0:
+            timeout = None
+        else:
+            timeout = TICK
+        if link.poll(timeout):
+            cmd = link.recv()
+            op = cmd[0]
+            if op == "pause":
+                paused = True
+                link.send("paused", asdict(state), time.monotonic())
+            elif op == "resume":
+                paused = False
+                t0, done_at_t0 = time.monotonic(), state.pages_written
+                link.send("resumed", time.monotonic())
+            elif op == "state":
+                link.send("state", asdict(state))
+            elif op == "stop":
+                link.send("stopped", asdict(state))
+                return
+            continue
+        if paused or rate_pages <= 0:
+            continue
+        due = int((time.monotonic() - t0) * rate_pages) - (state.pages_written - done_at_t0)
+        if due > 0:
+            work.write_batch(views, min(due, MAX_BATCH_PAGES), mark)

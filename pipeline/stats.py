@@ -1,0 +1,121 @@
+"""Live migration figures, named as QEMU's ``query-migrate`` names them.
+
+``MigrationStats`` is written by the coordinator only; readers take ``snapshot()``, a plain
+dict (JSON-ready) with QEMU's keys: ``status``, ``total-time``, ``setup-time``, ``downtime``,
+``expected-downtime`` (milliseconds) and a ``ram`` object (``transferred``, ``remaining``,
+``total``, ``duplicate``, ``normal``, ``normal-bytes``, ``mbps``, ``dirty-pages-rate``,
+``dirty-sync-count``), plus ours: ``verified``, ``round``, ``error`` and ``stages``.
+
+Counting: ``duplicate`` is zero pages found by the scanner (sent as COMPRESS, or written as
+part of a run in a registered chunk); ``normal`` the non-zero pages written; ``transferred``
+every byte RDMA-written plus every control-message byte sent.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+
+from pipeline.config import PAGE_SIZE
+
+
+@dataclass
+class StageFigures:
+    pages_scanned: int = 0
+    zero_pages: int = 0
+    scanner_busy_s: float = 0.0
+    chunks_registered: int = 0
+    chunks_unregistered: int = 0
+    compress_sent: int = 0
+    registrar_busy_s: float = 0.0
+    writes_posted: int = 0
+    bytes_written: int = 0
+    poster_busy_s: float = 0.0
+
+    def as_dict(self) -> dict:
+        return {
+            "scanner": {"pages-scanned": self.pages_scanned, "zero-pages": self.zero_pages,
+                        "busy-time": round(self.scanner_busy_s * 1000, 1)},
+            "registrar": {"chunks-registered": self.chunks_registered,
+                          "chunks-unregistered": self.chunks_unregistered,
+                          "compress-sent": self.compress_sent,
+                          "busy-time": round(self.registrar_busy_s * 1000, 1)},
+            "poster": {"writes-posted": self.writes_posted,
+                       "bytes-written": self.bytes_written,
+                       "busy-time": round(self.poster_busy_s * 1000, 1)},
+        }
+
+
+@dataclass
+class MigrationStats:
+    """Counters of one migration; ``snapshot()`` is safe to call from any thread."""
+
+    status: str = "none"
+    start_time: float = 0.0          # monotonic seconds
+    setup_end: float = 0.0
+    pause_time: float = 0.0
+    resume_time: float = 0.0
+    end_time: float = 0.0
+    total_bytes: int = 0             # ram.total
+    control_bytes: int = 0
+    rdma_bytes: int = 0
+    remaining_bytes: int = 0
+    duplicate_pages: int = 0
+    normal_pages: int = 0
+    dirty_sync_count: int = 0
+    dirty_pages_rate: float = 0.0    # pages/s seen by the last sync
+    mbps: float = 0.0                # megabits/s over the last round
+    expected_downtime_ms: float = 0.0
+    round: int = 0
+    verified: bool | None = None
+    error: str = ""
+    stages: StageFigures = field(default_factory=StageFigures)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def update(self, **changes) -> None:
+        with self._lock:
+            for name, value in changes.items():
+                setattr(self, name, value)
+
+    @property
+    def transferred(self) -> int:
+        return self.rdma_bytes + self.control_bytes
+
+    def snapshot(self, now: float) -> dict:
+        """query-migrate-style dict at monotonic time ``now``."""
+        with self._lock:
+            end = self.end_time or now
+            total_ms = (end - self.start_time) * 1000 if self.start_time else 0.0
+            setup_ms = (self.setup_end - self.start_time) * 1000 if self.setup_end else 0.0
+            downtime = None
+            if self.pause_time and self.resume_time:
+                downtime = round((self.resume_time - self.pause_time) * 1000, 1)
+            elapsed = max(end - self.start_time, 1e-9) if self.start_time else 0.0
+            out = {
+                "status": self.status,
+                "total-time": round(total_ms, 1),
+                "setup-time": round(setup_ms, 1),
+                "expected-downtime": round(self.expected_downtime_ms, 1),
+                "ram": {
+                    "transferred": self.transferred,
+                    "remaining": self.remaining_bytes,
+                    "total": self.total_bytes,
+                    "duplicate": self.duplicate_pages,
+                    "normal": self.normal_pages,
+                    "normal-bytes": self.normal_pages * PAGE_SIZE,
+                    "mbps": round(self.mbps, 1),
+                    "average-mbps": round(self.transferred * 8 / 1e6 / elapsed, 1)
+                    if elapsed else 0.0,
+                    "dirty-pages-rate": round(self.dirty_pages_rate),
+                    "dirty-sync-count": self.dirty_sync_count,
+                    "page-size": PAGE_SIZE,
+                },
+                "round": self.round,
+                "verified": self.verified,
+                "stages": self.stages.as_dict(),
+            }
+            if downtime is not None:
+                out["downtime"] = downtime
+            if self.error:
+                out["error-desc"] = self.error
+            return out

@@ -1,0 +1,228 @@
+"""Start, watch and stop stage processes under one contract.
+
+A stage is a function ``main(config: dict, link: StageLink) -> int`` named by a
+``"module:function"`` string, run in a process started with the ``spawn`` method (nothing is
+inherited but the plain ``config`` dict and one pipe), with SIGINT ignored: Ctrl-C belongs to
+the coordinator, which stops stages itself. The child tells the parent through the pipe:
+
+    ("ready", info)    once its resources exist (info: a plain dict, e.g. exported handles)
+    ("error", line)    just before it exits with code 2; ``line`` is one line saying why
+    anything else     stage-specific messages (the guest answers pause/resume this way)
+
+Exit codes: 0 ok, 2 error. ``StageProcess.stop(deadline)`` joins, then terminates, then kills;
+``close()`` is idempotent. Every blocking wait watches the process sentinel, so a stage that dies
+is noticed at once (``StageFailed``).
+"""
+
+from __future__ import annotations
+
+import importlib
+import multiprocessing
+import multiprocessing.connection
+import os
+import signal
+import sys
+import time
+import traceback
+from typing import Any
+
+from pipeline.errors import MigrationError, StageFailed
+
+EXIT_OK, EXIT_ERROR = 0, 2
+_CTX = multiprocessing.get_context("spawn")
+
+
+class StageLink:
+    """The child's end of the pipe to its parent."""
+
+    def __init__(self, conn) -> None:
+        self.conn = conn
+
+    def ready(self, **info: Any) -> None:
+        self.conn.send(("ready", info))
+
+    def send(self, *msg: Any) -> None:
+        self.conn.send(msg)
+
+    def poll(self, timeout: float | None = 0.0) -> bool:
+        return self.conn.poll(timeout)
+
+    def recv(self) -> tuple:
+        return self.conn.recv()
+
+    def fileno(self) -> int:
+        return self.conn.fileno()
+
+
+def _entry(target: str, name: str, config: dict, conn) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    link = StageLink(conn)
+    code = EXIT_ERROR
+    try:
+        module_name, func_name = target.split(":")
+        func = getattr(importlib.import_module(module_name), func_name)
+        code = int(func(config, link) or EXIT_OK)
+    except BaseException as exc:  # noqa: BLE001 - every failure becomes one line and exit 2
+        line = str(exc) if isinstance(exc, MigrationError) else f"{type(exc).__name__}: {exc}"
+        if os.environ.get("RDP_DEBUG"):
+            traceback.print_exc()
+        try:
+            conn.send(("error", line.splitlines()[0] if line else type(exc).__name__))
+        except (OSError, ValueError):
+            pass
+        code = EXIT_ERROR
+    finally:
+        try:
+            conn.close()
+        except OSError:
+            pass
+    sys.stdout.flush()
+    os._exit(code)
+
+
+class StageProcess:
+    """One named stage process; a context manager that always leaves nothing running."""
+
+    def __init__(self, name: str, target: str, config: dict) -> None:
+        self.name = name
+        self.target = target
+        self.config = config
+        self.conn, child = _CTX.Pipe(duplex=True)
+        self._child_conn = child
+        self.process = _CTX.Process(target=_entry, args=(target, name, config, child),
+                                    name=f"rdp-{name}", daemon=True)
+        self.error_line = ""
+        self.info: dict = {}
+        self._closed = False
+        self._pending: list[tuple] = []
+
+    # -- lifecycle -----------------------------------------------------------------------
+    def start(self) -> StageProcess:
+        self.process.start()
+        self._child_conn.close()
+        return self
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid
+
+    @property
+    def alive(self) -> bool:
+        return self.process.is_alive()
+
+    @property
+    def exitcode(self) -> int | None:
+        return self.process.exitcode
+
+    def failure(self) -> StageFailed:
+        """The StageFailed describing how this stage ended (reads its last words)."""
+        self._drain_messages()
+        return StageFailed(self.name, self.process.exitcode, self.error_line)
+
+    def check(self) -> None:
+        """Raise StageFailed if the stage has exited (successfully or not) or reported an error."""
+        self._drain_messages()
+        if self.error_line or self.process.exitcode is not None:
+            self.process.join(0.5)
+            raise self.failure()
+
+    def wait_ready(self, timeout: float) -> dict:
+        msg = self.recv(timeout, what="start")
+        if msg[0] != "ready":
+            raise StageFailed(self.name, self.process.exitcode, f"unexpected message {msg[0]}")
+        self.info = msg[1]
+        return self.info
+
+    # -- messages ------------------------------------------------------------------------
+    def send(self, *msg: Any) -> None:
+        try:
+            self.conn.send(msg)
+        except (OSError, ValueError):
+            self.process.join(0.5)
+            raise self.failure() from None
+
+    def recv(self, timeout: float, what: str = "answer") -> tuple:
+        """Next message from the stage; StageFailed if it dies first, or on timeout."""
+        if self._pending:
+            return self._pending.pop(0)
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise StageFailed(self.name, None, f"no {what} within {timeout:g} s")
+            ready = multiprocessing.connection.wait([self.conn, self.process.sentinel], left)
+            if self.conn in ready:
+                try:
+                    msg = self.conn.recv()
+                except (EOFError, OSError):
+                    self.process.join(1.0)
+                    raise self.failure() from None
+                if msg[0] == "error":
+                    self.error_line = msg[1]
+                    self.process.join(1.0)
+                    raise self.failure()
+                return msg
+            if self.process.sentinel in ready:
+                self.process.join(0.5)
+                raise self.failure()
+
+    def _drain_messages(self) -> None:
+        try:
+            while not self.conn.closed and self.conn.poll(0):
+                msg = self.conn.recv()
+                if msg and msg[0] == "error":
+                    self.error_line = msg[1]
+                else:
+                    self._pending.append(msg)
+        except (EOFError, OSError):
+            pass
+
+    # -- teardown ------------------------------------------------------------------------
+    def stop(self, timeout: float = 2.0) -> int | None:
+        """Join within ``timeout``, then SIGTERM, then SIGKILL; returns the exit code."""
+        if self.process.pid is None:
+            return None
+        self.process.join(timeout)
+        if self.process.exitcode is None:
+            self.process.terminate()
+            self.process.join(1.0)
+        if self.process.exitcode is None:
+            self.process.kill()
+            self.process.join(2.0)
+        self._drain_messages()
+        return self.process.exitcode
+
+    def kill(self) -> None:
+        if self.process.pid is not None and self.process.exitcode is None:
+            self.process.kill()
+            self.process.join(2.0)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self.process.pid is not None and self.process.exitcode is None:
+            self.kill()
+        try:
+            self.conn.close()
+        except OSError:
+            pass
+        if self.process.pid is not None:
+            self.process.close()
+
+    def __enter__(self) -> StageProcess:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def stop_all(stages: list[StageProcess], timeout: float) -> None:
+    """Stop stages in parallel within one shared deadline, then close them all."""
+    deadline = time.monotonic() + timeout
+    for st in stages:
+        if st.process.pid is not None:
+            st.process.join(max(0.0, deadline - time.monotonic()))
+    for st in stages:
+        st.stop(0.0)
+        st.close()

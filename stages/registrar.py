@@ -1,0 +1,293 @@
+"""The registrar stage: makes every run writable (local MR + remote rkey) and hands writes on.
+
+``Registrar`` is sans-IO. Per block it keeps numpy arrays indexed by chunk: state (NONE,
+REQUESTED, REGISTERED), local lkey, remote rkey, writes in flight and the round last used, plus
+one local MR object per registered chunk. A batch of runs is handled whole:
+
+- runs in registered chunks (or every run, with pin-all) become WRITE records at once;
+- all-zero runs in chunks never registered become COMPRESS requests (no write), as QEMU does;
+- other runs are parked, and their chunks get one REGISTER request each. The local MR is
+  registered right away, while the request is out, and parked runs leave as soon as the answer
+  comes (``on_answers``), so registration overlaps the writes of chunks already registered.
+
+A round's END marker goes on to the poster only after every parked run of that round has left;
+the poster's DRAINED for the round comes back through ``on_completions`` and is forwarded to the
+coordinator with the round's figures. With a pin budget, chunks past it are unregistered
+(UNREGISTER request plus local deregistration), least recently used first, and only when no
+write of theirs is in flight.
+
+``registrar_main`` is the process shell around it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from stages.records import (
+    OP_END,
+    OP_RUN,
+    REQ_COMPRESS,
+    REQ_DRAINED,
+    REQ_REGISTER,
+    REQ_UNREGISTER,
+    REQUEST_DTYPE,
+    WRITE_DTYPE,
+    records,
+)
+
+PAGE = 4096
+NONE, REQUESTED, REGISTERED = 0, 1, 2
+ALL_CHUNKS = 0xFFFFFFFF      # an ANSWER for a whole block (pin-all)
+
+
+@dataclass
+class BlockInfo:
+    """A RAM block as the registrar sees it: base VA in this process, length in bytes."""
+
+    address: int
+    length: int
+
+    def nb_chunks(self, chunk_size: int) -> int:
+        return max(1, -(-self.length // chunk_size))
+
+
+class Registrar:
+    """Chunk registration cache and run -> write translation (see the module docstring)."""
+
+    def __init__(self, blocks: list[BlockInfo], chunk_size: int, *, pin_all: bool,
+                 reg_mr: Callable[[int, int], object], pin_budget: int = 0) -> None:
+        self.blocks = blocks
+        self.chunk_size = chunk_size
+        self.chunk_pages = chunk_size // PAGE
+        self.pin_all = pin_all
+        self._reg_mr = reg_mr
+        self.budget_chunks = pin_budget // chunk_size if pin_budget else 0
+        n = [b.nb_chunks(chunk_size) for b in blocks]
+        self.state = [np.zeros(k, np.uint8) for k in n]
+        self.lkey = [np.zeros(k, np.uint32) for k in n]
+        self.rkey = [np.zeros(k, np.uint32) for k in n]
+        self.inflight = [np.zeros(k, np.int64) for k in n]
+        self.last_used = [np.zeros(k, np.int64) for k in n]
+        self.remote_base = np.zeros(len(blocks), np.uint64)
+        self.mrs: dict[tuple[int, int], object] = {}
+        self.parked: list[np.ndarray] = []
+        self.ends: dict[int, np.void] = {}
+        self._sent_ends: set[int] = set()
+        self.round_compressed: dict[int, int] = {}
+        self.round_writes: dict[int, int] = {}
+        self.registered_now = 0
+        self.chunks_registered = 0
+        self.chunks_unregistered = 0
+        self.compress_sent = 0
+        self.busy_ns = 0
+
+    # -- pin-all -------------------------------------------------------------------------
+    def pin_blocks(self) -> None:
+        """Register every block whole (pin-all); rkeys come later through ``on_answers``."""
+        for b, blk in enumerate(self.blocks):
+            mr = self._reg_mr(blk.address, blk.length)
+            self.mrs[(b, ALL_CHUNKS)] = mr
+            self.lkey[b][:] = mr.lkey
+        self.chunks_registered += len(self.blocks)
+
+    # -- inputs --------------------------------------------------------------------------
+    def on_runs(self, runs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Handle scanner records; returns (writes, requests)."""
+        t0 = time.perf_counter_ns()
+        writes, reqs = [], []
+        data = runs[runs["op"] == OP_RUN]
+        if len(data):
+            self._route(data, writes, reqs)
+        for end in runs[runs["op"] == OP_END]:
+            self.ends[int(end["round"])] = end
+        writes.append(self._ready_ends())
+        self.busy_ns += time.perf_counter_ns() - t0
+        return _cat(writes, WRITE_DTYPE), _cat(reqs, REQUEST_DTYPE)
+
+    def on_answers(self, answers: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Handle REGISTER answers (and pin-all block keys); returns (writes, requests)."""
+        t0 = time.perf_counter_ns()
+        for a in answers:
+            b, c = int(a["block"]), int(a["chunk"])
+            if int(a["status"]) != 0:
+                raise RuntimeError(f"destination refused to register block {b} chunk {c}")
+            self.remote_base[b] = a["remote_base"]
+            if c == ALL_CHUNKS:
+                self.rkey[b][:] = a["rkey"]
+                self.state[b][:] = REGISTERED
+            else:
+                self.rkey[b][c] = a["rkey"]
+                self.state[b][c] = REGISTERED
+        writes: list[np.ndarray] = []
+        if self.parked:
+            parked = np.concatenate(self.parked)
+            self.parked = []
+            ready = self._registered(parked)
+            writes.append(self._writes(parked[ready]))
+            if (~ready).any():
+                self.parked.append(parked[~ready])
+        writes.append(self._ready_ends())
+        self.busy_ns += time.perf_counter_ns() - t0
+        return _cat(writes, WRITE_DTYPE), _cat([], REQUEST_DTYPE)
+
+    def on_completions(self, comps: np.ndarray) -> np.ndarray:
+        """Handle poster completions; returns requests (DRAINED forwarded to the coordinator)."""
+        reqs = []
+        done = comps[comps["op"] == OP_RUN]
+        for b in np.unique(done["block"]):
+            sel = done[done["block"] == b]
+            np.subtract.at(self.inflight[b], sel["chunk"].astype(np.int64),
+                           sel["writes"].astype(np.int64))
+        for end in comps[comps["op"] == OP_END]:
+            r = int(end["round"])
+            scan = self.ends.pop(r, None)
+            req = records(REQUEST_DTYPE, op=REQ_DRAINED, round=r, offset=end["bytes"],
+                          length=end["writes"], compressed=self.round_compressed.pop(r, 0),
+                          post_ns=end["post_ns"], reg_ns=self.busy_ns)
+            if scan is not None:
+                req["pages"] = scan["n_pages"]
+                req["zero_pages"] = scan["first_page"]
+                req["busy_ns"] = scan["scan_ns"]
+            reqs.append(req)
+        return _cat(reqs, REQUEST_DTYPE)
+
+    # -- internals -----------------------------------------------------------------------
+    def _chunks(self, runs: np.ndarray) -> np.ndarray:
+        return (runs["first_page"] // self.chunk_pages).astype(np.int64)
+
+    def _registered(self, runs: np.ndarray) -> np.ndarray:
+        ok = np.zeros(len(runs), dtype=bool)
+        chunks = self._chunks(runs)
+        for b in np.unique(runs["block"]):
+            sel = runs["block"] == b
+            ok[sel] = self.state[b][chunks[sel]] == REGISTERED
+        return ok
+
+    def _route(self, runs: np.ndarray, writes: list, reqs: list) -> None:
+        ready = self._registered(runs)
+        writes.append(self._writes(runs[ready]))
+        rest = runs[~ready]
+        if not len(rest):
+            return
+        chunks = self._chunks(rest)
+        blocks = rest["block"].astype(np.int64)
+        state = np.empty(len(rest), np.uint8)
+        for b in np.unique(blocks):
+            sel = blocks == b
+            state[sel] = self.state[b][chunks[sel]]
+        compress = (rest["zero"] != 0) & (state == NONE)
+        if compress.any():
+            z = rest[compress]
+            reqs.append(records(REQUEST_DTYPE, int(compress.sum()), op=REQ_COMPRESS,
+                                round=z["round"], block=z["block"],
+                                chunk=self._chunks(z), offset=z["first_page"] * PAGE,
+                                length=z["n_pages"].astype(np.uint64) * PAGE,
+                                pages=z["n_pages"]))
+            self.compress_sent += int(compress.sum())
+            for r in np.unique(z["round"]):
+                self.round_compressed[int(r)] = self.round_compressed.get(int(r), 0) + int(
+                    z["n_pages"][z["round"] == r].sum())
+        park = rest[~compress]
+        if not len(park):
+            return
+        self.parked.append(park)
+        pc = self._chunks(park)
+        pb = park["block"].astype(np.int64)
+        key = np.unique(pb * (1 << 32) + pc)
+        new = [(int(k >> 32), int(k & 0xFFFFFFFF)) for k in key]
+        new = [(b, c) for b, c in new if self.state[b][c] == NONE]
+        reqs.append(self._evict(len(new), int(park["round"][0])))
+        for b, c in new:
+            start = c * self.chunk_size
+            length = min(self.chunk_size, self.blocks[b].length - start)
+            mr = self._reg_mr(self.blocks[b].address + start, length)
+            self.mrs[(b, c)] = mr
+            self.lkey[b][c] = mr.lkey
+            self.state[b][c] = REQUESTED
+        self.registered_now += len(new)
+        self.chunks_registered += len(new)
+        if new:
+            reqs.append(records(REQUEST_DTYPE, len(new), op=REQ_REGISTER,
+                                round=int(park["round"][0]),
+                                block=[b for b, _ in new], chunk=[c for _, c in new],
+                                n_chunks=1))
+
+    def _evict(self, incoming: int, round_no: int) -> np.ndarray:
+        """UNREGISTER requests for LRU idle chunks so that ``incoming`` more fit the budget."""
+        if not self.budget_chunks or self.registered_now + incoming <= self.budget_chunks:
+            return records(REQUEST_DTYPE, 0)
+        need = self.registered_now + incoming - self.budget_chunks
+        cands = []
+        for b in range(len(self.blocks)):
+            idle = np.flatnonzero((self.state[b] == REGISTERED) & (self.inflight[b] == 0)
+                                  & (self.last_used[b] < round_no))
+            cands.extend((int(self.last_used[b][c]), b, int(c)) for c in idle)
+        cands.sort()
+        out = []
+        for _, b, c in cands[:need]:
+            mr = self.mrs.pop((b, c))
+            mr.close()
+            self.state[b][c] = NONE
+            self.lkey[b][c] = self.rkey[b][c] = 0
+            out.append((b, c))
+        self.registered_now -= len(out)
+        self.chunks_unregistered += len(out)
+        return records(REQUEST_DTYPE, len(out), op=REQ_UNREGISTER, round=round_no,
+                       block=[b for b, _ in out], chunk=[c for _, c in out], n_chunks=1)
+
+    def _writes(self, runs: np.ndarray) -> np.ndarray:
+        n = len(runs)
+        out = records(WRITE_DTYPE, n)
+        if not n:
+            return out
+        chunks = self._chunks(runs)
+        blocks = runs["block"].astype(np.int64)
+        offset = runs["first_page"].astype(np.uint64) * np.uint64(PAGE)
+        out["op"] = OP_RUN
+        out["round"] = runs["round"]
+        out["block"] = blocks
+        out["chunk"] = chunks
+        out["length"] = runs["n_pages"].astype(np.uint64) * np.uint64(PAGE)
+        out["pages"] = runs["n_pages"]
+        out["zero_pages"] = np.where(runs["zero"] != 0, runs["n_pages"], 0)
+        for b in np.unique(blocks):
+            sel = blocks == b
+            c = chunks[sel]
+            out["local_addr"][sel] = np.uint64(self.blocks[b].address) + offset[sel]
+            out["remote_addr"][sel] = self.remote_base[b] + offset[sel]
+            out["lkey"][sel] = self.lkey[b][c]
+            out["rkey"][sel] = self.rkey[b][c]
+            np.add.at(self.inflight[b], c, 1)
+            self.last_used[b][c] = runs["round"][sel]
+        for r in np.unique(out["round"]):
+            self.round_writes[int(r)] = self.round_writes.get(int(r), 0) + int(
+                np.count_nonzero(out["round"] == r))
+        return out
+
+    def _ready_ends(self) -> np.ndarray:
+        """END markers of rounds with no parked run left, to follow their writes."""
+        waiting = set()
+        for p in self.parked:
+            waiting.update(int(r) for r in np.unique(p["round"]))
+        out = []
+        for r, end in sorted(self.ends.items()):
+            if r in waiting or r in self._sent_ends:
+                continue
+            self._sent_ends.add(r)
+            out.append(records(WRITE_DTYPE, op=OP_END, round=r, local_addr=end["n_pages"],
+                               length=end["first_page"],
+                               pages=self.round_compressed.get(r, 0)))
+        return _cat(out, WRITE_DTYPE)
+
+
+
+def _cat(parts: list[np.ndarray], dtype: np.dtype) -> np.ndarray:
+    parts = [p for p in parts if len(p)]
+    if not parts:
+        return np.zeros(0, dtype=dtype)
+    return np.concatenate(parts) if len(parts) > 1 else parts[0]
+

@@ -1,0 +1,156 @@
+"""The scanner stage: dirty log -> runs of dirty pages, cut at chunk boundaries, zero runs tagged.
+
+``Scanner`` holds the pages dirty but not yet sent (``pending``, one bool per page per block).
+It starts with every page pending, since the first round sends all of RAM. ``sync()`` fetches
+and clears the dirty log and ORs it into ``pending`` (so no bit is lost between a sync and the
+round that sends it) and returns how many pages are pending: the coordinator's convergence test.
+``scan(round)`` syncs, turns ``pending`` into runs with ``shm.dirtylog.dirty_runs``, tags runs
+whose pages are all zero, clears ``pending`` and returns the round's RUN records followed by one
+END marker. All of it is numpy over whole rounds; no Python loop runs per page.
+
+``scanner_main`` is the process: commands in (ROUND / FINAL / SYNC / STOP), runs out to the
+registrar, SYNC answers out to the coordinator.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+from stages.records import (
+    CMD_FINAL,
+    CMD_ROUND,
+    CMD_STOP,
+    CMD_SYNC,
+    COMMAND_DTYPE,
+    OP_END,
+    OP_RUN,
+    RUN_DTYPE,
+    SYNC_DTYPE,
+    records,
+)
+
+WORDS = 512   # uint64 words per 4 KiB page
+FULL_SCAN_SHARE = 8   # zero-test the whole block when more than 1/8 of it is dirty
+
+
+def expand_runs(first: np.ndarray, n: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Page numbers covered by runs (first, n), and the index of each run's first page."""
+    n = n.astype(np.int64)
+    total = int(n.sum())
+    starts = np.zeros(len(n), dtype=np.int64)
+    if len(n):
+        np.cumsum(n[:-1], out=starts[1:])
+    pages = np.arange(total, dtype=np.int64) - np.repeat(starts - first.astype(np.int64), n)
+    return pages, starts
+
+
+def nonzero_pages(view: np.ndarray, pages: np.ndarray) -> np.ndarray:
+    """For each page number, whether the page (a row of ``view``, uint64 (pages, 512)) is
+    non-zero. Reads only the dirty pages when few are dirty, the whole block otherwise."""
+    if len(pages) * FULL_SCAN_SHARE > len(view):
+        return view.any(axis=1)[pages]
+    return view[pages].any(axis=1)
+
+
+class Scanner:
+    """Sans-IO scanner over RAM views and a dirty-log ``fetch`` callable."""
+
+    def __init__(self, views: list[np.ndarray], chunk_pages: int,
+                 fetch: Callable[[], list[np.ndarray]],
+                 runs: Callable[[list[np.ndarray], int], np.ndarray]) -> None:
+        self.views = views
+        self.chunk_pages = chunk_pages
+        self._fetch = fetch
+        self._runs = runs
+        self.pending = [np.ones(len(v), dtype=bool) for v in views]
+        self.pages_scanned = 0
+        self.zero_pages = 0
+        self.busy_ns = 0
+
+    def sync(self) -> int:
+        """Fetch-and-clear the dirty log into ``pending``; pages pending now."""
+        t0 = time.perf_counter_ns()
+        bitmaps = self._fetch()
+        total = 0
+        for b, bm in enumerate(bitmaps):
+            n = len(self.pending[b])
+            bits = np.unpackbits(np.asarray(bm).view(np.uint8), bitorder="little")[:n]
+            self.pending[b] |= bits.astype(bool)
+            total += int(np.count_nonzero(self.pending[b]))
+        self.busy_ns += time.perf_counter_ns() - t0
+        return total
+
+    def scan(self, round_no: int) -> np.ndarray:
+        """RUN records of every pending page plus an END marker; clears ``pending``."""
+        self.sync()
+        t0 = time.perf_counter_ns()
+        packed = [np.packbits(p, bitorder="little") for p in self.pending]
+        runs = self._runs(packed, self.chunk_pages)
+        out = records(RUN_DTYPE, len(runs) + 1)
+        body = out[:-1]
+        body["op"] = OP_RUN
+        body["round"] = round_no
+        if len(runs):
+            body["block"] = runs["block"]
+            body["first_page"] = runs["first_page"]
+            body["n_pages"] = runs["n_pages"]
+        dirty = zero = 0
+        for b in np.unique(body["block"]) if len(runs) else ():
+            sel = np.flatnonzero(body["block"] == b)
+            pages, starts = expand_runs(body["first_page"][sel], body["n_pages"][sel])
+            nz = nonzero_pages(self.views[b], pages)
+            run_has_data = np.logical_or.reduceat(nz, starts)
+            body["zero"][sel] = ~run_has_data
+            dirty += len(pages)
+            zero += len(pages) - int(np.count_nonzero(nz))
+        for p in self.pending:
+            p[:] = False
+        self.busy_ns += time.perf_counter_ns() - t0
+        self.pages_scanned += dirty
+        self.zero_pages += zero
+        end = out[-1]
+        end["op"] = OP_END
+        end["round"] = round_no
+        end["n_pages"] = dirty
+        end["first_page"] = zero
+        end["scan_ns"] = self.busy_ns
+        return out
+
+
+def scanner_main(config: dict, link) -> int:
+    """Process: config keys region, dirtylog, chunk_pages, commands, runs, syncs (ring names)."""
+    from shm.dirtylog import DirtyLog, dirty_runs
+    from shm.region import RamRegion
+    from shm.ring import Ring
+
+    with RamRegion.attach(config["region"]) as region, \
+            DirtyLog.attach(config["dirtylog"]) as log, \
+            Ring.attach(config["commands"], COMMAND_DTYPE) as commands, \
+            Ring.attach(config["runs"], RUN_DTYPE) as runs_out, \
+            Ring.attach(config["syncs"], SYNC_DTYPE) as syncs:
+        views = [blk.view.view(np.uint64).reshape(-1, WORDS) for blk in region.blocks]
+        scanner = Scanner(views, config["chunk_pages"], lambda: log.fetch(timeout=5.0),
+                          dirty_runs)
+        link.ready()
+        batch = int(config.get("batch", 4096))
+        while True:
+            cmds = commands.pop(16)
+            if len(cmds) == 0:
+                break                        # the coordinator closed the ring
+            for cmd in cmds:
+                op = int(cmd["op"])
+                if op == CMD_STOP:
+                    runs_out.close_write()
+                    return 0
+                if op == CMD_SYNC:
+                    n = scanner.sync()
+                    syncs.push(records(SYNC_DTYPE, round=cmd["round"], dirty_pages=n))
+                elif op in (CMD_ROUND, CMD_FINAL):
+                    out = scanner.scan(int(cmd["round"]))
+                    for i in range(0, len(out), batch):
+                        runs_out.push(out[i:i + batch])
+        runs_out.close_write()
+    return 0

@@ -1,0 +1,123 @@
+import numpy as np
+import pytest
+
+from stages.records import (
+    ANSWER_DTYPE,
+    COMPLETION_DTYPE,
+    OP_END,
+    OP_RUN,
+    REQ_COMPRESS,
+    REQ_DRAINED,
+    REQ_REGISTER,
+    REQ_UNREGISTER,
+    RUN_DTYPE,
+    records,
+)
+from stages.registrar import ALL_CHUNKS, BlockInfo, Registrar
+
+CHUNK = 1 << 20
+CP = CHUNK // 4096
+
+
+class FakeMR:
+    next_key = 100
+
+    def __init__(self, addr, length):
+        self.addr, self.length = addr, length
+        FakeMR.next_key += 1
+        self.lkey = FakeMR.next_key
+        self.closed = False
+
+    def close(self):
+        self.closed = True
+
+
+def runs(*items, round_no=1):
+    """items: (block, first_page, n_pages, zero)."""
+    out = records(RUN_DTYPE, len(items), op=OP_RUN, round=round_no)
+    for i, (b, f, n, z) in enumerate(items):
+        out[i]["block"], out[i]["first_page"], out[i]["n_pages"], out[i]["zero"] = b, f, n, z
+    return out
+
+
+def end(round_no, dirty=0, zero=0):
+    return records(RUN_DTYPE, op=OP_END, round=round_no, n_pages=dirty, first_page=zero)
+
+
+def answer(block, chunk, rkey, base=0x7F0000000000):
+    return records(ANSWER_DTYPE, block=block, chunk=chunk, rkey=rkey, remote_base=base)
+
+
+def make(**kw):
+    blocks = [BlockInfo(0x10000000, 4 * CHUNK), BlockInfo(0x20000000, CHUNK // 4)]
+    return Registrar(blocks, CHUNK, pin_all=kw.pop("pin_all", False), reg_mr=FakeMR, **kw)
+
+
+def test_unregistered_runs_park_until_answered_then_write():
+    reg = make()
+    w, q = reg.on_runs(np.concatenate([runs((0, 3, 2, 0), (0, CP + 1, 1, 1), (1, 0, 4, 0)),
+                                       end(1, 7, 1)]))
+    assert len(w) == 0                                   # nothing registered yet, END held
+    assert q[q["op"] == REQ_COMPRESS][["block", "offset", "length"]].tolist() == [
+        (0, (CP + 1) * 4096, 4096)]
+    regs = q[q["op"] == REQ_REGISTER]
+    assert sorted(regs[["block", "chunk"]].tolist()) == [(0, 0), (1, 0)]
+    w, q = reg.on_answers(answer(0, 0, 7))
+    assert w["op"].tolist() == [OP_RUN] and w["remote_addr"][0] == 0x7F0000000000 + 3 * 4096
+    assert w["local_addr"][0] == 0x10000000 + 3 * 4096 and w["rkey"][0] == 7
+    assert w["length"][0] == 2 * 4096 and w["lkey"][0] == reg.lkey[0][0]
+    w, q = reg.on_answers(answer(1, 0, 9, base=0x5000))
+    assert w["op"].tolist() == [OP_RUN, OP_END]           # END follows the last parked write
+    assert w[0]["remote_addr"] == 0x5000 and w[1]["round"] == 1
+
+
+def test_registered_chunks_write_at_once_and_zero_runs_are_written():
+    reg = make()
+    reg.on_runs(runs((0, 0, 1, 0)))
+    reg.on_answers(answer(0, 0, 7))
+    w, q = reg.on_runs(np.concatenate([runs((0, 5, 3, 1), round_no=2), end(2)]))
+    assert w["op"].tolist() == [OP_RUN, OP_END] and w[0]["zero_pages"] == 3
+    assert len(q) == 0
+
+
+def test_pin_all_sends_no_requests():
+    reg = make(pin_all=True)
+    reg.pin_blocks()
+    reg.on_answers(np.concatenate([answer(0, ALL_CHUNKS, 11), answer(1, ALL_CHUNKS, 12)]))
+    w, q = reg.on_runs(np.concatenate([runs((0, 0, CP, 1), (0, 3 * CP, 2, 0), (1, 1, 1, 0)),
+                                       end(1)]))
+    assert len(q) == 0
+    assert w["rkey"].tolist() == [11, 11, 12, 0]
+    assert w["op"].tolist() == [OP_RUN] * 3 + [OP_END]
+
+
+def test_drained_forwarded_with_round_figures():
+    reg = make()
+    reg.on_runs(np.concatenate([runs((0, 0, 1, 1)), end(1, dirty=1, zero=1)]))
+    comps = records(COMPLETION_DTYPE, op=OP_END, round=1, bytes=0, writes=0)
+    q = reg.on_completions(comps)
+    assert q["op"].tolist() == [REQ_DRAINED]
+    assert q[0]["pages"] == 1 and q[0]["zero_pages"] == 1 and q[0]["compressed"] == 1
+
+
+def test_pin_budget_unregisters_idle_lru_chunks_only():
+    reg = make(pin_budget=2 * CHUNK)
+    reg.on_runs(runs((0, 0, 1, 0), (0, CP, 1, 0)))
+    w, _ = reg.on_answers(np.concatenate([answer(0, 0, 1), answer(0, 1, 2)]))
+    assert len(w) == 2
+    # chunk 0 completes, chunk 1 still in flight
+    reg.on_completions(records(COMPLETION_DTYPE, op=OP_RUN, round=1, block=0, chunk=0,
+                               writes=1, bytes=4096))
+    _, q = reg.on_runs(runs((0, 2 * CP, 1, 0), round_no=2))
+    un = q[q["op"] == REQ_UNREGISTER]
+    assert un[["block", "chunk"]].tolist() == [(0, 0)]
+    assert reg.state[0][0] == 0 and reg.chunks_unregistered == 1
+
+
+def test_refused_registration_raises():
+    reg = make()
+    reg.on_runs(runs((0, 0, 1, 0)))
+    bad = answer(0, 0, 0)
+    bad["status"] = 1
+    with pytest.raises(RuntimeError):
+        reg.on_answers(bad)
