@@ -226,3 +226,75 @@ def stop_all(stages: list[StageProcess], timeout: float) -> None:
     for st in stages:
         st.stop(0.0)
         st.close()
+
+
+class Inbox:
+    """Several blocking inputs (rings) merged into one queue with a selectable wake-up fd.
+
+    Shm rings block on semaphores and cannot be select()ed; each watched ring gets a thread that
+    pops batches and queues ``(name, records)``, ending with an empty batch at end of stream or
+    ``(name, exception)`` if the ring failed. ``fileno()`` is readable while items wait, so a
+    stage can select() on it together with a completion-queue fd.
+    """
+
+    def __init__(self) -> None:
+        import queue
+
+        self._q: queue.SimpleQueue = queue.SimpleQueue()
+        self._r, self._w = os.pipe()
+        os.set_blocking(self._r, False)
+        os.set_blocking(self._w, False)
+        self._threads: list = []
+
+    def watch(self, name: str, ring, max_n: int = 4096) -> None:
+        import threading
+
+        def pump() -> None:
+            while True:
+                try:
+                    recs = ring.pop(max_n)
+                except BaseException as exc:  # noqa: BLE001 - handed to the owner's loop
+                    self.put((name, exc))
+                    return
+                self.put((name, recs))
+                if len(recs) == 0:
+                    return
+
+        t = threading.Thread(target=pump, name=f"inbox-{name}", daemon=True)
+        self._threads.append(t)
+        t.start()
+
+    def put(self, item: tuple) -> None:
+        self._q.put(item)
+        try:
+            os.write(self._w, b"x")
+        except BlockingIOError:
+            pass
+
+    def get(self, timeout: float | None = None) -> tuple | None:
+        """The next ``(name, records | exception)``, or None after ``timeout`` seconds."""
+        import queue
+
+        try:
+            item = self._q.get(timeout=timeout)
+        except queue.Empty:
+            return None
+        try:
+            os.read(self._r, 1)
+        except BlockingIOError:
+            pass
+        return item
+
+    def get_nowait(self) -> tuple | None:
+        return self.get(timeout=0) if not self._q.empty() else None
+
+    def fileno(self) -> int:
+        return self._r
+
+    def close(self) -> None:
+        for fd in (self._r, self._w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self._r = self._w = -1

@@ -141,3 +141,108 @@ def check_completions(wcs) -> list[int]:
 
 
 __all__ = ["Poster", "check_completions", "WRITE_DTYPE"]
+
+
+def _segments(recs: np.ndarray):
+    """Consecutive stretches of ``recs`` with the same op, in order."""
+    if not len(recs):
+        return
+    cuts = np.flatnonzero(np.diff(recs["op"])) + 1
+    start = 0
+    for end in list(cuts) + [len(recs)]:
+        yield int(recs["op"][start]), recs[start:end]
+        start = end
+
+
+def poster_main(config: dict, link) -> int:
+    """Process: waits for ("connect", pd_handle, region_path, host, port, token, index) on its
+    pipe, imports the registrar's PD, connects its own data QP, then posts writes."""
+    import select
+    from contextlib import ExitStack
+
+    from pipeline.protocol.capabilities import DataConnect
+    from shm.ring import CONSUMER, PRODUCER, Ring
+    from stages.harness import Inbox
+    from stages.records import OP_IMPORT, OP_RELEASE, OP_RELEASED
+    from stages.verbs import open_provider
+    from stages.verbs.base import MRHandle, SendOpcode
+
+    depth = int(config.get("max_outstanding", 256))
+    with ExitStack() as stack:
+        writes_in = stack.enter_context(Ring.attach(config["writes"], WRITE_DTYPE,
+                                                    role=CONSUMER))
+        comps_out = stack.enter_context(Ring.attach(config["completions"], COMPLETION_DTYPE,
+                                                    role=PRODUCER))
+        ctx = stack.enter_context(open_provider(config["transport"]).open_device())
+        link.ready()
+        op, pd_handle, path, host, port, token, index = link.recv()
+        if op != "connect":
+            raise ValueError(f"poster expected connect, got {op}")
+        pd = ctx.import_pd(pd_handle)
+        cq = ctx.create_cq(2 * depth + 16)
+        qp = pd.create_qp(cq, cq, max_send_wr=depth, max_recv_wr=1)
+        ctx.connect(qp, host, port, DataConnect(token, index).encode(), timeout=10.0)
+        link.send("connected")
+        imported: dict[int, object] = {}
+
+        def post(wr_id, laddr, length, lkey, raddr, rkey, signaled):
+            qp.post_send(wr_id, SendOpcode.RDMA_WRITE, laddr, length, lkey,
+                         remote_addr=raddr, rkey=rkey, signaled=signaled)
+
+        poster = Poster(post, max_outstanding=depth, max_bandwidth=config.get("max_bandwidth", 0))
+        inbox = Inbox()
+        inbox.watch("writes", writes_in)
+        writes_done = False
+        wait = 0.0
+        while not (writes_done and not poster.outstanding and not poster.backlog):
+            timeout = wait if wait > 0 else None
+            readable, _, _ = select.select([inbox.fileno(), cq.fileno()], [], [], timeout)
+            now = time.monotonic()
+            out = []
+            if cq.fileno() in readable or len(cq):
+                ids = []
+                while True:
+                    wcs = cq.poll(64)
+                    if not wcs:
+                        break
+                    ids.extend(check_completions(wcs))
+                comps, wait = poster.on_completions(ids, now)
+                out.append(comps)
+            while (item := inbox.get_nowait()) is not None:
+                _name, recs = item
+                if isinstance(recs, BaseException):
+                    raise recs
+                if not len(recs):
+                    writes_done = True
+                    continue
+                for op_code, seg in _segments(recs):
+                    if op_code == OP_IMPORT:
+                        for r in seg:
+                            h = MRHandle(pd_handle.provider, pd_handle.name, int(r["lkey"]),
+                                         int(r["rkey"]), int(r["local_addr"]),
+                                         int(r["length"]), int(r["pages"]),
+                                         slot=int(r["zero_pages"]), path=path,
+                                         file_offset=int(r["remote_addr"]))
+                            imported[h.lkey] = pd.import_mr(h)
+                    elif op_code == OP_RELEASE:
+                        for r in seg:
+                            imported.pop(int(r["lkey"])).close()
+                        out.append(records(COMPLETION_DTYPE, len(seg), op=OP_RELEASED,
+                                           lkey=seg["lkey"]))
+                    else:
+                        comps, wait = poster.on_writes(seg, now)
+                        out.append(comps)
+            if wait > 0 and not readable:
+                comps, wait = poster.pump(time.monotonic())
+                out.append(comps)
+            out = [o for o in out if len(o)]
+            if out:
+                comps_out.push(np.concatenate(out))
+        for mr in imported.values():
+            mr.close()
+        qp.disconnect()
+        ctx.close()            # un-imports the PD: the registrar may now deregister
+        comps_out.close_write()
+        link.send("figures", {"writes_posted": poster.writes_posted,
+                              "bytes_posted": poster.bytes_posted, "busy_ns": poster.busy_ns})
+    return 0

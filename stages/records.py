@@ -25,8 +25,11 @@ COMMAND_DTYPE = np.dtype([("op", "<u4"), ("round", "<u4")])
 # scanner -> coordinator: the answer to CMD_SYNC (pages dirty now, not yet sent)
 SYNC_DTYPE = np.dtype([("round", "<u4"), ("pad", "<u4"), ("dirty_pages", "<u8")])
 
-# scanner -> registrar, registrar -> poster: op says what the record is
-OP_RUN, OP_END = 0, 1
+# scanner -> registrar, registrar -> poster, poster -> registrar: op says what the record is.
+# OP_IMPORT / OP_RELEASE (registrar -> poster) carry an MR the poster must import before a
+# write uses it, or un-import before the registrar deregisters it (the soft provider refuses to
+# deregister an MR another process holds); OP_RELEASED (poster -> registrar) confirms.
+OP_RUN, OP_END, OP_IMPORT, OP_RELEASE, OP_RELEASED = 0, 1, 2, 3, 4
 RUN_DTYPE = np.dtype([
     ("op", "<u1"),
     ("zero", "<u1"),          # every page of the run is zero
@@ -47,11 +50,11 @@ WRITE_DTYPE = np.dtype([
     ("chunk", "<u4"),
     ("local_addr", "<u8"),    # VA in the registrar (the MR's owner); OP_END: dirty pages
     ("length", "<u8"),        # bytes; OP_END: zero pages
-    ("remote_addr", "<u8"),   # destination VA
+    ("remote_addr", "<u8"),   # destination VA; OP_IMPORT: the MR's offset in its backing file
     ("lkey", "<u4"),
     ("rkey", "<u4"),
-    ("pages", "<u4"),         # pages in this write; OP_END: COMPRESSed pages of the round
-    ("zero_pages", "<u4"),    # zero pages inside this write
+    ("pages", "<u4"),         # pages in this write; OP_END: COMPRESSed pages; OP_IMPORT: access
+    ("zero_pages", "<u4"),    # zero pages inside this write; OP_IMPORT: PD-table slot
 ])
 
 # poster -> registrar: completions (OP_RUN, per chunk) and "round drained" (OP_END)
@@ -62,7 +65,7 @@ COMPLETION_DTYPE = np.dtype([
     ("block", "<u4"),
     ("chunk", "<u4"),
     ("writes", "<u4"),        # writes of this chunk completed now; OP_END: writes of the round
-    ("pad2", "<u4"),
+    ("lkey", "<u4"),          # OP_RELEASED: the MR un-imported
     ("bytes", "<u8"),         # bytes completed; OP_END: bytes of the round
     ("post_ns", "<u8"),       # OP_END: time the poster was busy on the round
 ])

@@ -28,13 +28,19 @@ from dataclasses import dataclass
 import numpy as np
 
 from stages.records import (
+    ANSWER_DTYPE,
+    COMPLETION_DTYPE,
     OP_END,
+    OP_IMPORT,
+    OP_RELEASE,
+    OP_RELEASED,
     OP_RUN,
     REQ_COMPRESS,
     REQ_DRAINED,
     REQ_REGISTER,
     REQ_UNREGISTER,
     REQUEST_DTYPE,
+    RUN_DTYPE,
     WRITE_DTYPE,
     records,
 )
@@ -74,6 +80,9 @@ class Registrar:
         self.last_used = [np.zeros(k, np.int64) for k in n]
         self.remote_base = np.zeros(len(blocks), np.uint64)
         self.mrs: dict[tuple[int, int], object] = {}
+        self.new_mrs: list = []        # registered since the shell last looked (to export)
+        self.releasing: dict[int, object] = {}   # lkey -> MR waiting for the poster's release
+        self.to_release: list = []     # MRs the shell must ask the poster to release
         self.parked: list[np.ndarray] = []
         self.ends: dict[int, np.void] = {}
         self._sent_ends: set[int] = set()
@@ -91,6 +100,7 @@ class Registrar:
         for b, blk in enumerate(self.blocks):
             mr = self._reg_mr(blk.address, blk.length)
             self.mrs[(b, ALL_CHUNKS)] = mr
+            self.new_mrs.append(mr)
             self.lkey[b][:] = mr.lkey
         self.chunks_registered += len(self.blocks)
 
@@ -137,6 +147,10 @@ class Registrar:
     def on_completions(self, comps: np.ndarray) -> np.ndarray:
         """Handle poster completions; returns requests (DRAINED forwarded to the coordinator)."""
         reqs = []
+        for rel in comps[comps["op"] == OP_RELEASED]:
+            mr = self.releasing.pop(int(rel["lkey"]), None)
+            if mr is not None:
+                mr.close()
         done = comps[comps["op"] == OP_RUN]
         for b in np.unique(done["block"]):
             sel = done[done["block"] == b]
@@ -173,6 +187,9 @@ class Registrar:
         rest = runs[~ready]
         if not len(rest):
             return
+        if self.pin_all:
+            self.parked.append(rest)   # block keys not here yet: never REGISTER with pin-all
+            return
         chunks = self._chunks(rest)
         blocks = rest["block"].astype(np.int64)
         state = np.empty(len(rest), np.uint8)
@@ -206,6 +223,7 @@ class Registrar:
             length = min(self.chunk_size, self.blocks[b].length - start)
             mr = self._reg_mr(self.blocks[b].address + start, length)
             self.mrs[(b, c)] = mr
+            self.new_mrs.append(mr)
             self.lkey[b][c] = mr.lkey
             self.state[b][c] = REQUESTED
         self.registered_now += len(new)
@@ -230,7 +248,8 @@ class Registrar:
         out = []
         for _, b, c in cands[:need]:
             mr = self.mrs.pop((b, c))
-            mr.close()
+            self.releasing[int(mr.lkey)] = mr
+            self.to_release.append(mr)
             self.state[b][c] = NONE
             self.lkey[b][c] = self.rkey[b][c] = 0
             out.append((b, c))
@@ -291,3 +310,86 @@ def _cat(parts: list[np.ndarray], dtype: np.dtype) -> np.ndarray:
         return np.zeros(0, dtype=dtype)
     return np.concatenate(parts) if len(parts) > 1 else parts[0]
 
+
+
+def import_records(mrs: list) -> np.ndarray:
+    """OP_IMPORT records telling the poster how to import each of ``mrs`` (exported here)."""
+    out = records(WRITE_DTYPE, len(mrs), op=OP_IMPORT)
+    for i, mr in enumerate(mrs):
+        h = mr.export()
+        out[i]["lkey"], out[i]["rkey"] = h.lkey, h.rkey
+        out[i]["local_addr"], out[i]["length"] = h.addr, h.length
+        out[i]["remote_addr"] = h.file_offset
+        out[i]["pages"], out[i]["zero_pages"] = h.access, h.slot
+    return out
+
+
+def registrar_main(config: dict, link) -> int:
+    """Process: attaches the region and its rings, allocates and exports the PD (the poster
+    imports it), registers chunks, and runs ``Registrar`` over three inputs."""
+    from contextlib import ExitStack
+
+    from shm.region import RamRegion
+    from shm.ring import CONSUMER, PRODUCER, Ring
+    from stages.harness import Inbox
+    from stages.verbs import open_provider
+    from stages.verbs.base import Access
+
+    with ExitStack() as stack:
+        region = stack.enter_context(RamRegion.attach(config["region"]))
+        ring = lambda key, dtype, role: stack.enter_context(  # noqa: E731
+            Ring.attach(config[key], dtype, role=role))
+        runs_in = ring("runs", RUN_DTYPE, CONSUMER)
+        answers_in = ring("answers", ANSWER_DTYPE, CONSUMER)
+        comps_in = ring("completions", COMPLETION_DTYPE, CONSUMER)
+        writes_out = ring("writes", WRITE_DTYPE, PRODUCER)
+        requests_out = ring("requests", REQUEST_DTYPE, PRODUCER)
+        ctx = stack.enter_context(open_provider(config["transport"]).open_device())
+        pd = ctx.alloc_pd()
+        blocks = [BlockInfo(b.address, b.length) for b in region.blocks]
+        reg = Registrar(blocks, region.chunk_size, pin_all=config["pin_all"],
+                        reg_mr=lambda a, n: pd.reg_mr(a, n, Access.NONE),
+                        pin_budget=config.get("pin_budget", 0))
+        link.ready(pd=pd.export(), path=region.segment.path)
+
+        def flush(writes: np.ndarray, reqs: np.ndarray) -> None:
+            if reg.new_mrs:
+                writes_out.push(import_records(reg.new_mrs))
+                reg.new_mrs.clear()
+            if len(writes):
+                writes_out.push(writes)
+            if reg.to_release:
+                writes_out.push(records(WRITE_DTYPE, len(reg.to_release), op=OP_RELEASE,
+                                        lkey=[m.lkey for m in reg.to_release]))
+                reg.to_release.clear()
+            if len(reqs):
+                requests_out.push(reqs)
+
+        if reg.pin_all:
+            reg.pin_blocks()
+            flush(records(WRITE_DTYPE, 0), records(REQUEST_DTYPE, 0))
+        inbox = Inbox()
+        inbox.watch("runs", runs_in)
+        inbox.watch("answers", answers_in)
+        inbox.watch("completions", comps_in)
+        open_inputs = {"runs", "answers", "completions"}
+        while "completions" in open_inputs:
+            name, recs = inbox.get()
+            if isinstance(recs, BaseException):
+                raise recs
+            if len(recs) == 0:
+                open_inputs.discard(name)
+                if name == "runs":
+                    writes_out.close_write()
+                continue
+            if name == "runs":
+                flush(*reg.on_runs(recs))
+            elif name == "answers":
+                flush(*reg.on_answers(recs))
+            else:
+                flush(records(WRITE_DTYPE, 0), reg.on_completions(recs))
+        requests_out.close_write()
+        link.send("figures", {"chunks_registered": reg.chunks_registered,
+                              "chunks_unregistered": reg.chunks_unregistered,
+                              "compress_sent": reg.compress_sent, "busy_ns": reg.busy_ns})
+    return 0

@@ -136,7 +136,9 @@ def guest_main(config: dict, link) -> int:
 
     state = GuestState(**config["state"])
     with RamRegion.attach(config["region"]) as region:
-        log = DirtyLog.attach(config["dirtylog"]) if config.get("dirtylog") else None
+        log = DirtyLog.attach(config["dirtylog"], region) if config.get("dirtylog") else None
+        if log is not None:
+            log.start_service()   # answer the scanner's fetches even while paused
         try:
             views = [blk.view.view(np.uint64).reshape(-1, WORDS) for blk in region.blocks]
             work = Workload(state, [blk.nb_pages for blk in region.blocks])

@@ -5,6 +5,7 @@ from stages.records import (
     ANSWER_DTYPE,
     COMPLETION_DTYPE,
     OP_END,
+    OP_RELEASED,
     OP_RUN,
     REQ_COMPRESS,
     REQ_DRAINED,
@@ -112,6 +113,10 @@ def test_pin_budget_unregisters_idle_lru_chunks_only():
     un = q[q["op"] == REQ_UNREGISTER]
     assert un[["block", "chunk"]].tolist() == [(0, 0)]
     assert reg.state[0][0] == 0 and reg.chunks_unregistered == 1
+    (mr,) = reg.to_release
+    assert not mr.closed                      # the poster still holds an import
+    reg.on_completions(records(COMPLETION_DTYPE, op=OP_RELEASED, lkey=mr.lkey))
+    assert mr.closed
 
 
 def test_refused_registration_raises():
