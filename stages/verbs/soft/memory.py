@@ -1,0 +1,181 @@
+"""Raw memory for the soft provider: views over integer addresses, pinning, shared backings.
+
+Registration pins with mlock(2), so it meets RLIMIT_MEMLOCK exactly as ibv_reg_mr does.
+mlock does not count: unlocking a range unlocks it for every region that overlaps it. The
+process-wide ``PINS`` therefore keeps a multiset of pinned page ranges and, on deregistration,
+unlocks only the pages no other registration still covers.
+
+An MR is shared between processes through the file that backs its memory (POSIX shm): the
+exporter finds that file and offset in /proc/self/maps, the importer maps the same pages.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import mmap
+import os
+import resource
+import threading
+
+from pipeline.errors import TransportError
+
+PAGE = mmap.PAGESIZE
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mlock.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
+_libc.munlock.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                       ctypes.c_int, ctypes.c_long)
+_libc.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
+_MAP_FAILED = ctypes.c_void_p(-1).value
+
+
+def view(address: int, length: int) -> memoryview:
+    """A writable byte view of ``length`` bytes at ``address`` (memory the caller keeps mapped)."""
+    if length == 0:
+        return memoryview(bytearray())
+    return memoryview((ctypes.c_ubyte * length).from_address(address)).cast("B")
+
+
+def human(n: int) -> str:
+    """Bytes for people: 64.0 MiB."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
+        n /= 1024
+    raise AssertionError
+
+
+def _locked_bytes() -> int:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmLck:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def _pin_error(length: int, err: int) -> TransportError:
+    soft, _hard = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+    locked = _locked_bytes()
+    if err in (errno.ENOMEM, errno.EPERM) and soft != resource.RLIM_INFINITY \
+            and locked + length > soft:
+        limit = human(soft)
+        return TransportError(
+            f"cannot pin {human(length)} for a memory registration: RLIMIT_MEMLOCK allows "
+            f"{limit} per process and {human(locked)} is already pinned",
+            errno=err,
+            hint="raise the limit with `ulimit -l unlimited`, LimitMEMLOCK=infinity in the "
+                 "systemd unit, or grant CAP_IPC_LOCK",
+        )
+    if err == errno.ENOMEM:
+        return TransportError(f"cannot pin {human(length)}: the range is not mapped", errno=err)
+    return TransportError(f"cannot pin {human(length)}: {os.strerror(err)}", errno=err)
+
+
+class PinSet:
+    """Page ranges pinned by registrations in this process, counted per registration."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._ranges: list[tuple[int, int]] = []  # (first page address, end address)
+
+    @staticmethod
+    def _pages(address: int, length: int) -> tuple[int, int]:
+        start = address - address % PAGE
+        end = -(-(address + length) // PAGE) * PAGE
+        return start, end
+
+    def pin(self, address: int, length: int) -> None:
+        """mlock the pages of ``[address, address+length)``; TransportError over the limit."""
+        start, end = self._pages(address, length)
+        with self._lock:
+            if _libc.mlock(start, end - start) != 0:
+                raise _pin_error(end - start, ctypes.get_errno())
+            self._ranges.append((start, end))
+
+    def unpin(self, address: int, length: int) -> None:
+        """Undo one ``pin``; pages another registration still covers stay locked."""
+        start, end = self._pages(address, length)
+        with self._lock:
+            self._ranges.remove((start, end))
+            pieces = [(start, end)]
+            for o_start, o_end in self._ranges:
+                if o_end <= start or o_start >= end:
+                    continue
+                cut = []
+                for p_start, p_end in pieces:
+                    if o_start > p_start:
+                        cut.append((p_start, min(p_end, o_start)))
+                    if o_end < p_end:
+                        cut.append((max(p_start, o_end), p_end))
+                pieces = [(s, e) for s, e in cut if s < e]
+            for p_start, p_end in pieces:
+                _libc.munlock(p_start, p_end - p_start)
+
+    def covered(self) -> list[tuple[int, int]]:
+        with self._lock:
+            return list(self._ranges)
+
+
+PINS = PinSet()
+
+
+def find_backing(address: int, length: int) -> tuple[str, int]:
+    """The file and file offset that back ``[address, address+length)`` in a shared mapping.
+
+    TransportError when the range is anonymous, private or spans unrelated mappings: such memory
+    cannot be mapped by another process.
+    """
+    end = address + length
+    path, offset, cursor = "", 0, address
+    with open("/proc/self/maps") as f:
+        for line in f:
+            fields = line.split(maxsplit=5)
+            lo, hi = (int(x, 16) for x in fields[0].split("-"))
+            if hi <= cursor or lo > cursor:
+                continue
+            name = fields[5].strip() if len(fields) > 5 else ""
+            file_off = int(fields[2], 16) + (cursor - lo)
+            if fields[1][3] != "s" or not name.startswith("/") or name.endswith("(deleted)"):
+                break
+            if cursor == address:
+                path, offset = name, file_off
+            elif name != path or file_off != offset + (cursor - address):
+                break  # a neighbouring mapping, but not the continuation of the same file
+            cursor = hi
+            if cursor >= end:
+                return path, offset
+    raise TransportError(
+        f"cannot export the memory at {address:#x}+{length}: it is not a shared file mapping",
+        errno=errno.EINVAL,
+        hint="register memory from POSIX shared memory (/dev/shm) to share it with other "
+             "processes",
+    )
+
+
+class FileMapping:
+    """A shared mapping of ``length`` bytes of ``path`` from ``offset``; ``address`` is local."""
+
+    def __init__(self, path: str, offset: int, length: int) -> None:
+        aligned = offset - offset % PAGE
+        self._size = length + (offset - aligned)
+        fd = os.open(path, os.O_RDWR)
+        try:
+            base = _libc.mmap(None, self._size, mmap.PROT_READ | mmap.PROT_WRITE,
+                              mmap.MAP_SHARED, fd, aligned)
+            if base in (None, _MAP_FAILED):
+                err = ctypes.get_errno()
+                raise TransportError(f"cannot map {path}: {os.strerror(err)}", errno=err)
+        finally:
+            os.close(fd)
+        self._base = base
+        self.address = base + (offset - aligned)
+
+    def close(self) -> None:
+        if self._base is not None:
+            _libc.munmap(self._base, self._size)
+            self._base = None
