@@ -125,3 +125,29 @@ def test_disarmed_logging_reports_nothing(region):
         time.sleep(0.02)
         guest.pause()
         assert unpack(region, guest.fetch_dirty())[data_pages(guest)].any()
+
+
+def test_uffd_on_the_vmm_mapping_catches_guest_writes_across_harvests(region):
+    """KVM logging off; userfaultfd WP on the VMM's mapping sees the guest's writes, and after
+    each get-and-reprotect it sees the next ones (KVM drops its writable mappings)."""
+    import os
+
+    from shm.uffd import PagemapHarvester, arm, uffd_unavailable_reason
+    if uffd_unavailable_reason():
+        pytest.skip(uffd_unavailable_reason())
+    first, last = region.blocks[0], region.blocks[-1]
+    with KvmGuest.boot(region.blocks, log_dirty=False) as guest, \
+            arm(first.address, last.address + last.length - first.address), \
+            PagemapHarvester(os.getpid(), [(b.address, b.length) for b in region.blocks]) as h:
+        pages = data_pages(guest)
+        guest.set_delay(5000)
+        before = counters(guest)
+        for i in range(10):
+            guest.start()
+            time.sleep(0.002 * (i % 3))
+            guest.pause()
+            after = counters(guest)
+            dirty = unpack(region, h.harvest())
+            assert dirty[pages[after != before]].all(), "a guest write escaped uffd"
+            before = after
+        guest.check()
