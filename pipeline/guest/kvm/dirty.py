@@ -25,7 +25,7 @@ class KvmDirtySource:
 
     def __init__(self, vm: Vm, slots: list[Memslot] | None = None) -> None:
         self.vm = vm
-        self.slots = [s for s in (slots or vm.memslots)]
+        self.slots = list(slots or vm.memslots)
         # One u64 word buffer per slot, reused across fetches (KVM writes into it).
         self._words = [np.zeros(-(-s.nb_pages // 64), np.uint64) for s in self.slots]
 
