@@ -54,8 +54,13 @@ class StageLink:
         return self.conn.fileno()
 
 
+def _on_sigterm(signum, frame) -> None:
+    raise SystemExit(EXIT_ERROR)   # unwind: the stage's ``with`` blocks release what it holds
+
+
 def _entry(target: str, name: str, config: dict, conn) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _on_sigterm)
     link = StageLink(conn)
     code = EXIT_ERROR
     try:
@@ -63,7 +68,11 @@ def _entry(target: str, name: str, config: dict, conn) -> None:
         func = getattr(importlib.import_module(module_name), func_name)
         code = int(func(config, link) or EXIT_OK)
     except BaseException as exc:  # noqa: BLE001 - every failure becomes one line and exit 2
-        line = str(exc) if isinstance(exc, MigrationError) else f"{type(exc).__name__}: {exc}"
+        if isinstance(exc, SystemExit):
+            line = "terminated"
+        else:
+            line = str(exc) if isinstance(exc, MigrationError) else \
+                f"{type(exc).__name__}: {exc}"
         if os.environ.get("RDP_DEBUG"):
             traceback.print_exc()
         try:
@@ -83,14 +92,14 @@ def _entry(target: str, name: str, config: dict, conn) -> None:
 class StageProcess:
     """One named stage process; a context manager that always leaves nothing running."""
 
-    def __init__(self, name: str, target: str, config: dict) -> None:
+    def __init__(self, name: str, target: str, config: dict, *, daemon: bool = True) -> None:
         self.name = name
         self.target = target
         self.config = config
         self.conn, child = _CTX.Pipe(duplex=True)
         self._child_conn = child
         self.process = _CTX.Process(target=_entry, args=(target, name, config, child),
-                                    name=f"rdp-{name}", daemon=True)
+                                    name=f"rdp-{name}", daemon=daemon)
         self.error_line = ""
         self.info: dict = {}
         self._closed = False
@@ -127,9 +136,15 @@ class StageProcess:
             raise self.failure()
 
     def wait_ready(self, timeout: float) -> dict:
-        msg = self.recv(timeout, what="start")
-        if msg[0] != "ready":
-            raise StageFailed(self.name, self.process.exitcode, f"unexpected message {msg[0]}")
+        """The stage's ready info; other messages sent before it are kept for ``recv``."""
+        deadline = time.monotonic() + timeout
+        early = []
+        while True:
+            msg = self.recv(max(0.0, deadline - time.monotonic()) or 1e-3, what="start")
+            if msg[0] == "ready":
+                break
+            early.append(msg)
+        self._pending[:0] = early
         self.info = msg[1]
         return self.info
 

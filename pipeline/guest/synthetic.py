@@ -184,3 +184,107 @@ def _run(work: Workload, views, mark, link, state: GuestState) -> None:
         due = int((time.monotonic() - t0) * rate_pages) - (state.pages_written - done_at_t0)
         if due > 0:
             work.write_batch(views, min(due, MAX_BATCH_PAGES), mark)
+
+
+class SyntheticGuest:
+    """The owner side of a synthetic guest: creates the RAM region (``pc.ram`` of ``ram`` bytes
+    plus a small ``vga.vram``) and the dirty log, starts the guest process, and pauses, resumes
+    and stops it. Closing stops the process and unlinks both segments (idempotent)."""
+
+    SECOND_BLOCK = ("vga.vram", 256 * 1024)
+
+    def __init__(self, ram: int, *, run_id: str, state: GuestState | None = None,
+                 fill: float = 0.5, chunk_size: int = 1 << 20, dirty_log: bool = True,
+                 blocks: list[tuple[str, int]] | None = None, region_kind: str = "ram") -> None:
+        from shm.dirtylog import DirtyLog
+        from shm.region import RamBlockSpec, RamRegion
+        from stages.harness import StageProcess
+
+        self.state = state or GuestState()
+        specs = blocks or [("pc.ram", ram), self.SECOND_BLOCK]
+        self.region = RamRegion.create(run_id, [RamBlockSpec(n, s) for n, s in specs],
+                                       chunk_size, kind=region_kind)
+        self.log = None
+        self.process = None
+        self.paused_at = 0.0
+        self._closed = False
+        try:
+            if dirty_log:
+                self.log = DirtyLog.create(run_id, self.region, kind=region_kind + "dirty")
+            self.process = StageProcess(
+                "guest", "pipeline.guest.synthetic:guest_main",
+                {"region": self.region.name, "dirtylog": self.log.name if self.log else None,
+                 "state": asdict(self.state), "fill": fill})
+        except BaseException:
+            self.close()
+            raise
+
+    def start(self, timeout: float = 60.0) -> SyntheticGuest:
+        self.process.start()
+        self.process.wait_ready(timeout)
+        return self
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process else None
+
+    def pause(self, timeout: float = 10.0) -> GuestState:
+        self.process.send("pause")
+        msg = self.process.recv(timeout, what="pause")
+        self.paused_at = msg[2]
+        self.state = GuestState(**msg[1])
+        return self.state
+
+    def resume(self, timeout: float = 10.0) -> float:
+        self.process.send("resume")
+        return self.process.recv(timeout, what="resume")[1]
+
+    def query(self, timeout: float = 10.0) -> GuestState:
+        self.process.send("state")
+        return GuestState(**self.process.recv(timeout, what="state")[1])
+
+    def check(self) -> None:
+        """GuestError if the guest process is gone."""
+        from pipeline.errors import GuestError, StageFailed
+
+        try:
+            self.process.check()
+        except StageFailed as exc:
+            raise GuestError(f"the guest died: {exc}") from None
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self.process is not None:
+            if self.process.pid is not None and self.process.alive:
+                try:
+                    self.process.send("stop")
+                    self.process.recv(2.0, what="stop")
+                except Exception:  # noqa: BLE001 - killed below if it did not stop
+                    pass
+            self.process.stop(2.0)
+            self.process.close()
+        if self.log is not None:
+            self.log.close()
+            self.log.unlink()
+        self.region.close()
+        self.region.unlink()
+
+    def __enter__(self) -> SyntheticGuest:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def device_codec(data: bytes, version: int) -> int | None:
+    """Length of a length-prefixed device section (be32 length, then that many bytes)."""
+    if len(data) < 4:
+        return None
+    return 4 + int.from_bytes(data[:4], "big")
+
+
+def frame(data: bytes) -> bytes:
+    """``data`` as a length-prefixed device section body."""
+    return len(data).to_bytes(4, "big") + data

@@ -1,0 +1,263 @@
+"""The library API: start an incoming or outgoing migration, watch it, cancel it, wait for it.
+
+    from pipeline import MigrationConfig, SyntheticGuest, start_incoming, start_outgoing
+
+    incoming = start_incoming("rdma:0.0.0.0:29200")                  # destination side
+    with SyntheticGuest(512 << 20, run_id=new_run_id()).start() as guest:
+        mig = start_outgoing("rdma:dest:29200", guest, MigrationConfig())
+        mig.subscribe(lambda state, reason: print(state, reason))
+        print(mig.stats()["ram"]["remaining"])
+        summary = mig.wait()                                          # query-migrate-style
+
+``run_local`` is the whole thing on one machine (what ``rdma-pipeline run`` does): a synthetic
+guest, a destination process, and the source, on the soft provider over loopback. Every URI and
+option is checked before anything starts (``ValueError`` / ``InvalidURI``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import socket
+import threading
+import time
+from collections.abc import Callable
+
+from pipeline.config import MigrationConfig
+from pipeline.errors import MigrationError, StageFailed
+from pipeline.guest.synthetic import GuestState, SyntheticGuest
+from pipeline.stats import MigrationStats
+from pipeline.uri import URI, parse_uri
+
+__all__ = ["Migration", "start_outgoing", "start_incoming", "run_local", "LocalRun",
+           "MigrationConfig", "SyntheticGuest", "GuestState"]
+
+
+class Migration:
+    """A migration running in a background thread of this process."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.cancel_event = threading.Event()
+        self._subscribers: list[Callable[[str, str], None]] = []
+        self._done = threading.Event()
+        self._summary: dict | None = None
+        self._error: BaseException | None = None
+        self._stats: MigrationStats | None = None
+        self._thread: threading.Thread | None = None
+
+    def _start(self, body: Callable[[], dict], stats: MigrationStats) -> Migration:
+        self._stats = stats
+
+        def main() -> None:
+            try:
+                self._summary = body()
+            except BaseException as exc:  # noqa: BLE001 - kept for wait()
+                self._error = exc
+                self._summary = stats.snapshot(time.monotonic())
+            finally:
+                self._done.set()
+
+        self._thread = threading.Thread(target=main, name=f"migration-{self.name}", daemon=True)
+        self._thread.start()
+        return self
+
+    def _emit(self, state: str, reason: str) -> None:
+        for cb in list(self._subscribers):
+            try:
+                cb(state, reason)
+            except Exception:  # noqa: BLE001 - a subscriber's bug must not stop a migration
+                pass
+
+    def subscribe(self, callback: Callable[[str, str], None]) -> None:
+        """Call ``callback(state, reason)`` on every state change (from the worker thread)."""
+        self._subscribers.append(callback)
+
+    def stats(self) -> dict:
+        """Live query-migrate-style figures."""
+        return self._stats.snapshot(time.monotonic())
+
+    @property
+    def status(self) -> str:
+        return self._stats.status
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def cancel(self) -> None:
+        """Ask the migration to stop; it ends ``cancelled`` (``wait`` to see it done)."""
+        self.cancel_event.set()
+
+    def wait(self, timeout: float | None = None) -> dict:
+        """Block until the migration ends; its final summary (``status`` says how it ended)."""
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"migration {self.name} still running after {timeout} s")
+        self._thread.join()
+        return self._summary
+
+    @property
+    def error(self) -> BaseException | None:
+        return self._error
+
+
+def _uri(uri: str | URI) -> URI:
+    parsed = uri if isinstance(uri, URI) else parse_uri(uri)
+    if parsed.scheme != "rdma":
+        raise ValueError(f"{parsed}: only rdma: URIs are supported here")
+    return parsed
+
+
+def start_outgoing(uri: str | URI, guest: SyntheticGuest, config: MigrationConfig | None = None,
+                   *, run_id: str | None = None) -> Migration:
+    """Migrate ``guest`` (started) to the destination listening at ``uri``."""
+    from pipeline.coordinator import SourceMigration
+    from shm.naming import new_run_id
+
+    target = _uri(uri)
+    config = config or MigrationConfig()
+    if config.chunk_size != guest.region.chunk_size:
+        raise ValueError(f"chunk size {config.chunk_size} differs from the guest region's "
+                         f"{guest.region.chunk_size}")
+    mig = Migration("outgoing")
+    stats = MigrationStats()
+    src = SourceMigration(target, config, guest, run_id=run_id or new_run_id(), stats=stats,
+                          on_state=mig._emit, cancel=mig.cancel_event)
+    return mig._start(src.run, stats)
+
+
+def start_incoming(uri: str | URI, config: MigrationConfig | None = None, *,
+                   blocks: list[tuple[str, int]] | None = None, keep_guest: bool = False,
+                   on_listening: Callable[[int], None] | None = None) -> Migration:
+    """Listen at ``uri`` and receive one migration (the destination side)."""
+    from pipeline.incoming import IncomingMigration
+    from shm.naming import new_run_id
+
+    target = uri if isinstance(uri, URI) else _uri(uri)
+    mig = Migration("incoming")
+    inc = IncomingMigration(target, config or MigrationConfig(), run_id=new_run_id(),
+                            blocks=blocks, on_state=mig._emit, cancel=mig.cancel_event,
+                            keep_guest=keep_guest, on_listening=on_listening)
+    mig.incoming = inc
+    return mig._start(inc.run, inc.stats)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+class LocalRun:
+    """Source, guest and a destination process on this machine; see ``run_local``."""
+
+    def __init__(self, ram: int, config: MigrationConfig, *, state: GuestState,
+                 fill: float = 0.5, host: str = "127.0.0.1",
+                 dest_blocks: list[tuple[str, int]] | None = None,
+                 corrupt: tuple[int, int] | None = None) -> None:
+        from shm.naming import new_run_id
+
+        if ram <= 0 or ram % 4096:
+            raise ValueError(f"RAM size {ram}: must be a positive multiple of 4 KiB")
+        self.config = config
+        self.run_id = new_run_id()
+        self.host = host
+        self.state = state
+        self.fill = fill
+        self.dest_blocks = dest_blocks
+        self.corrupt = corrupt
+        self.ram = ram
+        self.guest: SyntheticGuest | None = None
+        self.dest = None
+        self.migration: Migration | None = None
+        self.dest_result: dict | None = None
+        self.dest_states: list[tuple[str, str]] = []
+
+    def start(self) -> Migration:
+        from stages.harness import StageProcess
+
+        self.guest = SyntheticGuest(self.ram, run_id=self.run_id, state=self.state,
+                                    fill=self.fill, chunk_size=self.config.chunk_size)
+        self.guest.process.start()
+        cfg = dataclasses.asdict(self.config)
+        cfg["trace_control"] = None
+        self.dest = StageProcess("destination", "pipeline.incoming:incoming_main", {
+            "config": cfg, "host": self.host, "port": free_port(self.host),
+            "run_id": self.run_id, "blocks": self.dest_blocks, "corrupt": self.corrupt},
+            daemon=False)    # it starts the resumed guest as its own child
+        self.dest.start()
+        self.guest.process.wait_ready(60.0)
+        port = self.dest.wait_ready(30.0)["port"]
+        self.migration = start_outgoing(URI("rdma", self.host, port), self.guest, self.config,
+                                        run_id=self.run_id)
+        return self.migration
+
+    def finish(self, timeout: float = 30.0) -> dict:
+        """Wait for both sides; the source's summary with the destination's verdict merged."""
+        summary = self.migration.wait()
+        deadline = time.monotonic() + timeout
+        if summary["status"] != "completed":
+            try:
+                self.dest.send("cancel")
+            except StageFailed:
+                pass
+        while self.dest_result is None and time.monotonic() < deadline:
+            try:
+                msg = self.dest.recv(max(0.1, deadline - time.monotonic()), what="result")
+            except StageFailed:
+                break
+            if msg[0] == "state":
+                self.dest_states.append((msg[1], msg[2]))
+            elif msg[0] == "result":
+                self.dest_result = msg[1]
+        dest = self.dest_result or {}
+        summary["verified"] = dest.get("verified")
+        summary["destination"] = {"status": dest.get("status", "unknown"),
+                                  "error-desc": dest.get("error-desc", "")}
+        if summary["status"] == "completed" and dest.get("status") != "completed":
+            summary["status"] = "failed"
+            summary["error-desc"] = ("destination did not complete: "
+                                     + dest.get("error-desc", "no answer"))
+        if summary["status"] != "completed" and not summary.get("error-desc"):
+            summary["error-desc"] = summary["destination"]["error-desc"] or summary["status"]
+        return summary
+
+    def guest_running(self) -> bool:
+        """The source guest is alive and still writing (two state queries apart)."""
+        try:
+            a = self.guest.query().pages_written
+            time.sleep(0.1)
+            b = self.guest.query().pages_written
+        except MigrationError:
+            return False
+        return b > a or self.state.dirty_rate == 0
+
+    def close(self) -> None:
+        if self.dest is not None:
+            self.dest.stop(5.0)
+            self.dest.close()
+        if self.guest is not None:
+            self.guest.close()
+
+    def __enter__(self) -> LocalRun:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def run_local(ram: int, config: MigrationConfig | None = None, *,
+              state: GuestState | None = None, fill: float = 0.5,
+              on_progress: Callable[[dict], None] | None = None, interval: float = 0.2,
+              **kw) -> dict:
+    """A whole migration on this machine; returns the summary (``status`` says how it ended)."""
+    config = config or MigrationConfig()
+    with LocalRun(ram, config, state=state or GuestState(), fill=fill, **kw) as lr:
+        mig = lr.start()
+        try:
+            while not mig.done:
+                if on_progress is not None:
+                    on_progress(mig.stats())
+                mig._done.wait(interval)
+        except KeyboardInterrupt:
+            mig.cancel()
+        return lr.finish()

@@ -1,0 +1,172 @@
+"""The control QP of one side: three 512 KiB buffers, send and receive CQs, a ControlChannel.
+
+``ControlLink`` is the thin I/O layer over ``pipeline.protocol.channel.ControlChannel``: it posts
+the RECVs the channel asks for before transmitting anything, copies each outgoing message into
+slot 2 and waits for its send completion (QEMU's serialised sends), and hands every received
+message to the channel, which checks it. Waits are sliced (``SLICE`` seconds) and call
+``check()`` between slices, so a cancelled migration or a dead stage interrupts any wait. Every
+message sent or received can be traced as a JSON line ``{"t", "dir", "hex"}``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import mmap
+import time
+
+from pipeline.errors import RemoteProtocolError, TransportError
+from pipeline.protocol.channel import NEEDS_CREDIT, ControlChannel, Role, Slot
+from pipeline.protocol.messages import CONTROL_MAX_BUFFER, ErrorMessage
+from stages.verbs.base import Access, SendOpcode
+
+WRID_SEND = 2000
+WRID_RECV = 4000
+SLICE = 0.1
+QP_DEPTH = 512
+
+
+class ControlTrace:
+    """JSON lines of every control message, times relative to the first."""
+
+    def __init__(self, path: str | None) -> None:
+        self._f = open(path, "w", buffering=1) if path else None  # noqa: SIM115
+        self._t0 = time.monotonic()
+
+    def __call__(self, direction: str, data: bytes) -> None:
+        if self._f is not None:
+            self._f.write(json.dumps({"t": round(time.monotonic() - self._t0, 6),
+                                      "dir": direction, "hex": bytes(data).hex()}) + "\n")
+
+    def close(self) -> None:
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+
+
+class ControlLink:
+    """One side's control connection; ``close()`` is idempotent and releases children first."""
+
+    def __init__(self, ctx, pd, role: Role, *, check=lambda: None,
+                 trace: ControlTrace | None = None, timeout: float = 30.0) -> None:
+        self.ctx, self.pd = ctx, pd
+        self.channel = ControlChannel(role)
+        self.check = check
+        self.trace = trace or ControlTrace(None)
+        self.timeout = timeout
+        self.bytes_sent = 0
+        self._closed = False
+        self._mem = mmap.mmap(-1, 3 * CONTROL_MAX_BUFFER)
+        base = ctypes.addressof(ctypes.c_char.from_buffer(self._mem))
+        self._addr = [base + i * CONTROL_MAX_BUFFER for i in range(3)]
+        self.mr = pd.reg_mr(base, 3 * CONTROL_MAX_BUFFER, Access.LOCAL_WRITE | Access.REMOTE_WRITE)
+        self.send_cq = ctx.create_cq(3 * QP_DEPTH)
+        self.recv_cq = ctx.create_cq(3 * QP_DEPTH)
+        self.qp = pd.create_qp(self.send_cq, self.recv_cq, max_send_wr=QP_DEPTH, max_recv_wr=3)
+
+    # -- low level -----------------------------------------------------------------------
+    def post_recvs(self) -> None:
+        for slot in self.channel.take_recv_posts():
+            self.qp.post_recv(WRID_RECV + int(slot), self._addr[slot], CONTROL_MAX_BUFFER,
+                              self.mr.lkey)
+
+    def _wait(self, cq, what: str, timeout: float | None = None):
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        while True:
+            wcs = cq.poll(1)
+            if wcs:
+                wc = wcs[0]
+                if not wc.ok:
+                    raise TransportError(
+                        f"control {what} failed with {wc.status.name}: the connection to the "
+                        "peer is broken")
+                return wc
+            self.check()
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TransportError(f"no control {what} within {self.timeout:g} s: the peer "
+                                     "stopped answering")
+            cq.wait(min(SLICE, left))
+
+    def transmit(self, data: bytes, timeout: float | None = None) -> None:
+        """Copy ``data`` into slot 2, SEND it, wait for the send completion."""
+        start = Slot.CONTROL * CONTROL_MAX_BUFFER
+        self._mem[start:start + len(data)] = data
+        self.qp.post_send(WRID_SEND, SendOpcode.SEND, self._addr[Slot.CONTROL], len(data),
+                          self.mr.lkey, signaled=True)
+        self.trace("send", data)
+        self.bytes_sent += len(data)
+        self._wait(self.send_cq, "send", timeout)
+
+    def receive(self, timeout: float | None = None):
+        """The next message (checked by the channel); an ERROR from the peer raises."""
+        wc = self._wait(self.recv_cq, "receive", timeout)
+        slot = wc.wr_id - WRID_RECV
+        start = slot * CONTROL_MAX_BUFFER
+        data = self._mem[start:start + wc.byte_len]
+        self.trace("recv", data)
+        msg = self.channel.receive(data, Slot(slot))
+        if isinstance(msg, ErrorMessage):
+            raise RemoteProtocolError("the peer sent ERROR: it is failing the migration")
+        return msg
+
+    # -- source --------------------------------------------------------------------------
+    def send(self, msg) -> None:
+        """Wait for READY credit if needed, then send ``msg`` (no reply awaited)."""
+        while self.channel.credit == 0 and msg.TYPE in NEEDS_CREDIT:
+            self.receive()
+        out = self.channel.send(msg)
+        self.post_recvs()
+        self.transmit(out)
+
+    def request(self, msg):
+        """Send a request and return its reply."""
+        self.send(msg)
+        return self.receive()
+
+    def send_stream(self, payloads: list[bytes]) -> None:
+        from pipeline.protocol.messages import QemuFileMessage
+
+        for p in payloads:
+            self.send(QemuFileMessage(p))
+
+    # -- destination ---------------------------------------------------------------------
+    def grant_and_receive(self, timeout: float | None = None):
+        """Send READY and return the one message it lets the source send."""
+        self.post_recvs()
+        self.transmit(self.channel.grant())
+        msg = self.receive(timeout)
+        self.post_recvs()
+        return msg
+
+    def reply(self, msg) -> None:
+        out = self.channel.send(msg)
+        self.post_recvs()
+        self.transmit(out)
+
+    # -- teardown ------------------------------------------------------------------------
+    def abort(self) -> None:
+        """Best-effort ERROR to the peer (QEMU's cleanup rule), never raises."""
+        try:
+            data = self.channel.abort()
+            if data is not None:
+                self.transmit(data, timeout=1.0)
+        except Exception:  # noqa: BLE001 - best effort on a failing connection
+            pass
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for step in (self.qp.disconnect, self.qp.close, self.mr.close, self.send_cq.close,
+                     self.recv_cq.close):
+            try:
+                step()
+            except Exception:  # noqa: BLE001 - teardown continues past a broken connection
+                pass
+        try:
+            self._mem.close()
+        except BufferError:
+            pass
+        self.trace.close()
+

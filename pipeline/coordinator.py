@@ -1,0 +1,382 @@
+"""The source coordinator: the one process that speaks the control channel.
+
+It creates the rings, starts the scanner, registrar and poster (``stages.harness``), connects
+the control QP (capabilities in private data), hands the poster what it needs to connect its own
+data QP (DATA_QPS: the destination's session token), and runs the migration:
+
+    SETUP    header, ram START, MEM_SIZE, HOOK | RAM BLOCKS | REGISTER FINISHED, EOS, FOOTER
+    rounds   ram PART, HOOK | REGISTER/COMPRESS/UNREGISTER as the registrar asks, until the
+             poster drained the round | REGISTER FINISHED, EOS, FOOTER; then a dirty-log sync
+             and the convergence rule decide: another round, switchover, or give up
+    FINISH   pause the guest, ram END, HOOK | the final round | REGISTER FINISHED, EOS, FOOTER,
+             guest device state, RAM digest, EOF; then wait for the destination's READY (it
+             verified and resumed) or its ERROR (it refused)
+
+Any failure (stage death, transport, protocol, cancel) sends ERROR best-effort, stops every
+stage within the deadline, unlinks every ring and resumes the guest if it was paused.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+from pipeline.config import PAGE_SIZE, MigrationConfig
+from pipeline.control import ControlLink, ControlTrace
+from pipeline.digest import DIGEST_SECTION, chunk_digests
+from pipeline.errors import (
+    MigrationCancelled,
+    MigrationError,
+    RemoteProtocolError,
+    StageFailed,
+)
+from pipeline.guest.synthetic import DEVICE_SECTION, frame
+from pipeline.migration_state import (
+    Convergence,
+    Decision,
+    MigrationStateMachine,
+    RoundResult,
+    State,
+)
+from pipeline.protocol.capabilities import Capabilities, Capability, Digest
+from pipeline.protocol.channel import Role
+from pipeline.protocol.messages import (
+    Compress,
+    CompressMessage,
+    RamBlocksRequestMessage,
+    ReadyMessage,
+    Register,
+    RegisterFinishedMessage,
+    RegisterRequestMessage,
+    UnregisterRequestMessage,
+)
+from pipeline.protocol.records import (
+    RAM_IDSTR,
+    RAM_VERSION,
+    DeviceState,
+    EndOfSection,
+    Eof,
+    FileHeader,
+    MemSize,
+    RamBlockInfo,
+    SectionFooter,
+    SectionHeader,
+    SectionType,
+)
+from pipeline.protocol.stream import StreamWriter
+from pipeline.stats import MigrationStats
+from stages.records import (
+    ANSWER_DTYPE,
+    CMD_FINAL,
+    CMD_ROUND,
+    COMMAND_DTYPE,
+    REQ_COMPRESS,
+    REQ_DRAINED,
+    REQ_REGISTER,
+    REQ_UNREGISTER,
+    records,
+)
+from stages.registrar import ALL_CHUNKS
+
+RAM_SID, GUEST_SID, DIGEST_SID = 2, 3, 4
+MAX_REGISTER_BATCH = 512
+
+
+class SourceMigration:
+    """One outgoing migration of ``guest`` (a SyntheticGuest) to ``uri``; ``run()`` blocks."""
+
+    def __init__(self, uri, config: MigrationConfig, guest, *, run_id: str,
+                 stats: MigrationStats | None = None,
+                 on_state: Callable[[str, str], None] | None = None,
+                 cancel: threading.Event | None = None) -> None:
+        self.uri = uri
+        self.config = config
+        self.guest = guest
+        self.run_id = run_id
+        self.stats = stats or MigrationStats()
+        self.sm = MigrationStateMachine()
+        self.on_state = on_state or (lambda state, reason: None)
+        self.cancel = cancel or threading.Event()
+        self.conv = Convergence(config.downtime_limit_ms, config.max_rounds, config.keep_going)
+        self.writer = StreamWriter()
+        self.pipeline = None
+        self.link: ControlLink | None = None
+        self.paused = False
+
+    # -- state ---------------------------------------------------------------------------
+    def _to(self, state: State, reason: str = "") -> None:
+        now = time.monotonic()
+        self.sm.to(state, now, reason)
+        changes = {"status": state.value}
+        if state in (State.COMPLETED, State.FAILED, State.CANCELLED):
+            changes["end_time"] = now
+        if reason:
+            changes["error"] = reason
+        self.stats.update(**changes)
+        self.on_state(state.value, reason)
+
+    def check(self) -> None:
+        """Raise if cancelled, or if a stage or the guest died."""
+        if self.cancel.is_set():
+            raise MigrationCancelled("migration cancelled")
+        if self.pipeline is not None:
+            self.pipeline.check()
+        self.guest.check()
+
+    # -- the whole migration -------------------------------------------------------------
+    def run(self) -> dict:
+        from pipeline.source_pipeline import SourcePipeline
+
+        self.stats.update(start_time=time.monotonic(),
+                          total_bytes=self.guest.region.total_length)
+        self._to(State.SETUP)
+        try:
+            self.pipeline = SourcePipeline(self.run_id, self.config, self.guest)
+            self.pipeline.start()
+            self._connect()
+            self.pipeline.wait_ready(self.config.stage_timeout)
+            self.pipeline.connect_poster(self.uri.host, self.uri.port,
+                                         self.link.channel.capabilities.session_token)
+            self._setup()
+            self._to(State.ACTIVE)
+            self._iterate()
+            self._to(State.DEVICE)
+            self._switchover()
+            self.pipeline.finish(self.config.stage_timeout)
+            self.stats.stages.__dict__.update(self.pipeline.figures())
+            self._to(State.COMPLETED)
+        except BaseException as exc:
+            self._fail(exc)
+            if not isinstance(exc, Exception):
+                raise
+        finally:
+            self._teardown()
+        return self.stats.snapshot(time.monotonic())
+
+    def _fail(self, exc: BaseException) -> None:
+        if isinstance(exc, MigrationCancelled | KeyboardInterrupt):
+            state, reason = State.CANCELLED, "cancelled"
+        else:
+            state = State.FAILED
+            reason = str(exc) if isinstance(exc, MigrationError) else \
+                f"{type(exc).__name__}: {exc}"
+            if self.pipeline is not None and not isinstance(exc, StageFailed):
+                dead = self.pipeline.dead_stage()
+                if dead is not None:
+                    reason = str(dead)
+        if self.link is not None:
+            self.link.abort()
+        if self.paused:
+            try:
+                self.guest.resume()
+                self.paused = False
+            except MigrationError:
+                pass
+        if not self.sm.final:
+            self._to(state, reason.splitlines()[0] if reason else state.value)
+
+    def _teardown(self) -> None:
+        if self.pipeline is not None:
+            self.pipeline.close()
+        if self.link is not None:
+            self.link.close()
+            self.ctx.close()
+
+    # -- setup ---------------------------------------------------------------------------
+    def _connect(self) -> None:
+        from stages.verbs import open_provider
+
+        cfg = self.config
+        self.ctx = open_provider(cfg.transport).open_device()
+        self.pd = self.ctx.alloc_pd()
+        self.link = ControlLink(self.ctx, self.pd, Role.SOURCE, check=self.check,
+                                trace=ControlTrace(cfg.trace_control))
+        flags = Capability.DATA_QPS | Capability.MULTI_REGISTER | Capability.RAM_DIGEST
+        shift = cfg.chunk_size.bit_length() - 1
+        if cfg.pin_all:
+            flags |= Capability.PIN_ALL
+        if shift != 20:
+            flags |= Capability.CHUNK_SIZE
+        caps = Capabilities(flags=int(flags), chunk_shift=shift, data_qps=1,
+                            digest=Digest.SHA256)
+        blocks = self.guest.region.blocks
+        private = self.link.channel.initiate(caps, block_lengths=[b.length for b in blocks])
+        self.link.post_recvs()
+        reply = self.ctx.connect(self.link.qp, self.uri.host, self.uri.port, private,
+                                 timeout=10.0)
+        agreement = self.link.channel.established(reply)
+        got = agreement.capabilities
+        if not got.has(Capability.DATA_QPS):
+            raise RemoteProtocolError("the destination does not accept separate data QPs "
+                                      "(DATA_QPS): it is not an rdma-pipeline destination")
+        if got.chunk_size != cfg.chunk_size:
+            raise RemoteProtocolError(f"the destination refused chunk size {cfg.chunk_size}",
+                                      hint="use --chunk-size 1M with this destination")
+        self.pin_all = got.pin_all
+        self.multi = got.multi_register
+        self.digest = got.has(Capability.RAM_DIGEST)
+        if cfg.pin_all and not got.pin_all:
+            raise RemoteProtocolError("the destination declined rdma-pin-all")
+
+    def _setup(self) -> None:
+        w = self.writer
+        blocks = self.guest.region.blocks
+        w.write_event(FileHeader())
+        w.write_event(SectionHeader(SectionType.SECTION_START, RAM_SID, RAM_IDSTR, 0,
+                                    RAM_VERSION))
+        w.write_event(MemSize(tuple(RamBlockInfo(b.idstr, b.length) for b in blocks)))
+        w.hook()
+        self.link.send_stream(w.flush())
+        result = self.link.request(RamBlocksRequestMessage())
+        dest = result.blocks
+        if len(dest) != len(blocks) or any(d.length != b.length
+                                           for d, b in zip(dest, blocks, strict=False)):
+            raise RemoteProtocolError(
+                "ram blocks mismatch: the destination has blocks "
+                f"{[d.length for d in dest]}, the source {[b.length for b in blocks]}",
+                hint="start both sides with the same RAM size")
+        self.dest_blocks = dest
+        if self.pin_all:
+            ans = records(ANSWER_DTYPE, len(dest), block=np.arange(len(dest)),
+                          chunk=ALL_CHUNKS, rkey=[d.remote_rkey for d in dest],
+                          remote_base=[d.remote_host_addr for d in dest])
+            self.pipeline.answers.push(ans)
+        self.link.send(RegisterFinishedMessage())
+        w.write_event(EndOfSection())
+        w.write_event(SectionFooter(RAM_SID))
+        self.stats.update(setup_end=time.monotonic(), control_bytes=self.link.bytes_sent)
+
+    # -- rounds --------------------------------------------------------------------------
+    def _iterate(self) -> None:
+        r = 0
+        while True:
+            r += 1
+            sent, secs = self._round(r, SectionType.SECTION_PART, CMD_ROUND)
+            dirty = self.pipeline.sync(r, self.check)
+            decision = self.conv.after_round(RoundResult(r, sent, secs, dirty * PAGE_SIZE))
+            rate = dirty / secs if secs > 0 else 0.0
+            self.stats.update(dirty_sync_count=self.stats.dirty_sync_count + 1,
+                              remaining_bytes=dirty * PAGE_SIZE, dirty_pages_rate=rate,
+                              expected_downtime_ms=min(self.conv.expected_downtime_s, 1e9) * 1e3)
+            if decision is Decision.SWITCHOVER:
+                self.rounds = r
+                return
+            if decision is Decision.GIVE_UP:
+                raise MigrationError(self.conv.explain(rate * PAGE_SIZE))
+
+    def _round(self, r: int, section: SectionType, cmd: int) -> tuple[int, float]:
+        t0 = time.monotonic()
+        ctrl0 = self.link.bytes_sent
+        w = self.writer
+        w.write_event(SectionHeader(section, RAM_SID, RAM_IDSTR))
+        w.hook()
+        self.link.send_stream(w.flush())
+        self.pipeline.commands.push(records(COMMAND_DTYPE, op=cmd, round=r))
+        drained = self._registration_window(r)
+        self.link.send(RegisterFinishedMessage())
+        w.write_event(EndOfSection())
+        w.write_event(SectionFooter(RAM_SID))
+        secs = time.monotonic() - t0
+        rdma = int(drained["offset"])
+        st = self.stats
+        zero = int(drained["zero_pages"])
+        fig = st.stages
+        fig.pages_scanned += int(drained["pages"])
+        fig.zero_pages += zero
+        fig.scanner_busy_s = int(drained["busy_ns"]) / 1e9
+        fig.poster_busy_s = int(drained["post_ns"]) / 1e9
+        fig.registrar_busy_s = int(drained["reg_ns"]) / 1e9
+        fig.writes_posted += int(drained["length"])
+        fig.bytes_written += rdma
+        sent = rdma + self.link.bytes_sent - ctrl0
+        st.update(round=r, rdma_bytes=st.rdma_bytes + rdma, control_bytes=self.link.bytes_sent,
+                  duplicate_pages=st.duplicate_pages + zero,
+                  normal_pages=st.normal_pages + int(drained["pages"]) - zero,
+                  mbps=sent * 8 / 1e6 / secs if secs > 0 else 0.0)
+        return sent, secs
+
+    def _registration_window(self, r: int) -> np.void:
+        """Serve the registrar's requests until the poster drained round ``r``."""
+        while True:
+            reqs = self.pipeline.next_requests(self.check)
+            ops = reqs["op"]
+            i = 0
+            while i < len(reqs):
+                j = i + 1
+                while j < len(reqs) and ops[j] == ops[i]:
+                    j += 1
+                batch = reqs[i:j]
+                op = int(ops[i])
+                if op == REQ_REGISTER:
+                    self._register(batch)
+                elif op == REQ_COMPRESS:
+                    for q in batch:
+                        d = self.dest_blocks[int(q["block"])]
+                        self.link.send(CompressMessage(Compress(
+                            int(q["block"]), d.offset + int(q["offset"]), int(q["length"]))))
+                    self.stats.stages.compress_sent += len(batch)
+                elif op == REQ_UNREGISTER:
+                    recs = tuple(Register(int(q["chunk"]), int(q["block"])) for q in batch)
+                    for k in range(0, len(recs), 1 if not self.multi else MAX_REGISTER_BATCH):
+                        part = recs[k:k + (1 if not self.multi else MAX_REGISTER_BATCH)]
+                        self.link.request(UnregisterRequestMessage(part))
+                    self.stats.stages.chunks_unregistered += len(batch)
+                elif op == REQ_DRAINED:
+                    if int(batch[0]["round"]) != r:
+                        raise MigrationError(f"round {int(batch[0]['round'])} drained during "
+                                             f"round {r}")
+                    return batch[0]
+                i = j
+
+    def _register(self, batch: np.ndarray) -> None:
+        cs = self.config.chunk_size
+        step = MAX_REGISTER_BATCH if self.multi else 1
+        for k in range(0, len(batch), step):
+            part = batch[k:k + step]
+            recs = tuple(
+                Register(self.dest_blocks[int(q["block"])].offset + int(q["chunk"]) * cs,
+                         int(q["block"]))
+                for q in part)
+            reply = self.link.request(RegisterRequestMessage(recs))
+            results = reply.results
+            if len(results) == 1 and len(part) > 1:
+                raise RemoteProtocolError("REGISTER RESULT holds one result for a "
+                                          f"{len(part)}-record request")
+            ans = records(ANSWER_DTYPE, len(part), block=part["block"], chunk=part["chunk"],
+                          rkey=[x.rkey for x in results],
+                          remote_base=[x.host_addr for x in results])
+            self.pipeline.answers.push(ans)
+        self.stats.stages.chunks_registered += len(batch)
+
+    # -- switchover ----------------------------------------------------------------------
+    def _switchover(self) -> None:
+        state = self.guest.pause()
+        self.paused = True
+        pause = self.guest.paused_at
+        self.stats.update(pause_time=pause)
+        r = self.rounds + 1
+        self._round(r, SectionType.SECTION_END, CMD_FINAL)
+        w = self.writer
+        w.write_event(SectionHeader(SectionType.SECTION_FULL, GUEST_SID, DEVICE_SECTION, 0, 1))
+        w.write_event(DeviceState(GUEST_SID, DEVICE_SECTION, frame(state.to_bytes())))
+        w.write_event(SectionFooter(GUEST_SID))
+        if self.digest:
+            digests = chunk_digests(self.guest.region)
+            w.write_event(SectionHeader(SectionType.SECTION_FULL, DIGEST_SID, DIGEST_SECTION,
+                                        0, 1))
+            w.write_event(DeviceState(DIGEST_SID, DIGEST_SECTION, frame(digests)))
+            w.write_event(SectionFooter(DIGEST_SID))
+        w.write_event(Eof())
+        self.link.send_stream(w.flush())
+        self.stats.update(control_bytes=self.link.bytes_sent, remaining_bytes=0)
+        if self.digest:
+            # Our extension: the destination grants one more READY once it has verified the
+            # RAM and resumed the guest (an ERROR if it refused).
+            msg = self.link.receive(timeout=60.0)
+            if not isinstance(msg, ReadyMessage):
+                raise RemoteProtocolError(f"expected READY after EOF, got {msg!r}")
+        self.stats.update(resume_time=time.monotonic(), verified=bool(self.digest))
+        self.link.channel.close()

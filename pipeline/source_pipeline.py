@@ -1,0 +1,198 @@
+"""The source's stage processes and the rings between them, owned by the coordinator.
+
+``SourcePipeline`` creates every ring (the coordinator is their owner and unlinks them), starts
+scanner, registrar and poster with plain configs (names, not objects), and gives the coordinator
+three things: ``commands`` (to the scanner), ``answers`` (to the registrar) and
+``next_requests()`` (from the registrar: REGISTER / COMPRESS / UNREGISTER / DRAINED), plus
+``sync()``. Waits are sliced and call the coordinator's ``check`` between slices, and a stage
+that exits is a ``StageFailed`` at once. ``close()`` always leaves no process and no segment.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+
+import numpy as np
+
+from pipeline.config import MigrationConfig
+from pipeline.errors import StageFailed
+from shm.naming import segment_name
+from shm.ring import CONSUMER, PRODUCER, Ring
+from stages.harness import Inbox, StageProcess
+from stages.records import (
+    ANSWER_DTYPE,
+    CMD_STOP,
+    CMD_SYNC,
+    COMMAND_DTYPE,
+    COMPLETION_DTYPE,
+    REQUEST_DTYPE,
+    RUN_DTYPE,
+    SYNC_DTYPE,
+    WRITE_DTYPE,
+    records,
+)
+
+SLICE = 0.1
+RINGS = {  # name: (dtype, capacity, coordinator's role)
+    "commands": (COMMAND_DTYPE, 64, PRODUCER),
+    "syncs": (SYNC_DTYPE, 64, CONSUMER),
+    "runs": (RUN_DTYPE, 1 << 15, None),
+    "writes": (WRITE_DTYPE, 1 << 15, None),
+    "completions": (COMPLETION_DTYPE, 1 << 14, None),
+    "requests": (REQUEST_DTYPE, 1 << 14, CONSUMER),
+    "answers": (ANSWER_DTYPE, 1 << 14, PRODUCER),
+}
+
+
+class SourcePipeline:
+    def __init__(self, run_id: str, config: MigrationConfig, guest) -> None:
+        self.rings: dict[str, Ring] = {}
+        self.stages: list[StageProcess] = []
+        self.finishing = False
+        self._syncs: deque = deque()
+        self._requests_done = False
+        self.inbox: Inbox | None = None
+        try:
+            for name, (dtype, cap, role) in RINGS.items():
+                self.rings[name] = Ring.create(segment_name(run_id, f"r{name[:5]}"), dtype, cap,
+                                               role=role)
+        except BaseException:
+            self.close()
+            raise
+        n = {k: r.name for k, r in self.rings.items()}
+        region, log = guest.region.name, guest.log.name
+        self.scanner = StageProcess("scanner", "stages.scanner:scanner_main", {
+            "region": region, "dirtylog": log, "chunk_pages": guest.region.chunk_pages,
+            "commands": n["commands"], "runs": n["runs"], "syncs": n["syncs"]})
+        self.registrar = StageProcess("registrar", "stages.registrar:registrar_main", {
+            "region": region, "transport": config.transport, "pin_all": config.pin_all,
+            "pin_budget": config.pin_budget, "runs": n["runs"], "answers": n["answers"],
+            "completions": n["completions"], "writes": n["writes"],
+            "requests": n["requests"]})
+        self.poster = StageProcess("poster", "stages.poster:poster_main", {
+            "transport": config.transport, "writes": n["writes"],
+            "completions": n["completions"], "max_bandwidth": config.max_bandwidth})
+        self.stages = [self.scanner, self.registrar, self.poster]
+
+    @property
+    def commands(self) -> Ring:
+        return self.rings["commands"]
+
+    @property
+    def answers(self) -> Ring:
+        return self.rings["answers"]
+
+    # -- lifecycle -----------------------------------------------------------------------
+    def start(self) -> None:
+        for st in self.stages:
+            st.start()
+
+    def wait_ready(self, timeout: float) -> None:
+        for st in self.stages:
+            st.wait_ready(timeout)
+        self.inbox = Inbox()
+        self.inbox.watch("requests", self.rings["requests"])
+        self.inbox.watch("syncs", self.rings["syncs"])
+
+    def connect_poster(self, host: str, port: int, token: int, timeout: float = 15.0) -> None:
+        info = self.registrar.info
+        self.poster.send("connect", info["pd"], info["path"], host, port, token, 0)
+        msg = self.poster.recv(timeout, what="data connection")
+        if msg[0] != "connected":
+            raise StageFailed("poster", None, f"unexpected message {msg[0]}")
+
+    def check(self) -> None:
+        if self.finishing:
+            return
+        for st in self.stages:
+            st.check()
+
+    def dead_stage(self) -> StageFailed | None:
+        """The first stage that failed (an error line or a non-zero exit), if any."""
+        for st in self.stages:
+            st._drain_messages()
+            code = st.exitcode
+            if st.error_line or (code is not None and code != 0):
+                return st.failure()
+        return None
+
+    # -- traffic -------------------------------------------------------------------------
+    def _next(self, check) -> tuple[str, np.ndarray]:
+        while True:
+            item = self.inbox.get(SLICE)
+            if item is None:
+                check()
+                continue
+            name, recs = item
+            if isinstance(recs, BaseException):
+                check()
+                time.sleep(0.3)          # give a dying stage time to report why
+                dead = self.dead_stage()
+                raise dead if dead is not None else recs
+            if len(recs) == 0:
+                check()
+                raise StageFailed("registrar" if name == "requests" else "scanner", None,
+                                  "closed its ring early")
+            return name, recs
+
+    def next_requests(self, check) -> np.ndarray:
+        while True:
+            name, recs = self._next(check)
+            if name == "syncs":
+                self._syncs.extend(recs)
+                continue
+            return recs
+
+    def sync(self, r: int, check) -> int:
+        """Dirty pages not yet sent, after a dirty-log sync."""
+        self.commands.push(records(COMMAND_DTYPE, op=CMD_SYNC, round=r))
+        while not self._syncs:
+            name, recs = self._next(check)
+            if name == "syncs":
+                self._syncs.extend(recs)
+            else:
+                raise StageFailed("registrar", None, "sent a request outside a round")
+        return int(self._syncs.popleft()["dirty_pages"])
+
+    # -- the end -------------------------------------------------------------------------
+    def finish(self, timeout: float) -> None:
+        """Stop the stages in order (scanner, registrar, poster all drain) within ``timeout``."""
+        self.finishing = True
+        self.commands.push(records(COMMAND_DTYPE, op=CMD_STOP))
+        self.commands.close_write()
+        self.answers.close_write()
+        deadline = time.monotonic() + timeout
+        for st in self.stages:
+            code = st.stop(max(0.1, deadline - time.monotonic()))
+            if code != 0:
+                raise st.failure()
+
+    def figures(self) -> dict:
+        out = {}
+        for st, key in ((self.registrar, "registrar"), (self.poster, "poster")):
+            st._drain_messages()
+            for msg in st._pending:
+                if msg[0] == "figures":
+                    fig = msg[1]
+                    if key == "registrar":
+                        out["registrar_busy_s"] = fig["busy_ns"] / 1e9
+                    else:
+                        out["poster_busy_s"] = fig["busy_ns"] / 1e9
+        return out
+
+    def close(self) -> None:
+        """Stop what still runs, close and unlink every ring (idempotent). The poster goes
+        first: it holds imports of the registrar's MRs, which the registrar must deregister."""
+        for st in (self.poster, self.registrar, self.scanner):
+            st.stop(0.5 if not self.finishing else 2.0)
+            st.close()
+        for ring in self.rings.values():
+            try:
+                ring.close()
+            finally:
+                ring.unlink()
+        self.rings = {}
+        if self.inbox is not None:
+            self.inbox.close()
+            self.inbox = None
