@@ -44,14 +44,22 @@ def counters(guest: KvmGuest) -> np.ndarray:
     return guest.mem.gather_u64(program.read_layout(guest.mem).page_gpas())
 
 
+def run_passes(guest: KvmGuest, n: int, timeout: float = 10.0) -> None:
+    """Run until ``n`` more passes are done (however loaded the machine), then pause."""
+    target = guest.passes() + n
+    guest.start()
+    deadline = time.monotonic() + timeout
+    while guest.passes() < target and time.monotonic() < deadline:
+        time.sleep(0.005)
+    guest.pause()
+    assert guest.passes() >= target, "guest made no progress"
+
+
 def test_every_written_page_is_reported(region):
     # Stride 2: half of the data range is never written, so over-reporting would show.
     with KvmGuest.boot(region.blocks, stride=2) as guest:
         guest.fetch_dirty()
-        guest.start()
-        while guest.passes() < 2:
-            time.sleep(0.005)
-        guest.pause()
+        run_passes(guest, 2)
         dirty = unpack(region, guest.fetch_dirty())
         written = data_pages(guest)
         assert dirty[written].all()
@@ -66,9 +74,7 @@ def test_every_written_page_is_reported(region):
 
 def test_fetch_right_after_fetch_is_empty(region):
     with KvmGuest.boot(region.blocks) as guest:
-        guest.start()
-        time.sleep(0.02)
-        guest.pause()
+        run_passes(guest, 1)
         assert unpack(region, guest.fetch_dirty()).any()
         assert not unpack(region, guest.fetch_dirty()).any()
         assert not unpack(region, guest.fetch_dirty()).any()
@@ -104,10 +110,7 @@ def test_classic_mode_reports_the_same(region, monkeypatch):
     with KvmGuest.boot(region.blocks, stride=2) as guest:
         assert not guest.vm.manual_protect
         guest.fetch_dirty()
-        guest.start()
-        while guest.passes() < 2:
-            time.sleep(0.005)
-        guest.pause()
+        run_passes(guest, 2)
         dirty = unpack(region, guest.fetch_dirty())
         assert dirty[data_pages(guest)].all()
         assert not unpack(region, guest.fetch_dirty()).any()
@@ -115,15 +118,11 @@ def test_classic_mode_reports_the_same(region, monkeypatch):
 
 def test_disarmed_logging_reports_nothing(region):
     with KvmGuest.boot(region.blocks, log_dirty=False) as guest:
-        guest.start()
-        time.sleep(0.01)
-        guest.pause()
+        run_passes(guest, 1)
         guest.check()
         guest.set_dirty_logging(True)
         assert not unpack(region, guest.fetch_dirty()).any()
-        guest.start()
-        time.sleep(0.02)
-        guest.pause()
+        run_passes(guest, 1)
         assert unpack(region, guest.fetch_dirty())[data_pages(guest)].any()
 
 

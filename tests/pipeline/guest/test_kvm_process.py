@@ -33,6 +33,17 @@ def data_pages(region: RamRegion) -> np.ndarray:
     return (program.read_layout(mem).page_gpas() // program.PAGE).astype(np.int64)
 
 
+def wait_for_pass(proc: StageProcess, passes: int, timeout: float = 10.0) -> None:
+    """Ask for the guest's state until its pass counter exceeds ``passes``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        proc.send("state")
+        if proc.recv(10)[1]["passes"] > passes:
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"guest {proc.name} made no progress past pass {passes}")
+
+
 def as_pages(bitmaps, region) -> np.ndarray:
     return np.concatenate([np.unpackbits(np.asarray(bm).view(np.uint8), bitorder="little")
                            [:b.nb_pages].astype(bool)
@@ -49,9 +60,8 @@ def test_source_to_destination_through_processes():
         try:
             info = source.wait_ready(30)
             assert info["tracking"] == "kvm" and info["progress"]["passes"] == 0
-            time.sleep(0.1)
+            wait_for_pass(source, 1)
             seen = as_pages(log.fetch(timeout=5), src)
-            assert seen.any()
             source.send("pause")
             op, paused, _ = source.recv(10)
             assert op == "paused" and paused["passes"] >= 1
@@ -67,7 +77,7 @@ def test_source_to_destination_through_processes():
                 assert at_start == {k: paused[k] for k in at_start}
                 dest.send("resume")
                 assert dest.recv(10)[0] == "resumed"
-                time.sleep(0.05)
+                wait_for_pass(dest, paused["passes"])
                 dest.send("stop")
                 op, after = dest.recv(10)
                 assert op == "stopped" and after["pages_written"] > paused["pages_written"]
@@ -78,6 +88,7 @@ def test_source_to_destination_through_processes():
             assert source.recv(10)[1]["pages_written"] == paused["pages_written"]  # intact
             source.send("resume")  # a failed migration resumes the source
             assert source.recv(10)[0] == "resumed"
+            wait_for_pass(source, paused["passes"])
             source.send("stop")
             assert source.recv(10)[1]["pages_written"] > paused["pages_written"]
             assert source.stop(5) == 0
@@ -96,7 +107,7 @@ def test_uffd_tracking_of_a_kvm_guest():
             info = guest.wait_ready(30)
             with PagemapHarvester(info["pid"], info["blocks"]) as harvester:
                 seen = as_pages(harvester.harvest(), region)
-                time.sleep(0.1)
+                wait_for_pass(guest, 1)
                 guest.send("pause")
                 assert guest.recv(10)[1]["passes"] >= 1
                 seen |= as_pages(harvester.harvest(), region)
