@@ -246,6 +246,18 @@ class IncomingMigration:
                                           hint="start both sides with the same RAM blocks")
             self.order.append(names[b.idstr])
         self.stats.update(total_bytes=ev.total)
+        self._start_guest()
+
+    def _start_guest(self) -> None:
+        """Start the destination's guest process now, idle until ``_resume`` loads its state
+        (so starting a process is not part of the downtime)."""
+        from stages.harness import StageProcess
+
+        if self.guest is not None:
+            return
+        self.guest = StageProcess("dst-guest", "pipeline.guest.synthetic:guest_main", {
+            "region": self.region.name, "dirtylog": None, "state": None, "fill": 0})
+        self.guest.start()
 
     def _registration_loop(self) -> None:
         while True:
@@ -340,14 +352,8 @@ class IncomingMigration:
         self.link.channel.close()
 
     def _resume(self) -> None:
-        from stages.harness import StageProcess
-
-        self.guest = StageProcess("dst-guest", "pipeline.guest.synthetic:guest_main", {
-            "region": self.region.name, "dirtylog": None,
-            "state": self.guest_state.__dict__, "fill": 0})
-        self.guest.start()
         self.guest.wait_ready(30.0)
-        self.guest.send("resume")
+        self.guest.send("load", self.guest_state.__dict__)
         self.guest.recv(10.0, what="resume")
 
     def _teardown(self) -> None:
@@ -382,6 +388,8 @@ class IncomingMigration:
         state = None
         if self.guest.pid is not None and self.guest.alive:
             try:
+                if not self.guest.info:
+                    self.guest.wait_ready(30.0)
                 self.guest.send("stop")
                 state = self.guest.recv(2.0, what="stop")[1]
             except MigrationError:

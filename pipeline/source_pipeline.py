@@ -187,12 +187,15 @@ class SourcePipeline:
         for st in (self.poster, self.registrar, self.scanner):
             st.stop(0.5 if not self.finishing else 2.0)
             st.close()
+        stopped = True
+        if self.inbox is not None:
+            stopped = self.inbox.stop()
+            self.inbox.close()
+            self.inbox = None
         for ring in self.rings.values():
             try:
-                ring.close()
+                if stopped:          # never unmap a ring a thread may still be waiting on
+                    ring.close()
             finally:
                 ring.unlink()
         self.rings = {}
-        if self.inbox is not None:
-            self.inbox.close()
-            self.inbox = None

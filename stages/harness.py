@@ -29,6 +29,7 @@ from typing import Any
 from pipeline.errors import MigrationError, StageFailed
 
 EXIT_OK, EXIT_ERROR = 0, 2
+POLL = 0.2     # seconds an Inbox thread blocks on a ring before it looks at its stop flag
 _CTX = multiprocessing.get_context("spawn")
 
 
@@ -260,14 +261,19 @@ class Inbox:
         os.set_blocking(self._r, False)
         os.set_blocking(self._w, False)
         self._threads: list = []
+        self._stopping = False
 
     def watch(self, name: str, ring, max_n: int = 4096) -> None:
         import threading
 
+        from shm.ring import RingTimeout
+
         def pump() -> None:
-            while True:
+            while not self._stopping:
                 try:
-                    recs = ring.pop(max_n)
+                    recs = ring.pop(max_n, timeout=POLL)
+                except RingTimeout:
+                    continue
                 except BaseException as exc:  # noqa: BLE001 - handed to the owner's loop
                     self.put((name, exc))
                     return
@@ -278,6 +284,14 @@ class Inbox:
         t = threading.Thread(target=pump, name=f"inbox-{name}", daemon=True)
         self._threads.append(t)
         t.start()
+
+    def stop(self, timeout: float = 2.0) -> bool:
+        """Stop the watcher threads (before the rings close); True if all of them ended."""
+        self._stopping = True
+        deadline = time.monotonic() + timeout
+        for t in self._threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+        return not any(t.is_alive() for t in self._threads)
 
     def put(self, item: tuple) -> None:
         self._q.put(item)
@@ -307,6 +321,7 @@ class Inbox:
         return self._r
 
     def close(self) -> None:
+        self.stop()
         for fd in (self._r, self._w):
             try:
                 os.close(fd)

@@ -191,6 +191,7 @@ def poster_main(config: dict, link) -> int:
 
         poster = Poster(post, max_outstanding=depth, max_bandwidth=config.get("max_bandwidth", 0))
         inbox = Inbox()
+        stack.callback(inbox.close)     # threads end before the rings close
         inbox.watch("writes", writes_in)
         writes_done = False
         wait = 0.0

@@ -312,11 +312,26 @@ def _cat(parts: list[np.ndarray], dtype: np.dtype) -> np.ndarray:
 
 
 
+def _export(mr, attempts: int = 5):
+    """``mr.export()``, retried: the soft provider reads /proc/self/maps to find the backing
+    file, and that read can miss a mapping while another thread of ours maps memory (a numpy
+    allocation in an Inbox thread), which makes it fail now and then."""
+    from pipeline.errors import TransportError
+
+    for attempt in range(attempts):
+        try:
+            return mr.export()
+        except TransportError:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.001)
+
+
 def import_records(mrs: list) -> np.ndarray:
     """OP_IMPORT records telling the poster how to import each of ``mrs`` (exported here)."""
     out = records(WRITE_DTYPE, len(mrs), op=OP_IMPORT)
     for i, mr in enumerate(mrs):
-        h = mr.export()
+        h = _export(mr)
         out[i]["lkey"], out[i]["rkey"] = h.lkey, h.rkey
         out[i]["local_addr"], out[i]["length"] = h.addr, h.length
         out[i]["remote_addr"] = h.file_offset
@@ -369,6 +384,7 @@ def registrar_main(config: dict, link) -> int:
             reg.pin_blocks()
             flush(records(WRITE_DTYPE, 0), records(REQUEST_DTYPE, 0))
         inbox = Inbox()
+        stack.callback(inbox.close)     # threads end before the rings close
         inbox.watch("runs", runs_in)
         inbox.watch("answers", answers_in)
         inbox.watch("completions", comps_in)

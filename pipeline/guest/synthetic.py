@@ -134,18 +134,29 @@ def guest_main(config: dict, link) -> int:
     from shm.dirtylog import DirtyLog
     from shm.region import RamRegion
 
-    state = GuestState(**config["state"])
     with RamRegion.attach(config["region"]) as region:
         log = DirtyLog.attach(config["dirtylog"], region) if config.get("dirtylog") else None
         if log is not None:
             log.start_service()   # answer the scanner's fetches even while paused
         try:
             views = [blk.view.view(np.uint64).reshape(-1, WORDS) for blk in region.blocks]
-            work = Workload(state, [blk.nb_pages for blk in region.blocks])
-            if config.get("fill"):
-                work.boot(views, float(config["fill"]))
+            if config.get("state") is None:
+                # A destination guest, started early: it gets its state at resume time.
+                link.ready(pid=__import__("os").getpid())
+                op, state_dict = link.recv()
+                if op != "load":
+                    link.send("stopped", None)
+                    return 0
+                state = GuestState(**state_dict)
+                work = Workload(state, [blk.nb_pages for blk in region.blocks])
+                link.send("loaded", time.monotonic())
+            else:
+                state = GuestState(**config["state"])
+                work = Workload(state, [blk.nb_pages for blk in region.blocks])
+                if config.get("fill"):
+                    work.boot(views, float(config["fill"]))
+                link.ready(state=asdict(state), pid=__import__("os").getpid())
             mark = log.mark if log is not None else None
-            link.ready(state=asdict(state), pid=__import__("os").getpid())
             _run(work, views, mark, link, state)
             return 0
         finally:

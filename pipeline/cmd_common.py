@@ -1,0 +1,111 @@
+"""What ``run``, ``migrate`` and ``incoming`` share: options, config building, printing."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from pipeline.config import MigrationConfig, parse_size
+
+
+def add_migration_options(p, *, source: bool) -> None:
+    p.add_argument("--capability", action="append", default=[], metavar="NAME=on|off",
+                   help="a migration capability, QEMU spelling (rdma-pin-all=on)")
+    p.add_argument("--parameter", action="append", default=[], metavar="NAME=VALUE",
+                   help="a migration parameter, QEMU spelling (downtime-limit=300, "
+                        "max-bandwidth=1G; ours: x-max-rounds, x-keep-going, x-pin-budget)")
+    p.add_argument("--transport", choices=("soft", "verbs"), default="soft",
+                   help="verbs provider (default soft: userspace verbs over TCP)")
+    p.add_argument("--chunk-size", default="1M", help="registration chunk size (default 1M)")
+    p.add_argument("--json", action="store_true",
+                   help="print only the summary, as one JSON object, on stdout")
+    if source:
+        p.add_argument("--trace-control", metavar="PATH",
+                       help="write every control message sent or received as a JSON line")
+
+
+def add_guest_options(p) -> None:
+    p.add_argument("--ram", default="512M", help="guest RAM (pc.ram) size (default 512M)")
+    p.add_argument("--dirty-rate", type=float, default=50.0,
+                   help="MB/s the synthetic guest writes (0 = idle; default 50)")
+    p.add_argument("--pattern", choices=("uniform", "hotspot", "sequential"),
+                   default="uniform", help="which pages the guest writes (default uniform)")
+    p.add_argument("--zero-share", type=float, default=0.1,
+                   help="share of written pages that are zero pages (default 0.1)")
+    p.add_argument("--fill", type=float, default=0.5,
+                   help="share of RAM filled with data at boot (default 0.5)")
+    p.add_argument("--seed", type=int, default=1, help="guest seed (default 1)")
+
+
+def build_config(args) -> MigrationConfig:
+    """The config from the options; ValueError (one line) for anything wrong."""
+    cfg = MigrationConfig(transport=args.transport, chunk_size=parse_size(args.chunk_size),
+                          trace_control=getattr(args, "trace_control", None))
+    return cfg.with_options(args.capability, args.parameter)
+
+
+def guest_state(args):
+    from pipeline.guest.synthetic import PATTERNS, GuestState
+
+    if args.dirty_rate < 0:
+        raise ValueError("--dirty-rate must be >= 0")
+    if not 0 <= args.zero_share <= 1 or not 0 <= args.fill <= 1:
+        raise ValueError("--zero-share and --fill are shares between 0 and 1")
+    assert args.pattern in PATTERNS
+    return GuestState(seed=args.seed, pattern=args.pattern, zero_share=args.zero_share,
+                      dirty_rate=int(args.dirty_rate * 1e6))
+
+
+def mib(n: float) -> str:
+    return f"{n / (1 << 20):.1f} MiB"
+
+
+def progress_line(st: dict) -> str:
+    ram = st["ram"]
+    return (f"{st['status']:<9} round {st['round']:<3} transferred {mib(ram['transferred'])}"
+            f"  remaining {mib(ram['remaining'])}  throughput {ram['mbps']:.0f} Mbps"
+            f"  dirty {ram['dirty-pages-rate'] * 4096 / 1e6:.0f} MB/s"
+            f"  expected downtime {st['expected-downtime']:.0f} ms")
+
+
+class Progress:
+    """One live line on a terminal (stderr), nothing when stderr is not a terminal."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled and sys.stderr.isatty()
+
+    def __call__(self, st: dict) -> None:
+        if self.enabled:
+            sys.stderr.write("\r\x1b[K" + progress_line(st))
+            sys.stderr.flush()
+
+    def done(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\n")
+
+
+def print_summary(summary: dict, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(summary, sort_keys=True))
+        return
+    ram = summary["ram"]
+    lines = [
+        f"status: {summary['status']}",
+        f"total-time: {summary['total-time']} ms",
+        f"setup-time: {summary['setup-time']} ms",
+        f"downtime: {summary.get('downtime', '-')} ms",
+        f"expected-downtime: {summary['expected-downtime']} ms",
+        f"verified: {summary.get('verified')}",
+    ]
+    for key in ("transferred", "remaining", "total", "duplicate", "normal", "normal-bytes",
+                "mbps", "dirty-pages-rate", "dirty-sync-count"):
+        lines.append(f"ram.{key}: {ram[key]}")
+    for stage, figs in summary.get("stages", {}).items():
+        lines.append(f"{stage}: " + ", ".join(f"{k} {v}" for k, v in figs.items()))
+    if summary.get("error-desc"):
+        lines.append(f"error: {summary['error-desc']}")
+    print("\n".join(lines))
+
+
+def exit_code(summary: dict) -> int:
+    return 0 if summary["status"] == "completed" else 1

@@ -1,0 +1,56 @@
+"""``rdma-pipeline migrate rdma:HOST:PORT``: start a synthetic guest here and migrate it."""
+
+from __future__ import annotations
+
+import sys
+
+from pipeline.cmd_common import (
+    Progress,
+    add_guest_options,
+    add_migration_options,
+    build_config,
+    exit_code,
+    guest_state,
+    print_summary,
+)
+
+
+def add_arguments(p) -> None:
+    p.add_argument("uri", help="the destination, rdma:HOST:PORT")
+    add_guest_options(p)
+    add_migration_options(p, source=True)
+
+
+def main(args) -> int:
+    from pipeline.api import _uri, start_outgoing
+    from pipeline.config import parse_size
+    from pipeline.guest.synthetic import SyntheticGuest
+    from shm.naming import new_run_id
+
+    try:
+        uri = _uri(args.uri)
+        config = build_config(args)
+        state = guest_state(args)
+        ram = parse_size(args.ram)
+    except ValueError as exc:
+        print(f"rdma-pipeline migrate: {exc}", file=sys.stderr)
+        return 2
+    run_id = new_run_id()
+    progress = Progress(True)
+    with SyntheticGuest(ram, run_id=run_id, state=state, fill=args.fill,
+                        chunk_size=config.chunk_size) as guest:
+        guest.start()
+        mig = start_outgoing(uri, guest, config, run_id=run_id)
+        try:
+            while not mig.done:
+                progress(mig.stats())
+                mig._done.wait(0.2)
+        except KeyboardInterrupt:
+            mig.cancel()
+        summary = mig.wait()
+    progress.done()
+    print_summary(summary, args.json)
+    if summary["status"] != "completed" and not args.json:
+        print(f"rdma-pipeline migrate: migration {summary['status']}: "
+              f"{summary.get('error-desc', '')}", file=sys.stderr)
+    return exit_code(summary)

@@ -1,0 +1,43 @@
+"""``rdma-pipeline run``: a whole live migration on this machine (guest, source, destination)."""
+
+from __future__ import annotations
+
+import sys
+
+from pipeline.cmd_common import (
+    Progress,
+    add_guest_options,
+    add_migration_options,
+    build_config,
+    exit_code,
+    guest_state,
+    print_summary,
+)
+
+
+def add_arguments(p) -> None:
+    add_guest_options(p)
+    add_migration_options(p, source=True)
+
+
+def main(args) -> int:
+    from pipeline.api import run_local
+    from pipeline.config import parse_size
+
+    try:
+        config = build_config(args)
+        state = guest_state(args)
+        ram = parse_size(args.ram)
+        if ram <= 0 or ram % 4096:
+            raise ValueError(f"--ram {args.ram}: must be a positive multiple of 4K")
+    except ValueError as exc:
+        print(f"rdma-pipeline run: {exc}", file=sys.stderr)
+        return 2
+    progress = Progress(True)
+    summary = run_local(ram, config, state=state, fill=args.fill, on_progress=progress)
+    progress.done()
+    print_summary(summary, args.json)
+    if summary["status"] != "completed" and not args.json:
+        print(f"rdma-pipeline run: migration {summary['status']}: "
+              f"{summary.get('error-desc', '')}", file=sys.stderr)
+    return exit_code(summary)
