@@ -122,6 +122,7 @@ def start_outgoing(uri: str | URI, guest: SyntheticGuest, config: MigrationConfi
     stats = MigrationStats()
     src = SourceMigration(target, config, guest, run_id=run_id or new_run_id(), stats=stats,
                           on_state=mig._emit, cancel=mig.cancel_event)
+    mig.source = src
     return mig._start(src.run, stats)
 
 
@@ -153,7 +154,7 @@ class LocalRun:
     def __init__(self, ram: int, config: MigrationConfig, *, state: GuestState,
                  fill: float = 0.5, host: str = "127.0.0.1",
                  dest_blocks: list[tuple[str, int]] | None = None,
-                 corrupt: tuple[int, int] | None = None) -> None:
+                 corrupt: tuple[int, int] | None = None, fault: dict | None = None) -> None:
         from shm.naming import new_run_id
 
         if ram <= 0 or ram % 4096:
@@ -165,6 +166,7 @@ class LocalRun:
         self.fill = fill
         self.dest_blocks = dest_blocks
         self.corrupt = corrupt
+        self.fault = fault
         self.ram = ram
         self.guest: SyntheticGuest | None = None
         self.dest = None
@@ -182,7 +184,8 @@ class LocalRun:
         cfg["trace_control"] = None
         self.dest = StageProcess("destination", "pipeline.incoming:incoming_main", {
             "config": cfg, "host": self.host, "port": free_port(self.host),
-            "run_id": self.run_id, "blocks": self.dest_blocks, "corrupt": self.corrupt},
+            "run_id": self.run_id, "blocks": self.dest_blocks, "corrupt": self.corrupt,
+            "fault": self.fault},
             daemon=False)    # it starts the resumed guest as its own child
         self.dest.start()
         self.guest.process.wait_ready(60.0)

@@ -16,7 +16,8 @@ PAGE_SIZE = 4096
 MIB = 1 << 20
 
 CAPABILITIES = ("rdma-pin-all",)
-PARAMETERS = ("downtime-limit", "max-bandwidth", "x-max-rounds", "x-keep-going", "x-pin-budget")
+PARAMETERS = ("downtime-limit", "max-bandwidth", "x-max-rounds", "x-keep-going", "x-pin-budget",
+              "x-memlock-limit")
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kKmMgGtT]?)(i?[bB])?\s*$")
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
@@ -62,6 +63,7 @@ class MigrationConfig:
     transport: str = "soft"
     trace_control: str | None = None      # path of a JSON-lines control trace
     stage_timeout: float = 10.0           # seconds a stage may take to start or to stop
+    memlock_limit: int = 0                # x-memlock-limit: act as if ulimit -l were this
     extras: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -102,6 +104,8 @@ class MigrationConfig:
                     changes["keep_going"] = _parse_bool(name, value)
                 elif name == "x-pin-budget":
                     changes["pin_budget"] = parse_size(value)
+                elif name == "x-memlock-limit":
+                    changes["memlock_limit"] = parse_size(value)
                 else:
                     raise ValueError(
                         f"unknown parameter {name!r} (known: {', '.join(PARAMETERS)})")

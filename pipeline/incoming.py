@@ -64,7 +64,8 @@ class IncomingMigration:
                  on_state: Callable[[str, str], None] | None = None,
                  on_listening: Callable[[int], None] | None = None,
                  cancel: threading.Event | None = None, keep_guest: bool = False,
-                 corrupt: tuple[int, int] | None = None, accept_timeout: float = 60.0) -> None:
+                 corrupt: tuple[int, int] | None = None, accept_timeout: float = 60.0,
+                 fault: dict | None = None) -> None:
         self.uri = uri
         self.config = config
         self.run_id = run_id
@@ -74,6 +75,8 @@ class IncomingMigration:
         self.cancel = cancel or threading.Event()
         self.keep_guest = keep_guest
         self.corrupt = corrupt
+        self.fault = fault or {}        # test hook: {"kind": "disconnect"|"malformed",
+        #                                   "window": n}: misbehave at registration window n
         self.accept_timeout = accept_timeout
         self.stats = MigrationStats()
         self.region = None
@@ -260,6 +263,14 @@ class IncomingMigration:
         self.guest.start()
 
     def _registration_loop(self) -> None:
+        if self.fault.get("window") == self.link.channel.windows:
+            if self.fault["kind"] == "disconnect":
+                self.link.qp.disconnect()          # the connection is cut
+            elif self.fault["kind"] == "malformed":
+                self.link.post_recvs()
+                self.link.transmit(b"\x00\x00\x00\x05\x00\x00\x00\x02bad")  # READY, len 5
+            self.cancel.wait(30.0)
+            raise MigrationError(f"test fault {self.fault['kind']} injected")
         while True:
             msg = self.link.grant_and_receive()
             if isinstance(msg, RegisterFinishedMessage):
@@ -421,9 +432,11 @@ def incoming_main(config: dict, link) -> int:
 
     threading.Thread(target=listen_parent, daemon=True).start()
     corrupt = tuple(config["corrupt"]) if config.get("corrupt") else None
+    fault = config.get("fault")
     uri = URI("rdma", config["host"], int(config["port"]))
     mig = IncomingMigration(uri, cfg, run_id=config["run_id"],
                             blocks=config.get("blocks"), cancel=cancel, corrupt=corrupt,
+                            fault=fault,
                             on_listening=lambda port: link.ready(port=port),
                             on_state=lambda s, r: link.send("state", s, r))
     try:

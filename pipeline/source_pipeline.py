@@ -67,7 +67,8 @@ class SourcePipeline:
             "commands": n["commands"], "runs": n["runs"], "syncs": n["syncs"]})
         self.registrar = StageProcess("registrar", "stages.registrar:registrar_main", {
             "region": region, "transport": config.transport, "pin_all": config.pin_all,
-            "pin_budget": config.pin_budget, "runs": n["runs"], "answers": n["answers"],
+            "pin_budget": config.pin_budget, "memlock_limit": config.memlock_limit,
+            "runs": n["runs"], "answers": n["answers"],
             "completions": n["completions"], "writes": n["writes"],
             "requests": n["requests"]})
         self.poster = StageProcess("poster", "stages.poster:poster_main", {
@@ -177,8 +178,13 @@ class SourcePipeline:
                     fig = msg[1]
                     if key == "registrar":
                         out["registrar_busy_s"] = fig["busy_ns"] / 1e9
+                        out["chunks_registered"] = fig["chunks_registered"]
+                        out["chunks_unregistered"] = fig["chunks_unregistered"]
+                        out["compress_sent"] = fig["compress_sent"]
                     else:
                         out["poster_busy_s"] = fig["busy_ns"] / 1e9
+                        out["writes_posted"] = fig["writes_posted"]
+                        out["bytes_written"] = fig["bytes_posted"]
         return out
 
     def close(self) -> None:

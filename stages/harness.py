@@ -328,3 +328,30 @@ class Inbox:
             except OSError:
                 pass
         self._r = self._w = -1
+
+
+def limit_memlock(limit: int) -> None:
+    """Make this process meet RLIMIT_MEMLOCK = ``limit`` bytes, as an unprivileged one would:
+    set the limit and drop CAP_IPC_LOCK (which lets root pin past it). For ``x-memlock-limit``,
+    which stands in for a host whose ``ulimit -l`` is too low."""
+    import ctypes
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_MEMLOCK, (limit, limit))
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    class Header(ctypes.Structure):
+        _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+    class Data(ctypes.Structure):
+        _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
+                    ("inheritable", ctypes.c_uint32)]
+
+    hdr = Header(0x20080522, 0)          # _LINUX_CAPABILITY_VERSION_3
+    data = (Data * 2)()
+    if libc.capget(ctypes.byref(hdr), data) != 0:
+        return
+    cap_ipc_lock = 1 << 14
+    for field in ("effective", "permitted", "inheritable"):
+        setattr(data[0], field, getattr(data[0], field) & ~cap_ipc_lock)
+    libc.capset(ctypes.byref(hdr), data)

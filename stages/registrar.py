@@ -350,6 +350,10 @@ def registrar_main(config: dict, link) -> int:
     from stages.verbs import open_provider
     from stages.verbs.base import Access
 
+    if config.get("memlock_limit"):
+        from stages.harness import limit_memlock
+
+        limit_memlock(config["memlock_limit"])
     with ExitStack() as stack:
         region = stack.enter_context(RamRegion.attach(config["region"]))
         ring = lambda key, dtype, role: stack.enter_context(  # noqa: E731

@@ -1,0 +1,99 @@
+"""Whole migrations on the soft provider: guest, source stages, destination process."""
+
+import json
+
+import pytest
+
+from pipeline.api import LocalRun
+from pipeline.config import MigrationConfig
+from pipeline.guest.synthetic import GuestState
+from pipeline.protocol.codec import decode
+from pipeline.protocol.messages import MessageType, QemuFileMessage
+from pipeline.protocol.records import HOOK_RECORD
+
+pytestmark = pytest.mark.slow
+MIB = 1 << 20
+
+
+def migrate(ram=32 * MIB, config=None, state=None, **kw):
+    with LocalRun(ram, config or MigrationConfig(), state=state or GuestState(), **kw) as lr:
+        lr.start()
+        summary = lr.finish()
+        running = lr.guest_running()
+    return summary, running
+
+
+def assert_completed(summary):
+    assert summary["status"] == "completed", summary.get("error-desc")
+    assert summary["verified"] is True
+    assert summary["destination"]["status"] == "completed"
+    assert summary["ram"]["remaining"] == 0
+    assert summary["downtime"] > 0
+
+
+def test_idle_guest():
+    summary, _ = migrate(state=GuestState(dirty_rate=0))
+    assert_completed(summary)
+    ram = summary["ram"]
+    assert ram["total"] == 32 * MIB + 256 * 1024          # two RAM blocks
+    assert ram["normal"] + ram["duplicate"] >= ram["total"] // 4096
+    assert summary["stages"]["scanner"]["pages-scanned"] >= ram["total"] // 4096
+
+
+def test_busy_guest_converges_within_downtime_limit():
+    cfg = MigrationConfig().with_options([], ["downtime-limit=300"])
+    summary, running = migrate(64 * MIB, cfg, GuestState(dirty_rate=30 * MIB, seed=7))
+    assert_completed(summary)
+    assert summary["ram"]["dirty-sync-count"] >= 1
+    assert summary["expected-downtime"] <= 300
+    assert summary["ram"]["transferred"] > 64 * MIB          # re-sent dirtied pages
+    assert not running                                      # source guest stays paused
+
+
+@pytest.mark.parametrize("chunk", [1 * MIB, 4 * MIB])
+@pytest.mark.parametrize("pin_all", [False, True])
+def test_chunk_sizes_and_pin_all(chunk, pin_all, tmp_path):
+    trace = tmp_path / "trace.jsonl"
+    cfg = MigrationConfig(chunk_size=chunk, trace_control=str(trace)).with_options(
+        [f"rdma-pin-all={'on' if pin_all else 'off'}"], [])
+    summary, _ = migrate(32 * MIB, cfg, GuestState(dirty_rate=5 * MIB, zero_share=0.3))
+    assert_completed(summary)
+    types = [decode(bytes.fromhex(json.loads(line)["hex"])).TYPE
+             for line in trace.read_text().splitlines()]
+    regs = types.count(MessageType.REGISTER_REQUEST)
+    if pin_all:
+        assert regs == 0 and MessageType.COMPRESS not in types
+        assert summary["stages"]["registrar"]["chunks-registered"] == 2   # one MR per block
+    else:
+        assert regs >= 1
+
+
+def test_control_trace_decodes_and_windows_are_closed(tmp_path):
+    trace = tmp_path / "trace.jsonl"
+    cfg = MigrationConfig(trace_control=str(trace))
+    summary, _ = migrate(32 * MIB, cfg, GuestState(dirty_rate=10 * MIB))
+    assert_completed(summary)
+    lines = [json.loads(line) for line in trace.read_text().splitlines()]
+    assert {x["dir"] for x in lines} == {"send", "recv"}
+    assert all(a["t"] <= b["t"] for a, b in zip(lines, lines[1:], strict=False))
+    sent = [decode(bytes.fromhex(x["hex"])) for x in lines if x["dir"] == "send"]
+    in_window, windows = False, 0
+    for msg in sent:
+        if in_window:
+            assert msg.TYPE is not MessageType.QEMU_FILE, "QEMU FILE inside a window"
+            if msg.TYPE is MessageType.REGISTER_FINISHED:
+                in_window = False
+        elif isinstance(msg, QemuFileMessage) and msg.data.endswith(HOOK_RECORD):
+            in_window, windows = True, windows + 1
+        else:
+            assert msg.TYPE is MessageType.QEMU_FILE
+    assert not in_window and windows == summary["round"] + 1   # SETUP + every round
+
+
+def test_corrupted_destination_page_fails_verification():
+    summary, running = migrate(state=GuestState(dirty_rate=2 * MIB), corrupt=(1, 3))
+    assert summary["status"] == "failed"
+    assert summary["verified"] is False
+    assert "verification failed" in summary["destination"]["error-desc"]
+    assert "vga.vram chunk 0" in summary["destination"]["error-desc"]
+    assert running                                          # the source guest runs on
