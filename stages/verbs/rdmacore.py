@@ -42,6 +42,7 @@ from stages.verbs.base import (
     check_private_data,
     closed_error,
 )
+from stages.verbs.soft.memory import pin_error
 
 PROVIDER = "verbs"
 HINT = "use --transport soft (userspace verbs over TCP) on machines without RDMA"
@@ -276,8 +277,13 @@ class VerbsPD(base.PD):
 
     def reg_mr(self, address: int, length: int, access: Access) -> VerbsMR:
         v = self.context.v
-        with _errors(f"cannot register {length} bytes"):
-            mr = v.mr.MR(self.pd, length, int(access), address=address)
+        try:
+            with _errors(f"cannot register {length} bytes"):
+                mr = v.mr.MR(self.pd, length, int(access), address=address)
+        except TransportError as exc:
+            if exc.errno in (errno.ENOMEM, errno.EPERM, errno.EAGAIN):
+                raise pin_error(length, exc.errno) from None  # names RLIMIT_MEMLOCK if so
+            raise
         child = VerbsMR(self, mr, address, length, Access(access), imported=False)
         self._children.append(child)
         return child
@@ -503,3 +509,35 @@ def active_ports(v, ctx) -> list[int]:
         count = ctx.query_device().phys_port_cnt
         return [port for port in range(1, count + 1)
                 if ctx.query_port(port).state == v.e.IBV_PORT_ACTIVE]
+
+
+def probe() -> str | None:
+    """None when pyverbs sees a device with an ACTIVE port; otherwise why not, in one line.
+
+    Tests skip on this (pyverbs missing, the ``get_device_list`` error of kernels without
+    InfiniBand, no device, no ACTIVE port); the CLI can print it.
+    """
+    try:
+        v = load()
+    except TransportUnsupported as exc:
+        return str(exc)
+    try:
+        devices = v.device.get_device_list()
+    except v.RDMAError as exc:
+        return no_device_message(exc)
+    if not devices:
+        return "no RDMA device: libibverbs lists none"
+    for device in devices:
+        name = device.name.decode() if isinstance(device.name, bytes) else device.name
+        try:
+            ctx = v.device.Context(name=name)
+        except v.Error:
+            continue
+        try:
+            if active_ports(v, ctx):
+                return None
+        except TransportError:
+            continue
+        finally:
+            ctx.close()
+    return "no RDMA device has an ACTIVE port"

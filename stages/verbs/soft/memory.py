@@ -58,7 +58,8 @@ def _locked_bytes() -> int:
     return 0
 
 
-def _pin_error(length: int, err: int) -> TransportError:
+def pin_error(length: int, err: int) -> TransportError:
+    """The error for a failed pin of ``length`` bytes, naming RLIMIT_MEMLOCK when it is why."""
     soft, _hard = resource.getrlimit(resource.RLIMIT_MEMLOCK)
     locked = _locked_bytes()
     if err in (errno.ENOMEM, errno.EPERM) and soft != resource.RLIM_INFINITY \
@@ -94,7 +95,7 @@ class PinSet:
         start, end = self._pages(address, length)
         with self._lock:
             if _libc.mlock(start, end - start) != 0:
-                raise _pin_error(end - start, ctypes.get_errno())
+                raise pin_error(end - start, ctypes.get_errno())
             self._ranges.append((start, end))
 
     def unpin(self, address: int, length: int) -> None:

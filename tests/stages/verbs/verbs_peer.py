@@ -1,0 +1,141 @@
+"""A verbs peer in another process, driven by commands over a pipe (for the conformance suite).
+
+The peer opens the provider, registers ``size`` bytes of its own memory (or imports a PD and
+an MR exported by a third process), creates a QP and answers commands. Nothing here is clever:
+each command is one verbs call or one read of memory, so a test reads as a sequence of steps.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import time
+
+import numpy as np
+
+from stages.verbs import Access, SendOpcode, open_provider
+
+SPAWN = multiprocessing.get_context("spawn")
+
+
+def _serve(conn, provider: str, size: int, access: int, max_send_wr: int, max_recv_wr: int,
+           rnr_retry: int, pd_handle, mr_handle) -> None:
+    ctx = open_provider(provider).open_device()
+    try:
+        if pd_handle is not None:
+            pd = ctx.import_pd(pd_handle)
+            mr = pd.import_mr(mr_handle)
+            memory = None
+            lkey, base = mr.lkey, mr.addr  # SGEs use the exporter's address space
+        else:
+            memory = np.zeros(size, np.uint8)
+            pd = ctx.alloc_pd()
+            mr = pd.reg_mr(memory.ctypes.data, size, Access(access))
+            lkey, base = mr.lkey, mr.addr
+        cq = ctx.create_cq(1024)
+        qp = pd.create_qp(cq, cq, max_send_wr=max_send_wr, max_recv_wr=max_recv_wr,
+                          rnr_retry=rnr_retry)
+        conn.send({"pid": os.getpid(), "addr": base, "rkey": mr.rkey, "length": mr.length})
+        listener = None
+        while True:
+            cmd, *args = conn.recv()
+            if cmd == "exit":
+                break
+            if cmd == "listen":
+                host, port = args
+                listener = ctx.listen(host, port)
+                conn.send(listener.port)
+            elif cmd == "accept":
+                request = listener.get_request(10)
+                request.accept(qp, args[0])
+                conn.send(request.private_data)
+            elif cmd == "connect":
+                host, port, data = args
+                conn.send(ctx.connect(qp, host, port, data, 10))
+            elif cmd == "read":
+                offset, n = args
+                conn.send(memory[offset:offset + n].tobytes())
+            elif cmd == "fill":
+                offset, data = args
+                memory[offset:offset + len(data)] = np.frombuffer(data, np.uint8)
+                conn.send(None)
+            elif cmd == "post_recv":
+                wr_id, offset, n = args
+                qp.post_recv(wr_id, base + offset, n, lkey)
+                conn.send(None)
+            elif cmd == "write":
+                wr_id, offset, n, remote_addr, rkey = args
+                qp.post_send(wr_id, SendOpcode.RDMA_WRITE, base + offset, n, lkey,
+                             remote_addr=remote_addr, rkey=rkey)
+                conn.send(None)
+            elif cmd == "poll":
+                want, timeout = args
+                got, deadline = [], time.monotonic() + timeout
+                while len(got) < want and cq.wait(max(0.0, deadline - time.monotonic())):
+                    got += cq.poll(want - len(got))
+                conn.send([(wc.wr_id, int(wc.status), int(wc.opcode), wc.byte_len)
+                           for wc in got])
+            elif cmd == "state":
+                conn.send(int(qp.state))
+            else:
+                raise ValueError(cmd)
+    finally:
+        ctx.close()
+    conn.send("bye")
+
+
+class Peer:
+    """The other process; ``call`` sends a command and returns its answer."""
+
+    def __init__(self, provider: str, *, size: int = 1 << 20,
+                 access: Access = Access.LOCAL_WRITE | Access.REMOTE_WRITE,
+                 max_send_wr: int = 64, max_recv_wr: int = 16, rnr_retry: int = 0,
+                 pd_handle=None, mr_handle=None) -> None:
+        self.conn, child = SPAWN.Pipe()
+        self.process = SPAWN.Process(
+            target=_serve, name="verbs-peer",
+            args=(child, provider, size, int(access), max_send_wr, max_recv_wr, rnr_retry,
+                  pd_handle, mr_handle))
+        self.process.start()
+        child.close()
+        self.info = self._answer(30.0)
+        self.pid = self.info["pid"]
+
+    def _answer(self, timeout: float):
+        if not self.conn.poll(timeout):
+            raise TimeoutError("the peer process did not answer")
+        return self.conn.recv()
+
+    def call(self, cmd: str, *args, timeout: float = 15.0):
+        self.conn.send((cmd, *args))
+        return self._answer(timeout)
+
+    def send(self, cmd: str, *args) -> None:
+        """Send a command whose answer is collected later with ``answer``."""
+        self.conn.send((cmd, *args))
+
+    def answer(self, timeout: float = 15.0):
+        return self._answer(timeout)
+
+    def kill(self) -> None:
+        os.kill(self.process.pid, signal.SIGKILL)
+
+    def close(self) -> None:
+        if self.process.is_alive():
+            try:
+                self.conn.send(("exit",))
+                self._answer(10.0)
+            except (OSError, EOFError, TimeoutError):
+                pass
+        self.process.join(10.0)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join()
+        self.conn.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
