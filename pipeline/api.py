@@ -235,9 +235,13 @@ class LocalRun:
         return b > a or self.state.dirty_rate == 0
 
     def close(self) -> None:
+        from stages.harness import sweep_pids
+
         if self.dest is not None:
+            pid = self.dest.pid
             self.dest.stop(5.0)
             self.dest.close()
+            sweep_pids([pid])      # what a killed destination could not remove itself
         if self.guest is not None:
             self.guest.close()
 

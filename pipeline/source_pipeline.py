@@ -19,7 +19,7 @@ from pipeline.config import MigrationConfig
 from pipeline.errors import StageFailed
 from shm.naming import segment_name
 from shm.ring import CONSUMER, PRODUCER, Ring
-from stages.harness import Inbox, StageProcess
+from stages.harness import Inbox, StageProcess, sweep_pids
 from stages.records import (
     ANSWER_DTYPE,
     CMD_STOP,
@@ -190,9 +190,11 @@ class SourcePipeline:
     def close(self) -> None:
         """Stop what still runs, close and unlink every ring (idempotent). The poster goes
         first: it holds imports of the registrar's MRs, which the registrar must deregister."""
+        pids = [st.pid for st in self.stages]
         for st in (self.poster, self.registrar, self.scanner):
             st.stop(0.5 if not self.finishing else 2.0)
             st.close()
+        sweep_pids(pids)
         stopped = True
         if self.inbox is not None:
             stopped = self.inbox.stop()

@@ -355,3 +355,13 @@ def limit_memlock(limit: int) -> None:
     for field in ("effective", "permitted", "inheritable"):
         setattr(data[0], field, getattr(data[0], field) & ~cap_ipc_lock)
     libc.capset(ctypes.byref(hdr), data)
+
+
+def sweep_pids(pids) -> list[str]:
+    """Unlink the shared-memory objects owned by ``pids`` once those processes are dead (a
+    stage killed before it could remove its own, e.g. the registrar's exported PD table)."""
+    from shm.naming import list_entries, remove_entry
+
+    pids = {p for p in pids if p}
+    return [e.path for e in list_entries()
+            if e.name.pid in pids and not e.owner_alive and remove_entry(e)]

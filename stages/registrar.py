@@ -369,6 +369,8 @@ def registrar_main(config: dict, link) -> int:
         reg = Registrar(blocks, region.chunk_size, pin_all=config["pin_all"],
                         reg_mr=lambda a, n: pd.reg_mr(a, n, Access.NONE),
                         pin_budget=config.get("pin_budget", 0))
+        if reg.pin_all:
+            reg.pin_blocks()      # before ready: a pin that fails (RLIMIT_MEMLOCK) fails setup
         link.ready(pd=pd.export(), path=region.segment.path)
 
         def flush(writes: np.ndarray, reqs: np.ndarray) -> None:
@@ -385,7 +387,6 @@ def registrar_main(config: dict, link) -> int:
                 requests_out.push(reqs)
 
         if reg.pin_all:
-            reg.pin_blocks()
             flush(records(WRITE_DTYPE, 0), records(REQUEST_DTYPE, 0))
         inbox = Inbox()
         stack.callback(inbox.close)     # threads end before the rings close

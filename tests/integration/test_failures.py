@@ -1,0 +1,114 @@
+"""Every way a migration can fail: it ends failed or cancelled with one line saying why, the
+source guest still running and dirtying, the destination not resumed, nothing left behind (the
+suite's leak fixture checks processes and /dev/shm after each test)."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from pipeline.api import LocalRun
+from pipeline.config import MigrationConfig
+from pipeline.guest.synthetic import GuestState
+
+pytestmark = pytest.mark.slow
+MIB = 1 << 20
+SLOW = MigrationConfig().with_options([], ["max-bandwidth=16M"])   # ~2 s for 32 MiB
+
+
+def run_until(action, *, config=SLOW, ram=32 * MIB, when=lambda st: st["status"] == "active",
+              **kw):
+    """Start a migration, call ``action(lr)`` once ``when(stats)`` holds, return the end."""
+    with LocalRun(ram, config, state=GuestState(dirty_rate=4 * MIB), **kw) as lr:
+        mig = lr.start()
+        deadline = time.monotonic() + 30
+        acted = False
+        while not mig.done and time.monotonic() < deadline:
+            if not acted and when(mig.stats()):
+                action(lr)
+                acted = True
+            time.sleep(0.02)
+        summary = lr.finish()
+        running = lr.guest_running()
+        dest_states = [s for s, _ in lr.dest_states]
+    assert "completed" not in dest_states, "the destination resumed"
+    assert summary["status"] in ("failed", "cancelled")
+    assert summary.get("error-desc") and "\n" not in summary["error-desc"]
+    assert running, "the source guest stopped dirtying memory"
+    return summary
+
+
+def test_destination_killed():
+    s = run_until(lambda lr: lr.dest.kill(),
+                  when=lambda st: st["ram"]["transferred"] > 4 * MIB)
+    assert s["status"] == "failed"
+
+
+@pytest.mark.parametrize("stage", ["scanner", "registrar", "poster"])
+def test_stage_killed(stage):
+    def kill(lr):
+        proc = getattr(lr.migration.source.pipeline, stage)
+        os.kill(proc.pid, signal.SIGKILL)
+
+    t0 = time.monotonic()
+    s = run_until(kill, when=lambda st: st["ram"]["transferred"] > 4 * MIB)
+    assert s["status"] == "failed"
+    assert stage in s["error-desc"] or "ring" in s["error-desc"]
+    assert time.monotonic() - t0 < 20
+
+
+def test_connection_cut():
+    s = run_until(lambda lr: None, fault={"kind": "disconnect", "window": 2})
+    assert s["status"] == "failed"
+
+
+def test_malformed_control_message():
+    s = run_until(lambda lr: None, fault={"kind": "malformed", "window": 2})
+    assert s["status"] == "failed"
+
+
+def test_ram_blocks_mismatch():
+    s = run_until(lambda lr: None, dest_blocks=[("pc.ram", 16 * MIB), ("vga.vram", 256 * 1024)])
+    assert "ram blocks mismatch" in s["error-desc"]
+
+
+def test_mlock_limit_too_low_for_pin_all():
+    cfg = MigrationConfig().with_options(["rdma-pin-all=on"], ["x-memlock-limit=4M"])
+    s = run_until(lambda lr: None, config=cfg)
+    assert "RLIMIT_MEMLOCK" in s["error-desc"]
+
+
+def test_cancel():
+    s = run_until(lambda lr: lr.migration.cancel(),
+                  when=lambda st: st["ram"]["transferred"] > 2 * MIB)
+    assert s["status"] == "cancelled"
+
+
+def test_ctrl_c_on_run_command():
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "run", "--ram", "64M",
+                             "--parameter", "max-bandwidth=8M", "--json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(2.5)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode != 0
+    assert '"status": "cancelled"' in out
+
+
+@pytest.mark.parametrize("argv", [
+    ["migrate", "rdma:nohost"],
+    ["migrate", "tcp:1.2.3.4:5"],
+    ["run", "--capability", "rdma-pin-all=perhaps"],
+    ["run", "--parameter", "downtime-limit=-5"],
+    ["run", "--chunk-size", "3M"],
+    ["run", "--ram", "1000"],
+    ["incoming", "rdma::4444", "--parameter", "bogus=1"],
+])
+def test_wrong_uri_or_option_refused_before_start(argv):
+    proc = subprocess.run([sys.executable, "-m", "pipeline", *argv], capture_output=True,
+                          text=True, timeout=30)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() and len(proc.stderr.strip().splitlines()) == 1
