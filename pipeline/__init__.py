@@ -17,3 +17,15 @@ from pipeline.errors import (  # noqa: F401
 )
 
 __version__ = "0.1.0"
+
+# The library API (pipeline.api), imported on first use so that `import pipeline` stays light.
+_API = ("Migration", "start_outgoing", "start_incoming", "run_local", "LocalRun",
+        "MigrationConfig", "SyntheticGuest", "GuestState")
+
+
+def __getattr__(name: str):
+    if name in _API:
+        from pipeline import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'pipeline' has no attribute {name!r}")
