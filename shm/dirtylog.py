@@ -75,6 +75,8 @@ class DirtyLog:
         self._thread: threading.Thread | None = None
         self._stop = False
         self._closed = False
+        self._pending = 0  # a request whose fetch timed out, not yet collected
+        self._carry: list[np.ndarray] | None = None  # bits taken, not yet handed out
 
     @property
     def name(self) -> str:
@@ -241,7 +243,8 @@ class DirtyLog:
     def fetch(self, timeout: float | None = None) -> list[np.ndarray]:
         """Take and clear the dirty bits of every block: one packed little-endian bitmap
         (uint8, padded to whole u64 words) per block. ``ShmTimeout`` if the writer does not
-        answer in ``timeout`` seconds, ``PeerGone`` if it died."""
+        answer in ``timeout`` seconds (no bit is lost: the next fetch returns it), ``PeerGone``
+        if it died."""
         self._check_open()
         hdr = self._hdr
         if not self._reader:
@@ -250,24 +253,43 @@ class DirtyLog:
                 raise ShmError(f"dirty log {self.name} already has a reader (pid {current})")
             hdr[_READER_PID] = self._pid
             self._reader = True
+        deadline = None if timeout is None else time.monotonic() + timeout
         if self._writer:  # writer and reader in one object: flip here, between marks
             with self._lock:
                 self._epoch ^= 1
                 hdr[_EPOCH] = self._epoch
-                return self._take(self._epoch ^ 1)
-        if hdr[_WRITER_STATE] == _DETACHED:
-            return self._take(0, 1)
-        if hdr[_WRITER_PID] == 0:  # no writer yet, so no mark yet; later ones land in epoch
+                self._take(self._epoch ^ 1)
+        elif hdr[_WRITER_STATE] == _DETACHED:
+            self._take(0, 1)
+            self._pending = 0
+        elif hdr[_WRITER_PID] != 0:  # (no writer yet means no mark yet: nothing to take)
+            self._check_writer()
+            served = True
+            if self._pending:
+                # An earlier fetch timed out and its flip may have happened since: take the
+                # bitmap it freed, then flip again for the marks made after that flip.
+                served = self._await(self._pending, deadline, timeout)
+                self._take(hdr[_EPOCH] ^ 1) if served else self._take(0, 1)
+                self._pending = 0
+            if served:
+                self._pending = hdr[_REQUEST] + 1
+                hdr[_REQUEST] = self._pending
+                if self._request.value < _TOKEN_CAP:
+                    self._request.release()
+                served = self._await(self._pending, deadline, timeout)
+                self._take(hdr[_EPOCH] ^ 1) if served else self._take(0, 1)
+                self._pending = 0
+        taken, self._carry = self._carry, None
+        if taken is None:
             return [np.zeros(8 * len(w[0]), np.uint8) for w in self._words]
-        self._check_writer()
-        request = hdr[_REQUEST] + 1
-        hdr[_REQUEST] = request
-        if self._request.value < _TOKEN_CAP:
-            self._request.release()
-        deadline = None if timeout is None else time.monotonic() + timeout
+        return [t.view(np.uint8) for t in taken]
+
+    def _await(self, request: int, deadline: float | None, timeout: float | None) -> bool:
+        """Wait until the writer served ``request`` (True) or detached (False)."""
+        hdr = self._hdr
         while hdr[_DONE] < request:
             if hdr[_WRITER_STATE] == _DETACHED:
-                return self._take(0, 1)
+                return False
             wait = POLL_INTERVAL
             if deadline is not None:
                 wait = min(wait, deadline - time.monotonic())
@@ -283,24 +305,22 @@ class DirtyLog:
                 self._check_writer()
             except posix_ipc.SignalError:
                 pass
-        return self._take(hdr[_EPOCH] ^ 1)
+        return True
 
     def _check_writer(self) -> None:
         pid = self._hdr[_WRITER_PID]
         if pid and self._hdr[_WRITER_STATE] == _OPEN and not pid_alive(pid):
             raise PeerGone(f"the writer of dirty log {self.name} (pid {pid}) died")
 
-    def _take(self, *epochs: int) -> list[np.ndarray]:
-        """Copy out and zero the bitmaps of ``epochs``, which the caller owns alone now."""
-        out = []
-        for words in self._words:
-            taken = words[epochs[0]].copy()
-            words[epochs[0]].fill(0)
-            for e in epochs[1:]:
-                taken |= words[e]
+    def _take(self, *epochs: int) -> None:
+        """Move the bits of bitmaps ``epochs`` (the caller owns them alone now) into the
+        carry that the fetch hands out, and zero those bitmaps."""
+        carry = self._carry or [np.zeros(len(w[0]), "<u8") for w in self._words]
+        for acc, words in zip(carry, self._words, strict=True):
+            for e in epochs:
+                acc |= words[e]
                 words[e].fill(0)
-            out.append(taken.view(np.uint8))
-        return out
+        self._carry = carry
 
     # -- lifetime ----------------------------------------------------------------------------
 

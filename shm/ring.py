@@ -85,7 +85,9 @@ class Ring:
         self.capacity = segment.geometry[0]
         self._items, self._spaces = items, spaces
         self._hdr = memoryview(segment.payload[:_DESCR_OFFSET]).cast("Q")
-        self._records = segment.ndarray(dtype, _RECORDS_OFFSET, self.capacity)
+        # Records move as raw bytes (a void dtype copies with memcpy, padding included).
+        self._void = np.dtype((np.void, dtype.itemsize))
+        self._records = segment.ndarray(self._void, _RECORDS_OFFSET, self.capacity)
         self._role: str | None = None
         self._pid = os.getpid()
         self._closed = False
@@ -223,7 +225,7 @@ class Ring:
         records = np.asarray(records)
         if records.dtype != self.dtype:
             raise TypeError(f"ring {self.name} carries {self.dtype}, not {records.dtype}")
-        records = records.reshape(-1)
+        records = np.ascontiguousarray(records.reshape(-1)).view(self._void)
         if self._hdr[_PRODUCER_STATE] != OPEN:
             raise ValueError(f"push after close_write on ring {self.name}")
         hdr, ring, cap = self._hdr, self._records, self.capacity
@@ -279,7 +281,7 @@ class Ring:
             out = np.concatenate((ring[start:], ring[:n - first]))
         hdr[_TAIL] = tail + n  # release the slots only after copying them out
         self._post(self._spaces)
-        return out
+        return out.view(self.dtype)
 
     def close_write(self) -> None:
         """End the stream: the consumer drains what is left, then pops empty arrays."""
