@@ -16,7 +16,9 @@ from pipeline import __version__
 from pipeline.errors import MigrationError
 
 # name -> (module, one-line help)
-COMMANDS: dict[str, tuple[str, str]] = {}
+COMMANDS: dict[str, tuple[str, str]] = {
+    "cleanup": ("pipeline.cleanup_cmd", "remove shared memory left by killed runs"),
+}
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
