@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import mmap
 import os
 import struct
 import threading
@@ -25,6 +24,7 @@ import numpy as np
 
 from pipeline.errors import TransportError
 from shm.naming import SHM_DIR, new_run_id, segment_name
+from stages.verbs.soft.memory import FileMapping, view
 
 MAGIC = b"RDPVPD01"
 HEADER = struct.Struct("<8sIII")  # magic, layout version, capacity, owner pid
@@ -59,9 +59,11 @@ class PDTable:
         self._fd = fd
         self._mutex = threading.Lock()
         self._holds: dict[int, int] = {}
-        self._map = mmap.mmap(fd, ENTRIES + CAPACITY * ENTRY.itemsize)
-        self._entries = np.frombuffer(self._map, ENTRY, CAPACITY, ENTRIES)
-        self.owner_pid = HEADER.unpack_from(self._map)[3]
+        # A raw mapping (not mmap.mmap): numpy views of it can never block the unmap in close().
+        self._map = FileMapping(SHM_DIR + name, 0, ENTRIES + CAPACITY * ENTRY.itemsize)
+        raw = view(self._map.address, ENTRIES + CAPACITY * ENTRY.itemsize)
+        self._entries = np.frombuffer(raw, ENTRY, CAPACITY, ENTRIES)
+        self.owner_pid = HEADER.unpack_from(raw)[3]
 
     @classmethod
     def create(cls) -> PDTable:
@@ -93,9 +95,14 @@ class PDTable:
     def _entry_range(self, slot: int) -> tuple[int, int]:
         return ENTRIES + slot * ENTRY.itemsize, ENTRY.itemsize
 
+    def _check(self) -> None:
+        if self._fd < 0:
+            raise TransportError(f"PD table {self.name} is closed", errno=errno.EBADF)
+
     def add(self, lkey: int, rkey: int, access: int, addr: int, length: int) -> int:
         """Record a live MR; returns its slot."""
         with self._mutex:
+            self._check()
             _lock(self._fd, fcntl.F_WRLCK, 0, 1, wait=True)
             try:
                 free = np.flatnonzero(self._entries["state"] == FREE)
@@ -116,6 +123,7 @@ class PDTable:
         """Free a slot, unless some process holds an import of it (TransportError EBUSY)."""
         start, length = self._entry_range(slot)
         with self._mutex:
+            self._check()
             if not _lock(self._fd, fcntl.F_WRLCK, start, length, wait=False):
                 raise TransportError(
                     "cannot deregister the MR: another process still holds an import of it",
@@ -129,6 +137,7 @@ class PDTable:
             raise TransportError(f"MR slot {slot} out of range", errno=errno.EINVAL)
         start, size = self._entry_range(slot)
         with self._mutex:
+            self._check()
             if self._holds.get(slot, 0) == 0:
                 _lock(self._fd, fcntl.F_RDLCK, start, size, wait=True)
             entry = self._entries[slot]
@@ -142,6 +151,8 @@ class PDTable:
     def release(self, slot: int) -> None:
         """Drop one hold taken by ``hold``."""
         with self._mutex:
+            if self._fd < 0:
+                return  # closing the file already dropped every hold
             left = self._holds.get(slot, 0) - 1
             if left > 0:
                 self._holds[slot] = left
@@ -155,7 +166,7 @@ class PDTable:
         with self._mutex:
             if self._fd < 0:
                 return
-            del self._entries
+            self._entries = None
             self._map.close()
             os.close(self._fd)  # drops every lock of this file description
             self._fd = -1

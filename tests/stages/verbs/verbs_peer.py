@@ -139,3 +139,60 @@ class Peer:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def drop_ipc_lock() -> None:
+    """Drop CAP_IPC_LOCK from this process (root ignores RLIMIT_MEMLOCK while it has it)."""
+    import ctypes
+
+    class Header(ctypes.Structure):
+        _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+    class Data(ctypes.Structure):
+        _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
+                    ("inheritable", ctypes.c_uint32)]
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    header, data = Header(0x20080522, 0), (Data * 2)()  # _LINUX_CAPABILITY_VERSION_3
+    if libc.capget(ctypes.byref(header), data) != 0:
+        raise OSError(ctypes.get_errno(), "capget")
+    bit = 1 << 14  # CAP_IPC_LOCK
+    libc.prctl(24, 14, 0, 0, 0)  # PR_CAPBSET_DROP, so nothing can bring it back
+    data[0].effective &= ~bit
+    data[0].permitted &= ~bit
+    data[0].inheritable &= ~bit
+    if libc.capset(ctypes.byref(header), data) != 0:
+        raise OSError(ctypes.get_errno(), "capset")
+
+
+def register_over_limit(conn, provider: str, limit: int, size: int) -> None:
+    """Child: lower RLIMIT_MEMLOCK to ``limit``, drop CAP_IPC_LOCK, register ``size`` bytes."""
+    import resource
+
+    from pipeline.errors import TransportError
+
+    drop_ipc_lock()
+    resource.setrlimit(resource.RLIMIT_MEMLOCK, (limit, limit))
+    with open("/proc/self/status") as f:
+        cap_eff = int(next(line for line in f if line.startswith("CapEff:")).split()[1], 16)
+    memory = np.ones(size, np.uint8)
+    result = {"cap_ipc_lock": bool(cap_eff & (1 << 14))}
+    with open_provider(provider).open_device() as ctx:
+        pd = ctx.alloc_pd()
+        try:
+            small = pd.reg_mr(memory.ctypes.data, limit // 2, Access.LOCAL_WRITE)
+            small.close()
+            pd.reg_mr(memory.ctypes.data, size, Access.LOCAL_WRITE)
+            result["error"] = None
+        except TransportError as exc:
+            result["error"], result["errno"] = str(exc), exc.errno
+    conn.send(result)
+
+
+def import_and_die(conn, pd_handle, mr_handle) -> None:
+    """Child: import an MR, report, then wait to be killed (its hold must die with it)."""
+    ctx = open_provider(pd_handle.provider).open_device()
+    pd = ctx.import_pd(pd_handle)
+    pd.import_mr(mr_handle)
+    conn.send("imported")
+    conn.recv()  # never answered: the parent kills us
