@@ -51,6 +51,7 @@ from pipeline.protocol.parser import NEED_DATA
 from pipeline.protocol.records import DeviceState, Eof, Hook, MemSize
 from pipeline.protocol.stream import StreamReader
 from pipeline.stats import MigrationStats
+from stages.scanner import nonzero_pages
 from stages.verbs.base import Access
 
 RW = Access.LOCAL_WRITE | Access.REMOTE_WRITE
@@ -334,7 +335,8 @@ class IncomingMigration:
             raise RemoteProtocolError(f"COMPRESS range {c.offset:#x}+{c.length:#x} is outside "
                                       f"block {blk.idstr} or not page-aligned")
         pages = blk.view[start:start + c.length].view(np.uint64).reshape(-1, 512)
-        nonzero = pages.any(axis=1)       # reads only; pages never touched stay unfaulted
+        # Only pages in memory can hold data; reading the others would allocate them.
+        nonzero = nonzero_pages(pages, np.arange(len(pages)))
         if nonzero.any():
             pages[nonzero] = 0
 

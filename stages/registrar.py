@@ -81,6 +81,7 @@ class Registrar:
         self.remote_base = np.zeros(len(blocks), np.uint64)
         self.mrs: dict[tuple[int, int], object] = {}
         self.new_mrs: list = []        # registered since the shell last looked (to export)
+        self.to_register: list[tuple[int, int]] = []   # requested, not registered locally yet
         self.releasing: dict[int, object] = {}   # lkey -> MR waiting for the poster's release
         self.to_release: list = []     # MRs the shell must ask the poster to release
         self.parked: list[np.ndarray] = []
@@ -120,6 +121,7 @@ class Registrar:
 
     def on_answers(self, answers: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Handle REGISTER answers (and pin-all block keys); returns (writes, requests)."""
+        self.register_pending()
         t0 = time.perf_counter_ns()
         for a in answers:
             b, c = int(a["block"]), int(a["chunk"])
@@ -199,12 +201,19 @@ class Registrar:
         compress = (rest["zero"] != 0) & (state == NONE)
         if compress.any():
             z = rest[compress]
-            reqs.append(records(REQUEST_DTYPE, int(compress.sum()), op=REQ_COMPRESS,
-                                round=z["round"], block=z["block"],
-                                chunk=self._chunks(z), offset=z["first_page"] * PAGE,
-                                length=z["n_pages"].astype(np.uint64) * PAGE,
-                                pages=z["n_pages"]))
-            self.compress_sent += int(compress.sum())
+            # Adjacent zero runs merge into one COMPRESS even across chunk boundaries: none of
+            # those chunks is registered, and the destination zero-fills any range of a block.
+            first = z["first_page"].astype(np.int64)
+            n = z["n_pages"].astype(np.int64)
+            joins = (z["block"][1:] == z["block"][:-1]) & (first[1:] == first[:-1] + n[:-1])
+            starts = np.flatnonzero(np.concatenate([[True], ~joins]))
+            pages = np.add.reduceat(n, starts)
+            zs = z[starts]
+            reqs.append(records(REQUEST_DTYPE, len(zs), op=REQ_COMPRESS,
+                                round=zs["round"], block=zs["block"],
+                                chunk=self._chunks(zs), offset=zs["first_page"] * PAGE,
+                                length=pages.astype(np.uint64) * PAGE, pages=pages))
+            self.compress_sent += len(zs)
             for r in np.unique(z["round"]):
                 self.round_compressed[int(r)] = self.round_compressed.get(int(r), 0) + int(
                     z["n_pages"][z["round"] == r].sum())
@@ -219,13 +228,8 @@ class Registrar:
         new = [(b, c) for b, c in new if self.state[b][c] == NONE]
         reqs.append(self._evict(len(new), int(park["round"][0])))
         for b, c in new:
-            start = c * self.chunk_size
-            length = min(self.chunk_size, self.blocks[b].length - start)
-            mr = self._reg_mr(self.blocks[b].address + start, length)
-            self.mrs[(b, c)] = mr
-            self.new_mrs.append(mr)
-            self.lkey[b][c] = mr.lkey
             self.state[b][c] = REQUESTED
+        self.to_register.extend(new)
         self.registered_now += len(new)
         self.chunks_registered += len(new)
         if new:
@@ -233,6 +237,20 @@ class Registrar:
                                 round=int(park["round"][0]),
                                 block=[b for b, _ in new], chunk=[c for _, c in new],
                                 n_chunks=1))
+
+    def register_pending(self) -> None:
+        """Register locally the chunks whose REGISTER request is out (call after sending the
+        requests, so that local pinning overlaps the destination's; answers need it done)."""
+        t0 = time.perf_counter_ns()
+        for b, c in self.to_register:
+            start = c * self.chunk_size
+            length = min(self.chunk_size, self.blocks[b].length - start)
+            mr = self._reg_mr(self.blocks[b].address + start, length)
+            self.mrs[(b, c)] = mr
+            self.new_mrs.append(mr)
+            self.lkey[b][c] = mr.lkey
+        self.to_register.clear()
+        self.busy_ns += time.perf_counter_ns() - t0
 
     def _evict(self, incoming: int, round_no: int) -> np.ndarray:
         """UNREGISTER requests for LRU idle chunks so that ``incoming`` more fit the budget."""
@@ -374,6 +392,10 @@ def registrar_main(config: dict, link) -> int:
         link.ready(pd=pd.export(), path=region.segment.path)
 
         def flush(writes: np.ndarray, reqs: np.ndarray) -> None:
+            if len(reqs):
+                requests_out.push(reqs)     # first: the coordinator starts the exchange now
+                reqs = reqs[:0]
+            reg.register_pending()          # ...while we pin our side
             if reg.new_mrs:
                 writes_out.push(import_records(reg.new_mrs))
                 reg.new_mrs.clear()

@@ -47,12 +47,55 @@ def expand_runs(first: np.ndarray, n: np.ndarray) -> tuple[np.ndarray, np.ndarra
     return pages, starts
 
 
+_libc = None
+SLICE_PAGES = 2048   # 8 MiB: the unit of the resident / non-resident split
+
+
+def resident(view: np.ndarray) -> np.ndarray | None:
+    """Per page of ``view`` (page-aligned), whether it is in memory (mincore); None if unknown.
+
+    A page of a shared-memory segment that is not resident was never written (there is no
+    swap of our segments in practice), so it reads as zero, and reading it would allocate it:
+    the zero test skips such pages instead of faulting in RAM nobody used."""
+    import ctypes
+
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+        _libc.mincore.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p)
+    n = len(view)
+    vec = np.zeros(n, np.uint8)
+    if _libc.mincore(view.ctypes.data, n * 4096, vec.ctypes.data) != 0:
+        return None
+    return (vec & 1).astype(bool)
+
+
 def nonzero_pages(view: np.ndarray, pages: np.ndarray) -> np.ndarray:
     """For each page number, whether the page (a row of ``view``, uint64 (pages, 512)) is
-    non-zero. Reads only the dirty pages when few are dirty, the whole block otherwise."""
-    if len(pages) * FULL_SCAN_SHARE > len(view):
-        return view.any(axis=1)[pages]
-    return view[pages].any(axis=1)
+    non-zero. Pages not resident are zero without being read; few dirty pages are read one by
+    one (fancy indexing), many are read a slice of the block at a time."""
+    res = resident(view)
+    if len(pages) * FULL_SCAN_SHARE <= len(view):
+        out = np.zeros(len(pages), bool)
+        sel = pages if res is None else pages[res[pages]]
+        if len(sel):
+            hit = view[sel].any(axis=1)
+            if res is None:
+                return hit
+            out[res[pages]] = hit
+        return out
+    whole = np.zeros(len(view), bool)
+    for p0 in range(0, len(view), SLICE_PAGES):
+        p1 = min(len(view), p0 + SLICE_PAGES)
+        r = None if res is None else res[p0:p1]
+        if r is not None and not r.any():
+            continue
+        if r is None or r.all():
+            whole[p0:p1] = view[p0:p1].any(axis=1)
+        else:
+            idx = np.flatnonzero(r) + p0
+            whole[idx] = view[idx].any(axis=1)
+    return whole[pages]
 
 
 class Scanner:

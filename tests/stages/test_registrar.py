@@ -126,3 +126,13 @@ def test_refused_registration_raises():
     bad["status"] = 1
     with pytest.raises(RuntimeError):
         reg.on_answers(bad)
+
+
+def test_adjacent_zero_runs_merge_into_one_compress_across_chunks():
+    reg = make()
+    _, q = reg.on_runs(runs((0, CP - 2, 2, 1), (0, CP, CP, 1), (0, 2 * CP, 3, 1),
+                            (0, 3 * CP + 5, 1, 1)))
+    c = q[q["op"] == REQ_COMPRESS]
+    assert c[["offset", "length"]].tolist() == [((CP - 2) * 4096, (CP + 5) * 4096),
+                                                ((3 * CP + 5) * 4096, 4096)]
+    assert reg.compress_sent == 2 and reg.round_compressed[1] == CP + 6
