@@ -358,16 +358,25 @@ class SourceMigration:
         pause = self.guest.paused_at
         self.stats.update(pause_time=pause)
         r = self.rounds + 1
+        digests: list[bytes] = []
+        hasher = None
+        if self.digest:
+            # RAM is frozen now: hash it while the final round is being sent.
+            hasher = threading.Thread(target=lambda: digests.append(
+                chunk_digests(self.guest.region)), name="ram-digest", daemon=True)
+            hasher.start()
         self._round(r, SectionType.SECTION_END, CMD_FINAL)
         w = self.writer
         w.write_event(SectionHeader(SectionType.SECTION_FULL, GUEST_SID, DEVICE_SECTION, 0, 1))
         w.write_event(DeviceState(GUEST_SID, DEVICE_SECTION, frame(state.to_bytes())))
         w.write_event(SectionFooter(GUEST_SID))
-        if self.digest:
-            digests = chunk_digests(self.guest.region)
+        if hasher is not None:
+            hasher.join()
+            if not digests:
+                raise MigrationError("hashing the source RAM failed")
             w.write_event(SectionHeader(SectionType.SECTION_FULL, DIGEST_SID, DIGEST_SECTION,
                                         0, 1))
-            w.write_event(DeviceState(DIGEST_SID, DIGEST_SECTION, frame(digests)))
+            w.write_event(DeviceState(DIGEST_SID, DIGEST_SECTION, frame(digests[0])))
             w.write_event(SectionFooter(DIGEST_SID))
         w.write_event(Eof())
         self.link.send_stream(w.flush())
