@@ -17,6 +17,9 @@ from pipeline.errors import MigrationError
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
+    "run": ("pipeline.run_cmd", "a whole live migration on this machine (soft provider)"),
+    "migrate": ("pipeline.migrate_cmd", "migrate a synthetic guest to rdma:HOST:PORT"),
+    "incoming": ("pipeline.incoming_cmd", "receive a migration on rdma:HOST:PORT"),
     "cleanup": ("pipeline.cleanup_cmd", "remove shared memory left by killed runs"),
 }
 
