@@ -17,6 +17,7 @@ from pipeline.errors import MigrationError
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
+    "decode": ("pipeline.decode_cmd", "decode control messages or private data from hex"),
     "run": ("pipeline.run_cmd", "a whole live migration on this machine (soft provider)"),
     "migrate": ("pipeline.migrate_cmd", "migrate a synthetic guest to rdma:HOST:PORT"),
     "incoming": ("pipeline.incoming_cmd", "receive a migration on rdma:HOST:PORT"),
