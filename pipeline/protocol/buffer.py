@@ -82,6 +82,8 @@ class Buffer:
     @property
     def data(self) -> bytes:
         """A copy of the bytes of the buffer (written so far, or all of the data read)."""
+        if self._end == len(self._data):
+            return bytes(self._data)            # one copy, not a slice and a copy
         return bytes(self._data[:self._end])
 
     # -- pull -----------------------------------------------------------------------------------

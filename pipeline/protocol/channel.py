@@ -54,7 +54,8 @@ Destination, in order::
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from enum import Enum, IntEnum
 
 from pipeline.errors import LocalProtocolError, ProtocolError, RemoteProtocolError
@@ -76,8 +77,9 @@ from pipeline.protocol.records import HOOK_RECORD
 __all__ = ["Role", "Slot", "State", "ControlChannel", "HOOK_RECORD"]
 
 
-
 class Role(Enum):
+    """SOURCE: connector and stream writer; DESTINATION: stream reader, grants READY."""
+
     SOURCE = "SOURCE"
     DESTINATION = "DESTINATION"
 
@@ -95,6 +97,8 @@ class Slot(IntEnum):
 
 
 class State(Enum):
+    """Sentinel states of the conversation, the same on both sides."""
+
     CONNECTING = "CONNECTING"     # capabilities not exchanged yet
     STREAM = "STREAM"             # QEMU FILE traffic
     WINDOW = "WINDOW"             # registration window: between HOOK and REGISTER FINISHED
@@ -353,8 +357,14 @@ class ControlChannel:
             self.error = exc
         self._state = State.ERROR
 
-    def _failing(self) -> _Failing:
-        return _Failing(self)
+    @contextmanager
+    def _failing(self) -> Iterator[None]:
+        """A ProtocolError inside moves the channel to ERROR, then propagates."""
+        try:
+            yield
+        except ProtocolError as exc:
+            self._fail(exc)
+            raise
 
     def _expect(self, role: Role, state: State, event: str) -> None:
         self._usable(event, connecting=True)
@@ -486,20 +496,3 @@ class ControlChannel:
         self._advance(self.role.peer, msg, RemoteProtocolError)
         if self.role is Role.DESTINATION and t in NEEDS_CREDIT:
             self._queue(Slot.READY)   # re-post slot 0 at once; the payload stays valid
-
-
-class _Failing:
-    """Context manager: a ProtocolError inside moves the channel to ERROR and propagates."""
-
-    __slots__ = ("_channel",)
-
-    def __init__(self, channel: ControlChannel) -> None:
-        self._channel = channel
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, exc_type, exc, tb) -> bool:
-        if exc is not None and isinstance(exc, ProtocolError):
-            self._channel._fail(exc)
-        return False

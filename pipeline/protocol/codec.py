@@ -68,6 +68,7 @@ assert (HEADER.size, DEST_BLOCK.size, REGISTER.size, REGISTER_RESULT.size, COMPR
     HEADER_SIZE, DEST_BLOCK_SIZE, REGISTER_SIZE, REGISTER_RESULT_SIZE, COMPRESS_SIZE)
 
 _MAX_TYPE = max(MessageType)
+_TYPES = {int(t): t for t in MessageType}
 
 
 def _fail(name: str, rule: str) -> RemoteProtocolError:
@@ -255,7 +256,7 @@ def decode_header(data: bytes | bytearray | memoryview) -> ControlHeader:
     if mtype == 0 or mtype > _MAX_TYPE:
         what = "NONE, never sent on the wire" if mtype == 0 else "unknown"
         raise RemoteProtocolError(f"header type {mtype} ({what}): must be 1..{int(_MAX_TYPE)}")
-    mtype = MessageType(mtype)
+    mtype = _TYPES[mtype]
     if repeat > MAX_COMMANDS and mtype is not MessageType.QEMU_FILE:
         raise RemoteProtocolError(
             f"{mtype.qemu_name}: header repeat {repeat} exceeds {MAX_COMMANDS} "

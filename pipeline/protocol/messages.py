@@ -65,6 +65,8 @@ class MessageType(IntEnum):
 
 
 def _uint(owner: str, name: str, value: object, limit: int, low: int = 0) -> None:
+    if value.__class__ is int and low <= value <= limit:   # the common case, fast
+        return
     if not isinstance(value, int) or isinstance(value, bool):
         raise TypeError(f"{owner}.{name} must be an int, got {type(value).__name__}")
     if not low <= value <= limit:

@@ -7,11 +7,13 @@ Bad input raises ``RemoteProtocolError`` naming what was wrong and the stream of
 parser stays failed (every later call raises the same error).
 
 Checks, following QEMU's loader (savevm.c ``qemu_loadvm_state``, ram.c ``ram_load_precopy``):
-magic and version 3; CONFIGURATION only right after the header; PART / END name a section
-that START opened; every section's data ends with a FOOTER of its id; RAM records carry exactly
-one of MEM_SIZE, ZERO, PAGE, EOS, HOOK (CONTINUE only with PAGE / ZERO, and only after a block was
-named), block names come from MEM_SIZE, pages lie inside their block, zero pages fill with 0;
-nothing but VMDESCRIPTION may follow EOF.
+magic and version 3; CONFIGURATION (with its known subsections) only right after the header;
+PART / END name a section that START opened; every section's data ends with a FOOTER of its id;
+RAM records carry exactly one of MEM_SIZE, ZERO, PAGE, EOS, HOOK (CONTINUE only with PAGE /
+ZERO, and only after a block was named), block names come from MEM_SIZE, pages lie inside their
+block, zero pages fill with 0; nothing but VMDESCRIPTION may follow EOF.
+Not supported: MEM_SIZE's extra per-block fields (postcopy page size, x-ignore-shared GPA) and
+the XBZRLE, multifd and mapped-ram records (none of which QEMU allows with RDMA).
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ from pipeline.protocol.records import (
     SectionFooter,
     SectionHeader,
     SectionType,
+    Subsection,
     VmDescription,
     ZeroPage,
 )
@@ -68,6 +71,8 @@ _HEADER, _TOP, _RAM, _DEVICE, _FOOTER, _AFTER_EOF, _DONE = range(7)
 _PHASE_NAMES = ("the file header", "a section type", "a RAM record", "device state",
                 "a section footer", "VMDESCRIPTION or the end", "the end")
 _COMPACT_AT = 1 << 16
+# configuration subsections of a fixed size (savevm.c): target page bits, the source's UUID
+_CONFIG_SUBSECTIONS = {"configuration/target-page-bits": 4, "configuration/uuid": 16}
 
 
 class StreamParser:
@@ -226,12 +231,12 @@ class StreamParser:
         if kind == SectionType.CONFIGURATION:
             if not first:
                 raise self._fail(at, "QEMU_VM_CONFIGURATION must follow the file header")
-            n = buf.pull_u32()
-            raw = buf.pull_bytes(n, "machine name")
+            raw = buf.pull_bytes(buf.pull_u32(), "machine name")
             try:
-                return Configuration(raw.decode())
+                name = raw.decode()
             except UnicodeDecodeError:
                 raise self._fail(at, f"machine name {raw!r} is not UTF-8") from None
+            return Configuration(name, self._subsections(buf))
         if kind == SectionType.COMMAND:
             cmd, n = buf.pull_struct(U16, "command")[0], buf.pull_struct(U16, "length")[0]
             return Command(cmd, buf.pull_bytes(n, "command data"))
@@ -240,6 +245,29 @@ class StreamParser:
             return Eof()
         name = SectionType(kind).name if kind in SectionType._value2member_map_ else "unknown"
         raise self._fail(at, f"section type {kind:#04x} ({name}) is not valid here")
+
+    def _subsections(self, buf: Buffer) -> tuple[Subsection, ...]:
+        """The configuration's subsections: a 0x05 byte starts one (so the byte after the
+        configuration must be there before it is complete, as in QEMU's loader)."""
+        subs = []
+        while True:
+            at = buf.tell()
+            if buf.pull_u8() != SectionType.SUBSECTION:
+                buf.seek(at)
+                return tuple(subs)
+            idstr = self._idstr(buf, "subsection idstr")
+            version = buf.pull_u32()
+            start = buf.tell()
+            if idstr == "configuration/capabilities":      # be32 n, n x (u8 len, name)
+                for _ in range(buf.pull_u32()):
+                    buf.pull_bytes(buf.pull_u8(), "capability")
+                length = buf.tell() - start
+                buf.seek(start)
+            elif idstr in _CONFIG_SUBSECTIONS:
+                length = _CONFIG_SUBSECTIONS[idstr]
+            else:
+                raise self._fail(at, f"configuration subsection {idstr!r} is unknown")
+            subs.append(Subsection(idstr, version, buf.pull_bytes(length, "subsection")))
 
     def _open(self, header: SectionHeader) -> SectionHeader:
         self._current = header

@@ -3,7 +3,7 @@
 The stream is what travels inside QEMU FILE messages (or in a ``file:``/``tcp:`` stream):
 
     be32 0x5145564d "QEVM", be32 3
-    [0x07 CONFIGURATION  be32 len, machine name]
+    [0x07 CONFIGURATION  be32 len, machine name, [0x05 subsection]...]
     sections:  0x01 START / 0x04 FULL  be32 section_id, u8 len, idstr, be32 instance, be32 version
                0x02 PART  / 0x03 END   be32 section_id
                ... section data ...
@@ -33,7 +33,8 @@ from pipeline.errors import RemoteProtocolError
 
 __all__ = [
     "FILE_MAGIC", "FILE_VERSION", "PAGE_SIZE", "RAM_IDSTR", "RAM_VERSION", "SectionType",
-    "RamFlag", "FileHeader", "Configuration", "SectionHeader", "SectionFooter", "RamBlockInfo",
+    "RamFlag", "FileHeader", "Subsection", "Configuration", "SectionHeader", "SectionFooter",
+    "RamBlockInfo",
     "MemSize", "Hook", "EndOfSection", "Page", "ZeroPage", "DeviceState", "Command", "Eof",
     "VmDescription", "Event", "encode_event", "HOOK_RECORD", "EOS_RECORD",
 ]
@@ -102,10 +103,22 @@ class FileHeader:
 
 
 @dataclass(frozen=True, slots=True)
+class Subsection:
+    """A vmstate subsection (0x05, u8 len, idstr, be32 version, data) of the configuration."""
+
+    idstr: str
+    version_id: int
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
 class Configuration:
-    """QEMU_VM_CONFIGURATION: the machine type name."""
+    """QEMU_VM_CONFIGURATION: the machine type name, and the subsections QEMU adds when a
+    capability asks for them (``configuration/target-page-bits``, ``/capabilities``,
+    ``/uuid``)."""
 
     name: str
+    subsections: tuple[Subsection, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -255,9 +268,11 @@ def encode_event(event: Event, page_size: int = PAGE_SIZE) -> bytes:
     match event:
         case FileHeader(version):
             return HEADER.pack(FILE_MAGIC, version)
-        case Configuration(name):
+        case Configuration(name, subsections):
             raw = name.encode()
-            return U8.pack(SectionType.CONFIGURATION) + U32.pack(len(raw)) + raw
+            return U8.pack(SectionType.CONFIGURATION) + U32.pack(len(raw)) + raw + b"".join(
+                U8.pack(SectionType.SUBSECTION) + idstr_bytes(sub.idstr) + U32.pack(
+                    sub.version_id) + sub.data for sub in subsections)
         case SectionHeader(stype, sid, idstr, instance, version) if event.opens:
             return (U8.pack(stype) + U32.pack(sid) + idstr_bytes(idstr)
                     + U32.pack(instance) + U32.pack(version))

@@ -16,6 +16,7 @@ from pipeline.protocol.records import (
     SectionFooter,
     SectionHeader,
     SectionType,
+    Subsection,
     VmDescription,
     ZeroPage,
     encode_event,
@@ -38,7 +39,10 @@ DESCRIPTION = json.dumps({"page_size": 4096, "devices": [
                 {"name": "blob", "type": "buffer", "size": 8}]}]}).encode()
 
 EVENTS = [
-    FileHeader(), Configuration("pc-q35-9.2"),
+    FileHeader(), Configuration("pc-q35-9.2", (
+        Subsection("configuration/capabilities", 1,
+                   b"\0\0\0\2" + b"\x0fx-ignore-shared" + b"\x0amapped-ram"),
+        Subsection("configuration/uuid", 1, bytes(range(16))))),
     SectionHeader(START, 0, "ram", 0, 4), MemSize(BLOCKS), Hook(), EndOfSection(),
     SectionFooter(0),
     SectionHeader(FULL, 1, "dev", 0, 1), DeviceState(1, "dev", bytes(range(16))),

@@ -100,6 +100,8 @@ def ram(*records):
     (HEADER + RAM_START + struct.pack(">Q", 0x2000 | 4) + b"\x01\xff" + struct.pack(">Q", 8),
      ["not UTF-8"]),
     (HEADER + b"\x00\x06\x00\x00\x00\x01{", ["VMDESCRIPTION is not valid JSON"]),
+    (HEADER + bytes.fromhex("07 00000001 61 05 03 616263 00000001"),
+     ["offset 14", "configuration subsection 'abc' is unknown"]),
 ])
 def test_bad_input_names_what_and_where(data, words):
     with pytest.raises(RemoteProtocolError) as info:

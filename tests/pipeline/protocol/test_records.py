@@ -15,6 +15,7 @@ from pipeline.protocol.records import (
     SectionFooter,
     SectionHeader,
     SectionType,
+    Subsection,
     VmDescription,
     ZeroPage,
     encode_event,
@@ -25,6 +26,8 @@ from pipeline.protocol.records import (
 @pytest.mark.parametrize("event, hexed", [
     (FileHeader(), "5145564d 00000003"),
     (Configuration("pc"), "07 00000002 7063"),
+    (Configuration("pc", (Subsection("configuration/target-page-bits", 1, bytes(4)),)),
+     "07 00000002 7063 05 1e" + b"configuration/target-page-bits".hex() + "00000001 00000000"),
     (SectionHeader(SectionType.SECTION_START, 3, "ram", 0, 4),
      "01 00000003 03 72616d 00000000 00000004"),
     (SectionHeader(SectionType.SECTION_PART, 3, "ram", 0, 4), "02 00000003"),
