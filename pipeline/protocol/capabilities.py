@@ -48,6 +48,7 @@ EXT_VERSION = 1
 _QEMU = struct.Struct(">II")                  # version, flags
 _EXT = struct.Struct(">IBBBBQ")              # magic, ext_version, chunk_shift, qps, digest, token
 _DATA = struct.Struct(">IBBHQ")              # magic, version, index, padding, token
+_MAGIC = struct.Struct(">I")
 QEMU_SIZE = _QEMU.size                        # 8
 EXTENDED_SIZE = _QEMU.size + _EXT.size        # 24
 
@@ -262,6 +263,6 @@ class DataConnect:
 
 def decode_connect(data: bytes | bytearray | memoryview) -> Capabilities | DataConnect:
     """Tell a control connection (``Capabilities``) from a data connection (``DataConnect``)."""
-    if len(data) >= 4 and _QEMU.unpack_from(bytes(data[:4]) + bytes(4), 0)[0] == DATA_MAGIC:
+    if len(data) >= _MAGIC.size and _MAGIC.unpack_from(data, 0)[0] == DATA_MAGIC:
         return DataConnect.decode(data)
     return Capabilities.decode(data)

@@ -37,7 +37,7 @@ Source, in order (``post``/``send``/``wait`` are the caller's verbs)::
         out = ch.send(m); post(ch.take_recv_posts()); send(out)   # [1, 0] or [0]
         if ch.awaiting:                          # a request: wait for its reply in slot 1
             reply = ch.receive(*wait_recv())
-    ch.close()                                   # at the end; on failure: send(ch.abort())
+    ch.close()                                   # at the end; on failure: abort() below
 
 Destination, in order::
 
@@ -48,7 +48,10 @@ Destination, in order::
              feed msg.data to StreamReader; on its Hook event: ch.begin_registration()
     window:  same grant / receive / post; answer requests at once with ch.send(reply)
              (no READY needed); REGISTER FINISHED puts the channel back in STREAM
-    ch.close() after QEMU_VM_EOF; on failure: send(ch.abort()) if it returns bytes
+    ch.close() after QEMU_VM_EOF
+
+On any failure, either side: ``out = ch.abort()``; if ``out`` is not None, send it (no READY
+needed, best effort), then tear the connection down.
 """
 
 from __future__ import annotations
