@@ -112,3 +112,15 @@ def test_wrong_uri_or_option_refused_before_start(argv):
                           text=True, timeout=30)
     assert proc.returncode == 2
     assert proc.stderr.strip() and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_guest_faster_than_the_link_never_converges():
+    cfg = MigrationConfig().with_options([], ["max-bandwidth=8M", "x-max-rounds=3",
+                                              "downtime-limit=50"])
+    with LocalRun(16 * MIB, cfg, state=GuestState(dirty_rate=40 * MIB)) as lr:
+        lr.start()
+        s = lr.finish()
+        assert lr.guest_running()
+    assert s["status"] == "failed"
+    assert "did not converge after 3 rounds" in s["error-desc"]
+    assert s["round"] == 3
