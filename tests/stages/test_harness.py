@@ -1,3 +1,5 @@
+import os
+
 import numpy as np
 import pytest
 
@@ -5,6 +7,12 @@ from pipeline.errors import StageFailed
 from stages.harness import Inbox, StageProcess
 
 pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(autouse=True)
+def targets_importable(monkeypatch):
+    """Spawned children import ``stage_targets`` through the sys.path they inherit."""
+    monkeypatch.syspath_prepend(os.path.dirname(__file__))
 
 
 def test_ready_messages_and_clean_exit():
