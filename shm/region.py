@@ -118,7 +118,13 @@ class RamRegion:
             raise ShmError(f"region {segment.name} has geometry {segment.geometry}, expected "
                            f"(page size {PAGE_SIZE}, chunk size, blocks, total length)")
         _, self.chunk_size, n_blocks, self.total_length = segment.geometry
-        table = segment.ndarray(_TABLE_DTYPE, 0, n_blocks).copy()
+        try:
+            table = segment.ndarray(_TABLE_DTYPE, 0, n_blocks).copy()
+            if any(int(r["seg_offset"]) + int(r["length"]) > segment.size for r in table):
+                raise ValueError("a block lies past the end of the segment")
+        except ValueError as exc:
+            segment.close()
+            raise ShmError(f"region {segment.name} has a corrupt block table: {exc}") from exc
         self.blocks: list[RamBlock] = [
             RamBlock(idstr=row["idstr"].decode(), index=i, offset=int(row["offset"]),
                      length=int(row["length"]), chunk_size=self.chunk_size,

@@ -12,15 +12,18 @@ Layout of the payload (u64 little-endian words; counters on their own cache line
 
 Invariants and why they hold without locks:
 - Each counter has one writer. The producer copies records into the ring and only then stores
-  head; the consumer copies records out and only then stores tail. The stores are aligned 8-byte
-  stores, which x86_64 makes atomic and keeps in program order (TSO: stores are not reordered with
-  stores, loads not with loads or later stores), so a counter never runs ahead of the records it
-  covers. This module relies on x86_64's ordering; a weakly ordered CPU would need barriers.
+  head; the consumer copies records out and only then stores tail. Counters are items of a
+  memoryview cast to "Q" at 8-byte-aligned offsets: CPython stores each with one 8-byte memcpy,
+  a single mov on x86_64, so it is atomic; x86_64 keeps stores in program order and does not
+  reorder loads with loads or with later stores (TSO), so a counter never runs ahead of the
+  records it covers. This relies on x86_64's ordering; a weakly ordered CPU would need barriers.
 - Waiting uses two POSIX semaphores, ``<name>.items`` and ``<name>.spaces``, as doorbells: after
   every publish the publisher posts one token, and a side that finds nothing to do sleeps on its
   semaphore. A token is never lost, so a sleeper always wakes after a publish that followed its
   check (semaphore operations synchronise memory, per POSIX). Stale tokens only cause a recheck.
-  Posting stops at _TOKEN_CAP pending tokens so the count cannot overflow on a long run.
+  Posting stops while _TOKEN_CAP tokens are pending (a consumer that never runs dry), so the count
+  cannot overflow; the sleeper then has that many wake-ups ahead, and the poll below bounds any
+  delay anyway.
 - A sleeper wakes at least every POLL_INTERVAL to look at the peer's state and pid and at the
   ring owner's pid, so a dead peer is reported within POLL_INTERVAL plus one /proc read.
 The semaphores are named like the segment, so ``naming.sweep`` removes them with it.

@@ -109,3 +109,12 @@ def test_attach_refuses_other_kinds(run_id):
     with Segment.create(naming.segment_name(run_id, "ram"), 4096, kind=b"ring") as seg:
         with pytest.raises(ShmError, match="expected 'ram'"):
             RamRegion.attach(seg.name)
+
+
+def test_attach_refuses_corrupt_block_table(run_id):
+    with RamRegion.create(run_id, [RamBlockSpec("a", 4096)]) as region:
+        table = region.segment.ndarray("<u8", 256, 3)  # offset, length, seg_offset of block 0
+        table[1] = 1 << 40
+        del table
+        with pytest.raises(ShmError, match="corrupt block table"):
+            RamRegion.attach(region.name)
