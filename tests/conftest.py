@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from multiprocessing import resource_tracker
 
 import pytest
 
@@ -55,8 +56,19 @@ def _children() -> set[int]:
     return found
 
 
+@pytest.fixture(scope="session", autouse=True)
+def resource_tracker_running():
+    """Start multiprocessing's resource tracker before any test counts child processes.
+
+    The first ``spawn`` starts the tracker and it lives as long as the session; started inside a
+    test it would be blamed on that test as a leaked child.
+    """
+    resource_tracker.ensure_running()
+    yield
+
+
 @pytest.fixture(autouse=True)
-def no_leaks(request):
+def no_leaks(request, resource_tracker_running):
     """Fail a test that leaves a new /dev/shm entry or a live child process."""
     shm_before = _shm_entries()
     children_before = _children()
