@@ -1,13 +1,21 @@
 """The TCP connection under a connected soft QP: a writer thread and a reader thread.
 
-The writer is the only thread that sends. It batches, in one sendmsg(), the responder's pending
-ACK and NAKs and as many requests as are ready (a 28-byte header, then the payload straight
-from registered memory). The reader is the only thread that receives: it applies ACKs and NAKs
-to the send queue and executes the peer's requests, reading each payload with recv_into directly
-into the target MR or RECV buffer (no intermediate copy), as a NIC's responder would, without the
-application's help. Neither thread ever waits for the other to send, so two QPs saturating a
-connection in both directions cannot deadlock. Nothing polls: the writer sleeps on the QP's
-condition (with a timeout only while an RNR backoff runs), the reader in recv.
+The reader is the only thread that receives: it applies ACKs and NAKs to the send queue and
+executes the peer's requests, reading each payload with recv_into directly into the target MR or
+RECV buffer (no intermediate copy), as a NIC's responder would, without the application's help.
+
+The writer is the only thread that sends *blocking*. It batches, in one sendmsg(), leftovers,
+the responder's ACK and NAKs and as many requests as are ready (a 28-byte header, then the
+payload straight from registered memory). To save thread hand-offs, small requests (at
+``post_send``) and ACKs (from the reader) are also sent inline, but only with MSG_DONTWAIT, under
+the QP lock and while the writer is idle (``sending`` false, no ``prefix``); what a partial
+inline send leaves over becomes the ``prefix`` the writer sends before anything else. So bytes
+never interleave, requests leave in sequence order, and no thread but the writer ever waits for
+the socket: two QPs saturating a connection in both directions cannot deadlock.
+
+ACKs are cumulative and coalesced: the reader acks when it has nothing more to read, or every
+``ACK_EVERY`` requests / ``ACK_BYTES`` bytes while streaming. Nothing polls: the writer sleeps on
+the QP's condition (with a timeout only while an RNR backoff runs), the reader in recv.
 """
 
 from __future__ import annotations
@@ -21,18 +29,17 @@ from stages.verbs.soft import wire
 
 IOV_MAX = 512
 BATCH_BYTES = 8 << 20
-SOCKET_BUFFER = 4 << 20
+INLINE_MAX = 64 << 10  # larger payloads always go through the writer
+ACK_EVERY, ACK_BYTES = 16, 4 << 20
 JOIN_TIMEOUT = 5.0
 
 
 def tune(sock: socket.socket) -> None:
-    """Socket options for a QP connection: big buffers, no Nagle, dead-peer detection."""
+    """Socket options for a QP connection: no Nagle, dead-peer detection.
+
+    Buffer sizes are left to the kernel's autotuning, which measured faster here than fixed
+    SO_SNDBUF/SO_RCVBUF (those cap the receive window at rmem_max)."""
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER)
-        except OSError:
-            pass
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
     for opt, value in (("TCP_KEEPIDLE", 2), ("TCP_KEEPINTVL", 1), ("TCP_KEEPCNT", 3),
                        ("TCP_USER_TIMEOUT", 10_000)):
@@ -41,20 +48,24 @@ def tune(sock: socket.socket) -> None:
     sock.settimeout(None)
 
 
+def _advance(bufs: list, sent: int) -> None:
+    """Drop the first ``sent`` bytes of ``bufs`` (in place)."""
+    i = 0
+    while i < len(bufs):
+        size = len(bufs[i])
+        if sent < size:
+            if sent:
+                bufs[i] = memoryview(bufs[i])[sent:]
+            break
+        sent -= size
+        i += 1
+    del bufs[:i]
+
+
 def sendall(sock: socket.socket, bufs: list) -> None:
     """sendmsg() every buffer, resuming after partial sends."""
     while bufs:
-        sent = sock.sendmsg(bufs[:IOV_MAX])
-        i = 0
-        while i < len(bufs):
-            size = len(bufs[i])
-            if sent < size:
-                if sent:
-                    bufs[i] = memoryview(bufs[i])[sent:]
-                break
-            sent -= size
-            i += 1
-        del bufs[:i]
+        _advance(bufs, sock.sendmsg(bufs[:IOV_MAX]))
 
 
 class Link:
@@ -64,7 +75,9 @@ class Link:
         self.qp = qp
         self.sock = sock
         self._closing = False
-        self._write_shut = False
+        self.sending = False  # the writer is in a sendmsg (QP lock)
+        self.prefix: list = []  # bytes that must go out before anything else (QP lock)
+        self._unacked = self._unacked_bytes = 0  # reader only
         self._writer = threading.Thread(target=self._write_loop, daemon=True,
                                         name=f"soft-qp{qp.qp_num:#x}-tx")
         self._reader = threading.Thread(target=self._read_loop, daemon=True,
@@ -77,6 +90,28 @@ class Link:
     def wind_down(self) -> None:
         """The QP entered ERR (lock held): the writer sends what is pending, then FIN."""
         self.qp.lock.notify_all()
+
+    def try_send_now(self, bufs: list) -> bool:
+        """Send ``bufs`` inline without blocking (QP lock held); False if nothing went out.
+
+        Whatever a partial send leaves becomes the prefix the writer sends first.
+        """
+        if self.sending or self.prefix or self._closing:
+            return False
+        try:
+            sent = self.sock.sendmsg(bufs, (), socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError:
+            return False  # the writer meets the same error and fails the link
+        if sent == 0:
+            return False
+        rest = list(bufs)
+        _advance(rest, sent)
+        if rest:
+            self.prefix = rest
+            self.qp.lock.notify_all()
+        return True
 
     # -- writer --------------------------------------------------------------------------
     def _collect(self, bufs: list) -> None:
@@ -103,7 +138,7 @@ class Link:
             while True:
                 if self._closing:
                     return None
-                bufs: list = []
+                bufs, self.prefix = self.prefix, []
                 if qp.ack_due is not None:
                     bufs.append(wire.frame(wire.ACK, qp.ack_due))
                     qp.ack_due = None
@@ -118,6 +153,7 @@ class Link:
                     else:
                         self._collect(bufs)
                 if bufs:
+                    self.sending = True
                     return bufs
                 if qp.state == QPState.ERR:
                     return None
@@ -127,6 +163,8 @@ class Link:
         try:
             while (bufs := self._next_batch()) is not None:
                 sendall(self.sock, bufs)
+                with self.qp.lock:
+                    self.sending = False
             if not self._closing:
                 self.sock.shutdown(socket.SHUT_WR)  # goodbye: the peer's reader sees EOF
         except OSError:
@@ -142,6 +180,32 @@ class Link:
             view = view[n:]
         return True
 
+    def _flush_ack(self) -> None:
+        """Send the pending cumulative ACK now if the socket takes it, else via the writer."""
+        qp = self.qp
+        self._unacked = self._unacked_bytes = 0
+        with qp.lock:
+            if qp.ack_due is None:
+                return
+            if self.try_send_now([wire.frame(wire.ACK, qp.ack_due)]):
+                qp.ack_due = None
+            else:
+                qp.lock.notify_all()
+
+    def _next_header(self, hview: memoryview) -> bool:
+        """Read the next frame header; acks what is pending before waiting for one."""
+        try:
+            n = self.sock.recv_into(hview, len(hview), socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            n = -1
+        if n == 0:
+            return False
+        if n > 0:
+            return self._recv_exact(hview[n:])
+        if self._unacked:
+            self._flush_ack()  # nothing more to read for now: tell the requester
+        return self._recv_exact(hview)
+
     def _discard(self, length: int, scratch: memoryview) -> bool:
         while length:
             n = min(length, len(scratch))
@@ -156,7 +220,7 @@ class Link:
         hview = memoryview(header)
         scratch = memoryview(bytearray(256 << 10))
         try:
-            while self._recv_exact(hview):
+            while self._next_header(hview):
                 kind, flags, _, seq, remote_addr, rkey, length = wire.FRAME.unpack(header)
                 if kind == wire.ACK:
                     with qp.lock:
@@ -180,6 +244,10 @@ class Link:
                             qp.request_aborted(target)
                     if not ok:
                         break
+                    self._unacked += 1
+                    self._unacked_bytes += length
+                    if self._unacked >= ACK_EVERY or self._unacked_bytes >= ACK_BYTES:
+                        self._flush_ack()
                 else:
                     break  # not our protocol: treat as a broken connection
         except OSError:

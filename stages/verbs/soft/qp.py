@@ -36,6 +36,7 @@ from stages.verbs.base import (
     closed_error,
 )
 from stages.verbs.soft import wire
+from stages.verbs.soft.link import INLINE_MAX
 
 _qp_numbers = itertools.count(secrets.randbelow(1 << 20) + 1)
 RNR_BACKOFF_MIN, RNR_BACKOFF_MAX = 0.001, 0.02  # seconds; doubled per retry of a WR
@@ -131,8 +132,23 @@ class SoftQP(base.QP):
                 self._flush()
             elif self.sq[0] is wr and wr.bad:
                 self._fail_front(WCStatus.LOC_PROT_ERR)
-            else:
+            elif not self._send_inline(wr):
                 self.lock.notify_all()
+
+    def _send_inline(self, wr: SendWR) -> bool:
+        """Transmit a small WR from the caller's thread when the link is idle (saves a wake)."""
+        if (wr.bad or wr.length > INLINE_MAX or self.tx_next != wr.seq or self.link is None
+                or time.monotonic() < self.rnr_until):
+            return False
+        kind = wire.WRITE if wr.opcode == SendOpcode.RDMA_WRITE else wire.SEND
+        bufs = [wire.frame(kind, wr.seq, remote_addr=wr.remote_addr, rkey=wr.rkey,
+                           length=wr.length)]
+        if wr.length:
+            bufs.append(wr.view)
+        if not self.link.try_send_now(bufs):
+            return False
+        self.tx_next += 1
+        return True
 
     def post_recv(self, wr_id: int, addr: int, length: int, lkey: int) -> None:
         if length < 0:
@@ -284,8 +300,7 @@ class SoftQP(base.QP):
         else:
             self._release(target)
         self.expected = seq + 1
-        self.ack_due = seq
-        self.lock.notify_all()
+        self.ack_due = seq  # sent by the link when it has read what is there (coalesced)
 
     # -- connection ----------------------------------------------------------------------
     def attach(self, link) -> None:
