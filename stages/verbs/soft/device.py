@@ -173,13 +173,20 @@ class SoftPD(base.PD):
             return qp
 
     def close(self) -> None:
+        # Children are closed without holding the PD lock: a QP's reader thread takes the QP
+        # lock and then the PD lock, so holding the PD lock here while closing the QP (which
+        # takes the QP lock) would invert that order.
         with self._lock:
             if self._closed:
                 return
-            for qp in list(self._qps):
-                qp.close()
-            for mr in list(self._mrs.values()):
-                mr.close()  # may raise EBUSY: the PD then stays open, retry later
+            qps, mrs = list(self._qps), list(self._mrs.values())
+        for qp in qps:
+            qp.close()
+        for mr in mrs:
+            mr.close()  # may raise EBUSY: the PD then stays open, retry later
+        with self._lock:
+            if self._closed:
+                return
             self._closed = True
             if self._table is not None:
                 self._table.close()

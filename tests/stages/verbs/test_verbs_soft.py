@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import select
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -155,3 +156,18 @@ def test_frame_layout_is_fixed():
     assert wire.FRAME.size == 28
     assert wire.frame(wire.ACK, 5)[:1] == bytes([wire.ACK])
     assert len(wire.cm_message(wire.CM_REQ, b"12345678")) == wire.CM_HEADER.size + 8
+
+
+def test_closing_the_target_mid_stream_neither_hangs_nor_loses_completions():
+    p = Pair("soft", max_send_wr=64)
+    try:
+        for i in range(64):
+            p.write(i, 0, MiB, 0)
+        started = time.monotonic()
+        p.ctx_b.close()  # its responder is busy placing our writes
+        assert time.monotonic() - started < 3.0
+        wcs = wait_wcs(p.cq_a, 64, 5.0)
+        assert [wc.wr_id for wc in wcs] == list(range(64))
+        assert {wc.status for wc in wcs} <= {WCStatus.SUCCESS, WCStatus.WR_FLUSH_ERR}
+    finally:
+        p.close()
