@@ -3,7 +3,8 @@
 pyverbs is imported only when a device is listed or opened, so ``import stages.verbs`` works
 without it. QPs are created unconnected on the caller's PD and CQs and connected through
 librdmacm as *external* QPs (``rdma_init_qp_attr`` for each state change, as rdma-core's
-``tests/base_rdmacm.py`` does), which is what lets a RECV be posted before connecting.
+``tests/base_rdmacm.py`` does), which is what lets a RECV be posted before connecting. The
+connection manager lives in ``rdmacore_cm``.
 
 pyverbs exposes neither a completion channel's fd nor an event channel's fd; both are found as
 the descriptor that appeared in /proc/self/fd while the object was created (under a lock, and
@@ -29,8 +30,6 @@ from types import SimpleNamespace
 from pipeline.errors import TransportError, TransportUnsupported
 from stages.verbs import base
 from stages.verbs.base import (
-    MAX_ACCEPT_PRIVATE_DATA,
-    MAX_CONNECT_PRIVATE_DATA,
     Access,
     MRHandle,
     PDHandle,
@@ -39,7 +38,6 @@ from stages.verbs.base import (
     WCOpcode,
     WCStatus,
     WorkCompletion,
-    check_private_data,
     closed_error,
 )
 from stages.verbs.soft.memory import pin_error
@@ -73,7 +71,7 @@ def no_device_message(exc: Exception) -> str:
 
 
 @contextmanager
-def _errors(what: str):
+def errors(what: str):
     v = load()
     try:
         yield
@@ -82,7 +80,7 @@ def _errors(what: str):
         raise TransportError(f"{what}: {exc}", errno=code) from None
 
 
-def _new_fd(create, marker: str):
+def new_fd(create, marker: str):
     """Create an object with ``create()`` and find the fd it opened, whose link has ``marker``."""
     with _fd_lock:
         before = set(os.listdir("/proc/self/fd"))
@@ -101,24 +99,6 @@ def _new_fd(create, marker: str):
     return obj, found[0]
 
 
-def _wait_cm_event(v, channel, fd: int, expected: int, timeout: float):
-    """The next CM event, which must be ``expected``; the caller acks it."""
-    readable, _, _ = select.select([fd], [], [], timeout)
-    if not readable:
-        raise TransportError(f"no connection-manager event within {timeout} s",
-                             errno=errno.ETIMEDOUT)
-    event = v.cm.CMEvent(channel)
-    if event.event_type == expected:
-        return event
-    name = event.event_str()
-    kind = event.event_type
-    event.ack_cm_event()
-    if kind == v.ce.RDMA_CM_EVENT_REJECTED:
-        raise TransportError("the peer rejected the connection", errno=errno.ECONNREFUSED,
-                             hint="check that the destination listens on that address")
-    raise TransportError(f"connection manager reported {name}", errno=errno.ECONNABORTED)
-
-
 class VerbsMR(base.MR):
     def __init__(self, pd: VerbsPD, mr, addr: int, length: int, access: Access,
                  imported: bool) -> None:
@@ -133,7 +113,7 @@ class VerbsMR(base.MR):
     def close(self) -> None:
         if self._closed:
             return
-        with _errors("cannot deregister MR"):
+        with errors("cannot deregister MR"):
             if self.imported:
                 self._mr.unimport()
             self._mr.close()
@@ -144,8 +124,8 @@ class VerbsCQ(base.CQ):
     def __init__(self, context: VerbsContext, depth: int) -> None:
         v = context.v
         self.context, self.depth, self._v = context, depth, v
-        with _errors("cannot create CQ"):
-            self._channel, self._fd = _new_fd(lambda: v.cq.CompChannel(context.ctx),
+        with errors("cannot create CQ"):
+            self._channel, self._fd = new_fd(lambda: v.cq.CompChannel(context.ctx),
                                               "infinibandevent")
             self.cq = v.cq.CQ(context.ctx, depth, None, self._channel, 0)
             self.cq.req_notify()
@@ -169,7 +149,7 @@ class VerbsCQ(base.CQ):
         if self._closed:
             raise closed_error("CQ")
         out, self._held = self._held[:n], self._held[n:]
-        with _errors("cannot poll CQ"):
+        with errors("cannot poll CQ"):
             if len(out) < n:
                 out += self._poll_raw(n - len(out))
             if len(out) < n and self._consume_event(0):
@@ -181,7 +161,7 @@ class VerbsCQ(base.CQ):
 
     def wait(self, timeout: float | None = None) -> bool:
         deadline = None if timeout is None else time.monotonic() + timeout
-        with _errors("cannot wait on CQ"):
+        with errors("cannot wait on CQ"):
             while True:
                 if self._held:
                     return True
@@ -196,7 +176,7 @@ class VerbsCQ(base.CQ):
     def close(self) -> None:
         if self._closed:
             return
-        with _errors("cannot destroy CQ"):
+        with errors("cannot destroy CQ"):
             self.cq.close()
             self._channel.close()
         self._closed = True
@@ -209,7 +189,7 @@ class VerbsQP(base.QP):
         self._v, self.pd, self.send_cq, self.recv_cq = v, pd, send_cq, recv_cq
         self.rnr_retry = rnr_retry
         self.cmid = self._channel = None
-        with _errors("cannot create QP"):
+        with errors("cannot create QP"):
             cap = v.qp.QPCap(max_send_wr=max_send_wr, max_recv_wr=max_recv_wr, max_send_sge=1,
                              max_recv_sge=1)
             init = v.qp.QPInitAttr(qp_type=v.e.IBV_QPT_RC, scq=send_cq.cq, rcq=recv_cq.cq,
@@ -227,7 +207,7 @@ class VerbsQP(base.QP):
     def to_rts(self, cmid) -> None:
         """Walk INIT, RTR, RTS with the attributes the connection manager resolved."""
         v = self._v
-        with _errors("cannot connect QP"):
+        with errors("cannot connect QP"):
             for state in (v.e.IBV_QPS_INIT, v.e.IBV_QPS_RTR, v.e.IBV_QPS_RTS):
                 attr, mask = cmid.init_qp_attr(state)
                 if state == v.e.IBV_QPS_RTS:
@@ -238,7 +218,7 @@ class VerbsQP(base.QP):
                   remote_addr: int = 0, rkey: int = 0, signaled: bool = True) -> None:
         v = self._v
         flags = v.e.IBV_SEND_SIGNALED if signaled else 0
-        with _errors("cannot post send"):
+        with errors("cannot post send"):
             sge = v.wr.SGE(addr, length, lkey)
             wr = v.wr.SendWR(wr_id=wr_id, opcode=int(opcode), num_sge=1, sg=[sge],
                              send_flags=flags)
@@ -248,12 +228,12 @@ class VerbsQP(base.QP):
 
     def post_recv(self, wr_id: int, addr: int, length: int, lkey: int) -> None:
         v = self._v
-        with _errors("cannot post receive"):
+        with errors("cannot post receive"):
             self.qp.post_recv(v.wr.RecvWR(wr_id, 1, [v.wr.SGE(addr, length, lkey)]))
 
     def disconnect(self) -> None:
         v = self._v
-        with _errors("cannot disconnect"):
+        with errors("cannot disconnect"):
             attr = v.qp.QPAttr(qp_state=v.e.IBV_QPS_ERR)
             self.qp.modify(attr, v.e.IBV_QP_STATE)  # an external QP is ours to move to ERR
             if self.cmid is not None:
@@ -262,7 +242,7 @@ class VerbsQP(base.QP):
     def close(self) -> None:
         if self._closed:
             return
-        with _errors("cannot destroy QP"):
+        with errors("cannot destroy QP"):
             self.qp.close()
             for obj in (self.cmid, self._channel):
                 if obj is not None:
@@ -278,7 +258,7 @@ class VerbsPD(base.PD):
     def reg_mr(self, address: int, length: int, access: Access) -> VerbsMR:
         v = self.context.v
         try:
-            with _errors(f"cannot register {length} bytes"):
+            with errors(f"cannot register {length} bytes"):
                 mr = v.mr.MR(self.pd, length, int(access), address=address)
         except TransportError as exc:
             if exc.errno in (errno.ENOMEM, errno.EPERM, errno.EAGAIN):
@@ -292,7 +272,7 @@ class VerbsPD(base.PD):
         if handle.provider != PROVIDER:
             raise ValueError(f"a {handle.provider} MR handle cannot be imported by pyverbs")
         v = self.context.v
-        with _errors("cannot import MR"):
+        with errors("cannot import MR"):
             mr = v.mr.MR(self.pd, handle=handle.mr_handle, address=handle.addr)
         child = VerbsMR(self, mr, handle.addr, handle.length, Access(handle.access),
                         imported=True)
@@ -318,75 +298,17 @@ class VerbsPD(base.PD):
         # QPs before MRs, both before the PD.
         for child in sorted(self._children, key=lambda c: not isinstance(c, VerbsQP)):
             child.close()
-        with _errors("cannot deallocate PD"):
+        with errors("cannot deallocate PD"):
             if self.imported:
                 self.pd.unimport()
             self.pd.close()
         self._closed = True
 
 
-class VerbsConnectRequest(base.ConnectRequest):
-    def __init__(self, listener: VerbsListener, cmid, private_data: bytes) -> None:
-        self.listener, self._cmid, self.private_data = listener, cmid, private_data
-
-    def accept(self, qp: VerbsQP, private_data: bytes = b"") -> None:
-        data = check_private_data(private_data, MAX_ACCEPT_PRIVATE_DATA, "accept")
-        v, cmid = self.listener.v, self._cmid
-        with _errors("cannot accept the connection"):
-            param = v.cm.ConnParam(resources=2, depth=2, rnr_retry=qp.rnr_retry,
-                                   qp_num=qp.qp_num, data_len=len(data))
-            param.set_private_data(data)
-            cmid.accept(param)
-        qp.to_rts(cmid)
-        qp.cmid = cmid
-        event = _wait_cm_event(v, self.listener.channel, self.listener.fd,
-                               v.ce.RDMA_CM_EVENT_ESTABLISHED, 10.0)
-        event.ack_cm_event()
-
-    def reject(self, private_data: bytes = b"") -> None:
-        data = check_private_data(private_data, MAX_ACCEPT_PRIVATE_DATA, "reject")
-        with _errors("cannot reject the connection"):
-            self._cmid.reject(data, len(data))
-            self._cmid.close()
-
-
-class VerbsListener(base.Listener):
-    def __init__(self, context: VerbsContext, host: str, port: int, backlog: int) -> None:
-        if not 0 < port <= 65535:
-            raise ValueError("the verbs provider listens on an explicit port 1..65535")
-        v = self.v = context.v
-        self.context, self.host, self.port = context, host, port
-        with _errors(f"cannot listen on {host}:{port}"):
-            self.channel, self.fd = _new_fd(v.cm.CMEventChannel, "rdma_cm")
-            self.cmid = v.cm.CMID(creator=self.channel, port_space=v.ce.RDMA_PS_TCP)
-            info = v.cm.AddrInfo(src=host, src_service=str(port), port_space=v.ce.RDMA_PS_TCP,
-                                 flags=v.ce.RAI_PASSIVE)
-            self.cmid.bind_addr(info)
-            self.cmid.listen(backlog)
-
-    def get_request(self, timeout: float | None = None) -> VerbsConnectRequest:
-        v = self.v
-        event = _wait_cm_event(v, self.channel, self.fd, v.ce.RDMA_CM_EVENT_CONNECT_REQUEST,
-                               timeout)
-        with _errors("cannot take the connection request"):
-            child = v.cm.CMID(creator=event, listen_id=self.cmid)
-            data = bytes(event.private_data or b"")
-            event.ack_cm_event()
-        return VerbsConnectRequest(self, child, data)
-
-    def close(self) -> None:
-        if self._closed:
-            return
-        with _errors("cannot close the listener"):
-            self.cmid.close()
-            self.channel.close()
-        self._closed = True
-
-
 class VerbsContext(base.Context):
     def __init__(self, v, name: str) -> None:
         self.v, self.name = v, name
-        with _errors(f"cannot open {name}"):
+        with errors(f"cannot open {name}"):
             self.ctx = v.device.Context(name=name)
         self._children: list = []
 
@@ -395,7 +317,7 @@ class VerbsContext(base.Context):
         return child
 
     def alloc_pd(self) -> VerbsPD:
-        with _errors("cannot allocate PD"):
+        with errors("cannot allocate PD"):
             return self._adopt(VerbsPD(self, self.v.pd.PD(self.ctx), imported=False))
 
     def create_cq(self, depth: int) -> VerbsCQ:
@@ -417,53 +339,33 @@ class VerbsContext(base.Context):
                                      f"{os.strerror(err)}", errno=err)
         finally:
             os.close(pidfd)
-        with _errors("cannot import the device"):
+        with errors("cannot import the device"):
             imported = self.v.device.Context(cmd_fd=fd)
         self.ctx.close()
         self.ctx = imported  # everything this context creates now shares the exporter's file
-        with _errors("cannot import PD"):
+        with errors("cannot import PD"):
             pd = self.v.pd.PD(self.ctx, handle=handle.pd_handle)
         return self._adopt(VerbsPD(self, pd, imported=True, handle=handle))
 
-    def listen(self, host: str, port: int, backlog: int = 5) -> VerbsListener:
+    def listen(self, host: str, port: int, backlog: int = 5):
+        from stages.verbs.rdmacore_cm import VerbsListener
+
         return self._adopt(VerbsListener(self, host, port, backlog))
 
     def connect(self, qp: VerbsQP, host: str, port: int, private_data: bytes = b"",
                 timeout: float = 10.0) -> bytes:
-        data = check_private_data(private_data, MAX_CONNECT_PRIVATE_DATA, "connect")
-        v = self.v
-        ms = int(timeout * 1000)
-        with _errors(f"cannot connect to {host}:{port}"):
-            channel, fd = _new_fd(v.cm.CMEventChannel, "rdma_cm")
-            cmid = v.cm.CMID(creator=channel, port_space=v.ce.RDMA_PS_TCP)
-            qp.cmid, qp._channel = cmid, channel  # closed with the QP
-            info = v.cm.AddrInfo(dst=host, dst_service=str(port), port_space=v.ce.RDMA_PS_TCP)
-            cmid.resolve_addr(info, ms)
-        _wait_cm_event(v, channel, fd, v.ce.RDMA_CM_EVENT_ADDR_RESOLVED, timeout).ack_cm_event()
-        with _errors(f"cannot resolve a route to {host}"):
-            cmid.resolve_route(ms)
-        _wait_cm_event(v, channel, fd, v.ce.RDMA_CM_EVENT_ROUTE_RESOLVED, timeout).ack_cm_event()
-        with _errors(f"cannot connect to {host}:{port}"):
-            param = v.cm.ConnParam(resources=2, depth=2, retry=5, rnr_retry=qp.rnr_retry,
-                                   qp_num=qp.qp_num, data_len=len(data))
-            param.set_private_data(data)
-            cmid.connect(param)
-        event = _wait_cm_event(v, channel, fd, v.ce.RDMA_CM_EVENT_CONNECT_RESPONSE, timeout)
-        reply = bytes(event.private_data or b"")
-        event.ack_cm_event()
-        qp.to_rts(cmid)
-        with _errors("cannot establish the connection"):
-            cmid.establish()
-        return reply
+        from stages.verbs.rdmacore_cm import connect
+
+        return connect(self, qp, host, port, private_data, timeout)
 
     def close(self) -> None:
         if self._closed:
             return
         # Listeners, then PDs (their QPs and MRs), then CQs, then the device.
-        rank = {VerbsListener: 0, VerbsPD: 1, VerbsCQ: 2}
-        for child in sorted(self._children, key=lambda c: rank.get(type(c), 1)):
+        rank = {VerbsPD: 1, VerbsCQ: 2}
+        for child in sorted(self._children, key=lambda c: rank.get(type(c), 0)):
             child.close()
-        with _errors("cannot close the device"):
+        with errors("cannot close the device"):
             self.ctx.close()
         self._closed = True
 
@@ -505,7 +407,7 @@ class VerbsProvider(base.Provider):
 
 def active_ports(v, ctx) -> list[int]:
     """Port numbers of ``ctx`` in state ACTIVE."""
-    with _errors("cannot query the device"):
+    with errors("cannot query the device"):
         count = ctx.query_device().phys_port_cnt
         return [port for port in range(1, count + 1)
                 if ctx.query_port(port).state == v.e.IBV_PORT_ACTIVE]
