@@ -208,6 +208,10 @@ class CQ(Resource):
     def wait(self, timeout: float | None = None) -> bool:
         """Block until a completion is waiting (True) or ``timeout`` seconds pass (False)."""
 
+    @abstractmethod
+    def __len__(self) -> int:
+        """Completions known to be waiting (a lower bound: 0 does not promise an empty CQ)."""
+
 
 class QP(Resource):
     """A reliable-connected queue pair."""

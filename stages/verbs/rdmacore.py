@@ -159,6 +159,9 @@ class VerbsCQ(base.CQ):
     def fileno(self) -> int:
         return self._fd
 
+    def __len__(self) -> int:
+        return len(self._held)
+
     def wait(self, timeout: float | None = None) -> bool:
         deadline = None if timeout is None else time.monotonic() + timeout
         with errors("cannot wait on CQ"):

@@ -125,31 +125,51 @@ class PinSet:
 PINS = PinSet()
 
 
+def _read_maps() -> str:
+    """/proc/self/maps in as few reads as possible (one, normally)."""
+    fd = os.open("/proc/self/maps", os.O_RDONLY)
+    try:
+        chunks = []
+        while chunk := os.read(fd, 1 << 22):
+            chunks.append(chunk)
+        return b"".join(chunks).decode(errors="surrogateescape")
+    finally:
+        os.close(fd)
+
+
+def _backing(maps: str, address: int, length: int) -> tuple[str, int] | None:
+    end = address + length
+    path, offset, cursor = "", 0, address
+    for line in maps.splitlines():
+        fields = line.split(maxsplit=5)
+        lo, hi = (int(x, 16) for x in fields[0].split("-"))
+        if hi <= cursor or lo > cursor:
+            continue
+        name = fields[5].strip() if len(fields) > 5 else ""
+        file_off = int(fields[2], 16) + (cursor - lo)
+        if fields[1][3] != "s" or not name.startswith("/") or name.endswith("(deleted)"):
+            return None
+        if cursor == address:
+            path, offset = name, file_off
+        elif name != path or file_off != offset + (cursor - address):
+            return None  # a neighbouring mapping, but not the continuation of the same file
+        cursor = hi
+        if cursor >= end:
+            return path, offset
+    return None
+
+
 def find_backing(address: int, length: int) -> tuple[str, int]:
     """The file and file offset that back ``[address, address+length)`` in a shared mapping.
 
     TransportError when the range is anonymous, private or spans unrelated mappings: such memory
-    cannot be mapped by another process.
+    cannot be mapped by another process. /proc/self/maps is not a snapshot: while another thread
+    maps or unmaps memory, a read can miss a line, so a miss is read again a few times.
     """
-    end = address + length
-    path, offset, cursor = "", 0, address
-    with open("/proc/self/maps") as f:
-        for line in f:
-            fields = line.split(maxsplit=5)
-            lo, hi = (int(x, 16) for x in fields[0].split("-"))
-            if hi <= cursor or lo > cursor:
-                continue
-            name = fields[5].strip() if len(fields) > 5 else ""
-            file_off = int(fields[2], 16) + (cursor - lo)
-            if fields[1][3] != "s" or not name.startswith("/") or name.endswith("(deleted)"):
-                break
-            if cursor == address:
-                path, offset = name, file_off
-            elif name != path or file_off != offset + (cursor - address):
-                break  # a neighbouring mapping, but not the continuation of the same file
-            cursor = hi
-            if cursor >= end:
-                return path, offset
+    for _ in range(8):
+        found = _backing(_read_maps(), address, length)
+        if found is not None:
+            return found
     raise TransportError(
         f"cannot export the memory at {address:#x}+{length}: it is not a shared file mapping",
         errno=errno.EINVAL,
