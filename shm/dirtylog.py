@@ -24,6 +24,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Callable
 
 import numpy as np
 import posix_ipc
@@ -73,6 +74,8 @@ class DirtyLog:
         self._lock = threading.Lock()
         self._epoch = self._done = 0
         self._thread: threading.Thread | None = None
+        self._collect: Callable[[], list[np.ndarray]] | None = None
+        self.service_error: BaseException | None = None
         self._stop = False
         self._closed = False
         self._pending = 0  # a request whose fetch timed out, not yet collected
@@ -219,11 +222,20 @@ class DirtyLog:
             self._check_open()
             return self._serve_locked()
 
-    def start_service(self) -> None:
-        """Answer fetch requests from a thread of this (writer) process until ``close``."""
+    def start_service(self, collect: Callable[[], list[np.ndarray]] | None = None) -> None:
+        """Answer fetch requests from a thread of this (writer) process until ``close``.
+
+        ``collect``, if given, runs in that thread on each request, before the flip: it returns
+        one packed little-endian bitmap per block (or None) of pages written since its previous
+        call, ORed into the log under the lock and handed out by this very fetch. A writer whose
+        writes are logged elsewhere (KVM's dirty log) so answers on request with no bit lost:
+        what ``collect`` took is in the fetched bitmap, what it did not take it returns next
+        time. An exception in ``collect`` stops the service (``service_error`` holds it): the
+        reader's fetch then times out, or sees the writer die."""
         self._claim_writer()
         if self._thread is not None:
             return
+        self._collect = collect
         self._thread = threading.Thread(target=self._serve_forever, daemon=True,
                                         name=f"dirtylog-{self.name}")
         self._thread.start()
@@ -234,9 +246,28 @@ class DirtyLog:
                 self._request.acquire(1.0)  # close() posts to wake us; the timeout is a guard
             except (posix_ipc.BusyError, posix_ipc.SignalError):
                 continue
+            if self._stop:
+                return
+            bitmaps = None
+            if self._collect is not None and self._hdr[_REQUEST] != self._done:
+                try:
+                    bitmaps = self._collect()
+                except BaseException as exc:  # noqa: BLE001 - the owner reports it
+                    self.service_error = exc
+                    return
             with self._lock:
                 if not self._closed:
+                    if bitmaps is not None:
+                        self._or_locked(bitmaps)
                     self._serve_locked()
+
+    def _or_locked(self, bitmaps: list[np.ndarray]) -> None:
+        for block, bm in enumerate(bitmaps):
+            bm = np.asarray(bm).view(np.uint8)
+            if bm.any():
+                target = self._block(block)[0]
+                n = min(len(bm), len(target))
+                target[:n] |= bm[:n]
 
     # -- reader ------------------------------------------------------------------------------
 
