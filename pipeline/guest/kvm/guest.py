@@ -15,6 +15,7 @@ instruction (the source); ``KvmGuest.incoming`` takes RAM that already holds a r
 from __future__ import annotations
 
 import struct
+import threading
 
 import numpy as np
 
@@ -48,6 +49,8 @@ class KvmGuest:
             self.close()
             raise
         self.refused_msrs: list[int] = []
+        self._host_lock = threading.Lock()
+        self._host_dirty: set[int] = set()
 
     # -- the two ways in -----------------------------------------------------------------
 
@@ -114,6 +117,13 @@ class KvmGuest:
     def set_delay(self, loops: int) -> None:
         """The dirty-rate knob: delay-loop iterations between page writes (0 = flat out)."""
         program.set_delay(self.mem, loops)
+        self._host_wrote(program.CTRL_GPA)
+
+    def _host_wrote(self, gpa: int) -> None:
+        """Remember a page the VMM (not the vCPU) wrote: KVM logs only the vCPU's writes, so
+        ``fetch_dirty`` adds these, as QEMU marks its own writes to guest RAM."""
+        with self._host_lock:
+            self._host_dirty.add(gpa // program.PAGE)
 
     def passes(self) -> int:
         """The pass counter in guest memory (readable while running)."""
@@ -135,8 +145,18 @@ class KvmGuest:
         return head + vcpu_state.to_bytes()
 
     def fetch_dirty(self) -> list[np.ndarray]:
-        """Pages the guest wrote since the last fetch, one packed bitmap per RAM block."""
-        return self.dirty.fetch()
+        """Pages written since the last fetch (by the vCPU, as KVM logged them, or by the VMM
+        itself), one packed bitmap per RAM block. Safe from another thread than the vCPU's."""
+        with self._host_lock:
+            host, self._host_dirty = self._host_dirty, set()
+        bitmaps = self.dirty.fetch()
+        for page in host:  # a handful at most: the control page
+            gpa = page * program.PAGE
+            for b, blk in enumerate(self.blocks):
+                if blk.offset <= gpa < blk.offset + blk.length:
+                    i = (gpa - blk.offset) // program.PAGE
+                    bitmaps[b][i >> 3] |= 1 << (i & 7)
+        return bitmaps
 
     def set_dirty_logging(self, on: bool) -> None:
         """Arm or disarm KVM dirty logging on every memslot."""
