@@ -61,9 +61,10 @@ class SourcePipeline:
             self.close()
             raise
         n = {k: r.name for k, r in self.rings.items()}
-        region, log = guest.region.name, guest.log.name
+        region = guest.region.name
         self.scanner = StageProcess("scanner", "stages.scanner:scanner_main", {
-            "region": region, "dirtylog": log, "chunk_pages": guest.region.chunk_pages,
+            "region": region, "dirty": guest.dirty_source(),
+            "chunk_pages": guest.region.chunk_pages,
             "commands": n["commands"], "runs": n["runs"], "syncs": n["syncs"]})
         self.registrar = StageProcess("registrar", "stages.registrar:registrar_main", {
             "region": region, "transport": config.transport, "pin_all": config.pin_all,

@@ -164,19 +164,20 @@ class Scanner:
 
 
 def scanner_main(config: dict, link) -> int:
-    """Process: config keys region, dirtylog, chunk_pages, commands, runs, syncs (ring names)."""
-    from shm.dirtylog import DirtyLog, dirty_runs
+    """Process: config keys region, dirty (a ``stages.dirty_sources`` spec; or dirtylog, a log
+    name), chunk_pages, commands, runs, syncs (ring names)."""
+    from shm.dirtylog import dirty_runs
     from shm.region import RamRegion
     from shm.ring import Ring
+    from stages.dirty_sources import scanner_source
 
     with RamRegion.attach(config["region"]) as region, \
-            DirtyLog.attach(config["dirtylog"]) as log, \
+            scanner_source(config, region) as source, \
             Ring.attach(config["commands"], COMMAND_DTYPE) as commands, \
             Ring.attach(config["runs"], RUN_DTYPE) as runs_out, \
             Ring.attach(config["syncs"], SYNC_DTYPE) as syncs:
         views = [blk.view.view(np.uint64).reshape(-1, WORDS) for blk in region.blocks]
-        scanner = Scanner(views, config["chunk_pages"], lambda: log.fetch(timeout=5.0),
-                          dirty_runs)
+        scanner = Scanner(views, config["chunk_pages"], source.fetch, dirty_runs)
         link.ready()
         batch = int(config.get("batch", 4096))
         while True:

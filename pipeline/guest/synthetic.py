@@ -10,7 +10,11 @@ page); a set share of the pages written are zero pages. Every page is marked in 
 
 ``guest_main`` is the process (see ``stages.harness``): it attaches the region and the dirty log
 by name, fills its RAM once ("boots"), reports ready, then writes at ``dirty_rate`` bytes/s,
-answering ``pause`` / ``resume`` / ``state`` / ``stop`` on its pipe between batches.
+answering ``pause`` / ``resume`` / ``state`` / ``stop`` on its pipe between batches. With
+``tracking="uffd"`` it keeps no dirty log at all: after booting it arms its own mapping of the
+RAM with userfaultfd write-protect (``shm.uffd.arm``), reports that mapping's (address, length)
+per block in its ready message, and the scanner harvests the pages it wrote from
+``/proc/<pid>/pagemap``; the guest's code is the same, only ``mark`` is gone.
 """
 
 from __future__ import annotations
@@ -130,12 +134,15 @@ class Workload:
 
 def guest_main(config: dict, link) -> int:
     """Process entry: see the module docstring. ``config`` keys: region, dirtylog (or None),
-    state (GuestState as dict), fill (share of RAM to fill at boot, 0 on a resumed guest)."""
+    state (GuestState as dict), fill (share of RAM to fill at boot, 0 on a resumed guest),
+    tracking ("soft", the default, or "uffd")."""
     from shm.dirtylog import DirtyLog
     from shm.region import RamRegion
+    from shm.uffd import arm
 
     with RamRegion.attach(config["region"]) as region:
         log = DirtyLog.attach(config["dirtylog"], region) if config.get("dirtylog") else None
+        wp = None
         if log is not None:
             log.start_service()   # answer the scanner's fetches even while paused
         try:
@@ -155,11 +162,17 @@ def guest_main(config: dict, link) -> int:
                 work = Workload(state, [blk.nb_pages for blk in region.blocks])
                 if config.get("fill"):
                     work.boot(views, float(config["fill"]))
-                link.ready(state=asdict(state), pid=__import__("os").getpid())
+                if config.get("tracking") == "uffd":
+                    first, last = region.blocks[0], region.blocks[-1]
+                    wp = arm(first.address, last.address + last.length - first.address)
+                link.ready(state=asdict(state), pid=__import__("os").getpid(),
+                           blocks=[(b.address, b.length) for b in region.blocks])
             mark = log.mark if log is not None else None
             _run(work, views, mark, link, state)
             return 0
         finally:
+            if wp is not None:
+                wp.close()
             if log is not None:
                 log.close()
 
@@ -200,17 +213,26 @@ def _run(work: Workload, views, mark, link, state: GuestState) -> None:
 class SyntheticGuest:
     """The owner side of a synthetic guest: creates the RAM region (``pc.ram`` of ``ram`` bytes
     plus a small ``vga.vram``) and the dirty log, starts the guest process, and pauses, resumes
-    and stops it. Closing stops the process and unlinks both segments (idempotent)."""
+    and stops it. Closing stops the process and unlinks both segments (idempotent).
+    ``tracking``: "soft" (the guest marks a shared dirty log) or "uffd" (no log; the kernel
+    tracks the guest's writes)."""
 
     SECOND_BLOCK = ("vga.vram", 256 * 1024)
+    kind = "synthetic"
+    device_section = DEVICE_SECTION
 
     def __init__(self, ram: int, *, run_id: str, state: GuestState | None = None,
                  fill: float = 0.5, chunk_size: int = 1 << 20, dirty_log: bool = True,
-                 blocks: list[tuple[str, int]] | None = None, region_kind: str = "ram") -> None:
+                 blocks: list[tuple[str, int]] | None = None, region_kind: str = "ram",
+                 tracking: str = "soft") -> None:
         from shm.dirtylog import DirtyLog
         from shm.region import RamBlockSpec, RamRegion
         from stages.harness import StageProcess
 
+        if tracking not in ("soft", "uffd"):
+            raise ValueError(f"dirty tracking {tracking!r}: the synthetic guest has soft or uffd")
+        self.tracking = tracking
+        dirty_log = dirty_log and tracking == "soft"
         self.state = state or GuestState()
         specs = blocks or [("pc.ram", ram), self.SECOND_BLOCK]
         self.region = RamRegion.create(run_id, [RamBlockSpec(n, s) for n, s in specs],
@@ -225,10 +247,22 @@ class SyntheticGuest:
             self.process = StageProcess(
                 "guest", "pipeline.guest.synthetic:guest_main",
                 {"region": self.region.name, "dirtylog": self.log.name if self.log else None,
-                 "state": asdict(self.state), "fill": fill})
+                 "state": asdict(self.state), "fill": fill, "tracking": tracking})
         except BaseException:
             self.close()
             raise
+
+    @property
+    def busy(self) -> bool:
+        """Whether the guest writes memory while it runs."""
+        return self.state.dirty_rate > 0
+
+    def dirty_source(self) -> dict:
+        """Where the scanner finds this guest's dirty pages (plain config; after ``start``)."""
+        if self.tracking == "uffd":
+            info = self.process.info
+            return {"kind": "pagemap", "pid": info["pid"], "blocks": info["blocks"]}
+        return {"kind": "log", "name": self.log.name}
 
     def start(self, timeout: float = 60.0) -> SyntheticGuest:
         self.process.start()
