@@ -25,7 +25,8 @@ from pipeline.config import MigrationConfig
 from pipeline.control import ControlLink
 from pipeline.digest import DIGEST_SECTION, mismatches
 from pipeline.errors import MigrationError, RemoteProtocolError, TransportError
-from pipeline.guest.synthetic import DEVICE_SECTION, GuestState, device_codec
+from pipeline.guest.factory import GUEST_SECTIONS
+from pipeline.guest.synthetic import device_codec
 from pipeline.protocol.capabilities import (
     Capabilities,
     Capability,
@@ -66,7 +67,7 @@ class IncomingMigration:
                  on_listening: Callable[[int], None] | None = None,
                  cancel: threading.Event | None = None, keep_guest: bool = False,
                  corrupt: tuple[int, int] | None = None, accept_timeout: float = 60.0,
-                 fault: dict | None = None) -> None:
+                 fault: dict | None = None, guest_watch: float = 0.0) -> None:
         self.uri = uri
         self.config = config
         self.run_id = run_id
@@ -91,7 +92,9 @@ class IncomingMigration:
         self._stop = threading.Event()
         self._acceptor: threading.Thread | None = None
         self._acceptor_error: BaseException | None = None
-        self.guest_state: GuestState | None = None
+        self.guest_device: tuple[str, bytes] | None = None   # (section, body) of the guest
+        self.guest_watch = guest_watch      # seconds the resumed guest runs before a report
+        self.guest_report: dict = {}        # where the guest resumed, and where it stopped
         self.digests: bytes | None = None
         self.verified: bool | None = None
         self.resume_time = 0.0
@@ -128,6 +131,8 @@ class IncomingMigration:
             self._read_stream()
             self._finish()
             self._state("completed")
+            if self.guest_watch > 0:
+                self.cancel.wait(self.guest_watch)   # let the resumed guest run a little
         except BaseException as exc:
             reason = str(exc) if isinstance(exc, MigrationError) else f"{type(exc).__name__}: {exc}"
             if self.link is not None:
@@ -142,6 +147,8 @@ class IncomingMigration:
     def summary(self) -> dict:
         snap = self.stats.snapshot(time.monotonic())
         snap["verified"] = self.verified
+        if self.guest_report:
+            snap["guest"] = dict(self.guest_report)
         return snap
 
     # -- connections ---------------------------------------------------------------------
@@ -204,7 +211,8 @@ class IncomingMigration:
 
     # -- the stream ----------------------------------------------------------------------
     def _read_stream(self) -> None:
-        reader = StreamReader({DEVICE_SECTION: device_codec, DIGEST_SECTION: device_codec})
+        codecs = dict.fromkeys([*GUEST_SECTIONS, DIGEST_SECTION], device_codec)
+        reader = StreamReader(codecs)
         while True:
             msg = self.link.grant_and_receive()
             if not isinstance(msg, QemuFileMessage):
@@ -218,8 +226,8 @@ class IncomingMigration:
                     self._registration_loop()
                 elif isinstance(ev, DeviceState):
                     body = ev.data[4:]
-                    if ev.idstr == DEVICE_SECTION:
-                        self.guest_state = GuestState.from_bytes(body)
+                    if ev.idstr in GUEST_SECTIONS:
+                        self.guest_device = (ev.idstr, bytes(body))
                     elif ev.idstr == DIGEST_SECTION:
                         self.digests = bytes(body)
                 elif isinstance(ev, Eof):
@@ -254,13 +262,14 @@ class IncomingMigration:
 
     def _start_guest(self) -> None:
         """Start the destination's guest process now, idle until ``_resume`` loads its state
-        (so starting a process is not part of the downtime)."""
+        (so starting a process is not part of the downtime); it becomes the guest the stream
+        names (``pipeline.guest.factory.incoming_guest_main``)."""
         from stages.harness import StageProcess
 
         if self.guest is not None:
             return
-        self.guest = StageProcess("dst-guest", "pipeline.guest.synthetic:guest_main", {
-            "region": self.region.name, "dirtylog": None, "state": None, "fill": 0})
+        self.guest = StageProcess("dst-guest", "pipeline.guest.factory:"
+                                  "incoming_guest_main", {"region": self.region.name})
         self.guest.start()
 
     def _registration_loop(self) -> None:
@@ -354,7 +363,7 @@ class IncomingMigration:
             where = ", ".join(f"{n} chunk {c}" for n, c in bad[:4])
             raise MigrationError(f"RAM verification failed: {len(bad)} chunk(s) differ "
                                  f"({where}); the guest was not resumed")
-        if self.guest_state is None:
+        if self.guest_device is None:
             raise RemoteProtocolError("the stream carried no guest device state")
         self._resume()
         self.resume_time = time.monotonic()
@@ -366,8 +375,9 @@ class IncomingMigration:
 
     def _resume(self) -> None:
         self.guest.wait_ready(30.0)
-        self.guest.send("load", self.guest_state.__dict__)
-        self.guest.recv(10.0, what="resume")
+        self.guest.send("load", *self.guest_device)
+        msg = self.guest.recv(30.0, what="resume")
+        self.guest_report["resumed"] = msg[2] if len(msg) > 2 else {}
 
     def _teardown(self) -> None:
         self._stop.set()
@@ -404,7 +414,9 @@ class IncomingMigration:
                 if not self.guest.info:
                     self.guest.wait_ready(30.0)
                 self.guest.send("stop")
-                state = self.guest.recv(2.0, what="stop")[1]
+                state = self.guest.recv(5.0, what="stop")[1]
+                if state and self.guest_report:
+                    self.guest_report["stopped"] = state
             except MigrationError:
                 pass
         self.guest.stop(2.0)
@@ -438,7 +450,7 @@ def incoming_main(config: dict, link) -> int:
     uri = URI("rdma", config["host"], int(config["port"]))
     mig = IncomingMigration(uri, cfg, run_id=config["run_id"],
                             blocks=config.get("blocks"), cancel=cancel, corrupt=corrupt,
-                            fault=fault,
+                            fault=fault, guest_watch=float(config.get("guest_watch", 0)),
                             on_listening=lambda port: link.ready(port=port),
                             on_state=lambda s, r: link.send("state", s, r))
     try:

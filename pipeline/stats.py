@@ -4,7 +4,8 @@
 dict (JSON-ready) with QEMU's keys: ``status``, ``total-time``, ``setup-time``, ``downtime``,
 ``expected-downtime`` (milliseconds) and a ``ram`` object (``transferred``, ``remaining``,
 ``total``, ``duplicate``, ``normal``, ``normal-bytes``, ``mbps``, ``dirty-pages-rate``,
-``dirty-sync-count``), plus ours: ``verified``, ``round``, ``error`` and ``stages``.
+``dirty-sync-count``), plus ours: ``verified``, ``round``, ``error``, ``stages``, ``guest`` and
+``dirty-tracking`` (which guest ran and which dirty source tracked it).
 
 Counting: ``duplicate`` is zero pages found by the scanner (sent as COMPRESS, or written as
 part of a run in a registered chunk); ``normal`` the non-zero pages written; ``transferred``
@@ -68,6 +69,8 @@ class MigrationStats:
     expected_downtime_ms: float = 0.0
     round: int = 0
     verified: bool | None = None
+    guest: str = ""                  # which guest: synthetic or kvm
+    dirty_tracking: str = ""         # which dirty source ran: soft, uffd or kvm
     error: str = ""
     stages: StageFigures = field(default_factory=StageFigures)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -116,6 +119,9 @@ class MigrationStats:
             }
             if downtime is not None:
                 out["downtime"] = downtime
+            if self.guest:
+                out["guest"] = self.guest
+                out["dirty-tracking"] = self.dirty_tracking
             if self.error:
                 out["error-desc"] = self.error
             return out
