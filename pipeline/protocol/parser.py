@@ -12,6 +12,10 @@ PART / END name a section that START opened; every section's data ends with a FO
 RAM records carry exactly one of MEM_SIZE, ZERO, PAGE, EOS, HOOK (CONTINUE only with PAGE /
 ZERO, and only after a block was named), block names come from MEM_SIZE, pages lie inside their
 block, zero pages fill with 0; nothing but VMDESCRIPTION may follow EOF.
+With ``bulk=True`` (streams with pages inline), back-to-back PAGE or ZERO records with CONTINUE
+come out as one ``ram_batch.PageBatch`` / ``ZeroBatch`` per run buffered, checked with numpy
+(the first record that does not fit the run is parsed alone, with the checks above). Error
+messages name the stream offset and the section being read (or the last one read).
 Not supported: MEM_SIZE's extra per-block fields (postcopy page size, x-ignore-shared GPA) and
 the XBZRLE, multifd and mapped-ram records (none of which QEMU allows with RDMA).
 """
@@ -22,6 +26,7 @@ from collections.abc import Callable, Mapping
 
 from pipeline.errors import RemoteProtocolError
 from pipeline.protocol.buffer import Buffer, BufferReadError
+from pipeline.protocol.ram_batch import batch_from, count_records
 from pipeline.protocol.records import (
     FILE_MAGIC,
     FILE_VERSION,
@@ -71,6 +76,7 @@ _HEADER, _TOP, _RAM, _DEVICE, _FOOTER, _AFTER_EOF, _DONE = range(7)
 _PHASE_NAMES = ("the file header", "a section type", "a RAM record", "device state",
                 "a section footer", "VMDESCRIPTION or the end", "the end")
 _COMPACT_AT = 1 << 16
+_BATCH_FLAGS = (int(RamFlag.PAGE | RamFlag.CONTINUE), int(RamFlag.ZERO | RamFlag.CONTINUE))
 # configuration subsections of a fixed size (savevm.c): target page bits, the source's UUID
 _CONFIG_SUBSECTIONS = {"configuration/target-page-bits": 4, "configuration/uuid": 16}
 
@@ -79,17 +85,19 @@ class StreamParser:
     """Parse one migration stream. ``devices`` maps a section idstr to its ``DeviceCodec``."""
 
     def __init__(self, devices: Mapping[str, DeviceCodec] | None = None, *,
-                 page_size: int = PAGE_SIZE) -> None:
+                 page_size: int = PAGE_SIZE, bulk: bool = False) -> None:
         if page_size <= 0 or page_size & (page_size - 1):
             raise ValueError(f"page_size {page_size} is not a power of two")
         self.devices = dict(devices or {})
         self.page_size = page_size
+        self.bulk = bulk
         self._buf = bytearray()
         self._pos = 0                     # parse position in _buf
         self._base = 0                    # stream offset of _buf[0]
         self._phase = _HEADER
         self._sections: dict[int, tuple[str, int, int]] = {}   # id -> idstr, instance, version
         self._current: SectionHeader | None = None
+        self._last_section: SectionHeader | None = None
         self._blocks: dict[str, int] = {}
         self._last_block: str | None = None
         self._seen_section = False
@@ -112,11 +120,18 @@ class StreamParser:
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
         self._check()
-        if self._pos >= _COMPACT_AT:
-            del self._buf[:self._pos]
+        try:
+            if self._pos >= _COMPACT_AT:
+                del self._buf[:self._pos]
+                self._base += self._pos
+                self._pos = 0
+            self._buf += data
+        except BufferError:
+            # A batch event still views these bytes (ram_batch hands out views, not copies):
+            # leave them to it and go on in a new buffer.
+            self._buf = self._buf[self._pos:] + data
             self._base += self._pos
             self._pos = 0
-        self._buf += data
 
     def next_event(self) -> Event | _NeedData:
         """The next whole record as an event, or ``NEED_DATA``."""
@@ -146,9 +161,20 @@ class StreamParser:
         if self._phase in (_AFTER_EOF, _DONE) and self._pos == len(self._buf):
             return
         self._error = RemoteProtocolError(
-            f"migration stream truncated at offset {self._base + len(self._buf)}: expected "
-            f"{_PHASE_NAMES[self._phase]} at offset {self.offset}")
+            f"migration stream truncated at offset {self._base + len(self._buf)} "
+            f"({self.where()}): expected {_PHASE_NAMES[self._phase]} at offset {self.offset}")
         raise self._error
+
+    def where(self) -> str:
+        """The section being parsed, or the last one parsed: for messages."""
+        head = self._current or self._last_section
+        if head is None:
+            return "before any section" if self._phase != _HEADER else "in the file header"
+        kind = head.section_type.name.removeprefix("SECTION_")
+        name = f"section {head.idstr!r} {kind} (id {head.section_id})"
+        if self._phase in (_AFTER_EOF, _DONE):
+            return f"after QEMU_VM_EOF, last {name}"
+        return f"in {name}" if self._current is not None else f"after {name}"
 
     # -- internals -----------------------------------------------------------------------------
     def _check(self) -> None:
@@ -156,7 +182,8 @@ class StreamParser:
             raise RemoteProtocolError(str(self._error))
 
     def _fail(self, at: int, what: str) -> RemoteProtocolError:
-        return RemoteProtocolError(f"migration stream offset {self._base + at}: {what}")
+        return RemoteProtocolError(
+            f"migration stream offset {self._base + at} ({self.where()}): {what}")
 
     def _idstr(self, buf: Buffer, what: str) -> str:
         at = buf.tell()
@@ -195,7 +222,7 @@ class StreamParser:
                                      "(0x7e) must be")
             if sid != expected:
                 raise self._fail(at, f"footer of section {sid}, expected {expected}")
-            self._current = None
+            self._last_section, self._current = self._current, None
             self._phase = _TOP
             return SectionFooter(sid)
         at = buf.tell()
@@ -296,6 +323,10 @@ class StreamParser:
 
     def _ram(self, buf: Buffer) -> Event:
         at = buf.tell()
+        if self.bulk and self._last_block is not None and buf.remaining >= 8:
+            batch = self._batch(buf, at)
+            if batch is not None:
+                return batch
         raw = buf.pull_struct(U64, "RAM record")[0]
         mask = self.page_size - 1
         flags, addr = raw & mask, raw & ~mask
@@ -337,6 +368,21 @@ class StreamParser:
         raise self._fail(at, f"RAM record flags {flags:#x} ({names}): not a record we accept "
                              "(exactly one of MEM_SIZE, ZERO, PAGE, EOS, HOOK; CONTINUE only "
                              "with PAGE or ZERO)")
+
+    def _batch(self, buf: Buffer, at: int):
+        """A PageBatch / ZeroBatch of the CONTINUE records buffered at ``at``, or None."""
+        flags = int.from_bytes(self._buf[at:at + 8], "big") & (self.page_size - 1)
+        if flags not in _BATCH_FLAGS:
+            return None
+        zero = flags == _BATCH_FLAGS[1]
+        block = self._last_block
+        n = count_records(self._buf, at, len(self._buf), zero=zero,
+                          block_length=self._blocks[block], page_size=self.page_size)
+        if n == 0:
+            return None
+        event = batch_from(self._buf, at, n, block, zero=zero, page_size=self.page_size)
+        buf.seek(at + n * (9 if zero else 8 + self.page_size))
+        return event
 
     def _mem_size(self, buf: Buffer, at: int, total: int) -> MemSize:
         blocks = []

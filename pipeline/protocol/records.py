@@ -303,4 +303,8 @@ def encode_event(event: Event, page_size: int = PAGE_SIZE) -> bytes:
             return U8.pack(SectionType.EOF)
         case VmDescription(raw):
             return U8.pack(SectionType.VMDESCRIPTION) + U32.pack(len(raw)) + raw
+    from pipeline.protocol.ram_batch import PageBatch, ZeroBatch  # it imports this module
+
+    if isinstance(event, PageBatch | ZeroBatch):
+        return event.encode(page_size)
     raise TypeError(f"not a stream event: {event!r}")
