@@ -16,13 +16,25 @@ DIGEST_SECTION = "rdp-ram-digest"
 SIZE = 32
 
 
-def _ranges(region) -> list[tuple[int, int, int, int]]:
+def _ranges(region, chunk_size: int | None = None) -> list[tuple[int, int, int, int]]:
     out = []
     for blk in region.blocks:
-        for c in range(blk.nb_chunks):
-            start, end = blk.chunk_range(c)
-            out.append((blk.index, c, start, end))
+        cs = chunk_size or blk.chunk_size
+        for c in range(-(-blk.length // cs)):
+            out.append((blk.index, c, c * cs, min(blk.length, (c + 1) * cs)))
     return out
+
+
+def chunk_size_for(lengths: list[int], n_digests: int) -> int | None:
+    """The chunk size (a power of two, 1 MiB to 1 GiB) that cuts blocks of ``lengths`` into
+    ``n_digests`` chunks, or None. Where two sizes give the same count every block fits in one
+    chunk of either, so they cut alike and the smaller is as good."""
+    cs = 1 << 20
+    while cs <= 1 << 30:
+        if sum(-(-n // cs) for n in lengths) == n_digests:
+            return cs
+        cs <<= 1
+    return None
 
 
 _ZERO: dict[int, bytes] = {}
@@ -34,22 +46,23 @@ def _zero_digest(n: int) -> bytes:
     return _ZERO[n]
 
 
-def chunk_digests(region, threads: int = 2) -> bytes:
-    """SHA-256 of each chunk, blocks in order, chunks in order, concatenated. A chunk with no
-    page in memory (never written) is zero: its digest is known without reading (and so
-    without allocating) its pages."""
+def chunk_digests(region, threads: int = 2, chunk_size: int | None = None) -> bytes:
+    """SHA-256 of each chunk (of the region's chunk size unless ``chunk_size``), blocks in
+    order, chunks in order, concatenated. A chunk with no page in memory (never written) is
+    zero: its digest is known without reading (and so without allocating) its pages."""
     import numpy as np
 
     from stages.scanner import resident
 
-    ranges = _ranges(region)
+    ranges = _ranges(region, chunk_size)
     views = {blk.index: memoryview(blk.view) for blk in region.blocks}
     absent = {}
     for blk in region.blocks:
         res = resident(blk.view.view(np.uint64).reshape(-1, 512))
         if res is not None:
-            pad = (-len(res)) % blk.chunk_pages
-            per_chunk = np.concatenate([res, np.zeros(pad, bool)]).reshape(-1, blk.chunk_pages)
+            chunk_pages = (chunk_size or blk.chunk_size) // 4096
+            pad = (-len(res)) % chunk_pages
+            per_chunk = np.concatenate([res, np.zeros(pad, bool)]).reshape(-1, chunk_pages)
             absent[blk.index] = ~per_chunk.any(axis=1)
 
     def one(r):
@@ -65,12 +78,13 @@ def chunk_digests(region, threads: int = 2) -> bytes:
     return b"".join(digests)
 
 
-def mismatches(region, expected: bytes, threads: int = 2) -> list[tuple[str, int]]:
+def mismatches(region, expected: bytes, threads: int = 2,
+               chunk_size: int | None = None) -> list[tuple[str, int]]:
     """(block idstr, chunk) of every chunk whose digest differs from ``expected``."""
-    ranges = _ranges(region)
+    ranges = _ranges(region, chunk_size)
     if len(expected) != SIZE * len(ranges):
         return [("<geometry>", -1)]
-    mine = chunk_digests(region, threads)
+    mine = chunk_digests(region, threads, chunk_size)
     names = {blk.index: blk.idstr for blk in region.blocks}
     return [(names[b], c) for i, (b, c, _s, _e) in enumerate(ranges)
             if mine[i * SIZE:(i + 1) * SIZE] != expected[i * SIZE:(i + 1) * SIZE]]

@@ -1,0 +1,72 @@
+"""The sections of our migration stream, whatever carries it (``rdma:``, ``tcp:``, ``file:``).
+
+    header      QEVM, version 3; CONFIGURATION with the machine name ``MACHINE``
+    ram         id RAM_SID, instance 0, version 4: START (MEM_SIZE), PART per round, END
+    guest       id GUEST_SID: the guest's device state (FULL), framed (be32 length, bytes)
+    digest      id DIGEST_SID: ``rdp-ram-digest``, SHA-256 per chunk (FULL), framed
+    EOF, then VMDESCRIPTION describing the guest and digest sections field by field
+
+``DeviceSections`` writes the device sections and remembers how to describe them; ``end()``
+writes EOF and the VMDESCRIPTION. ``device_codecs()`` is what a destination's parser needs to
+find where each of our device sections ends.
+"""
+
+from __future__ import annotations
+
+from pipeline.digest import DIGEST_SECTION
+from pipeline.guest.factory import GUEST_SECTIONS
+from pipeline.guest.synthetic import device_codec, frame
+from pipeline.protocol.records import (
+    Configuration,
+    DeviceState,
+    Eof,
+    FileHeader,
+    SectionFooter,
+    SectionHeader,
+    SectionType,
+)
+from pipeline.protocol.vmdesc import DeviceDescription, framed_fields, vm_description
+
+RAM_SID, GUEST_SID, DIGEST_SID = 2, 3, 4
+MACHINE = "rdma-pipeline"
+DEVICE_VERSION = 1
+
+
+def write_header(writer) -> None:
+    """File magic, version and the configuration section."""
+    writer.write_event(FileHeader())
+    writer.write_event(Configuration(MACHINE))
+
+
+def device_codecs() -> dict:
+    """Section idstr -> parser codec for every device section we write (all framed)."""
+    return dict.fromkeys([*GUEST_SECTIONS, DIGEST_SECTION], device_codec)
+
+
+class DeviceSections:
+    """Device sections written to one stream, and their VMDESCRIPTION."""
+
+    def __init__(self) -> None:
+        self.described: list[DeviceDescription] = []
+
+    def write(self, writer, sid: int, idstr: str, payload: str, body: bytes) -> None:
+        """One FULL section holding ``body`` framed; ``payload`` names the body's field."""
+        writer.write_event(SectionHeader(SectionType.SECTION_FULL, sid, idstr, 0,
+                                         DEVICE_VERSION))
+        writer.write_event(DeviceState(sid, idstr, frame(body)))
+        writer.write_event(SectionFooter(sid))
+        self.described.append(DeviceDescription(idstr, 0, DEVICE_VERSION,
+                                                framed_fields(payload, len(body))))
+
+    def guest(self, writer, idstr: str, state: bytes) -> None:
+        """The guest's device state (``idstr``: the synthetic or the KVM guest's section)."""
+        self.write(writer, GUEST_SID, idstr, "state", state)
+
+    def digest(self, writer, digests: bytes) -> None:
+        """The RAM digest section: SHA-256 of every chunk."""
+        self.write(writer, DIGEST_SID, DIGEST_SECTION, "sha256", digests)
+
+    def end(self, writer) -> None:
+        """QEMU_VM_EOF, then the VMDESCRIPTION of the sections written."""
+        writer.write_event(Eof())
+        writer.write_event(vm_description(self.described, machine=MACHINE))
