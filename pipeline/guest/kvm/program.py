@@ -271,3 +271,34 @@ def check_invariant(mem: GuestMemory, regs) -> Progress:
         raise GuestError(f"vCPU registers disagree with memory: r12={regs.r12} r13={regs.r13} "
                          f"at rip {regs.rip:#x}, memory says pass {want_r12} page {want_r13}")
     return Progress(p, k, (p - 1) * n + k if p else 0)
+
+
+def check_resume_point(mem: GuestMemory, regs) -> Progress:
+    """The invariant where the vCPU stands only: registers against the control page and the two
+    data pages either side of the vCPU's position. O(1) reads, so a destination can check the
+    point it resumes from without touching (and faulting in) every page of RAM: the RAM itself
+    was verified against the source's, whose full invariant was checked at the pause."""
+    layout = read_layout(mem)
+    n = layout.n_pages
+    p = int(mem.u64s(CTRL_GPA, 8)[CTRL_PASS])
+    where = regs.rip - CODE_GPA
+    want_r12 = p
+    if where in (LABELS["set_rsi"], LABELS["inc_pass"], LABELS["publish"]):
+        k, want_r13 = n, 0            # between passes: the last one is complete
+        if where == LABELS["publish"]:
+            want_r12 = p + 1
+    elif where == LABELS["inc_index"]:
+        k = regs.r13 + 1              # page r13 is written, r13 not yet incremented
+        want_r13 = regs.r13
+    else:
+        k = want_r13 = regs.r13
+    if regs.r12 != want_r12 or regs.r13 != want_r13 or not 0 <= k <= n or (p == 0 and k != n):
+        raise GuestError(f"vCPU registers disagree with memory: r12={regs.r12} r13={regs.r13} "
+                         f"at rip {regs.rip:#x}, control page says pass {p}")
+    gpas = layout.page_gpas()
+    for index, want in ((k - 1, p), (k, max(p - 1, 0))):
+        if 0 <= index < n and p and int(mem.u64s(int(gpas[index]), 1)[0]) != want:
+            raise GuestError(f"guest memory breaks the invariant at the vCPU's position: pass "
+                             f"{p}, page {index} carries {int(mem.u64s(int(gpas[index]), 1)[0])}"
+                             f", expected {want}")
+    return Progress(p, k, (p - 1) * n + k if p else 0)

@@ -81,3 +81,30 @@ def test_copying_what_the_log_reports_reproduces_ram_with_the_rate_knob_moving()
             assert guest.stop(5) == 0
         finally:
             guest.close()
+
+
+def test_the_resume_point_check_agrees_with_the_full_check_and_catches_a_break():
+    from pipeline.errors import GuestError
+    from pipeline.guest.kvm import state
+
+    with RamRegion.create(new_run_id(), [RamBlockSpec("pc.ram", 4 * MiB)]) as region, \
+            KvmGuest.boot(region.blocks, delay=100) as guest:
+        assert guest.check(full=False) == guest.check()          # pass 0, fresh boot
+        for _ in range(12):
+            guest.start()
+            time.sleep(0.003)
+            guest.pause()
+            assert guest.check(full=False) == guest.check()
+        at = guest.check()
+        gpas = program.read_layout(guest.mem).page_gpas()
+        if at.page < len(gpas):
+            word = guest.mem.u64s(int(gpas[at.page]), 1)
+            word[0] += 1                                         # the next page is ahead
+            with pytest.raises(GuestError, match="invariant"):
+                guest.check(full=False)
+            word[0] -= 1
+        regs = state.get_regs(guest.vcpu)
+        regs.r12 += 1
+        state.set_regs(guest.vcpu, regs)
+        with pytest.raises(GuestError, match="registers"):
+            guest.check(full=False)
