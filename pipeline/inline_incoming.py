@@ -105,7 +105,13 @@ class StreamIncoming(IncomingMigration):
         while True:
             n = self.source.readinto(view)
             if n == 0:
-                parser.end_of_stream()        # a stream cut short raises here, saying where
+                try:
+                    parser.end_of_stream()    # a stream cut short raises here, saying where
+                except RemoteProtocolError as exc:
+                    if self.uri.scheme == "tcp":
+                        exc.message = f"the source closed the connection: {exc.message}"
+                        exc.args = (exc.message,)
+                    raise
                 if not done:
                     raise RemoteProtocolError(
                         f"migration stream ends after QEMU_VM_EOF at offset {parser.offset} "
