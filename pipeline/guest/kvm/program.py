@@ -153,11 +153,25 @@ class GuestMemory:
             words[idx] = value
 
     def gather_u64(self, gpas: np.ndarray) -> np.ndarray:
-        """The u64 at each GPA (8-aligned), vectorised per block."""
+        """The u64 at each GPA (8-aligned), vectorised per block. A page not in memory reads
+        as zero without being read: reading it would allocate it (a shared-memory page is
+        allocated on first touch, even a read), and a check that reads every data page would
+        make all of guest RAM resident, so later scans and digests would read it all too."""
         out = np.zeros(len(gpas), np.uint64)
         for words, inside, idx in self._split(gpas):
-            out[inside] = words[idx]
+            present = self._resident_words(words, idx)
+            out[np.flatnonzero(inside)[present]] = words[idx[present]]
         return out
+
+    @staticmethod
+    def _resident_words(words: np.ndarray, idx: np.ndarray) -> np.ndarray:
+        from stages.scanner import resident
+
+        n_pages = len(words) * 8 // PAGE
+        res = resident(words[:n_pages * PAGE // 8].reshape(n_pages, PAGE // 8))
+        if res is None:
+            return np.ones(len(idx), bool)
+        return res[(idx * 8 // PAGE).astype(np.int64)]
 
 
 def page_tables(total_bytes: int) -> dict[int, bytes]:
@@ -187,7 +201,10 @@ def install(mem: GuestMemory, layout: Layout, delay: int = 0) -> None:
     for gpa, data in page_tables(mem.total).items():
         mem.write(gpa, data)
     mem.write(CODE_GPA, CODE)
-    mem.scatter_u64(layout.page_gpas(), 0)  # RAM reused from an earlier guest starts clean
+    gpas = layout.page_gpas()
+    dirty = gpas[mem.gather_u64(gpas) != 0]   # RAM reused from an earlier guest starts clean;
+    if len(dirty):                            # fresh RAM is left alone (not allocated)
+        mem.scatter_u64(dirty, 0)
     ctrl = np.zeros(PAGE // 8, np.uint64)
     ctrl[[CTRL_NPAGES, CTRL_STRIDE, CTRL_DELAY, CTRL_DATA, CTRL_MAGIC]] = [
         layout.n_pages, layout.stride * PAGE, delay, DATA_GPA, CTRL_MAGIC_VALUE]
