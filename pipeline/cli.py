@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "migrate": ("pipeline.migrate_cmd", "migrate a synthetic guest to rdma:HOST:PORT"),
     "incoming": ("pipeline.incoming_cmd", "receive a migration on rdma:HOST:PORT"),
     "cleanup": ("pipeline.cleanup_cmd", "remove shared memory left by killed runs"),
+    "bench": ("pipeline.bench_cmd", "per-stage and end-to-end benchmarks against baselines"),
 }
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2

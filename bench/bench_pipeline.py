@@ -1,0 +1,90 @@
+"""A whole migration (guest, source stages, destination), against raw TCP moving the same bytes.
+
+    .venv/bin/python -m bench.bench_pipeline            # table (median of --repeat runs)
+    .venv/bin/python -m bench.bench_pipeline --json     # one JSON line per case
+
+Each case runs in a fresh interpreter (``--case NAME``). The guest is idle, ``RAM`` bytes, every
+page non-zero. ``gb_per_s`` is the first round's throughput (bytes sent / round time, QEMU's
+``mbps``: the round that moves all of RAM); ``end_to_end_gb_per_s`` is RAM / total-time (process
+start, setup, rounds, switchover, verification and resume included). Baselines, in the same
+invocation: ``tcp-fresh``, the same bytes over a loopback TCP socket into a receiver's fresh
+shared memory (faulted in by the receiver inside the timing, as the destination must), and
+``tcp-warm``, into memory faulted in beforehand (the link's ceiling).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from bench.common import attach_baselines, format_table, median_row, run_case_process, vs_text
+from bench.common import usage as _usage
+
+RAM = 512 << 20
+CASES = {
+    "tcp-warm": ("tcp", True),
+    "tcp-fresh": ("tcp", False),
+    "migrate-pin-off": ("migrate", False),
+    "migrate-pin-on": ("migrate", True),
+}
+BASELINE = {"migrate-pin-off": "tcp-fresh", "migrate-pin-on": "tcp-fresh",
+            "tcp-fresh": "tcp-warm"}
+METRIC = "gb_per_s"
+
+
+def run_case(name: str) -> dict:
+    from bench.migration import run_migration, tcp_copy
+
+    kind, flag = CASES[name]
+    if kind == "tcp":
+        out = tcp_copy(RAM, warm=flag)
+        return {"case": name, **out, "end_to_end_gb_per_s": out["gb_per_s"], **_usage()}
+    s = run_migration(RAM, pin_all=flag)
+    total = s["total-time"] / 1e3
+    return {"case": name, "status": s["status"], "verified": s.get("verified"), "bytes": RAM,
+            "wall_s": round(total, 4), "gb_per_s": s.get("first_round_gb_per_s"),
+            "end_to_end_gb_per_s": s["end_to_end_gb_per_s"],
+            "pages_per_s": round(RAM / 4096 / total) if total else None,
+            "setup_ms": s["setup-time"], "downtime_ms": s.get("downtime"),
+            "rounds": len(s["rounds"]), **_usage()}
+
+
+COLUMNS = [
+    ("case", "case", ""),
+    ("round-1 GB/s", "gb_per_s", ".3f"),
+    ("end-to-end GB/s", "end_to_end_gb_per_s", ".3f"),
+    ("total s", "wall_s", ".3f"),
+    ("setup ms", "setup_ms", ".0f"),
+    ("downtime ms", "downtime_ms", ".0f"),
+    ("CPU s", "cpu_s", ".2f"),
+    ("vs. baseline", vs_text, ""),
+]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", action="store_true", help="one JSON line per case")
+    parser.add_argument("--case", choices=CASES, help="run one case in this process")
+    parser.add_argument("--repeat", type=int, default=3, help="runs per case (median shown)")
+    args = parser.parse_args(argv)
+    if args.case:
+        print(json.dumps(run_case(args.case)), flush=True)
+        return 0
+    runs: dict[str, list[dict]] = {c: [] for c in CASES}
+    for _ in range(args.repeat):
+        for case in CASES:
+            runs[case].append(run_case_process(["-m", "bench.bench_pipeline", "--case", case]))
+    rows = {c: {"case": c, **median_row(r, METRIC)} for c, r in runs.items()}
+    rows["tcp-warm"]["is_baseline"] = True
+    attach_baselines(rows, BASELINE, lambda r: r.get(METRIC))
+    if args.json:
+        for r in rows.values():
+            print(json.dumps(r), flush=True)
+    else:
+        print(format_table(list(rows.values()), COLUMNS))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

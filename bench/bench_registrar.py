@@ -1,0 +1,145 @@
+"""The registrar stage in chunks/s registered and unregistered (with the real pinning), against
+mlock/munlock of the same bytes.
+
+    .venv/bin/python -m bench.bench_registrar            # table (median of --repeat runs)
+    .venv/bin/python -m bench.bench_registrar --json     # one JSON line per case
+
+Each case runs in a fresh interpreter (``--case NAME``) over a RAM region of ``SIZE`` bytes in
+POSIX shared memory, either touched beforehand (the source's guest RAM) or fresh (a
+destination's RAM, never written: pinning faults it in). ``register-*`` does what the registrar
+does for every chunk: ``pd.reg_mr`` (pins with mlock), the export that lets the poster import
+the MR (``stages.registrar.import_records``), then, once every chunk is registered, closes them
+all (unpins). ``mlock-*``, the baseline, is ``mlock`` then ``munlock`` of the same chunks.
+``chunks_per_s`` counts a chunk registered and unregistered; ``gb_per_s`` the bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import sys
+import time
+
+from bench.common import (
+    attach_baselines,
+    format_table,
+    median_row,
+    rates,
+    run_case_process,
+    vs_text,
+)
+from bench.common import usage as _usage
+
+SIZE = 1 << 30
+MiB = 1 << 20
+# case -> (kind, chunk size, memory)
+CASES = {
+    "mlock-1m": ("mlock", MiB, "touched"),
+    "register-1m": ("register", MiB, "touched"),
+    "mlock-4m": ("mlock", 4 * MiB, "touched"),
+    "register-4m": ("register", 4 * MiB, "touched"),
+    "mlock-16m": ("mlock", 16 * MiB, "touched"),
+    "register-16m": ("register", 16 * MiB, "touched"),
+    "mlock-1m-fresh": ("mlock", MiB, "fresh"),
+    "register-1m-fresh": ("register", MiB, "fresh"),
+}
+BASELINE = {n: n.replace("register", "mlock") for n in CASES if n.startswith("register")}
+METRIC = "chunks_per_s"
+
+
+def _libc():
+    libc = ctypes.CDLL(None, use_errno=True)
+    for fn in (libc.mlock, libc.munlock):
+        fn.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
+    libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    return libc
+
+
+def run_case(case: str) -> dict:
+    from shm import RamBlockSpec, RamRegion, naming
+
+    kind, chunk, memory = CASES[case]
+    libc = _libc()
+    n = SIZE // chunk
+    with RamRegion.create(naming.new_run_id(), [RamBlockSpec("pc.ram", SIZE)]) as region:
+        try:
+            base = region.blocks[0].address
+            if memory == "touched":
+                libc.madvise(base, SIZE, 23)       # MADV_POPULATE_WRITE
+            if kind == "mlock":
+                t0 = time.perf_counter()
+                for c in range(n):
+                    if libc.mlock(base + c * chunk, chunk):
+                        raise OSError(ctypes.get_errno(), "mlock failed")
+                t1 = time.perf_counter()
+                for c in range(n):
+                    libc.munlock(base + c * chunk, chunk)
+                t2 = time.perf_counter()
+            else:
+                from stages.registrar import import_records
+                from stages.verbs import open_provider
+                from stages.verbs.base import Access
+
+                with open_provider("soft").open_device() as ctx:
+                    pd = ctx.alloc_pd()
+                    pd.export()
+                    t0 = time.perf_counter()
+                    mrs = []
+                    for c in range(n):
+                        mr = pd.reg_mr(base + c * chunk, chunk, Access.NONE)
+                        import_records([mr])
+                        mrs.append(mr)
+                    t1 = time.perf_counter()
+                    for mr in mrs:
+                        mr.close()
+                    t2 = time.perf_counter()
+        finally:
+            region.unlink()
+    out = rates(SIZE, t2 - t0, records=n)
+    out[METRIC] = out.pop("records_per_s")
+    return {"case": case, "chunk_bytes": chunk, "chunks": n, **out,
+            "register_ms": round((t1 - t0) * 1e3, 2), "unregister_ms": round((t2 - t1) * 1e3, 2),
+            **_usage()}
+
+
+COLUMNS = [
+    ("case", "case", ""),
+    ("chunk MiB", lambda r: r["chunk_bytes"] / MiB, ".0f"),
+    ("chunks/s", METRIC, ",.0f"),
+    ("GB/s", "gb_per_s", ".2f"),
+    ("register ms", "register_ms", ".1f"),
+    ("unregister ms", "unregister_ms", ".1f"),
+    ("CPU s", "cpu_s", ".2f"),
+    ("peak RSS MiB", "peak_rss_mib", ".0f"),
+    ("vs. baseline", vs_text, ""),
+]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", action="store_true", help="one JSON line per case")
+    parser.add_argument("--case", choices=CASES, help="run one case in this process")
+    parser.add_argument("--repeat", type=int, default=3, help="runs per case (median shown)")
+    args = parser.parse_args(argv)
+    if args.case:
+        print(json.dumps(run_case(args.case)), flush=True)
+        return 0
+    runs: dict[str, list[dict]] = {c: [] for c in CASES}
+    for _ in range(args.repeat):
+        for case in CASES:
+            runs[case].append(run_case_process(["-m", "bench.bench_registrar", "--case", case]))
+    rows = {c: {"case": c, **median_row(r, METRIC)} for c, r in runs.items()}
+    for c in rows:
+        rows[c]["is_baseline"] = c not in BASELINE
+    attach_baselines(rows, BASELINE, lambda r: r.get(METRIC))
+    if args.json:
+        for r in rows.values():
+            print(json.dumps(r), flush=True)
+    else:
+        print(format_table(list(rows.values()), COLUMNS))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,170 @@
+"""The scanner stage in GB/s of guest RAM covered (dirty-log sync, runs, zero detection),
+against numpy copying the same bytes.
+
+    .venv/bin/python -m bench.bench_scanner            # table (median of --repeat runs)
+    .venv/bin/python -m bench.bench_scanner --json     # one JSON line per case
+
+Each case runs in a fresh interpreter (``--case NAME``): a guest of ``GUEST`` bytes whose pages
+are all in memory (touched: zero, or stamped with data), its dirty log, a writer process that
+marks a seeded pattern and answers the log's flips, and ``stages.scanner.Scanner.scan()`` timed
+round after round (median of ``ROUNDS``). ``gb_per_s`` is guest bytes covered per second of
+scan; ``pages_per_s`` the same in 4 KiB pages. The baseline, ``memcpy``, copies the guest's
+bytes 256 MiB at a time into a warm buffer: what any pass that reads all of RAM costs at best.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import multiprocessing as mp
+import sys
+import time
+
+import numpy as np
+
+from bench.common import (
+    attach_baselines,
+    format_table,
+    median_row,
+    rates,
+    run_case_process,
+    vs_text,
+)
+from bench.common import usage as _usage
+
+GUEST = 2 << 30
+ROUNDS = 5
+CHUNK_PAGES = 256
+SLICE = 256 << 20
+# case -> (share of pages dirty per round, content): round1 = the first round (all pending)
+CASES = {
+    "memcpy": (None, None),
+    "round1-zero": (1.0, "zero"),
+    "round1-data": (1.0, "data"),
+    "idle": (0.0, "data"),
+    "sparse-1pct": (0.01, "data"),
+    "dense-50pct": (0.5, "data"),
+}
+BASELINE = {name: "memcpy" for name in CASES if name != "memcpy"}
+METRIC = "gb_per_s"
+
+
+def _populate(view: np.ndarray, value: int) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    if libc.madvise(view.ctypes.data, view.nbytes, 23):    # MADV_POPULATE_WRITE
+        view[::4096] = 0
+    if value:
+        for p0 in range(0, view.nbytes, SLICE):
+            view[p0:p0 + SLICE].view(np.uint64)[:] = value
+
+
+def writer(name: str, share: float, pages: int, conn) -> None:
+    """Child: mark a seeded share of the pages each time it is asked; answer the log's flips."""
+    from shm import DirtyLog
+
+    log = DirtyLog.attach(name)
+    dirty = np.flatnonzero(np.random.default_rng(42).random(pages) < share)
+    log.start_service()
+    conn.send("ready")
+    while conn.recv() == "mark":
+        if dirty.size:
+            log.mark(0, dirty)
+        conn.send("marked")
+    log.close()
+
+
+def memcpy_case() -> dict:
+    size = min(GUEST, SLICE)
+    src = np.ones(size, np.uint8)
+    dst = np.ones(size, np.uint8)
+    times = []
+    for _ in range(ROUNDS):
+        start = time.perf_counter()
+        for _ in range(GUEST // size):
+            np.copyto(dst, src)
+        times.append(time.perf_counter() - start)
+    return rates(GUEST, float(np.median(times)), pages=True)
+
+
+def scan_case(share: float, content: str) -> dict:
+    from shm import DirtyLog, RamBlockSpec, RamRegion, dirty_runs, naming
+    from stages.scanner import WORDS, Scanner
+
+    run_id = naming.new_run_id()
+    ctx = mp.get_context("spawn")
+    conn, child_conn = ctx.Pipe()
+    with RamRegion.create(run_id, [RamBlockSpec("pc.ram", GUEST)]) as region, \
+            DirtyLog.create(run_id, region) as log:
+        try:
+            view = region.blocks[0].view
+            _populate(view, 0 if content == "zero" else 0x5A5A_0001_0000_0001)
+            proc = ctx.Process(target=writer, args=(log.name, share, GUEST >> 12, child_conn))
+            proc.start()
+            assert conn.recv() == "ready"
+            views = [b.view.view(np.uint64).reshape(-1, WORDS) for b in region.blocks]
+            times, dirty, n_runs = [], 0, 0
+            for _ in range(ROUNDS):
+                scanner = Scanner(views, CHUNK_PAGES, lambda: log.fetch(timeout=10), dirty_runs)
+                if share < 1.0:
+                    scanner.scan(0)            # round 1 done: only the pattern is pending now
+                    conn.send("mark")
+                    assert conn.recv() == "marked"
+                start = time.perf_counter()
+                out = scanner.scan(1)
+                times.append(time.perf_counter() - start)
+                dirty, n_runs = int(out[-1]["n_pages"]), len(out) - 1
+            conn.send("stop")
+            proc.join(30)
+        finally:
+            region.unlink()
+    wall = float(np.median(times))
+    return {**rates(GUEST, wall, pages=True), "dirty_pages": dirty, "runs": n_runs}
+
+
+def run_case(case: str) -> dict:
+    share, content = CASES[case]
+    result = memcpy_case() if share is None else scan_case(share, content)
+    return {"case": case, "guest_bytes": GUEST, **result, **_usage()}
+
+
+COLUMNS = [
+    ("case", "case", ""),
+    ("GB/s", "gb_per_s", ".2f"),
+    ("Mpages/s", lambda r: r.get("pages_per_s", 0) / 1e6, ".1f"),
+    ("dirty pages", "dirty_pages", ""),
+    ("runs", "runs", ""),
+    ("scan ms", lambda r: r["wall_s"] * 1e3, ".1f"),
+    ("CPU s", "cpu_s", ".2f"),
+    ("peak RSS MiB", "peak_rss_mib", ".0f"),
+    ("vs. baseline", vs_text, ""),
+]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", action="store_true", help="one JSON line per case")
+    parser.add_argument("--case", choices=CASES, help="run one case in this process")
+    parser.add_argument("--repeat", type=int, default=3, help="runs per case (median shown)")
+    args = parser.parse_args(argv)
+    if args.case:
+        print(json.dumps(run_case(args.case)), flush=True)
+        return 0
+    runs: dict[str, list[dict]] = {c: [] for c in CASES}
+    for _ in range(args.repeat):
+        for case in CASES:
+            runs[case].append(run_case_process(["-m", "bench.bench_scanner", "--case", case]))
+    rows = {c: {"case": c, **median_row(r, METRIC)} for c, r in runs.items()}
+    rows["memcpy"]["is_baseline"] = True
+    attach_baselines(rows, BASELINE, lambda r: r.get(METRIC))
+    if args.json:
+        for r in rows.values():
+            print(json.dumps(r), flush=True)
+    else:
+        print(format_table(list(rows.values()), COLUMNS))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
