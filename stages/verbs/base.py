@@ -83,6 +83,7 @@ class Access(IntFlag):
     LOCAL_WRITE = 1
     REMOTE_WRITE = 2
     REMOTE_READ = 4
+    ON_DEMAND = 64      # IBV_ACCESS_ON_DEMAND (ODP): pages are pinned as they are first touched
 
 
 class QPState(IntEnum):

@@ -43,6 +43,8 @@ class SoftMR(base.MR):
         self._slot = handle.slot if handle else -1
         self._view = memory.view(local_address, length)
         self.inflight = 0  # work requests using this MR (guarded by pd._lock)
+        self.on_demand = bool(self.access & Access.ON_DEMAND)  # populate what a write targets
+        self._backing_held = False
 
     def slice(self, addr: int, length: int) -> memoryview | None:
         """The bytes ``[addr, addr+length)`` of this MR's address space, or None if outside."""
@@ -56,7 +58,8 @@ class SoftMR(base.MR):
             raise closed_error("MR")
         if self._handle is not None:
             return self._handle
-        path, file_offset = memory.find_backing(self.local_address, self.length)
+        path, file_offset = memory.BACKINGS.find(self.local_address, self.length)
+        self._backing_held = True
         table = self.pd._table_for_export()
         with self.pd._lock:
             if self._slot < 0:
@@ -84,6 +87,8 @@ class SoftMR(base.MR):
             pd._table.release(self._slot)
             self._mapping.close()
         else:
+            if self._backing_held:
+                memory.BACKINGS.release(self.local_address, self.length)
             memory.PINS.unpin(self.addr, self.length)
 
 
@@ -128,7 +133,7 @@ class SoftPD(base.PD):
             raise TransportError("REMOTE_WRITE access requires LOCAL_WRITE", errno=errno.EINVAL)
         with self._lock:
             self._check()
-            memory.PINS.pin(address, length)
+            memory.PINS.pin(address, length, on_demand=bool(access & Access.ON_DEMAND))
             key = self._new_key()
             mr = SoftMR(self, key, address, length, access, local_address=address)
             self._mrs[key] = mr

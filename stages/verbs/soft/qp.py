@@ -35,7 +35,7 @@ from stages.verbs.base import (
     WorkCompletion,
     closed_error,
 )
-from stages.verbs.soft import wire
+from stages.verbs.soft import memory, wire
 from stages.verbs.soft.link import INLINE_MAX
 
 _qp_numbers = itertools.count(secrets.randbelow(1 << 20) + 1)
@@ -266,6 +266,8 @@ class SoftQP(base.QP):
                     self._enter_error()
                     return None
                 mr.inflight += 1
+            if mr.on_demand:
+                memory.populate(mr.local_address + (remote_addr - mr.addr), length)
             return view, mr
         if not self.rq:
             self._nak(seq, wire.NAK_RNR)

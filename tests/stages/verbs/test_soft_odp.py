@@ -1,0 +1,87 @@
+"""Soft provider: on-demand (ODP) registration and exports that do not re-read /proc/self/maps."""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import threading
+
+import numpy as np
+import posix_ipc
+import pytest
+
+from shm.naming import SHM_DIR, new_run_id, segment_name
+from stages.verbs import Access, SendOpcode, WCStatus, open_provider
+from stages.verbs.soft import memory
+
+MiB = 1 << 20
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mincore.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p)
+
+
+@pytest.fixture
+def fresh_ram():
+    """8 MiB of never-touched POSIX shared memory, as a destination's RAM is."""
+    name = segment_name(new_run_id(), "test.ram")
+    segment = posix_ipc.SharedMemory(name, posix_ipc.O_CREX, mode=0o600, size=8 * MiB)
+    mapping = mmap.mmap(segment.fd, 8 * MiB)
+    segment.close_fd()
+    ram = np.frombuffer(mapping, np.uint8)
+    try:
+        yield name, ram
+    finally:
+        del ram
+        posix_ipc.unlink_shared_memory(name)
+
+
+def resident_pages(ram: np.ndarray) -> int:
+    vec = np.zeros(len(ram) // 4096, np.uint8)
+    assert _libc.mincore(ram.ctypes.data, len(ram), vec.ctypes.data) == 0
+    return int(np.count_nonzero(vec & 1))
+
+
+def test_on_demand_registration_faults_nothing_in_and_writes_land(fresh_ram):
+    _name, ram = fresh_ram
+    source = np.full(2 * MiB, 7, np.uint8)
+    with open_provider("soft").open_device() as ctx:
+        pd = ctx.alloc_pd()
+        target = pd.reg_mr(ram.ctypes.data, len(ram),
+                           Access.LOCAL_WRITE | Access.REMOTE_WRITE | Access.ON_DEMAND)
+        assert resident_pages(ram) == 0                 # a plain mlock would fault 8 MiB in
+        src = pd.reg_mr(source.ctypes.data, len(source), Access.LOCAL_WRITE)
+        cq = ctx.create_cq(16)
+        server_qp = pd.create_qp(cq, cq, max_send_wr=4, max_recv_wr=4)
+        client_qp = pd.create_qp(cq, cq, max_send_wr=4, max_recv_wr=4)
+        listener = ctx.listen("127.0.0.1", 0)
+        t = threading.Thread(target=lambda: listener.get_request(10).accept(server_qp))
+        t.start()
+        ctx.connect(client_qp, "127.0.0.1", listener.port)
+        t.join()
+        client_qp.post_send(1, SendOpcode.RDMA_WRITE, src.addr, 2 * MiB, src.lkey,
+                            remote_addr=target.addr + 4 * MiB, rkey=target.rkey)
+        wcs = []
+        while not wcs:
+            cq.wait(5)
+            wcs = [w for w in cq.poll(4) if w.wr_id == 1]
+        assert wcs[0].status == WCStatus.SUCCESS
+        assert (ram[4 * MiB:6 * MiB] == 7).all()
+        assert resident_pages(ram) == 512                # only what the write targeted
+        for qp in (client_qp, server_qp):
+            qp.disconnect()
+
+
+def test_exports_in_one_mapping_read_the_maps_once(fresh_ram, monkeypatch):
+    name, ram = fresh_ram
+    reads = []
+    real = memory._read_maps
+    monkeypatch.setattr(memory, "_read_maps", lambda: reads.append(1) or real())
+    with open_provider("soft").open_device() as ctx:
+        pd = ctx.alloc_pd()
+        mrs = [pd.reg_mr(ram.ctypes.data + i * MiB, MiB, Access.NONE) for i in range(8)]
+        handles = [mr.export() for mr in mrs]
+        assert [h.file_offset for h in handles] == [i * MiB for i in range(8)]
+        assert {h.path for h in handles} == {SHM_DIR + name}
+        assert len(reads) <= 2                           # not one per MR
+        for mr in mrs:
+            mr.close()
+        assert memory.BACKINGS._spans == []              # released with the last MR
