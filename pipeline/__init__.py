@@ -20,7 +20,7 @@ __version__ = "0.1.0"
 
 # The library API (pipeline.api), imported on first use so that `import pipeline` stays light.
 _API = ("Migration", "start_outgoing", "start_incoming", "run_local", "LocalRun",
-        "MigrationConfig", "SyntheticGuest", "GuestState")
+        "MigrationConfig", "SyntheticGuest", "GuestState", "GuestSpec")
 
 
 def __getattr__(name: str):

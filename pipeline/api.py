@@ -9,9 +9,11 @@
         print(mig.stats()["ram"]["remaining"])
         summary = mig.wait()                                          # query-migrate-style
 
-``run_local`` is the whole thing on one machine (what ``rdma-pipeline run`` does): a synthetic
-guest, a destination process, and the source, on the soft provider over loopback. Every URI and
-option is checked before anything starts (``ValueError`` / ``InvalidURI``).
+``run_local`` is the whole thing on one machine (what ``rdma-pipeline run`` does): a guest
+(synthetic by default; ``guest=GuestSpec("kvm")`` for a KVM guest, ``GuestSpec(tracking="uffd")``
+for kernel dirty tracking), a destination process, and the source, on the soft provider over
+loopback. Every URI and option is checked before anything starts (``ValueError`` /
+``InvalidURI``; ``GuestError`` when this machine cannot run the guest asked for).
 """
 
 from __future__ import annotations
@@ -24,12 +26,13 @@ from collections.abc import Callable
 
 from pipeline.config import MigrationConfig
 from pipeline.errors import MigrationError, StageFailed
+from pipeline.guest.factory import GuestSpec
 from pipeline.guest.synthetic import GuestState, SyntheticGuest
 from pipeline.stats import MigrationStats
 from pipeline.uri import URI, parse_uri
 
 __all__ = ["Migration", "start_outgoing", "start_incoming", "run_local", "LocalRun",
-           "MigrationConfig", "SyntheticGuest", "GuestState"]
+           "MigrationConfig", "SyntheticGuest", "GuestState", "GuestSpec"]
 
 
 class Migration:
@@ -109,7 +112,8 @@ def _uri(uri: str | URI) -> URI:
 
 def start_outgoing(uri: str | URI, guest: SyntheticGuest, config: MigrationConfig | None = None,
                    *, run_id: str | None = None) -> Migration:
-    """Migrate ``guest`` (started) to the destination listening at ``uri``."""
+    """Migrate ``guest`` (started: a ``SyntheticGuest``, or a KVM guest from
+    ``GuestSpec("kvm").create(...)``) to the destination listening at ``uri``."""
     from pipeline.coordinator import SourceMigration
     from shm.naming import new_run_id
 
@@ -128,8 +132,11 @@ def start_outgoing(uri: str | URI, guest: SyntheticGuest, config: MigrationConfi
 
 def start_incoming(uri: str | URI, config: MigrationConfig | None = None, *,
                    blocks: list[tuple[str, int]] | None = None, keep_guest: bool = False,
-                   on_listening: Callable[[int], None] | None = None) -> Migration:
-    """Listen at ``uri`` and receive one migration (the destination side)."""
+                   on_listening: Callable[[int], None] | None = None,
+                   guest_watch: float = 0.0) -> Migration:
+    """Listen at ``uri`` and receive one migration (the destination side); the guest, synthetic
+    or KVM, is the one the stream carries. ``guest_watch``: seconds the resumed guest runs
+    before it is stopped and reported in the summary's ``guest``."""
     from pipeline.incoming import IncomingMigration
     from shm.naming import new_run_id
 
@@ -137,7 +144,8 @@ def start_incoming(uri: str | URI, config: MigrationConfig | None = None, *,
     mig = Migration("incoming")
     inc = IncomingMigration(target, config or MigrationConfig(), run_id=new_run_id(),
                             blocks=blocks, on_state=mig._emit, cancel=mig.cancel_event,
-                            keep_guest=keep_guest, on_listening=on_listening)
+                            keep_guest=keep_guest, on_listening=on_listening,
+                            guest_watch=guest_watch)
     mig.incoming = inc
     return mig._start(inc.run, inc.stats)
 
@@ -154,7 +162,8 @@ class LocalRun:
     def __init__(self, ram: int, config: MigrationConfig, *, state: GuestState,
                  fill: float = 0.5, host: str = "127.0.0.1",
                  dest_blocks: list[tuple[str, int]] | None = None,
-                 corrupt: tuple[int, int] | None = None, fault: dict | None = None) -> None:
+                 corrupt: tuple[int, int] | None = None, fault: dict | None = None,
+                 guest: GuestSpec | None = None, guest_watch: float = 0.0) -> None:
         from shm.naming import new_run_id
 
         if ram <= 0 or ram % 4096:
@@ -168,7 +177,9 @@ class LocalRun:
         self.corrupt = corrupt
         self.fault = fault
         self.ram = ram
-        self.guest: SyntheticGuest | None = None
+        self.spec = guest or GuestSpec("synthetic", None, state, fill)
+        self.guest_watch = guest_watch   # seconds the destination's guest runs before its report
+        self.guest = None
         self.dest = None
         self.migration: Migration | None = None
         self.dest_result: dict | None = None
@@ -177,15 +188,15 @@ class LocalRun:
     def start(self) -> Migration:
         from stages.harness import StageProcess
 
-        self.guest = SyntheticGuest(self.ram, run_id=self.run_id, state=self.state,
-                                    fill=self.fill, chunk_size=self.config.chunk_size)
+        self.guest = self.spec.create(self.ram, run_id=self.run_id,
+                                      chunk_size=self.config.chunk_size)
         self.guest.process.start()
         cfg = dataclasses.asdict(self.config)
         cfg["trace_control"] = None
         self.dest = StageProcess("destination", "pipeline.incoming:incoming_main", {
             "config": cfg, "host": self.host, "port": free_port(self.host),
             "run_id": self.run_id, "blocks": self.dest_blocks, "corrupt": self.corrupt,
-            "fault": self.fault},
+            "fault": self.fault, "guest_watch": self.guest_watch},
             daemon=False)    # it starts the resumed guest as its own child
         self.dest.start()
         self.guest.process.wait_ready(60.0)
@@ -216,6 +227,8 @@ class LocalRun:
         summary["verified"] = dest.get("verified")
         summary["destination"] = {"status": dest.get("status", "unknown"),
                                   "error-desc": dest.get("error-desc", "")}
+        if dest.get("guest"):
+            summary["destination"]["guest"] = dest["guest"]
         if summary["status"] == "completed" and dest.get("status") != "completed":
             summary["status"] = "failed"
             summary["error-desc"] = ("destination did not complete: "
@@ -232,7 +245,7 @@ class LocalRun:
             b = self.guest.query().pages_written
         except MigrationError:
             return False
-        return b > a or self.state.dirty_rate == 0
+        return b > a or not self.guest.busy
 
     def close(self) -> None:
         from stages.harness import sweep_pids

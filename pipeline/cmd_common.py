@@ -25,16 +25,24 @@ def add_migration_options(p, *, source: bool) -> None:
 
 
 def add_guest_options(p) -> None:
+    p.add_argument("--guest", choices=("synthetic", "kvm"), default="synthetic",
+                   help="the guest to migrate: a synthetic workload process (default) or a KVM "
+                        "VM running a page-writing program (needs /dev/kvm)")
+    p.add_argument("--dirty-tracking", choices=("soft", "uffd", "kvm"), default=None,
+                   help="how dirty pages are found: soft (the guest's own dirty log; synthetic),"
+                        " uffd (kernel write-protect + PAGEMAP_SCAN; either guest), kvm (KVM's "
+                        "dirty log; kvm). Default: soft for synthetic, kvm for kvm")
     p.add_argument("--ram", default="512M", help="guest RAM (pc.ram) size (default 512M)")
     p.add_argument("--dirty-rate", type=float, default=50.0,
-                   help="MB/s the synthetic guest writes (0 = idle; default 50)")
+                   help="MB/s the guest writes (0 = idle; default 50)")
     p.add_argument("--pattern", choices=("uniform", "hotspot", "sequential"),
-                   default="uniform", help="which pages the guest writes (default uniform)")
+                   default="uniform", help="which pages the synthetic guest writes (default "
+                                           "uniform; the KVM guest writes its pages in order)")
     p.add_argument("--zero-share", type=float, default=0.1,
-                   help="share of written pages that are zero pages (default 0.1)")
+                   help="share of written pages that are zero pages (synthetic; default 0.1)")
     p.add_argument("--fill", type=float, default=0.5,
-                   help="share of RAM filled with data at boot (default 0.5)")
-    p.add_argument("--seed", type=int, default=1, help="guest seed (default 1)")
+                   help="share of RAM filled with data at boot (synthetic; default 0.5)")
+    p.add_argument("--seed", type=int, default=1, help="synthetic guest seed (default 1)")
 
 
 def build_config(args) -> MigrationConfig:
@@ -54,6 +62,20 @@ def guest_state(args):
     assert args.pattern in PATTERNS
     return GuestState(seed=args.seed, pattern=args.pattern, zero_share=args.zero_share,
                       dirty_rate=int(args.dirty_rate * 1e6))
+
+
+def guest_spec(args):
+    """The guest to create from ``--guest``, ``--dirty-tracking`` and the workload options
+    (ValueError, one line, for a pair that does not fit)."""
+    from pipeline.guest.factory import GuestSpec
+
+    return GuestSpec(args.guest, args.dirty_tracking, guest_state(args), args.fill)
+
+
+def add_watch_option(p, default: float) -> None:
+    p.add_argument("--guest-watch", type=float, default=default, metavar="SECONDS",
+                   help="seconds the resumed guest runs on the destination before it is stopped "
+                        f"and its progress reported (default {default:g})")
 
 
 def mib(n: float) -> str:
@@ -97,6 +119,12 @@ def print_summary(summary: dict, as_json: bool) -> None:
         f"expected-downtime: {summary['expected-downtime']} ms",
         f"verified: {summary.get('verified')}",
     ]
+    guest = summary.get("guest")        # the source's: which guest; the destination's: a report
+    if isinstance(guest, str):
+        lines.append(f"guest: {guest} (dirty tracking: {summary.get('dirty-tracking')})")
+    report = guest if isinstance(guest, dict) else summary.get("destination", {}).get("guest")
+    if report:
+        lines.append("destination guest: " + guest_report_line(report))
     for key in ("transferred", "remaining", "total", "duplicate", "normal", "normal-bytes",
                 "mbps", "dirty-pages-rate", "dirty-sync-count"):
         lines.append(f"ram.{key}: {ram[key]}")
@@ -105,6 +133,21 @@ def print_summary(summary: dict, as_json: bool) -> None:
     if summary.get("error-desc"):
         lines.append(f"error: {summary['error-desc']}")
     print("\n".join(lines))
+
+
+def guest_report_line(report: dict) -> str:
+    """Where the destination's guest resumed and where it was when stopped."""
+    def at(p: dict) -> str:
+        where = f"{p['pages_written']} pages written"
+        return where + (f" (pass {p['passes']})" if "passes" in p else "")
+
+    resumed, stopped = report.get("resumed"), report.get("stopped")
+    text = f"{resumed.get('kind', '')} guest resumed at {at(resumed)}" if resumed else "-"
+    if resumed and stopped:
+        text += f", stopped at {at(stopped)}"
+        if resumed.get("kind") == "kvm":
+            text += "; invariant held (at the resume point on restore, every page at stop)"
+    return text
 
 
 def exit_code(summary: dict) -> int:

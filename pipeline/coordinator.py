@@ -33,7 +33,7 @@ from pipeline.errors import (
     RemoteProtocolError,
     StageFailed,
 )
-from pipeline.guest.synthetic import DEVICE_SECTION, frame
+from pipeline.guest.synthetic import frame
 from pipeline.migration_state import (
     Convergence,
     Decision,
@@ -86,7 +86,8 @@ MAX_REGISTER_BATCH = 512
 
 
 class SourceMigration:
-    """One outgoing migration of ``guest`` (a SyntheticGuest) to ``uri``; ``run()`` blocks."""
+    """One outgoing migration of ``guest`` (started; a SyntheticGuest or a KvmGuestProcess)
+    to ``uri``; ``run()`` blocks."""
 
     def __init__(self, uri, config: MigrationConfig, guest, *, run_id: str,
                  stats: MigrationStats | None = None,
@@ -131,7 +132,8 @@ class SourceMigration:
         from pipeline.source_pipeline import SourcePipeline
 
         self.stats.update(start_time=time.monotonic(),
-                          total_bytes=self.guest.region.total_length)
+                          total_bytes=self.guest.region.total_length,
+                          guest=self.guest.kind, dirty_tracking=self.guest.tracking)
         self._to(State.SETUP)
         try:
             self.pipeline = SourcePipeline(self.run_id, self.config, self.guest)
@@ -367,8 +369,9 @@ class SourceMigration:
             hasher.start()
         self._round(r, SectionType.SECTION_END, CMD_FINAL)
         w = self.writer
-        w.write_event(SectionHeader(SectionType.SECTION_FULL, GUEST_SID, DEVICE_SECTION, 0, 1))
-        w.write_event(DeviceState(GUEST_SID, DEVICE_SECTION, frame(state.to_bytes())))
+        section = self.guest.device_section     # the synthetic or the KVM guest's section
+        w.write_event(SectionHeader(SectionType.SECTION_FULL, GUEST_SID, section, 0, 1))
+        w.write_event(DeviceState(GUEST_SID, section, frame(state.to_bytes())))
         w.write_event(SectionFooter(GUEST_SID))
         if hasher is not None:
             hasher.join()

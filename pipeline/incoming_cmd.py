@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import sys
 
-from pipeline.cmd_common import add_migration_options, build_config, exit_code, print_summary
+from pipeline.cmd_common import (
+    add_migration_options,
+    add_watch_option,
+    build_config,
+    exit_code,
+    print_summary,
+)
 
 
 def add_arguments(p) -> None:
@@ -12,6 +18,7 @@ def add_arguments(p) -> None:
     p.add_argument("--ram", default=None,
                    help="this side's pc.ram size; the source's must match (default: take the "
                         "block list from the source)")
+    add_watch_option(p, 0.0)
     add_migration_options(p, source=False)
 
 
@@ -31,7 +38,7 @@ def main(args) -> int:
         return 2
     if not args.json:
         print(f"listening on {uri}", file=sys.stderr)
-    mig = start_incoming(uri, config, blocks=blocks)
+    mig = start_incoming(uri, config, blocks=blocks, guest_watch=max(0.0, args.guest_watch))
     try:
         summary = mig.wait()
     except KeyboardInterrupt:

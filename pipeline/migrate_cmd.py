@@ -1,4 +1,4 @@
-"""``rdma-pipeline migrate rdma:HOST:PORT``: start a synthetic guest here and migrate it."""
+"""``rdma-pipeline migrate rdma:HOST:PORT``: start a guest here (synthetic or KVM), migrate it."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pipeline.cmd_common import (
     add_migration_options,
     build_config,
     exit_code,
-    guest_state,
+    guest_spec,
     print_summary,
 )
 
@@ -24,21 +24,19 @@ def add_arguments(p) -> None:
 def main(args) -> int:
     from pipeline.api import _uri, start_outgoing
     from pipeline.config import parse_size
-    from pipeline.guest.synthetic import SyntheticGuest
     from shm.naming import new_run_id
 
     try:
         uri = _uri(args.uri)
         config = build_config(args)
-        state = guest_state(args)
+        spec = guest_spec(args)
         ram = parse_size(args.ram)
     except ValueError as exc:
         print(f"rdma-pipeline migrate: {exc}", file=sys.stderr)
         return 2
     run_id = new_run_id()
     progress = Progress(True)
-    with SyntheticGuest(ram, run_id=run_id, state=state, fill=args.fill,
-                        chunk_size=config.chunk_size) as guest:
+    with spec.create(ram, run_id=run_id, chunk_size=config.chunk_size) as guest:
         guest.start()
         mig = start_outgoing(uri, guest, config, run_id=run_id)
         try:

@@ -8,15 +8,17 @@ from pipeline.cmd_common import (
     Progress,
     add_guest_options,
     add_migration_options,
+    add_watch_option,
     build_config,
     exit_code,
-    guest_state,
+    guest_spec,
     print_summary,
 )
 
 
 def add_arguments(p) -> None:
     add_guest_options(p)
+    add_watch_option(p, 0.5)
     add_migration_options(p, source=True)
 
 
@@ -26,7 +28,7 @@ def main(args) -> int:
 
     try:
         config = build_config(args)
-        state = guest_state(args)
+        spec = guest_spec(args)
         ram = parse_size(args.ram)
         if ram <= 0 or ram % 4096:
             raise ValueError(f"--ram {args.ram}: must be a positive multiple of 4K")
@@ -34,7 +36,8 @@ def main(args) -> int:
         print(f"rdma-pipeline run: {exc}", file=sys.stderr)
         return 2
     progress = Progress(True)
-    summary = run_local(ram, config, state=state, fill=args.fill, on_progress=progress)
+    summary = run_local(ram, config, guest=spec, on_progress=progress,
+                        guest_watch=max(0.0, args.guest_watch))
     progress.done()
     print_summary(summary, args.json)
     if summary["status"] != "completed" and not args.json:
