@@ -32,7 +32,8 @@ from pipeline.stats import MigrationStats
 from pipeline.uri import URI, parse_uri
 
 __all__ = ["Migration", "start_outgoing", "start_incoming", "run_local", "LocalRun",
-           "MigrationConfig", "SyntheticGuest", "GuestState", "GuestSpec"]
+           "MigrationConfig", "SyntheticGuest", "GuestState", "GuestSpec", "save_to_file",
+           "restore_from_file"]
 
 
 class Migration:
@@ -104,10 +105,7 @@ class Migration:
 
 
 def _uri(uri: str | URI) -> URI:
-    parsed = uri if isinstance(uri, URI) else parse_uri(uri)
-    if parsed.scheme != "rdma":
-        raise ValueError(f"{parsed}: only rdma: URIs are supported here")
-    return parsed
+    return uri if isinstance(uri, URI) else parse_uri(uri)
 
 
 def start_outgoing(uri: str | URI, guest: SyntheticGuest, config: MigrationConfig | None = None,
@@ -124,6 +122,8 @@ def start_outgoing(uri: str | URI, guest: SyntheticGuest, config: MigrationConfi
                          f"{guest.region.chunk_size}")
     mig = Migration("outgoing")
     stats = MigrationStats()
+    if target.scheme != "rdma":         # tcp: and file: carry pages inline in the stream
+        from pipeline.inline_source import InlineSource as SourceMigration
     src = SourceMigration(target, config, guest, run_id=run_id or new_run_id(), stats=stats,
                           on_state=mig._emit, cancel=mig.cancel_event)
     mig.source = src
@@ -142,6 +142,8 @@ def start_incoming(uri: str | URI, config: MigrationConfig | None = None, *,
 
     target = uri if isinstance(uri, URI) else _uri(uri)
     mig = Migration("incoming")
+    if target.scheme != "rdma":         # tcp: and file: (restore)
+        from pipeline.inline_incoming import StreamIncoming as IncomingMigration
     inc = IncomingMigration(target, config or MigrationConfig(), run_id=new_run_id(),
                             blocks=blocks, on_state=mig._emit, cancel=mig.cancel_event,
                             keep_guest=keep_guest, on_listening=on_listening,
@@ -163,9 +165,13 @@ class LocalRun:
                  fill: float = 0.5, host: str = "127.0.0.1",
                  dest_blocks: list[tuple[str, int]] | None = None,
                  corrupt: tuple[int, int] | None = None, fault: dict | None = None,
-                 guest: GuestSpec | None = None, guest_watch: float = 0.0) -> None:
+                 guest: GuestSpec | None = None, guest_watch: float = 0.0,
+                 scheme: str = "rdma") -> None:
         from shm.naming import new_run_id
 
+        if scheme not in ("rdma", "tcp"):
+            raise ValueError(f"scheme {scheme!r}: a local run migrates over rdma or tcp")
+        self.scheme = scheme
         if ram <= 0 or ram % 4096:
             raise ValueError(f"RAM size {ram}: must be a positive multiple of 4 KiB")
         self.config = config
@@ -193,7 +199,8 @@ class LocalRun:
         self.guest.process.start()
         cfg = dataclasses.asdict(self.config)
         cfg["trace_control"] = None
-        self.dest = StageProcess("destination", "pipeline.incoming:incoming_main", {
+        entry = {"rdma": "pipeline.incoming", "tcp": "pipeline.inline_incoming"}[self.scheme]
+        self.dest = StageProcess("destination", f"{entry}:incoming_main", {
             "config": cfg, "host": self.host, "port": free_port(self.host),
             "run_id": self.run_id, "blocks": self.dest_blocks, "corrupt": self.corrupt,
             "fault": self.fault, "guest_watch": self.guest_watch},
@@ -201,7 +208,7 @@ class LocalRun:
         self.dest.start()
         self.guest.process.wait_ready(60.0)
         port = self.dest.wait_ready(30.0)["port"]
-        self.migration = start_outgoing(URI("rdma", self.host, port), self.guest, self.config,
+        self.migration = start_outgoing(URI(self.scheme, self.host, port), self.guest, self.config,
                                         run_id=self.run_id)
         return self.migration
 
@@ -281,3 +288,25 @@ def run_local(ram: int, config: MigrationConfig | None = None, *,
         except KeyboardInterrupt:
             mig.cancel()
         return lr.finish()
+
+
+def save_to_file(path: str, guest, config: MigrationConfig | None = None) -> dict:
+    """Write a snapshot of ``guest`` (started) to ``path`` in QEMU's migration-stream format
+    (``file:`` migration: the guest is paused first and stays paused); the summary, or the
+    ``MigrationError`` that stopped it."""
+    summary = start_outgoing(URI("file", path=path), guest, config).wait()
+    if summary["status"] != "completed":
+        raise MigrationError(summary.get("error-desc") or summary["status"])
+    return summary
+
+
+def restore_from_file(path: str, config: MigrationConfig | None = None, *,
+                      keep_guest: bool = False) -> dict:
+    """Restore a snapshot written by ``save_to_file`` (or ``migrate file:``): RAM verified, guest
+    resumed from its device state; the summary, or the ``MigrationError`` that refused it (a
+    file cut short or damaged: the offset, the section and what is wrong)."""
+    mig = start_incoming(URI("file", path=path), config, keep_guest=keep_guest)
+    summary = mig.wait()
+    if mig.error is not None:
+        raise mig.error
+    return summary

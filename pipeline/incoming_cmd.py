@@ -14,7 +14,8 @@ from pipeline.cmd_common import (
 
 
 def add_arguments(p) -> None:
-    p.add_argument("uri", help="where to listen, rdma:HOST:PORT")
+    p.add_argument("uri", help="where to listen, rdma:HOST:PORT or tcp:HOST:PORT; or file:PATH, "
+                               "a snapshot to restore")
     p.add_argument("--ram", default=None,
                    help="this side's pc.ram size; the source's must match (default: take the "
                         "block list from the source)")
@@ -36,7 +37,7 @@ def main(args) -> int:
     except ValueError as exc:
         print(f"rdma-pipeline incoming: {exc}", file=sys.stderr)
         return 2
-    if not args.json:
+    if not args.json and uri.scheme != "file":
         print(f"listening on {uri}", file=sys.stderr)
     mig = start_incoming(uri, config, blocks=blocks, guest_watch=max(0.0, args.guest_watch))
     try:
@@ -44,5 +45,7 @@ def main(args) -> int:
     except KeyboardInterrupt:
         mig.cancel()
         summary = mig.wait()
+    if uri.scheme == "file" and mig.error is not None:
+        raise mig.error        # a file refused: one line saying where and what, exit 2
     print_summary(summary, args.json)
     return exit_code(summary)

@@ -16,7 +16,8 @@ from pipeline.cmd_common import (
 
 
 def add_arguments(p) -> None:
-    p.add_argument("uri", help="the destination, rdma:HOST:PORT")
+    p.add_argument("uri", help="the destination: rdma:HOST:PORT, tcp:HOST:PORT (pages inline "
+                               "over a socket) or file:PATH (a snapshot of the paused guest)")
     add_guest_options(p)
     add_migration_options(p, source=True)
 

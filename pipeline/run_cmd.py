@@ -20,6 +20,9 @@ def add_arguments(p) -> None:
     add_guest_options(p)
     add_watch_option(p, 0.5)
     add_migration_options(p, source=True)
+    p.add_argument("--uri", default="rdma:", metavar="SCHEME:",
+                   help="rdma: (default: RDMA WRITEs, soft provider) or tcp: (pages inline in "
+                        "the stream over a plain socket); host and port are chosen here")
 
 
 def main(args) -> int:
@@ -30,6 +33,9 @@ def main(args) -> int:
         config = build_config(args)
         spec = guest_spec(args)
         ram = parse_size(args.ram)
+        scheme = args.uri.partition(":")[0]
+        if scheme not in ("rdma", "tcp"):
+            raise ValueError(f"--uri {args.uri}: use rdma: or tcp:")
         if ram <= 0 or ram % 4096:
             raise ValueError(f"--ram {args.ram}: must be a positive multiple of 4K")
     except ValueError as exc:
@@ -37,7 +43,7 @@ def main(args) -> int:
         return 2
     progress = Progress(True)
     summary = run_local(ram, config, guest=spec, on_progress=progress,
-                        guest_watch=max(0.0, args.guest_watch))
+                        guest_watch=max(0.0, args.guest_watch), scheme=scheme)
     progress.done()
     print_summary(summary, args.json)
     if summary["status"] != "completed" and not args.json:

@@ -100,7 +100,8 @@ def test_ctrl_c_on_run_command():
 
 @pytest.mark.parametrize("argv", [
     ["migrate", "rdma:nohost"],
-    ["migrate", "tcp:1.2.3.4:5"],
+    ["migrate", "tcp:1.2.3.4"],
+    ["run", "--uri", "file:/tmp/x"],
     ["run", "--capability", "rdma-pin-all=perhaps"],
     ["run", "--parameter", "downtime-limit=-5"],
     ["run", "--chunk-size", "3M"],
