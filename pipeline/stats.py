@@ -4,7 +4,10 @@
 dict (JSON-ready) with QEMU's keys: ``status``, ``total-time``, ``setup-time``, ``downtime``,
 ``expected-downtime`` (milliseconds) and a ``ram`` object (``transferred``, ``remaining``,
 ``total``, ``duplicate``, ``normal``, ``normal-bytes``, ``mbps``, ``dirty-pages-rate``,
-``dirty-sync-count``), plus ours: ``verified``, ``round``, ``error``, ``stages``, ``guest`` and
+``dirty-sync-count``), plus ours: ``verified``, ``round``, ``rounds`` (per round:
+``round``, ``start`` (s after the migration started), ``seconds``, ``bytes`` sent, ``pages``,
+``zero-pages``, then ``remaining`` and ``dirty-pages-rate`` from the sync that followed),
+``error``, ``stages``, ``guest`` and
 ``dirty-tracking`` (which guest ran and which dirty source tracked it).
 
 Counting: ``duplicate`` is zero pages found by the scanner (sent as COMPRESS, or written as
@@ -73,6 +76,7 @@ class MigrationStats:
     dirty_tracking: str = ""         # which dirty source ran: soft, uffd or kvm
     error: str = ""
     stages: StageFigures = field(default_factory=StageFigures)
+    rounds: list[dict] = field(default_factory=list)   # one entry per round (see snapshot)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def update(self, **changes) -> None:
@@ -116,6 +120,7 @@ class MigrationStats:
                 "round": self.round,
                 "verified": self.verified,
                 "stages": self.stages.as_dict(),
+                "rounds": [dict(r) for r in self.rounds],
             }
             if downtime is not None:
                 out["downtime"] = downtime
