@@ -260,6 +260,8 @@ class SourceMigration:
             dirty = self.pipeline.sync(r, self.check)
             decision = self.conv.after_round(RoundResult(r, sent, secs, dirty * PAGE_SIZE))
             rate = dirty / secs if secs > 0 else 0.0
+            self.stats.rounds[-1] = {**self.stats.rounds[-1], "remaining": dirty * PAGE_SIZE,
+                                     "dirty-pages-rate": round(rate)}   # replaced, not mutated
             self.stats.update(dirty_sync_count=self.stats.dirty_sync_count + 1,
                               remaining_bytes=dirty * PAGE_SIZE, dirty_pages_rate=rate,
                               expected_downtime_ms=min(self.conv.expected_downtime_s, 1e9) * 1e3)
@@ -294,6 +296,9 @@ class SourceMigration:
         fig.writes_posted += int(drained["length"])
         fig.bytes_written += rdma
         sent = rdma + self.link.bytes_sent - ctrl0
+        st.rounds.append({"round": r, "start": round(t0 - st.start_time, 4),
+                          "seconds": round(secs, 4), "bytes": sent,
+                          "pages": int(drained["pages"]), "zero-pages": zero, "remaining": 0})
         st.update(round=r, rdma_bytes=st.rdma_bytes + rdma, control_bytes=self.link.bytes_sent,
                   duplicate_pages=st.duplicate_pages + zero,
                   normal_pages=st.normal_pages + int(drained["pages"]) - zero,
