@@ -26,14 +26,13 @@ import numpy as np
 
 from pipeline.config import PAGE_SIZE, MigrationConfig
 from pipeline.control import ControlLink, ControlTrace
-from pipeline.digest import DIGEST_SECTION, chunk_digests
+from pipeline.digest import chunk_digests
 from pipeline.errors import (
     MigrationCancelled,
     MigrationError,
     RemoteProtocolError,
     StageFailed,
 )
-from pipeline.guest.synthetic import frame
 from pipeline.migration_state import (
     Convergence,
     Decision,
@@ -56,10 +55,7 @@ from pipeline.protocol.messages import (
 from pipeline.protocol.records import (
     RAM_IDSTR,
     RAM_VERSION,
-    DeviceState,
     EndOfSection,
-    Eof,
-    FileHeader,
     MemSize,
     RamBlockInfo,
     SectionFooter,
@@ -67,6 +63,7 @@ from pipeline.protocol.records import (
     SectionType,
 )
 from pipeline.protocol.stream import StreamWriter
+from pipeline.sections import RAM_SID, DeviceSections, write_header
 from pipeline.stats import MigrationStats
 from stages.records import (
     ANSWER_DTYPE,
@@ -81,7 +78,6 @@ from stages.records import (
 )
 from stages.registrar import ALL_CHUNKS
 
-RAM_SID, GUEST_SID, DIGEST_SID = 2, 3, 4
 MAX_REGISTER_BATCH = 512
 
 
@@ -226,7 +222,7 @@ class SourceMigration:
     def _setup(self) -> None:
         w = self.writer
         blocks = self.guest.region.blocks
-        w.write_event(FileHeader())
+        write_header(w)        # magic, version, CONFIGURATION
         w.write_event(SectionHeader(SectionType.SECTION_START, RAM_SID, RAM_IDSTR, 0,
                                     RAM_VERSION))
         w.write_event(MemSize(tuple(RamBlockInfo(b.idstr, b.length) for b in blocks)))
@@ -374,19 +370,16 @@ class SourceMigration:
             hasher.start()
         self._round(r, SectionType.SECTION_END, CMD_FINAL)
         w = self.writer
-        section = self.guest.device_section     # the synthetic or the KVM guest's section
-        w.write_event(SectionHeader(SectionType.SECTION_FULL, GUEST_SID, section, 0, 1))
-        w.write_event(DeviceState(GUEST_SID, section, frame(state.to_bytes())))
-        w.write_event(SectionFooter(GUEST_SID))
+        sections = DeviceSections()
+        # the synthetic or the KVM guest's section
+        sections.guest(w, self.guest.device_section, state.to_bytes())
         if hasher is not None:
             hasher.join()
             if not digests:
                 raise MigrationError("hashing the source RAM failed")
-            w.write_event(SectionHeader(SectionType.SECTION_FULL, DIGEST_SID, DIGEST_SECTION,
-                                        0, 1))
-            w.write_event(DeviceState(DIGEST_SID, DIGEST_SECTION, frame(digests[0])))
-            w.write_event(SectionFooter(DIGEST_SID))
-        w.write_event(Eof())
+            sections.digest(w, digests[0])
+        self.link.send_stream(w.flush())
+        sections.end(w)        # EOF and VMDESCRIPTION: small, so in one QEMU FILE message
         self.link.send_stream(w.flush())
         self.stats.update(control_bytes=self.link.bytes_sent, remaining_bytes=0)
         if self.digest:

@@ -209,6 +209,10 @@ class InlineSource(SourceMigration):
         secs = time.monotonic() - t0
         sent = self.sink.bytes_written - sent0
         fig = st.stages
+        st.rounds.append({"round": r, "start": round(t0 - st.start_time, 4),
+                          "seconds": round(secs, 4), "bytes": sent,
+                          "pages": scanner.pages_scanned - fig.pages_scanned,
+                          "zero-pages": scanner.zero_pages - fig.zero_pages, "remaining": 0})
         fig.pages_scanned, fig.zero_pages = scanner.pages_scanned, scanner.zero_pages
         fig.scanner_busy_s = scanner.busy_ns / 1e9
         st.update(round=r, mbps=sent * 8 / 1e6 / secs if secs > 0 else 0.0)
