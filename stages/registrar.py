@@ -5,7 +5,9 @@ REQUESTED, REGISTERED), local lkey, remote rkey, writes in flight and the round 
 one local MR object per registered chunk. A batch of runs is handled whole:
 
 - runs in registered chunks (or every run, with pin-all) become WRITE records at once;
-- all-zero runs in chunks never registered become COMPRESS requests (no write), as QEMU does;
+- all-zero runs become COMPRESS requests (no write), merged when adjacent; QEMU does this only
+  for chunks never registered, we do it for every zero run (pin-all too): zero pages never
+  cross the data connection, and the destination never faults in a page that stays zero;
 - other runs are parked, and their chunks get one REGISTER request each. The local MR is
   registered right away, while the request is out, and parked runs leave as soon as the answer
   comes (``on_answers``), so registration overlaps the writes of chunks already registered.
@@ -184,6 +186,10 @@ class Registrar:
         return ok
 
     def _route(self, runs: np.ndarray, writes: list, reqs: list) -> None:
+        zero = runs["zero"] != 0
+        if zero.any():
+            self._compress(runs[zero], reqs)
+            runs = runs[~zero]
         ready = self._registered(runs)
         writes.append(self._writes(runs[ready]))
         rest = runs[~ready]
@@ -192,34 +198,7 @@ class Registrar:
         if self.pin_all:
             self.parked.append(rest)   # block keys not here yet: never REGISTER with pin-all
             return
-        chunks = self._chunks(rest)
-        blocks = rest["block"].astype(np.int64)
-        state = np.empty(len(rest), np.uint8)
-        for b in np.unique(blocks):
-            sel = blocks == b
-            state[sel] = self.state[b][chunks[sel]]
-        compress = (rest["zero"] != 0) & (state == NONE)
-        if compress.any():
-            z = rest[compress]
-            # Adjacent zero runs merge into one COMPRESS even across chunk boundaries: none of
-            # those chunks is registered, and the destination zero-fills any range of a block.
-            first = z["first_page"].astype(np.int64)
-            n = z["n_pages"].astype(np.int64)
-            joins = (z["block"][1:] == z["block"][:-1]) & (first[1:] == first[:-1] + n[:-1])
-            starts = np.flatnonzero(np.concatenate([[True], ~joins]))
-            pages = np.add.reduceat(n, starts)
-            zs = z[starts]
-            reqs.append(records(REQUEST_DTYPE, len(zs), op=REQ_COMPRESS,
-                                round=zs["round"], block=zs["block"],
-                                chunk=self._chunks(zs), offset=zs["first_page"] * PAGE,
-                                length=pages.astype(np.uint64) * PAGE, pages=pages))
-            self.compress_sent += len(zs)
-            for r in np.unique(z["round"]):
-                self.round_compressed[int(r)] = self.round_compressed.get(int(r), 0) + int(
-                    z["n_pages"][z["round"] == r].sum())
-        park = rest[~compress]
-        if not len(park):
-            return
+        park = rest
         self.parked.append(park)
         pc = self._chunks(park)
         pb = park["block"].astype(np.int64)
@@ -237,6 +216,27 @@ class Registrar:
                                 round=int(park["round"][0]),
                                 block=[b for b, _ in new], chunk=[c for _, c in new],
                                 n_chunks=1))
+
+    def _compress(self, z: np.ndarray, reqs: list) -> None:
+        """COMPRESS requests for all-zero runs, registered chunk or not, pin-all or not: a
+        zero page never crosses the data connection (QEMU writes zero pages of registered
+        chunks; a COMPRESS is valid in any registration window and costs 24 bytes)."""
+        # Adjacent zero runs merge into one COMPRESS even across chunk boundaries: the
+        # destination zero-fills any range of a block.
+        first = z["first_page"].astype(np.int64)
+        n = z["n_pages"].astype(np.int64)
+        joins = (z["block"][1:] == z["block"][:-1]) & (first[1:] == first[:-1] + n[:-1])
+        starts = np.flatnonzero(np.concatenate([[True], ~joins]))
+        pages = np.add.reduceat(n, starts)
+        zs = z[starts]
+        reqs.append(records(REQUEST_DTYPE, len(zs), op=REQ_COMPRESS,
+                            round=zs["round"], block=zs["block"],
+                            chunk=self._chunks(zs), offset=zs["first_page"] * PAGE,
+                            length=pages.astype(np.uint64) * PAGE, pages=pages))
+        self.compress_sent += len(zs)
+        for r in np.unique(z["round"]):
+            self.round_compressed[int(r)] = self.round_compressed.get(int(r), 0) + int(
+                z["n_pages"][z["round"] == r].sum())
 
     def register_pending(self) -> None:
         """Register locally the chunks whose REGISTER request is out (call after sending the

@@ -72,24 +72,24 @@ def test_unregistered_runs_park_until_answered_then_write():
     assert w[0]["remote_addr"] == 0x5000 and w[1]["round"] == 1
 
 
-def test_registered_chunks_write_at_once_and_zero_runs_are_written():
+def test_registered_chunks_write_at_once_and_zero_runs_are_compressed():
     reg = make()
     reg.on_runs(runs((0, 0, 1, 0)))
     reg.on_answers(answer(0, 0, 7))
-    w, q = reg.on_runs(np.concatenate([runs((0, 5, 3, 1), round_no=2), end(2)]))
-    assert w["op"].tolist() == [OP_RUN, OP_END] and w[0]["zero_pages"] == 3
-    assert len(q) == 0
+    w, q = reg.on_runs(np.concatenate([runs((0, 1, 1, 0), (0, 5, 3, 1), round_no=2), end(2)]))
+    assert w["op"].tolist() == [OP_RUN, OP_END] and w[0]["pages"] == 1
+    assert q[["op", "offset", "length"]].tolist() == [(REQ_COMPRESS, 5 * 4096, 3 * 4096)]
 
 
-def test_pin_all_sends_no_requests():
+def test_pin_all_registers_nothing_and_compresses_zero_runs():
     reg = make(pin_all=True)
     reg.pin_blocks()
     reg.on_answers(np.concatenate([answer(0, ALL_CHUNKS, 11), answer(1, ALL_CHUNKS, 12)]))
     w, q = reg.on_runs(np.concatenate([runs((0, 0, CP, 1), (0, 3 * CP, 2, 0), (1, 1, 1, 0)),
                                        end(1)]))
-    assert len(q) == 0
-    assert w["rkey"].tolist() == [11, 11, 12, 0]
-    assert w["op"].tolist() == [OP_RUN] * 3 + [OP_END]
+    assert q["op"].tolist() == [REQ_COMPRESS] and q[0]["length"] == CP * 4096
+    assert w["rkey"].tolist() == [11, 12, 0]
+    assert w["op"].tolist() == [OP_RUN] * 2 + [OP_END]
 
 
 def test_drained_forwarded_with_round_figures():
