@@ -80,18 +80,27 @@ def errors(what: str):
         raise TransportError(f"{what}: {exc}", errno=code) from None
 
 
+def _fd_links() -> dict[int, str]:
+    links = {}
+    for entry in os.listdir("/proc/self/fd"):
+        try:
+            links[int(entry)] = os.readlink(f"/proc/self/fd/{entry}")
+        except OSError:
+            continue  # the directory listing's own descriptor, already closed
+    return links
+
+
 def new_fd(create, marker: str):
-    """Create an object with ``create()`` and find the fd it opened, whose link has ``marker``."""
+    """Create an object with ``create()`` and find the fd it opened, whose link has ``marker``.
+
+    Descriptors are compared by number *and* target: the new one may reuse the number that the
+    listing itself held a moment before.
+    """
     with _fd_lock:
-        before = set(os.listdir("/proc/self/fd"))
+        before = _fd_links()
         obj = create()
-        found = []
-        for entry in set(os.listdir("/proc/self/fd")) - before:
-            try:
-                if marker in os.readlink(f"/proc/self/fd/{entry}"):
-                    found.append(int(entry))
-            except OSError:
-                continue
+        found = [fd for fd, link in _fd_links().items()
+                 if marker in link and before.get(fd) != link]
     if len(found) != 1:
         obj.close()
         raise TransportError(f"cannot find the descriptor of a new {marker} channel",

@@ -97,8 +97,9 @@ def test_send_consumes_oldest_recv_and_reports_byte_len(make_pair):
     assert (pair.mem_b[8192:8392] == pair.mem_a[100:300]).all()
 
 
-def test_send_without_recv_and_rnr_retry_0_fails(make_pair):
-    pair = make_pair(rnr_retry=0)
+@pytest.mark.parametrize("rnr_retry", [0, 2])
+def test_send_without_recv_and_a_finite_rnr_retry_fails(make_pair, rnr_retry):
+    pair = make_pair(rnr_retry=rnr_retry)
     pair.send(1, 0, 64)
     wcs = wait_wcs(pair.cq_a, 1)
     assert (wcs[0].wr_id, wcs[0].status) == (1, WCStatus.RNR_RETRY_EXC_ERR)

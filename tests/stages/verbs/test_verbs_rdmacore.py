@@ -58,3 +58,34 @@ def test_missing_pyverbs_is_transport_unsupported(monkeypatch):
 def test_unknown_provider_is_api_misuse():
     with pytest.raises(ValueError, match="soft, verbs"):
         open_provider("ucx")
+
+
+def test_new_fd_finds_the_descriptor_a_constructor_opened():
+    import os
+
+    from stages.verbs.rdmacore import new_fd
+
+    class Channel:  # stands in for a CompChannel, whose fd pyverbs does not expose
+        def __init__(self):
+            self.fd = os.eventfd(0)
+
+        def close(self):
+            os.close(self.fd)
+
+    channel, fd = new_fd(Channel, "eventfd")
+    try:
+        assert fd == channel.fd
+    finally:
+        channel.close()
+    with pytest.raises(TransportError):
+        new_fd(Channel, "infinibandevent")  # closed again when not found
+
+
+def test_pyverbs_errors_become_transport_errors_with_errno():
+    pyverbs_error = pytest.importorskip("pyverbs.pyverbs_error")
+    from stages.verbs.rdmacore import errors
+
+    with pytest.raises(TransportError) as info:
+        with errors("cannot post send"):
+            raise pyverbs_error.PyverbsRDMAError("Failed to post send", 12)
+    assert info.value.errno == 12 and str(info.value).startswith("cannot post send")
