@@ -89,3 +89,77 @@ def test_pyverbs_errors_become_transport_errors_with_errno():
         with errors("cannot post send"):
             raise pyverbs_error.PyverbsRDMAError("Failed to post send", 12)
     assert info.value.errno == 12 and str(info.value).startswith("cannot post send")
+
+
+class _FakeChannel:
+    """pyverbs.cq.CompChannel stand-in: an eventfd that one armed completion makes readable."""
+
+    def __init__(self, _ctx):
+        import os
+
+        self.fd = os.eventfd(0, os.EFD_NONBLOCK)
+
+    def get_cq_event(self, _cq):
+        import os
+
+        os.eventfd_read(self.fd)
+
+    def close(self):
+        import os
+
+        os.close(self.fd)
+
+
+class _FakeCQ:
+    """pyverbs.cq.CQ stand-in with ibv_req_notify_cq's one-shot arming."""
+
+    def __init__(self, _ctx, _depth, _cq_context, channel, _vector):
+        self.channel, self.items, self.armed = channel, [], False
+
+    def req_notify(self):
+        self.armed = True
+
+    def poll(self, n):
+        out, self.items = self.items[:n], self.items[n:]
+        return len(out), out
+
+    def ack_events(self, _n):
+        pass
+
+    def close(self):
+        pass
+
+    def complete(self, wr_id):
+        import os
+        from types import SimpleNamespace
+
+        self.items.append(SimpleNamespace(wr_id=wr_id, status=0, opcode=1, byte_len=8,
+                                          qp_num=3))
+        if self.armed:
+            self.armed = False
+            os.eventfd_write(self.channel.fd, 1)
+
+
+def test_verbs_cq_wait_poll_and_fd_follow_the_channel(monkeypatch):
+    import select
+    from types import SimpleNamespace
+
+    pytest.importorskip("pyverbs.device", reason="python3-pyverbs is not installed here")
+    from stages.verbs import rdmacore
+
+    monkeypatch.setattr(rdmacore, "new_fd", lambda create, _marker: (c := create(), c.fd))
+    v = SimpleNamespace(cq=SimpleNamespace(CompChannel=_FakeChannel, CQ=_FakeCQ))
+    cq = rdmacore.VerbsCQ(SimpleNamespace(v=v, ctx=None), 16)
+    try:
+        assert not cq.wait(0.05) and cq.poll() == [] and len(cq) == 0
+        cq.cq.complete(1)
+        assert select.select([cq.fileno()], [], [], 0)[0]
+        assert cq.wait(1) and len(cq) == 1  # held for poll()
+        assert [wc.wr_id for wc in cq.poll()] == [1]  # emptied: the event is consumed too
+        assert select.select([cq.fileno()], [], [], 0)[0] == []
+        cq.cq.complete(2)  # re-armed: the fd wakes a select() again
+        cq.cq.complete(3)
+        assert select.select([cq.fileno()], [], [], 1)[0]
+        assert [wc.wr_id for wc in cq.poll(1)] + [wc.wr_id for wc in cq.poll()] == [2, 3]
+    finally:
+        cq.close()
