@@ -115,13 +115,17 @@ class SocketSink:
         return total
 
     def _poll_return_path(self) -> None:
-        """A destination that failed says so (SHUT with an error) before it closes."""
+        """A destination that failed says so (SHUT with an error) before it closes; one that
+        closed its end without a word is gone too (its receive side may still take bytes
+        until the window fills, so a send alone would only notice after the stall time)."""
         while select.select([self.sock], [], [], 0)[0]:
             try:
                 data = self.sock.recv(4096)
             except OSError:
-                return
+                return                  # the next send reports the broken connection
             if not data:
+                if not self.confirmed:
+                    raise TransportError("the destination closed the connection")
                 return
             self.rp.feed(data)
             self._take_messages()
