@@ -33,6 +33,7 @@ from pipeline.errors import (
     RemoteProtocolError,
     StageFailed,
 )
+from pipeline.guest.synthetic import frame
 from pipeline.migration_state import (
     Convergence,
     Decision,
@@ -55,6 +56,7 @@ from pipeline.protocol.messages import (
 from pipeline.protocol.records import (
     RAM_IDSTR,
     RAM_VERSION,
+    DeviceState,
     EndOfSection,
     MemSize,
     RamBlockInfo,
@@ -65,6 +67,7 @@ from pipeline.protocol.records import (
 from pipeline.protocol.stream import StreamWriter
 from pipeline.sections import RAM_SID, DeviceSections, write_header
 from pipeline.stats import MigrationStats
+from stages.pagehash import ROUND_SECTION, ROUND_SID, pack_round, table_digests
 from stages.records import (
     ANSWER_DTYPE,
     CMD_FINAL,
@@ -199,7 +202,7 @@ class SourceMigration:
         if shift != 20:
             flags |= Capability.CHUNK_SIZE
         caps = Capabilities(flags=int(flags), chunk_shift=shift, data_qps=1,
-                            digest=Digest.SHA256)
+                            digest=Digest.PAGE_HASH)
         blocks = self.guest.region.blocks
         private = self.link.channel.initiate(caps, block_lengths=[b.length for b in blocks])
         self.link.post_recvs()
@@ -216,6 +219,9 @@ class SourceMigration:
         self.pin_all = got.pin_all
         self.multi = got.multi_register
         self.digest = got.has(Capability.RAM_DIGEST)
+        # Page hashes, kept round by round by both sides: only the final round is hashed
+        # while the guest is paused (stages.pagehash).
+        self.page_hash = self.digest and got.digest == Digest.PAGE_HASH
         if cfg.pin_all and not got.pin_all:
             raise RemoteProtocolError("the destination declined rdma-pin-all")
 
@@ -279,6 +285,8 @@ class SourceMigration:
         self.link.send(RegisterFinishedMessage())
         w.write_event(EndOfSection())
         w.write_event(SectionFooter(RAM_SID))
+        if self.page_hash:
+            self._round_pages(w)
         secs = time.monotonic() - t0
         rdma = int(drained["offset"])
         st = self.stats
@@ -354,6 +362,14 @@ class SourceMigration:
             self.pipeline.answers.push(ans)
         self.stats.stages.chunks_registered += len(batch)
 
+    def _round_pages(self, w) -> None:
+        """Tell the destination which pages the round just drained sent (after its REGISTER
+        FINISHED, so they have all landed): it hashes them while the next round runs."""
+        body = pack_round(self.pipeline.pages.sent)
+        w.write_event(SectionHeader(SectionType.SECTION_FULL, ROUND_SID, ROUND_SECTION, 0, 1))
+        w.write_event(DeviceState(ROUND_SID, ROUND_SECTION, frame(body)))
+        w.write_event(SectionFooter(ROUND_SID))
+
     # -- switchover ----------------------------------------------------------------------
     def _switchover(self) -> None:
         state = self.guest.pause()
@@ -363,7 +379,7 @@ class SourceMigration:
         r = self.rounds + 1
         digests: list[bytes] = []
         hasher = None
-        if self.digest:
+        if self.digest and not self.page_hash:
             # RAM is frozen now: hash it while the final round is being sent.
             hasher = threading.Thread(target=lambda: digests.append(
                 chunk_digests(self.guest.region)), name="ram-digest", daemon=True)
@@ -373,7 +389,10 @@ class SourceMigration:
         sections = DeviceSections()
         # the synthetic or the KVM guest's section
         sections.guest(w, self.guest.device_section, state.to_bytes())
-        if hasher is not None:
+        if self.page_hash:         # the scanner hashed the final round before it drained
+            sections.digest(w, table_digests(self.pipeline.pages.hashes,
+                                             self.guest.region.chunk_pages))
+        elif hasher is not None:
             hasher.join()
             if not digests:
                 raise MigrationError("hashing the source RAM failed")

@@ -7,7 +7,9 @@ chunk size, the SHA-256 RAM digest), and data-QP connections that present the se
 straight into registered RAM, as a NIC would). It then reads the stream: MEM_SIZE creates (or
 checks) the RAM region; each HOOK starts a registration loop answering RAM BLOCKS, REGISTER,
 COMPRESS (zero-fill, skipping pages already zero) and UNREGISTER until REGISTER FINISHED; the
-guest's device state and the RAM digest are kept; at EOF every chunk is hashed and compared,
+guest's device state and the RAM digest are kept; the pages each round wrote (the source says
+which, once the round's writes have landed) are hashed in the background (``stages.pagehash``),
+so at EOF only the final round's pages are left to hash before every chunk is compared,
 and only then is the guest resumed from its state and the source told (one READY). On any
 failure it sends ERROR, does not resume, and removes what it created.
 """
@@ -52,6 +54,7 @@ from pipeline.protocol.parser import NEED_DATA
 from pipeline.protocol.records import DeviceState, Eof, Hook, MemSize
 from pipeline.protocol.stream import StreamReader
 from pipeline.stats import MigrationStats
+from stages.pagehash import ROUND_SECTION
 from stages.scanner import nonzero_pages
 from stages.verbs.base import Access
 
@@ -96,6 +99,7 @@ class IncomingMigration:
         self.guest_watch = guest_watch      # seconds the resumed guest runs before a report
         self.guest_report: dict = {}        # where the guest resumed, and where it stopped
         self.digests: bytes | None = None
+        self.hasher = None             # stages.pagehash.PageHasher, at the first round's pages
         self.verified: bool | None = None
         self.resume_time = 0.0
         self.status = "none"
@@ -172,7 +176,8 @@ class IncomingMigration:
         flags = (Capability.PIN_ALL | Capability.MULTI_REGISTER | Capability.DATA_QPS
                  | Capability.RAM_DIGEST | Capability.CHUNK_SIZE)
         supported = Capabilities(flags=int(flags), chunk_shift=cs.bit_length() - 1,
-                                 data_qps=4, session_token=self.token, digest=Digest.SHA256)
+                                 data_qps=4, session_token=self.token,
+                                 digest=Digest.PAGE_HASH)
         reply = self.link.channel.accept(req.private_data, supported)
         req.accept(self.link.qp, reply)
         self.link.post_recvs()
@@ -211,7 +216,7 @@ class IncomingMigration:
 
     # -- the stream ----------------------------------------------------------------------
     def _read_stream(self) -> None:
-        codecs = dict.fromkeys([*GUEST_SECTIONS, DIGEST_SECTION], device_codec)
+        codecs = dict.fromkeys([*GUEST_SECTIONS, DIGEST_SECTION, ROUND_SECTION], device_codec)
         reader = StreamReader(codecs)
         while True:
             msg = self.link.grant_and_receive()
@@ -230,11 +235,29 @@ class IncomingMigration:
                         self.guest_device = (ev.idstr, bytes(body))
                     elif ev.idstr == DIGEST_SECTION:
                         self.digests = bytes(body)
+                    elif ev.idstr == ROUND_SECTION:
+                        self._on_round_pages(bytes(body))
                 elif isinstance(ev, Eof):
                     self.stats.update(pause_time=time.monotonic())
                     return
             if reader.next_event() is not NEED_DATA:  # pragma: no cover - events() drained it
                 raise RemoteProtocolError("stream parser out of step")
+
+    def _on_round_pages(self, body: bytes) -> None:
+        """The pages a finished round wrote (every write has landed: its REGISTER FINISHED
+        came first): hash them in the background while the next round runs."""
+        if self.caps.digest != Digest.PAGE_HASH or self.region is None:
+            raise RemoteProtocolError("round page bitmaps without page-hash verification")
+        from stages.pagehash import PageHasher, unpack_round
+
+        try:
+            pages = unpack_round(body, [b.nb_pages for b in self.order])
+        except Exception as exc:  # noqa: BLE001 - ValueError or zlib.error
+            raise RemoteProtocolError(f"bad round page bitmap: {exc}") from None
+        if self.hasher is None:
+            self.hasher = PageHasher([b.view.view(np.uint64).reshape(-1, 512)
+                                      for b in self.order])
+        self.hasher.submit(pages)
 
     def _create_region(self, blocks) -> None:
         from shm.region import RamBlockSpec, RamRegion
@@ -357,10 +380,17 @@ class IncomingMigration:
         if self.corrupt is not None:     # test hook: damage one page before the check
             b, page = self.corrupt
             self.region.blocks[b].view[page * 4096] ^= 0xFF
+            if self.hasher is not None:  # as if the final round's write had brought it
+                at = [blk is self.region.blocks[b] for blk in self.order].index(True)
+                self.hasher.submit([np.array([page] if i == at else [], np.int64)
+                                    for i in range(len(self.order))])
         if self.digests is None:
             raise RemoteProtocolError("the source sent no RAM digest: cannot verify the RAM",
                                       hint="the destination never resumes on unchecked memory")
-        bad = mismatches(self.region, self.digests)
+        if self.caps.digest == Digest.PAGE_HASH:
+            bad = self._page_hash_mismatches()
+        else:
+            bad = mismatches(self.region, self.digests)
         self.verified = not bad
         if bad:
             where = ", ".join(f"{n} chunk {c}" for n, c in bad[:4])
@@ -376,6 +406,26 @@ class IncomingMigration:
         self.link.transmit(self.link.channel.grant())
         self.link.channel.close()
 
+    def _page_hash_mismatches(self) -> list[tuple[str, int]]:
+        """(block idstr, chunk) of every chunk whose page hashes differ from the source's."""
+        from stages.pagehash import PageHasher, table_digests
+
+        if self.hasher is None:        # no round page bitmaps came: nothing was hashed yet
+            self.hasher = PageHasher([b.view.view(np.uint64).reshape(-1, 512)
+                                      for b in self.order])
+        tables = self.hasher.wait()
+        cp = self.region.chunk_size // 4096
+        mine = table_digests(tables, cp)
+        if len(mine) != len(self.digests):
+            return [("<geometry>", -1)]
+        bad, i = [], 0
+        for blk, table in zip(self.order, tables, strict=True):
+            for c in range(-(-len(table) // cp)):
+                if mine[i * 32:(i + 1) * 32] != self.digests[i * 32:(i + 1) * 32]:
+                    bad.append((blk.idstr, c))
+                i += 1
+        return bad
+
     def _resume(self) -> None:
         self.guest.wait_ready(30.0)
         self.guest.send("load", *self.guest_device)
@@ -384,6 +434,8 @@ class IncomingMigration:
 
     def _teardown(self) -> None:
         self._stop.set()
+        if self.hasher is not None:
+            self.hasher.close()
         if self._acceptor is not None:
             self._acceptor.join(2.0)
         if self.guest is not None and not self.keep_guest:

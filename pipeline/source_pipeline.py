@@ -53,10 +53,15 @@ class SourcePipeline:
         self._syncs: deque = deque()
         self._requests_done = False
         self.inbox: Inbox | None = None
+        self.pages = None      # the scanner's page hashes (stages.pagehash.PageTable)
         try:
             for name, (dtype, cap, role) in RINGS.items():
                 self.rings[name] = Ring.create(segment_name(run_id, f"r{name[:5]}"), dtype, cap,
                                                role=role)
+            from stages.pagehash import PageTable
+
+            self.pages = PageTable.create(segment_name(run_id, "phash"),
+                                          [b.nb_pages for b in guest.region.blocks])
         except BaseException:
             self.close()
             raise
@@ -65,7 +70,8 @@ class SourcePipeline:
         self.scanner = StageProcess("scanner", "stages.scanner:scanner_main", {
             "region": region, "dirty": guest.dirty_source(),
             "chunk_pages": guest.region.chunk_pages,
-            "commands": n["commands"], "runs": n["runs"], "syncs": n["syncs"]})
+            "commands": n["commands"], "runs": n["runs"], "syncs": n["syncs"],
+            "pagehash": self.pages.name})
         self.registrar = StageProcess("registrar", "stages.registrar:registrar_main", {
             "region": region, "transport": config.transport, "pin_all": config.pin_all,
             "pin_budget": config.pin_budget, "memlock_limit": config.memlock_limit,
@@ -208,3 +214,7 @@ class SourcePipeline:
             finally:
                 ring.unlink()
         self.rings = {}
+        if self.pages is not None:
+            self.pages.close()
+            self.pages.unlink()
+            self.pages = None

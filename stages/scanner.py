@@ -103,8 +103,13 @@ class Scanner:
 
     def __init__(self, views: list[np.ndarray], chunk_pages: int,
                  fetch: Callable[[], list[np.ndarray]],
-                 runs: Callable[[list[np.ndarray], int], np.ndarray]) -> None:
+                 runs: Callable[[list[np.ndarray], int], np.ndarray],
+                 table=None) -> None:
         self.views = views
+        self.table = table            # a stages.pagehash.PageTable, or None: no page hashes
+        self._to_hash: list[tuple[int, np.ndarray]] = []
+        self._scratch = None
+        self.hash_ns = 0
         self.chunk_pages = chunk_pages
         self._fetch = fetch
         self._runs = runs
@@ -131,6 +136,9 @@ class Scanner:
         self.sync()
         t0 = time.perf_counter_ns()
         packed = [np.packbits(p, bitorder="little") for p in self.pending]
+        if self.table is not None:
+            for sent, bits in zip(self.table.sent, packed, strict=True):
+                sent[:] = bits                   # the round's pages, for the destination
         runs = self._runs(packed, self.chunk_pages)
         out = records(RUN_DTYPE, len(runs) + 1)
         body = out[:-1]
@@ -145,6 +153,9 @@ class Scanner:
             sel = np.flatnonzero(body["block"] == b)
             pages, starts = expand_runs(body["first_page"][sel], body["n_pages"][sel])
             nz = nonzero_pages(self.views[b], pages)
+            if self.table is not None:
+                self.table.hashes[b][pages[~nz]] = 0      # a zero page hashes to 0
+                self._to_hash.append((int(b), pages[nz]))
             run_has_data = np.logical_or.reduceat(nz, starts)
             body["zero"][sel] = ~run_has_data
             dirty += len(pages)
@@ -163,6 +174,23 @@ class Scanner:
         return out
 
 
+    def hash_round(self) -> None:
+        """Hash the non-zero pages of the last scan into the page table (``stages.pagehash``):
+        after the runs went out, so the hashing overlaps their transfer. A page the guest
+        writes after the scan's fetch is dirty again, and hashed again in a later round."""
+        from stages.pagehash import WINDOW, hash_pages
+
+        if self.table is None:
+            return
+        t0 = time.perf_counter_ns()
+        if self._scratch is None:
+            self._scratch = np.empty((WINDOW, WORDS), np.uint64)
+        for b, pages in self._to_hash:
+            hash_pages(self.views[b], pages, self.table.hashes[b], self._scratch)
+        self._to_hash.clear()
+        self.hash_ns += time.perf_counter_ns() - t0
+
+
 def scanner_main(config: dict, link) -> int:
     """Process: config keys region, dirty (a ``stages.dirty_sources`` spec; or dirtylog, a log
     name), chunk_pages, commands, runs, syncs (ring names)."""
@@ -177,7 +205,12 @@ def scanner_main(config: dict, link) -> int:
             Ring.attach(config["runs"], RUN_DTYPE) as runs_out, \
             Ring.attach(config["syncs"], SYNC_DTYPE) as syncs:
         views = [blk.view.view(np.uint64).reshape(-1, WORDS) for blk in region.blocks]
-        scanner = Scanner(views, config["chunk_pages"], source.fetch, dirty_runs)
+        table = None
+        if config.get("pagehash"):
+            from stages.pagehash import PageTable
+
+            table = PageTable.attach(config["pagehash"])
+        scanner = Scanner(views, config["chunk_pages"], source.fetch, dirty_runs, table)
         link.ready()
         batch = int(config.get("batch", 4096))
         while True:
@@ -194,7 +227,11 @@ def scanner_main(config: dict, link) -> int:
                     syncs.push(records(SYNC_DTYPE, round=cmd["round"], dirty_pages=n))
                 elif op in (CMD_ROUND, CMD_FINAL):
                     out = scanner.scan(int(cmd["round"]))
-                    for i in range(0, len(out), batch):
-                        runs_out.push(out[i:i + batch])
+                    for i in range(0, len(out) - 1, batch):
+                        runs_out.push(out[i:min(i + batch, len(out) - 1)])
+                    scanner.hash_round()         # while the runs are being sent
+                    runs_out.push(out[-1:])      # END: the round's hashes are in the table
         runs_out.close_write()
+        if table is not None:
+            table.close()
     return 0

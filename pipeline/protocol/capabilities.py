@@ -74,6 +74,7 @@ class Digest(IntEnum):
     NONE = 0
     BLAKE2B_256 = 1
     SHA256 = 2
+    PAGE_HASH = 3       # SHA-256 per chunk over its 64-bit page hashes (stages.pagehash)
 
 
 def _check(name: str, value: object, low: int, high: int) -> None:

@@ -1,0 +1,114 @@
+"""Page hashes: the incremental RAM check (stages.pagehash) and the scanner's part in it."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from shm import RamBlockSpec, RamRegion, naming
+from stages.pagehash import (
+    PageHasher,
+    PageTable,
+    hash_pages,
+    hash_rows,
+    pack_round,
+    table_digests,
+    unpack_round,
+)
+from stages.scanner import Scanner
+
+
+def pages_of(n, seed=1):
+    return np.random.default_rng(seed).integers(0, 1 << 64, (n, 512), np.uint64, endpoint=False)
+
+
+def test_zero_page_hashes_to_zero_and_any_single_word_change_shows():
+    assert hash_rows(np.zeros((1, 512), np.uint64))[0] == 0
+    page = pages_of(1)
+    h = hash_rows(page)[0]
+    for word in (0, 17, 511):
+        for bit in (0, 31, 63):
+            changed = page.copy()
+            changed[0, word] ^= np.uint64(1 << bit)
+            assert hash_rows(changed)[0] != h
+
+
+@pytest.mark.parametrize("pick", ["dense", "scattered", "mixed"])
+def test_hash_pages_matches_row_hashes(pick):
+    view = pages_of(5000)
+    rng = np.random.default_rng(2)
+    pages = {"dense": np.arange(100, 4100),
+             "scattered": np.sort(rng.choice(5000, 40, replace=False)),
+             "mixed": np.concatenate([np.arange(0, 1500), np.arange(3000, 5000, 97)])}[pick]
+    table = np.zeros(5000, np.uint64)
+    hash_pages(view, pages, table)
+    assert (table[pages] == hash_rows(view[pages])).all()
+    rest = np.setdiff1d(np.arange(5000), pages)
+    assert (table[rest] == 0).all()
+
+
+def test_round_bitmaps_round_trip_and_misfits_are_refused():
+    bits = [np.packbits(np.arange(20) % 3 == 0, bitorder="little"), np.zeros(1, np.uint8)]
+    pages = unpack_round(pack_round(bits), [20, 5])
+    assert pages[0].tolist() == list(range(0, 20, 3)) and pages[1].tolist() == []
+    with pytest.raises(ValueError):
+        unpack_round(pack_round(bits), [64, 5])
+
+
+def test_table_digests_name_the_chunk_that_differs():
+    a = [np.arange(10, dtype=np.uint64), np.arange(3, dtype=np.uint64)]
+    b = [a[0].copy(), a[1].copy()]
+    b[0][7] += np.uint64(1)
+    da, db = table_digests(a, 4), table_digests(b, 4)
+    assert len(da) == 32 * (3 + 1)
+    differ = [i for i in range(4) if da[i * 32:(i + 1) * 32] != db[i * 32:(i + 1) * 32]]
+    assert differ == [1]
+
+
+def test_hasher_skips_pages_never_faulted_in():
+    with RamRegion.create(naming.new_run_id(), [RamBlockSpec("pc.ram", 8 << 20)]) as region:
+        try:
+            view = region.blocks[0].view.view(np.uint64).reshape(-1, 512)
+            view[3] = 5                                  # one page written, the rest absent
+            hasher = PageHasher([view])
+            hasher.submit([np.arange(len(view))])
+            (table,) = hasher.wait()
+            hasher.close()
+            assert table[3] == hash_rows(view[3:4])[0] and np.count_nonzero(table) == 1
+        finally:
+            region.unlink()
+
+
+class Log:
+    def __init__(self, n):
+        self.bits = np.zeros(n, bool)
+
+    def fetch(self):
+        out = [np.packbits(self.bits, bitorder="little")]
+        self.bits[:] = False
+        return out
+
+
+def test_scanner_hashes_what_it_scanned_and_records_the_rounds_pages():
+    from shm.dirtylog import dirty_runs
+
+    name = naming.segment_name(naming.new_run_id(), "phash")
+    table = PageTable.create(name, [64])
+    try:
+        view = np.zeros((64, 512), np.uint64)
+        view[[1, 2, 40]] = pages_of(3)
+        log = Log(64)
+        scanner = Scanner([view], 8, log.fetch, dirty_runs, table)
+        scanner.scan(1)
+        scanner.hash_round()
+        assert (table.hashes[0] == hash_rows(view)).all()
+        view[2] = 0                                      # written zero, and logged
+        view[50] = pages_of(1, seed=9)[0]
+        log.bits[[2, 50]] = True
+        scanner.scan(2)
+        assert unpack_round(pack_round(table.sent), [64])[0].tolist() == [2, 50]
+        scanner.hash_round()
+        assert (table.hashes[0] == hash_rows(view)).all()
+    finally:
+        table.close()
+        table.unlink()
