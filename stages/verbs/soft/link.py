@@ -6,10 +6,11 @@ RECV buffer (no intermediate copy), as a NIC's responder would, without the appl
 
 The writer is the only thread that sends *blocking*. It batches, in one sendmsg(), leftovers,
 the responder's ACK and NAKs and as many requests as are ready (a 28-byte header, then the
-payload straight from registered memory). To save thread hand-offs, small requests (at
-``post_send``) and ACKs (from the reader) are also sent inline, but only with MSG_DONTWAIT, under
-the QP lock and while the writer is idle (``sending`` false, no ``prefix``); what a partial
-inline send leaves over becomes the ``prefix`` the writer sends before anything else. So bytes
+payload straight from registered memory). To save thread hand-offs, requests (at ``post_send``,
+up to ``INLINE_MAX``) and ACKs (from the reader) are also sent inline, but only with MSG_DONTWAIT
+(the kernel takes what fits in the socket buffer), under the QP lock and while the writer is
+idle (``sending`` false, no ``prefix``); what a partial inline send leaves over becomes the
+``prefix`` the writer sends before anything else. So bytes
 never interleave, requests leave in sequence order, and no thread but the writer ever waits for
 the socket: two QPs saturating a connection in both directions cannot deadlock.
 
@@ -29,7 +30,7 @@ from stages.verbs.soft import wire
 
 IOV_MAX = 512
 BATCH_BYTES = 8 << 20
-INLINE_MAX = 64 << 10  # larger payloads always go through the writer
+INLINE_MAX = 4 << 20  # bounds how long an inline copy holds the QP lock
 ACK_EVERY, ACK_BYTES = 16, 4 << 20
 JOIN_TIMEOUT = 5.0
 

@@ -136,7 +136,7 @@ class SoftQP(base.QP):
                 self.lock.notify_all()
 
     def _send_inline(self, wr: SendWR) -> bool:
-        """Transmit a small WR from the caller's thread when the link is idle (saves a wake)."""
+        """Transmit a WR from the caller's thread when the link is idle (saves a wake)."""
         if (wr.bad or wr.length > INLINE_MAX or self.tx_next != wr.seq or self.link is None
                 or time.monotonic() < self.rnr_until):
             return False
