@@ -33,7 +33,6 @@ from pipeline.errors import (
     RemoteProtocolError,
     StageFailed,
 )
-from pipeline.guest.synthetic import frame
 from pipeline.migration_state import (
     Convergence,
     Decision,
@@ -56,7 +55,6 @@ from pipeline.protocol.messages import (
 from pipeline.protocol.records import (
     RAM_IDSTR,
     RAM_VERSION,
-    DeviceState,
     EndOfSection,
     MemSize,
     RamBlockInfo,
@@ -102,6 +100,7 @@ class SourceMigration:
         self.cancel = cancel or threading.Event()
         self.conv = Convergence(config.downtime_limit_ms, config.max_rounds, config.keep_going)
         self.writer = StreamWriter()
+        self.sections = DeviceSections()     # every device section written, for VMDESCRIPTION
         self.pipeline = None
         self.link: ControlLink | None = None
         self.paused = False
@@ -286,7 +285,7 @@ class SourceMigration:
         w.write_event(EndOfSection())
         w.write_event(SectionFooter(RAM_SID))
         if self.page_hash:
-            self._round_pages(w)
+            self._round_pages(w, r)
         secs = time.monotonic() - t0
         rdma = int(drained["offset"])
         st = self.stats
@@ -362,13 +361,13 @@ class SourceMigration:
             self.pipeline.answers.push(ans)
         self.stats.stages.chunks_registered += len(batch)
 
-    def _round_pages(self, w) -> None:
+    def _round_pages(self, w, r: int) -> None:
         """Tell the destination which pages the round just drained sent (after its REGISTER
         FINISHED, so they have all landed): it hashes them while the next round runs."""
         body = pack_round(self.pipeline.pages.sent)
-        w.write_event(SectionHeader(SectionType.SECTION_FULL, ROUND_SID, ROUND_SECTION, 0, 1))
-        w.write_event(DeviceState(ROUND_SID, ROUND_SECTION, frame(body)))
-        w.write_event(SectionFooter(ROUND_SID))
+        # instance r, section id ROUND_SID + r - 1: one layout per (name, instance) in
+        # VMDESCRIPTION, and one section id per instance, as QEMU has
+        self.sections.write(w, ROUND_SID + r - 1, ROUND_SECTION, "pages", body, instance_id=r)
 
     # -- switchover ----------------------------------------------------------------------
     def _switchover(self) -> None:
@@ -386,7 +385,7 @@ class SourceMigration:
             hasher.start()
         self._round(r, SectionType.SECTION_END, CMD_FINAL)
         w = self.writer
-        sections = DeviceSections()
+        sections = self.sections
         # the synthetic or the KVM guest's section
         sections.guest(w, self.guest.device_section, state.to_bytes())
         if self.page_hash:         # the scanner hashed the final round before it drained

@@ -4,7 +4,9 @@
     ram         id RAM_SID, instance 0, version 4: START (MEM_SIZE), PART per round, END
     guest       id GUEST_SID: the guest's device state (FULL), framed (be32 length, bytes)
     digest      id DIGEST_SID: ``rdp-ram-digest``, SHA-256 per chunk (FULL), framed
-    EOF, then VMDESCRIPTION describing the guest and digest sections field by field
+    rounds      ``rdma:`` with page hashes: after round r, ``rdp-round-pages`` instance r
+                (id ROUND_SID + r - 1, FULL, framed): which pages the round sent
+    EOF, then VMDESCRIPTION describing every device section written, field by field
 
 ``DeviceSections`` writes the device sections and remembers how to describe them; ``end()``
 writes EOF and the VMDESCRIPTION. ``device_codecs()`` is what a destination's parser needs to
@@ -49,13 +51,16 @@ class DeviceSections:
     def __init__(self) -> None:
         self.described: list[DeviceDescription] = []
 
-    def write(self, writer, sid: int, idstr: str, payload: str, body: bytes) -> None:
-        """One FULL section holding ``body`` framed; ``payload`` names the body's field."""
-        writer.write_event(SectionHeader(SectionType.SECTION_FULL, sid, idstr, 0,
+    def write(self, writer, sid: int, idstr: str, payload: str, body: bytes,
+              instance_id: int = 0) -> None:
+        """One FULL section holding ``body`` framed; ``payload`` names the body's field. A
+        section written more than once (a per-round one) takes a new ``instance_id`` and
+        ``sid`` each time: VMDESCRIPTION describes one (name, instance) by one layout."""
+        writer.write_event(SectionHeader(SectionType.SECTION_FULL, sid, idstr, instance_id,
                                          DEVICE_VERSION))
         writer.write_event(DeviceState(sid, idstr, frame(body)))
         writer.write_event(SectionFooter(sid))
-        self.described.append(DeviceDescription(idstr, 0, DEVICE_VERSION,
+        self.described.append(DeviceDescription(idstr, instance_id, DEVICE_VERSION,
                                                 framed_fields(payload, len(body))))
 
     def guest(self, writer, idstr: str, state: bytes) -> None:
