@@ -98,6 +98,32 @@ def nonzero_pages(view: np.ndarray, pages: np.ndarray) -> np.ndarray:
     return whole[pages]
 
 
+GAP_PAGES = 8     # clean pages a write may carry to save a write (about as costly as 32 KiB)
+
+
+def merge_runs(body: np.ndarray, chunk_pages: int, gap: int = GAP_PAGES) -> np.ndarray:
+    """Runs with data that lie within ``gap`` clean pages of each other in one chunk, as one
+    run that carries the clean pages between them too (their contents are what the
+    destination already has). A guest dirtying pages at random makes thousands of one-page
+    runs; each is one RDMA WRITE, and a write costs as much as 32 KiB more data here. A zero
+    run next to a data run joins it (its zeros are written: cheaper than a COMPRESS message
+    each); two zero runs never join, since a COMPRESS must not cover the pages between them,
+    which may hold data. So every merged run holds data and is written whole."""
+    first = body["first_page"].astype(np.int64)
+    end = first + body["n_pages"].astype(np.int64)
+    data = body["zero"] == 0
+    join = ((body["block"][1:] == body["block"][:-1]) & (data[1:] | data[:-1])
+            & (first[1:] // chunk_pages == first[:-1] // chunk_pages)
+            & (first[1:] - end[:-1] <= gap))
+    if not join.any():
+        return body
+    starts = np.flatnonzero(np.concatenate([[True], ~join]))
+    out = body[starts].copy()
+    out["n_pages"] = np.maximum.reduceat(end, starts) - first[starts]
+    out["zero"] = np.logical_and.reduceat(~data, starts)     # a lone zero run stays zero
+    return out
+
+
 class Scanner:
     """Sans-IO scanner over RAM views and a dirty-log ``fetch`` callable."""
 
@@ -162,6 +188,9 @@ class Scanner:
             zero += len(pages) - int(np.count_nonzero(nz))
         for p in self.pending:
             p[:] = False
+        if len(runs) > 1:
+            body = merge_runs(body, self.chunk_pages)
+            out = np.concatenate([body, out[-1:]])
         self.busy_ns += time.perf_counter_ns() - t0
         self.pages_scanned += dirty
         self.zero_pages += zero

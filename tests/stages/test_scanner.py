@@ -81,3 +81,24 @@ def test_zero_tag_uses_whole_block_scan_when_many_dirty():
     views[0][63, 5] = 1
     runs = sc.scan(2)[:-1]
     assert runs["zero"].tolist() == [1] * 7 + [0]
+
+
+def test_nearby_data_runs_in_a_chunk_merge_and_zero_runs_stay_apart():
+    from stages.records import RUN_DTYPE
+    from stages.scanner import merge_runs
+
+    def body(*rows):
+        out = np.zeros(len(rows), RUN_DTYPE)
+        for i, (b, f, n, z) in enumerate(rows):
+            out[i]["block"], out[i]["first_page"], out[i]["n_pages"], out[i]["zero"] = b, f, n, z
+        return out
+
+    runs = body((0, 0, 1, 0), (0, 3, 2, 0), (0, 20, 1, 0), (0, 22, 1, 1), (0, 24, 1, 0),
+                (0, 33, 1, 1), (0, 35, 1, 1), (0, 40, 1, 0), (1, 41, 1, 0))
+    got = merge_runs(runs, chunk_pages=32, gap=8)
+    assert got[["block", "first_page", "n_pages", "zero"]].tolist() == [
+        (0, 0, 5, 0),      # 0 and 3-4: the two clean pages between them travel too
+        (0, 20, 5, 0),     # 11 pages from the last: apart; a zero run joins its data neighbours
+        (0, 33, 1, 1),     # another chunk; two zero runs never join (a COMPRESS must not
+        (0, 35, 6, 0),     # cover page 34), but a zero run joins the data run after it
+        (1, 41, 1, 0)]     # another block
