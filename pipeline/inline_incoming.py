@@ -6,11 +6,15 @@
 numpy batches: a batch lands in the RAM region with one scatter (zero pages are written only
 where the region holds data, so untouched memory stays unallocated). It keeps, per page, the
 stream offset of the record that last wrote it, so a chunk that fails verification is named
-with the bytes of the stream it came from. At the end (EOF, then the VMDESCRIPTION we always
-send) every chunk is hashed and compared with the source's RAM digest, and only then is the
-guest resumed from its device section; ``tcp:`` then sends SHUT(0) on the return path (SHUT(1)
-on any failure). ``file:`` refuses a file cut short or with bytes after its end, in one line
-naming the byte offset and the section.
+with the bytes of the stream it came from.
+
+Verification is rdma:'s (``stages.pagehash``): at the end of each ram section, and every
+``HASH_EVERY`` pages of a long one, the pages written are handed to a ``PageHasher`` thread,
+which hashes them from RAM while more arrive. At the end (EOF, then the VMDESCRIPTION we
+always send) the SHA-256 of each chunk's page hashes is compared with the source's digest, and
+only then is the guest resumed from its device section; ``tcp:`` then sends SHUT(0) on the
+return path (SHUT(1) on any failure). ``file:`` refuses a file cut short or with bytes after
+its end, in one line naming the byte offset and the section.
 
 The guest process, the region and the teardown are ``IncomingMigration``'s. Over ``tcp:`` the
 guest process starts at MEM_SIZE, as over ``rdma:`` (starting it is not part of the downtime);
@@ -25,7 +29,7 @@ import time
 import numpy as np
 
 from pipeline.config import PAGE_SIZE, MigrationConfig
-from pipeline.digest import DIGEST_SECTION, chunk_size_for, mismatches
+from pipeline.digest import DIGEST_SECTION, chunk_size_for
 from pipeline.errors import MigrationCancelled, MigrationError, RemoteProtocolError
 from pipeline.guest.factory import GUEST_SECTIONS
 from pipeline.incoming import IncomingMigration
@@ -34,6 +38,7 @@ from pipeline.protocol.ram_batch import PageBatch, ZeroBatch, page_dtype
 from pipeline.protocol.records import (
     RAM_IDSTR,
     DeviceState,
+    EndOfSection,
     Eof,
     Hook,
     MemSize,
@@ -49,6 +54,7 @@ from stages.scanner import nonzero_pages
 READ_SIZE = 4 << 20
 ROW = page_dtype(PAGE_SIZE).itemsize
 ZERO_ROW = 9
+HASH_EVERY = 16384         # pages (64 MiB) landed before the hasher gets them mid-section
 
 
 class StreamIncoming(IncomingMigration):
@@ -63,6 +69,8 @@ class StreamIncoming(IncomingMigration):
         self.section: SectionHeader | None = None
         self.description: dict | None = None
         self.ram_sections = 0
+        self.unhashed = 0
+        self.landed: list[np.ndarray] = []      # per block: pages written in this section
 
     def run(self) -> dict:
         self.stats.update(start_time=time.monotonic())
@@ -139,6 +147,8 @@ class StreamIncoming(IncomingMigration):
             self._pages(ev.block, np.array([ev.offset], np.uint64), data, at, 0)
         elif isinstance(ev, ZeroPage):
             self._zeros(ev.block, np.array([ev.offset], np.uint64), at, 0)
+        elif isinstance(ev, EndOfSection):
+            self._hash_landed()
         elif isinstance(ev, SectionHeader):
             self.section = ev
             if ev.idstr == RAM_IDSTR:
@@ -175,8 +185,14 @@ class StreamIncoming(IncomingMigration):
             raise RemoteProtocolError(f"ram blocks mismatch: the stream has {theirs}, this "
                                       f"destination {mine}",
                                       hint="start both sides with the same RAM size")
+        from stages.pagehash import PageHasher
+
         self.blocks = {b.idstr: b for b in self.region.blocks}
         self.where = [np.full(b.nb_pages, -1, np.int64) for b in self.region.blocks]
+        self.landed = [np.zeros(b.nb_pages, bool) for b in self.region.blocks]
+        if self.hasher is None:
+            self.hasher = PageHasher([b.view.view(np.uint64).reshape(-1, 512)
+                                      for b in self.region.blocks])
         self.stats.update(total_bytes=ev.total)
         if self.early_guest:
             self._start_guest()
@@ -187,6 +203,8 @@ class StreamIncoming(IncomingMigration):
         idx = (offsets // PAGE_SIZE).astype(np.int64)
         blk.view.reshape(-1, PAGE_SIZE)[idx] = data
         self.where[blk.index][idx] = at + stride * np.arange(len(idx), dtype=np.int64)
+        self.landed[blk.index][idx] = True
+        self._count_landed(len(idx))
         self.stats.update(normal_pages=self.stats.normal_pages + len(idx))
 
     def _zeros(self, block: str, offsets: np.ndarray, at: int, stride: int) -> None:
@@ -197,6 +215,8 @@ class StreamIncoming(IncomingMigration):
         if held.any():
             pages[idx[held]] = 0
         self.where[blk.index][idx] = at + stride * np.arange(len(idx), dtype=np.int64)
+        self.landed[blk.index][idx] = True
+        self._count_landed(len(idx))
         self.stats.update(duplicate_pages=self.stats.duplicate_pages + len(idx))
 
     def _inject_fault(self, kind: str) -> None:
@@ -211,11 +231,29 @@ class StreamIncoming(IncomingMigration):
         self.cancel.wait(30.0)
         raise MigrationError(f"test fault {kind} injected")
 
+    def _count_landed(self, n: int) -> None:
+        """A long section is hashed as it lands, HASH_EVERY pages at a time, so that little
+        is left to hash after EOF (a page written again later is hashed again later)."""
+        self.unhashed += n
+        if self.unhashed >= HASH_EVERY:
+            self._hash_landed()
+
+    def _hash_landed(self) -> None:
+        """Hand the pages this ram section wrote to the hasher (it reads them from RAM)."""
+        pages = [np.flatnonzero(mask) for mask in self.landed]    # sorted, as hashing needs
+        if any(len(p) for p in pages):
+            self.hasher.submit(pages)
+        for mask in self.landed:
+            mask[:] = False
+        self.unhashed = 0
+
     # -- the end -------------------------------------------------------------------------
     def _finish(self) -> None:
         if self.corrupt is not None:     # test hook: damage one page before the check
             b, page = self.corrupt
             self.region.blocks[b].view[page * PAGE_SIZE] ^= 0xFF
+            self.landed[b][page] = True           # as if a write had brought it
+            self._hash_landed()
         if self.digests is None:
             raise RemoteProtocolError("the stream carried no RAM digest: cannot verify the RAM",
                                       hint="the destination never resumes on unchecked memory")
@@ -224,7 +262,7 @@ class StreamIncoming(IncomingMigration):
         if cs is None or len(self.digests) % 32:
             raise RemoteProtocolError(f"the RAM digest ({len(self.digests)} bytes) does not fit "
                                       f"RAM blocks of {lengths} bytes")
-        bad = mismatches(self.region, self.digests, chunk_size=cs)
+        bad = self._mismatches(cs)
         self.verified = not bad
         if bad:
             raise MigrationError(f"RAM verification failed: {len(bad)} chunk(s) differ "
@@ -236,6 +274,21 @@ class StreamIncoming(IncomingMigration):
         self.resume_time = time.monotonic()
         self.stats.update(resume_time=self.resume_time)
         self.source.done(True)
+
+    def _mismatches(self, cs: int) -> list[tuple[str, int]]:
+        """(block, chunk) of every chunk whose page hashes differ from the source's."""
+        from stages.pagehash import table_digests
+
+        mine = table_digests(self.hasher.wait(), cs // PAGE_SIZE)
+        if len(mine) != len(self.digests):
+            return [("<geometry>", -1)]
+        bad, i = [], 0
+        for blk in self.region.blocks:
+            for c in range(-(-blk.nb_pages // (cs // PAGE_SIZE))):
+                if mine[i * 32:(i + 1) * 32] != self.digests[i * 32:(i + 1) * 32]:
+                    bad.append((blk.idstr, c))
+                i += 1
+        return bad
 
     def _located(self, bad: list[tuple[str, int]], cs: int) -> str:
         """The chunks that differ, the first with the stream bytes its pages came from."""

@@ -15,6 +15,11 @@ copies without adding parallelism.
     finish     pause, ram END: the last dirty pages, EOS, FOOTER; the guest's device section,
                the RAM digest, EOF, VMDESCRIPTION; ``tcp:`` waits for the destination's SHUT(0)
 
+Verification is rdma:'s (``stages.pagehash``): the 64-bit hash of every page is taken from the
+rows just sent (no second read of RAM), a zero page's is 0, a page sent again is hashed again,
+and the RAM digest is SHA-256 of each chunk's slice of that table; so switchover hashes only
+what the final round sends.
+
 ``file:`` is a snapshot, as QEMU's savevm writes one: the guest is paused before the copy, so
 the first round sends all of RAM, the sync finds nothing dirty and END is empty. The states,
 failure rules (the guest resumed if we paused it, one-line reasons) and statistics are
@@ -23,15 +28,12 @@ failure rules (the guest resumed if we paused it, one-line reasons) and statisti
 
 from __future__ import annotations
 
-import threading
 import time
 
 import numpy as np
 
 from pipeline.config import PAGE_SIZE
 from pipeline.coordinator import SourceMigration
-from pipeline.digest import chunk_digests
-from pipeline.errors import MigrationError
 from pipeline.migration_state import State
 from pipeline.protocol.ram_batch import page_dtype, page_records, zero_records
 from pipeline.protocol.records import (
@@ -44,8 +46,9 @@ from pipeline.protocol.records import (
     SectionHeader,
     SectionType,
 )
-from pipeline.sections import RAM_SID, DeviceSections, write_header
+from pipeline.sections import RAM_SID, write_header
 from pipeline.stream_io import open_sink
+from stages.pagehash import hash_rows, table_digests
 from stages.scanner import WORDS, Scanner, nonzero_pages
 
 PAGE_BATCH = 2048          # pages gathered per write: 8 MiB
@@ -111,6 +114,7 @@ class InlineSource(SourceMigration):
         self.state = None
         self._paced_from = 0.0
         self._scratch = np.empty(PAGE_BATCH, page_dtype(PAGE_SIZE))   # reused for every batch
+        self.hashes = [np.zeros(b.nb_pages, np.uint64) for b in guest.region.blocks]
 
     # -- the whole migration -------------------------------------------------------------
     def run(self) -> dict:
@@ -192,12 +196,16 @@ class InlineSource(SourceMigration):
             view = blk.view.reshape(-1, PAGE_SIZE)
             zero, data = pages[~nz], pages[nz]
             named = True     # the first record of a block in a section names the block
+            table = self.hashes[b]
             for i in range(0, len(zero), ZERO_BATCH):
                 self._send(zero_records(blk.idstr, zero[i:i + ZERO_BATCH], named=named))
                 named = False
+            table[zero] = 0                              # a zero page hashes to 0
             for i in range(0, len(data), PAGE_BATCH):
-                self._send(page_records(blk.idstr, view, data[i:i + PAGE_BATCH], named=named,
-                                        scratch=self._scratch))
+                batch = data[i:i + PAGE_BATCH]
+                bufs = page_records(blk.idstr, view, batch, named=named, scratch=self._scratch)
+                self._send(bufs)
+                self._hash_sent(table, view, batch, bufs)
                 named = False
                 self.check()
             st.update(duplicate_pages=st.duplicate_pages + len(zero),
@@ -218,25 +226,26 @@ class InlineSource(SourceMigration):
         st.update(round=r, mbps=sent * 8 / 1e6 / secs if secs > 0 else 0.0)
         return sent, secs
 
+    @staticmethod
+    def _hash_sent(table: np.ndarray, view: np.ndarray, batch: np.ndarray, bufs: list) -> None:
+        """Hash what was just sent: the rows (a page the guest changes after its gather is
+        dirty, so sent and hashed again later); a named first page from RAM."""
+        rows = bufs[-1] if isinstance(bufs[-1], np.ndarray) else None
+        n = len(rows) if rows is not None else 0
+        if n:
+            table[batch[len(batch) - n:]] = hash_rows(rows["page"].view(np.uint64))
+        if len(batch) > n:
+            table[batch[0]] = hash_rows(view[batch[:1]].view(np.uint64))[0]
+
     # -- switchover ----------------------------------------------------------------------
     def _switchover(self) -> None:
         if not self.paused:
             self._pause()
-        digests: list[bytes] = []
-        # RAM is frozen now: hash it while the final round is being sent.
-        hasher = threading.Thread(target=lambda: digests.append(
-            chunk_digests(self.guest.region)), name="ram-digest", daemon=True)
-        hasher.start()
-        try:
-            self._round(self.rounds + 1, SectionType.SECTION_END, 0)
-        finally:
-            hasher.join()
-        if not digests:
-            raise MigrationError("hashing the source RAM failed")
+        self._round(self.rounds + 1, SectionType.SECTION_END, 0)
         w = self.writer
-        sections = DeviceSections()
+        sections = self.sections
         sections.guest(w, self.guest.device_section, self.state.to_bytes())
-        sections.digest(w, digests[0])
+        sections.digest(w, table_digests(self.hashes, self.guest.region.chunk_pages))
         sections.end(w)
         self._flush()
         self.stats.update(remaining_bytes=0)
