@@ -240,3 +240,38 @@ def tcp_copy(size: int, *, warm: bool = True) -> dict:
                 peer.join()
             region.unlink()
     return {"bytes": size, "wall_s": round(wall, 4), "gb_per_s": round(size / wall / 1e9, 3)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """One migration or one baseline in this process, as one JSON line (for the scenarios,
+    which run each in a fresh interpreter)."""
+    import argparse
+    import json
+
+    from pipeline.config import parse_size
+
+    p = argparse.ArgumentParser(description=main.__doc__.splitlines()[0])
+    p.add_argument("--ram", default="1G")
+    p.add_argument("--tcp", choices=("warm", "fresh"), help="the raw TCP baseline instead")
+    p.add_argument("--pin-all", action="store_true")
+    p.add_argument("--dirty-rate", type=float, default=0.0, help="bytes/s the guest writes")
+    p.add_argument("--fill", type=float, default=1.0)
+    p.add_argument("--zero-share", type=float, default=0.0)
+    p.add_argument("--pattern", default="uniform")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--parameter", action="append", default=[])
+    p.add_argument("--memory", action="store_true", help="sample the run's memory")
+    args = p.parse_args(argv)
+    ram = parse_size(args.ram)
+    if args.tcp:
+        out = {"case": f"tcp-{args.tcp}", **tcp_copy(ram, warm=args.tcp == "warm")}
+    else:
+        out = run_migration(ram, pin_all=args.pin_all, dirty_rate=int(args.dirty_rate),
+                            fill=args.fill, zero_share=args.zero_share, pattern=args.pattern,
+                            seed=args.seed, parameters=args.parameter, memory=args.memory)
+    print(json.dumps(out), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
