@@ -98,6 +98,27 @@ def nonzero_pages(view: np.ndarray, pages: np.ndarray) -> np.ndarray:
     return whole[pages]
 
 
+def map_in(view: np.ndarray, piece: int = 1 << 14) -> None:
+    """Map this process's page tables onto the pages of ``view`` already in memory
+    (MADV_POPULATE_READ, in bulk): the scanner's first pass over RAM another process wrote
+    would otherwise take a page fault per 64 KiB, 0.1 s per GiB here. Pages not in memory are
+    left alone: mapping them would allocate them."""
+    import ctypes
+
+    res = resident(view)
+    if res is None or not res.any():
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    edges = np.flatnonzero(np.diff(np.concatenate([[False], res, [False]]).astype(np.int8)))
+    base = view.ctypes.data
+    for lo, hi in zip(edges[::2], edges[1::2], strict=True):
+        for p0 in range(int(lo), int(hi), piece):
+            n = min(piece, int(hi) - p0)
+            if libc.madvise(base + p0 * 4096, n * 4096, 22):      # MADV_POPULATE_READ
+                return                                           # older kernel: faults do it
+
+
 GAP_PAGES = 8     # clean pages a write may carry to save a write (about as costly as 32 KiB)
 
 
@@ -240,6 +261,11 @@ def scanner_main(config: dict, link) -> int:
 
             table = PageTable.attach(config["pagehash"])
         scanner = Scanner(views, config["chunk_pages"], source.fetch, dirty_runs, table)
+        import threading
+
+        mapper = threading.Thread(target=lambda: [map_in(v) for v in views], daemon=True,
+                                  name="map-in")
+        mapper.start()            # while the rest of setup runs
         link.ready()
         batch = int(config.get("batch", 4096))
         while True:
@@ -255,6 +281,7 @@ def scanner_main(config: dict, link) -> int:
                     n = scanner.sync()
                     syncs.push(records(SYNC_DTYPE, round=cmd["round"], dirty_pages=n))
                 elif op in (CMD_ROUND, CMD_FINAL):
+                    mapper.join()
                     out = scanner.scan(int(cmd["round"]))
                     for i in range(0, len(out) - 1, batch):
                         runs_out.push(out[i:min(i + batch, len(out) - 1)])
