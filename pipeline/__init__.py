@@ -20,7 +20,8 @@ __version__ = "0.1.0"
 
 # The library API (pipeline.api), imported on first use so that `import pipeline` stays light.
 _API = ("Migration", "start_outgoing", "start_incoming", "run_local", "LocalRun",
-        "MigrationConfig", "SyntheticGuest", "GuestState", "GuestSpec")
+        "MigrationConfig", "SyntheticGuest", "GuestState", "GuestSpec", "save_to_file",
+        "restore_from_file")
 
 
 def __getattr__(name: str):
