@@ -14,6 +14,11 @@
 for kernel dirty tracking), a destination process, and the source, on the soft provider over
 loopback. Every URI and option is checked before anything starts (``ValueError`` /
 ``InvalidURI``; ``GuestError`` when this machine cannot run the guest asked for).
+
+``tcp:HOST:PORT`` works wherever ``rdma:`` does (pages inline in the stream over a socket;
+``run_local(..., scheme="tcp")`` on one machine). ``save_to_file(path, guest)`` writes a
+snapshot in QEMU's stream format (``file:``) and ``restore_from_file(path)`` restores it,
+verified, or raises the ``MigrationError`` that says where the file is cut or damaged.
 """
 
 from __future__ import annotations
