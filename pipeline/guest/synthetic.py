@@ -265,8 +265,13 @@ class SyntheticGuest:
         return {"kind": "log", "name": self.log.name}
 
     def start(self, timeout: float = 60.0) -> SyntheticGuest:
-        self.process.start()
-        self.process.wait_ready(timeout)
+        """Start the guest process; on failure nothing of the guest is left (close, then raise)."""
+        try:
+            self.process.start()
+            self.process.wait_ready(timeout)
+        except BaseException:
+            self.close()
+            raise
         return self
 
     @property

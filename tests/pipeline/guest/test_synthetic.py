@@ -52,3 +52,15 @@ def test_sequential_wraps_and_boot_fills():
 def test_bad_pattern():
     with pytest.raises(ValueError):
         Workload(GuestState(pattern="random-walk"), [4])
+
+
+def test_a_guest_that_fails_to_start_leaves_nothing():
+    from pipeline.errors import StageFailed
+    from pipeline.guest.synthetic import SyntheticGuest
+    from shm.naming import new_run_id
+
+    guest = SyntheticGuest(4 << 20, run_id=new_run_id())
+    guest.process.config["region"] = "/rdp-0-1-missing"   # the child cannot attach: exit 2
+    with pytest.raises(StageFailed, match="guest exited with code 2"):
+        guest.start(timeout=30)
+    # The region and dirty log the guest created are gone: the suite's leak guard checks.
