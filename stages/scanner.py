@@ -85,17 +85,41 @@ def nonzero_pages(view: np.ndarray, pages: np.ndarray) -> np.ndarray:
             out[res[pages]] = hit
         return out
     whole = np.zeros(len(view), bool)
-    for p0 in range(0, len(view), SLICE_PAGES):
-        p1 = min(len(view), p0 + SLICE_PAGES)
-        r = None if res is None else res[p0:p1]
-        if r is not None and not r.any():
-            continue
-        if r is None or r.all():
-            whole[p0:p1] = view[p0:p1].any(axis=1)
-        else:
-            idx = np.flatnonzero(r) + p0
-            whole[idx] = view[idx].any(axis=1)
+
+    def part(lo: int, hi: int) -> None:
+        for p0 in range(lo, hi, SLICE_PAGES):
+            p1 = min(hi, p0 + SLICE_PAGES)
+            r = None if res is None else res[p0:p1]
+            if r is not None and not r.any():
+                continue
+            if r is None or r.all():
+                whole[p0:p1] = view[p0:p1].any(axis=1)
+            else:
+                idx = np.flatnonzero(r) + p0
+                whole[idx] = view[idx].any(axis=1)
+
+    in_halves(part, len(view))
     return whole[pages]
+
+
+THREADS = 2           # numpy and madvise release the GIL: a big pass runs on two cores
+_pool = None
+
+
+def in_halves(work: Callable[[int, int], None], n: int) -> None:
+    """``work(lo, hi)`` over [0, n), split across THREADS threads when n is large."""
+    global _pool
+    if THREADS < 2 or n < 16 * SLICE_PAGES:
+        work(0, n)
+        return
+    if _pool is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _pool = ThreadPoolExecutor(THREADS, thread_name_prefix="scan")
+    step = -(-n // THREADS // SLICE_PAGES) * SLICE_PAGES
+    futures = [_pool.submit(work, lo, min(n, lo + step)) for lo in range(0, n, step)]
+    for f in futures:
+        f.result()
 
 
 def map_in(view: np.ndarray, piece: int = 1 << 14) -> None:
@@ -112,11 +136,23 @@ def map_in(view: np.ndarray, piece: int = 1 << 14) -> None:
     libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
     edges = np.flatnonzero(np.diff(np.concatenate([[False], res, [False]]).astype(np.int8)))
     base = view.ctypes.data
-    for lo, hi in zip(edges[::2], edges[1::2], strict=True):
-        for p0 in range(int(lo), int(hi), piece):
-            n = min(piece, int(hi) - p0)
+    pieces = [(p0, min(piece, int(hi) - p0)) for lo, hi in zip(edges[::2], edges[1::2],
+                                                                  strict=True)
+              for p0 in range(int(lo), int(hi), piece)]
+
+    def part(lo: int, hi: int) -> None:
+        for p0, n in pieces[lo:hi]:
             if libc.madvise(base + p0 * 4096, n * 4096, 22):      # MADV_POPULATE_READ
                 return                                           # older kernel: faults do it
+
+    if len(pieces) > 1:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(THREADS) as pool:
+            half = -(-len(pieces) // THREADS)
+            list(pool.map(lambda i: part(i, i + half), range(0, len(pieces), half)))
+    else:
+        part(0, len(pieces))
 
 
 GAP_PAGES = 8     # clean pages a write may carry to save a write (about as costly as 32 KiB)
