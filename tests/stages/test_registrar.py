@@ -72,13 +72,15 @@ def test_unregistered_runs_park_until_answered_then_write():
     assert w[0]["remote_addr"] == 0x5000 and w[1]["round"] == 1
 
 
-def test_registered_chunks_write_at_once_and_zero_runs_are_compressed():
+def test_registered_chunks_write_small_zero_runs_and_compress_big_ones():
     reg = make()
     reg.on_runs(runs((0, 0, 1, 0)))
     reg.on_answers(answer(0, 0, 7))
-    w, q = reg.on_runs(np.concatenate([runs((0, 1, 1, 0), (0, 5, 3, 1), round_no=2), end(2)]))
-    assert w["op"].tolist() == [OP_RUN, OP_END] and w[0]["pages"] == 1
-    assert q[["op", "offset", "length"]].tolist() == [(REQ_COMPRESS, 5 * 4096, 3 * 4096)]
+    w, q = reg.on_runs(np.concatenate([runs((0, 1, 1, 0), (0, 5, 3, 1), (0, 100, 64, 1),
+                                            round_no=2), end(2)]))
+    assert w["op"].tolist() == [OP_RUN, OP_RUN, OP_END]
+    assert w[["pages", "zero_pages"]].tolist()[:2] == [(1, 0), (3, 3)]   # zeros written
+    assert q[["op", "offset", "length"]].tolist() == [(REQ_COMPRESS, 100 * 4096, 64 * 4096)]
 
 
 def test_pin_all_registers_nothing_and_compresses_zero_runs():
