@@ -80,6 +80,8 @@ from stages.records import (
 from stages.registrar import ALL_CHUNKS
 
 MAX_REGISTER_BATCH = 512
+FIRST_REGISTER_BATCH = 16     # then doubled up to MAX_REGISTER_BATCH
+SWITCHOVER_S = 0.06           # measured downtime of a switchover with nothing left to send
 
 
 class SourceMigration:
@@ -259,7 +261,13 @@ class SourceMigration:
             r += 1
             sent, secs = self._round(r, SectionType.SECTION_PART, CMD_ROUND)
             dirty = self.pipeline.sync(r, self.check)
-            decision = self.conv.after_round(RoundResult(r, sent, secs, dirty * PAGE_SIZE))
+            # The rule's bandwidth is the rate the round cleared dirty pages at (runs merged
+            # across clean pages send more bytes than that), and the expected downtime counts
+            # the switchover's own work (pause, device state, last hashes, resume).
+            cleared = self.stats.rounds[-1]["pages"] * PAGE_SIZE
+            allowance = int(SWITCHOVER_S * cleared / secs) if secs > 0 else 0
+            decision = self.conv.after_round(RoundResult(r, cleared, secs,
+                                                         dirty * PAGE_SIZE + allowance))
             rate = dirty / secs if secs > 0 else 0.0
             self.stats.rounds[-1] = {**self.stats.rounds[-1], "remaining": dirty * PAGE_SIZE,
                                      "dirty-pages-rate": round(rate)}   # replaced, not mutated
@@ -343,9 +351,15 @@ class SourceMigration:
 
     def _register(self, batch: np.ndarray) -> None:
         cs = self.config.chunk_size
-        step = MAX_REGISTER_BATCH if self.multi else 1
-        for k in range(0, len(batch), step):
+        step = FIRST_REGISTER_BATCH if self.multi else 1
+        k = 0
+        while k < len(batch):
+            # Small first: the destination pins (faults in) every chunk of a request before
+            # it answers, and no write of the batch can start before the answer.
             part = batch[k:k + step]
+            k += len(part)
+            if self.multi:
+                step = min(2 * step, MAX_REGISTER_BATCH)
             recs = tuple(
                 Register(self.dest_blocks[int(q["block"])].offset + int(q["chunk"]) * cs,
                          int(q["block"]))
