@@ -171,7 +171,7 @@ class LocalRun:
                  dest_blocks: list[tuple[str, int]] | None = None,
                  corrupt: tuple[int, int] | None = None, fault: dict | None = None,
                  guest: GuestSpec | None = None, guest_watch: float = 0.0,
-                 scheme: str = "rdma") -> None:
+                 scheme: str = "rdma", dest_prealloc: bool = False) -> None:
         from shm.naming import new_run_id
 
         if scheme not in ("rdma", "tcp"):
@@ -185,6 +185,7 @@ class LocalRun:
         self.state = state
         self.fill = fill
         self.dest_blocks = dest_blocks
+        self.dest_prealloc = dest_prealloc   # the destination faults its RAM in before listening
         self.corrupt = corrupt
         self.fault = fault
         self.ram = ram
@@ -204,11 +205,14 @@ class LocalRun:
         self.guest.process.start()
         cfg = dataclasses.asdict(self.config)
         cfg["trace_control"] = None
+        if self.dest_prealloc and self.dest_blocks is None:
+            self.dest_blocks = [(b.idstr, b.length) for b in self.guest.region.blocks]
         entry = {"rdma": "pipeline.incoming", "tcp": "pipeline.inline_incoming"}[self.scheme]
         self.dest = StageProcess("destination", f"{entry}:incoming_main", {
             "config": cfg, "host": self.host, "port": free_port(self.host),
             "run_id": self.run_id, "blocks": self.dest_blocks, "corrupt": self.corrupt,
-            "fault": self.fault, "guest_watch": self.guest_watch},
+            "fault": self.fault, "guest_watch": self.guest_watch,
+            "prealloc": self.dest_prealloc},
             daemon=False)    # it starts the resumed guest as its own child
         self.dest.start()
         self.guest.process.wait_ready(60.0)

@@ -70,8 +70,10 @@ class IncomingMigration:
                  on_listening: Callable[[int], None] | None = None,
                  cancel: threading.Event | None = None, keep_guest: bool = False,
                  corrupt: tuple[int, int] | None = None, accept_timeout: float = 60.0,
-                 fault: dict | None = None, guest_watch: float = 0.0) -> None:
+                 fault: dict | None = None, guest_watch: float = 0.0,
+                 prealloc: bool = False) -> None:
         self.uri = uri
+        self.prealloc = prealloc      # fault ``blocks`` in before listening (-mem-prealloc)
         self.config = config
         self.run_id = run_id
         self.blocks_spec = blocks
@@ -126,6 +128,8 @@ class IncomingMigration:
         try:
             if self.blocks_spec:
                 self._create_region(self.blocks_spec)
+                if self.prealloc:
+                    self._preallocate()
             self.ctx = open_provider(self.config.transport).open_device()
             self.pd = self.ctx.alloc_pd()
             self.listener = self.ctx.listen(self.uri.host, self.uri.port)
@@ -258,6 +262,17 @@ class IncomingMigration:
             self.hasher = PageHasher([b.view.view(np.uint64).reshape(-1, 512)
                                       for b in self.order])
         self.hasher.submit(pages)
+
+    def _preallocate(self) -> None:
+        """Fault all of RAM in now, in bulk, before the source connects (what QEMU's
+        -mem-prealloc does at start): writes then land in memory already there."""
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+        for blk in self.region.blocks:
+            if libc.madvise(blk.address, blk.length, 23):      # MADV_POPULATE_WRITE
+                blk.view[::4096] = 0                           # older kernel: touch
 
     def _create_region(self, blocks) -> None:
         from shm.region import RamBlockSpec, RamRegion
@@ -506,6 +521,7 @@ def incoming_main(config: dict, link) -> int:
     mig = IncomingMigration(uri, cfg, run_id=config["run_id"],
                             blocks=config.get("blocks"), cancel=cancel, corrupt=corrupt,
                             fault=fault, guest_watch=float(config.get("guest_watch", 0)),
+                            prealloc=bool(config.get("prealloc")),
                             on_listening=lambda port: link.ready(port=port),
                             on_state=lambda s, r: link.send("state", s, r))
     try:
