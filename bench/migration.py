@@ -126,7 +126,8 @@ class RoundRecorder:
 
 def run_migration(ram: int, *, pin_all: bool = False, dirty_rate: int = 0, fill: float = 1.0,
                   zero_share: float = 0.0, pattern: str = "uniform", seed: int = 1,
-                  parameters: list[str] = (), memory: bool = False) -> dict:
+                  parameters: list[str] = (), memory: bool = False,
+                  prealloc: bool = False) -> dict:
     """One local migration; the summary with ``rounds``, ``first_round_gb_per_s``,
     ``end_to_end_gb_per_s`` and (``memory``) ``peak_overhead_bytes``."""
     from pipeline.api import LocalRun
@@ -139,7 +140,7 @@ def run_migration(ram: int, *, pin_all: bool = False, dirty_rate: int = 0, fill:
                        dirty_rate=int(dirty_rate))
     recorder = RoundRecorder()
     sampler = MemorySampler()
-    with LocalRun(ram, config, state=state, fill=fill) as lr:
+    with LocalRun(ram, config, state=state, fill=fill, dest_prealloc=prealloc) as lr:
         sampler.run_id = lr.run_id
         with sampler if memory else _Null():
             mig = lr.start()
@@ -261,6 +262,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--parameter", action="append", default=[])
     p.add_argument("--memory", action="store_true", help="sample the run's memory")
+    p.add_argument("--prealloc", action="store_true",
+                   help="the destination faults its RAM in before the source connects")
     args = p.parse_args(argv)
     ram = parse_size(args.ram)
     if args.tcp:
@@ -268,7 +271,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         out = run_migration(ram, pin_all=args.pin_all, dirty_rate=int(args.dirty_rate),
                             fill=args.fill, zero_share=args.zero_share, pattern=args.pattern,
-                            seed=args.seed, parameters=args.parameter, memory=args.memory)
+                            seed=args.seed, parameters=args.parameter, memory=args.memory,
+                            prealloc=args.prealloc)
     print(json.dumps(out), flush=True)
     return 0
 

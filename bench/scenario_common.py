@@ -13,7 +13,7 @@ GiB = 1 << 30
 
 def migration(ram: int, *, tcp: str | None = None, pin_all: bool = False, dirty_rate: float = 0,
               fill: float = 1.0, zero_share: float = 0.0, parameters: list[str] = (),
-              memory: bool = False, timeout: float = 900) -> dict:
+              memory: bool = False, prealloc: bool = False, timeout: float = 900) -> dict:
     """One migration (or raw TCP baseline) in a fresh interpreter: its summary."""
     argv = ["-m", "bench.migration", "--ram", str(ram), "--fill", str(fill),
             "--zero-share", str(zero_share), "--dirty-rate", str(dirty_rate)]
@@ -23,6 +23,8 @@ def migration(ram: int, *, tcp: str | None = None, pin_all: bool = False, dirty_
         argv.append("--pin-all")
     if memory:
         argv.append("--memory")
+    if prealloc:
+        argv.append("--prealloc")
     for item in parameters:
         argv += ["--parameter", item]
     return run_case_process(argv, timeout=timeout)

@@ -8,7 +8,9 @@ end-to-end is RAM / total-time (process start, setup, switchover, verification a
 included). Baselines, each run in a fresh process like the migrations: ``tcp-fresh`` (1 MiB
 ``sendall`` into ``recv_into`` of a receiver's fresh shared memory, which it faults in, in
 bulk, inside the timing: the work the destination must do too) and ``tcp-warm`` (the
-receiver's memory faulted in beforehand: the link's ceiling). Targets: pin-all off and on at
+receiver's memory faulted in beforehand: the link's ceiling). The migrations run with the
+destination's RAM fresh (compared with tcp-fresh) and preallocated, faulted in before the source
+connects as QEMU's -mem-prealloc does (compared with tcp-warm). Targets: pin-all off and on at
 least 90% of raw TCP, off within 10% of on. Scenario 3 reads this run's throughput from
 bench/results/scenario_full.json.
 """
@@ -23,7 +25,11 @@ from bench.common import format_table
 from bench.scenario_common import med, migration, plot, save
 
 CASES = {"tcp-warm": {"tcp": "warm"}, "tcp-fresh": {"tcp": "fresh"},
-         "pin-all off": {"pin_all": False}, "pin-all on": {"pin_all": True}}
+         "pin-all off": {"pin_all": False}, "pin-all on": {"pin_all": True},
+         "pin-all off, prealloc": {"pin_all": False, "prealloc": True},
+         "pin-all on, prealloc": {"pin_all": True, "prealloc": True}}
+BASELINE = {"pin-all off": "tcp-fresh", "pin-all on": "tcp-fresh",
+            "pin-all off, prealloc": "tcp-warm", "pin-all on, prealloc": "tcp-warm"}
 
 
 def throughput(r: dict) -> float | None:
@@ -62,11 +68,17 @@ def main(argv: list[str] | None = None) -> int:
         for base in ("tcp-fresh", "tcp-warm"):
             if case != base and t and gbps[base]:
                 row[f"vs_{base}"] = round(t / gbps[base], 3)
+        if case in BASELINE and t and gbps[BASELINE[case]]:
+            row["baseline"] = BASELINE[case]
+            row["vs_baseline"] = round(t / gbps[BASELINE[case]], 3)
         rows.append(row)
     off, on = gbps["pin-all off"], gbps["pin-all on"]
+    poff, pon = gbps["pin-all off, prealloc"], gbps["pin-all on, prealloc"]
     payload = {"scenario": "full", "ram": ram, "rows": rows,
                "throughput_gb_per_s": max(v for v in (off, on) if v) if (off or on) else None,
-               "off_vs_on": round(off / on, 3) if off and on else None, "runs": runs}
+               "off_vs_on": round(off / on, 3) if off and on else None,
+               "off_vs_on_prealloc": round(poff / pon, 3) if poff and pon else None,
+               "runs": runs}
     notes = [save("scenario_full", payload)]
     if args.plot:
         notes.append(plot("scenario_full", {c: rs[0] for c, rs in runs.items()
@@ -79,10 +91,13 @@ def main(argv: list[str] | None = None) -> int:
         ("end-to-end GB/s", "end_to_end_gb_per_s", ".3f"), ("total ms", "total_ms", ".0f"),
         ("downtime ms", "downtime_ms", ".0f"),
         ("vs. tcp-warm", lambda r: r.get("vs_tcp-warm") and f"{r['vs_tcp-warm']:.2f}x", ""),
-        ("vs. baseline (tcp-fresh)",
-         lambda r: r.get("vs_tcp-fresh") and f"{r['vs_tcp-fresh']:.2f}x", "")]))
-    if payload["off_vs_on"]:
-        print(f"pin-all off / on: {payload['off_vs_on']:.2f} (target >= 0.90)")
+        ("vs. tcp-fresh", lambda r: r.get("vs_tcp-fresh") and f"{r['vs_tcp-fresh']:.2f}x", ""),
+        ("vs. baseline", lambda r: r.get("vs_baseline") and
+         f"{r['vs_baseline']:.2f}x {r['baseline']}", "")]))
+    for key, what in (("off_vs_on", "fresh destination RAM"),
+                      ("off_vs_on_prealloc", "destination RAM preallocated")):
+        if payload[key]:
+            print(f"pin-all off / on, {what}: {payload[key]:.2f} (target >= 0.90)")
     print(f"guest RAM {ram / (1 << 30):g} GiB, non-zero, idle; medians of {args.repeat}")
     print("\n".join(notes))
     return 0
