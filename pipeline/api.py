@@ -23,10 +23,13 @@ verified, or raises the ``MigrationError`` that says where the file is cut or da
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
+import multiprocessing.util  # noqa: F401 - see _cancel_running_at_exit
 import socket
 import threading
 import time
+import weakref
 from collections.abc import Callable
 
 from pipeline.config import MigrationConfig
@@ -35,10 +38,30 @@ from pipeline.guest.factory import GuestSpec
 from pipeline.guest.synthetic import GuestState, SyntheticGuest
 from pipeline.stats import MigrationStats
 from pipeline.uri import URI, parse_uri
+from shm import naming  # noqa: F401 - see _cancel_running_at_exit
 
 __all__ = ["Migration", "start_outgoing", "start_incoming", "run_local", "LocalRun",
            "MigrationConfig", "SyntheticGuest", "GuestState", "GuestSpec", "save_to_file",
            "restore_from_file"]
+
+
+# Migrations still running in this process. A program that returns (or dies of an exception)
+# with one still running must not leave its segments and stage processes behind: at exit each
+# is cancelled and given EXIT_DEADLINE seconds to clean up, as Ctrl-C would. atexit runs the
+# last-registered handler first, and both multiprocessing (which terminates daemon children and
+# joins the rest) and shm.naming (which unlinks what this process still owns) must act after
+# this one: both are imported above, before it is registered.
+_running: weakref.WeakSet[Migration] = weakref.WeakSet()
+EXIT_DEADLINE = 15.0
+
+
+@atexit.register
+def _cancel_running_at_exit() -> None:
+    running = list(_running)
+    for mig in running:
+        mig.cancel()
+    for mig in running:
+        mig._done.wait(EXIT_DEADLINE)
 
 
 class Migration:
@@ -64,9 +87,11 @@ class Migration:
                 self._error = exc
                 self._summary = stats.snapshot(time.monotonic())
             finally:
+                _running.discard(self)
                 self._done.set()
 
         self._thread = threading.Thread(target=main, name=f"migration-{self.name}", daemon=True)
+        _running.add(self)
         self._thread.start()
         return self
 

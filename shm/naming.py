@@ -7,12 +7,17 @@ process that created the object and alone unlinks it, ``kind`` says what it is (
 ``/dev/shm/<name>`` and POSIX semaphores as ``/dev/shm/sem.<name>``, so one directory listing
 finds both, and an object whose owner pid no longer lives is garbage that ``sweep`` may remove.
 
+A process that exits normally unlinks every object its pid owns and did not unlink itself (an
+owner object its program never closed, a migration thread cut short): see
+``unlink_own_at_exit``. Only SIGKILL and the like leave objects for ``sweep``.
+
 Invariants: run ids never contain ``-``, so a name parses back unambiguously; a process that is
 a zombie (killed but not yet reaped) counts as dead.
 """
 
 from __future__ import annotations
 
+import atexit
 import os
 import re
 import secrets
@@ -131,3 +136,15 @@ def sweep(dry_run: bool = False, run_id: str | None = None) -> list[str]:
     """
     return [entry.path for entry in list_entries(run_id)
             if not entry.owner_alive and (dry_run or remove_entry(entry))]
+
+
+@atexit.register
+def unlink_own_at_exit() -> list[str]:
+    """Unlink the objects this process owns and has not unlinked; runs at interpreter exit.
+
+    Registered when this module is first imported, so it runs after the exit handlers of the
+    code that uses shared memory (atexit runs handlers last-registered first), which may still
+    close their objects properly.
+    """
+    me = os.getpid()
+    return [entry.path for entry in list_entries() if entry.name.pid == me and remove_entry(entry)]
