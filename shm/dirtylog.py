@@ -34,6 +34,12 @@ from shm.naming import pid_alive, segment_name
 from shm.region import PAGE_SIZE, RamRegion
 from shm.runs import RUN_DTYPE, dirty_pages, dirty_runs, expand_runs  # noqa: F401 (re-export)
 from shm.segment import PeerGone, Segment, ShmTimeout
+from shm.semaphores import (
+    attach_semaphores,
+    close_semaphores,
+    create_semaphores,
+    unlink_semaphores,
+)
 
 KIND = b"dirty"
 POLL_INTERVAL = 0.1
@@ -45,8 +51,7 @@ _OPEN, _DETACHED = 0, 1
 _BIT = np.array([1 << k for k in range(8)], np.uint8)
 
 
-def _semaphore_names(name: str) -> tuple[str, str]:
-    return f"{name}.req", f"{name}.ack"
+_SEMAPHORES = ("req", "ack")
 
 
 class DirtyLog:
@@ -93,20 +98,14 @@ class DirtyLog:
         size = _BITMAPS_OFFSET + sum(16 * -(-p // 64) for p in pages)
         segment = Segment.create(name, size, kind=KIND,
                                  geometry=(PAGE_SIZE, len(pages), *pages))
-        sems: list[posix_ipc.Semaphore] = []
+        sems = []
         try:
-            for sem_name in _semaphore_names(name):
-                try:
-                    sems.append(posix_ipc.Semaphore(sem_name, posix_ipc.O_CREX, 0o600, 0))
-                except posix_ipc.ExistentialError as exc:
-                    raise ShmError(f"semaphore {sem_name} already exists",
-                                   hint="`rdma-pipeline cleanup` removes those of dead runs"
-                                   ) from exc
+            sems = create_semaphores(name, _SEMAPHORES)
             return cls(segment, *sems)
         except BaseException:
-            for sem in sems:
-                sem.unlink()
-                sem.close()
+            if sems:
+                close_semaphores(sems)
+                unlink_semaphores(name, _SEMAPHORES)
             segment.close()
             segment.unlink()
             raise
@@ -115,13 +114,9 @@ class DirtyLog:
     def attach(cls, name: str, region: RamRegion | None = None) -> DirtyLog:
         """Attach log ``name``; ``ShmError`` if ``region`` is given and its blocks differ."""
         segment = Segment.attach(name, kind=KIND)
-        sems: list[posix_ipc.Semaphore] = []
+        sems = []
         try:
-            for sem_name in _semaphore_names(name):
-                try:
-                    sems.append(posix_ipc.Semaphore(sem_name))
-                except posix_ipc.ExistentialError as exc:
-                    raise ShmError(f"dirty log {name} has no semaphore {sem_name}") from exc
+            sems = attach_semaphores(name, _SEMAPHORES, "dirty log")
             log = cls(segment, *sems)
             if region is not None and log.block_pages != tuple(b.nb_pages for b in
                                                                region.blocks):
@@ -129,8 +124,7 @@ class DirtyLog:
                                f"region {region.name} has other blocks")
             return log
         except BaseException:
-            for sem in sems:
-                sem.close()
+            close_semaphores(sems)
             segment.close()
             raise
 
@@ -379,11 +373,7 @@ class DirtyLog:
     def unlink(self) -> None:
         """Remove the segment and its semaphores (owner only, idempotent)."""
         self.segment.unlink()
-        for sem_name in _semaphore_names(self.name):
-            try:
-                posix_ipc.unlink_semaphore(sem_name)
-            except posix_ipc.ExistentialError:
-                pass
+        unlink_semaphores(self.name, _SEMAPHORES)
 
     def __enter__(self) -> DirtyLog:
         return self

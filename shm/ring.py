@@ -41,6 +41,12 @@ import posix_ipc
 from pipeline.errors import ShmError
 from shm.naming import pid_alive
 from shm.segment import PeerGone, Segment, ShmTimeout
+from shm.semaphores import (
+    attach_semaphores,
+    close_semaphores,
+    create_semaphores,
+    unlink_semaphores,
+)
 
 KIND = b"ring"
 POLL_INTERVAL = 0.1
@@ -74,8 +80,7 @@ def _check_dtype(dtype) -> np.dtype:
     return dtype
 
 
-def _semaphore_names(name: str) -> tuple[str, str]:
-    return f"{name}.items", f"{name}.spaces"
+_SEMAPHORES = ("items", "spaces")
 
 
 class Ring:
@@ -114,24 +119,18 @@ class Ring:
         descr = repr(dtype.descr).encode()[:_RECORDS_OFFSET - _DESCR_OFFSET]
         segment = Segment.create(name, _RECORDS_OFFSET + capacity * dtype.itemsize, kind=KIND,
                                  geometry=(capacity, dtype.itemsize, _dtype_crc(dtype)))
-        sems: list[posix_ipc.Semaphore] = []
+        sems = []
         try:
             hdr = segment.ndarray("<u8", 0, 3)
             hdr[:] = segment.geometry
             del hdr
             segment.payload[_DESCR_OFFSET:_DESCR_OFFSET + len(descr)] = descr
-            for sem_name in _semaphore_names(name):
-                try:
-                    sems.append(posix_ipc.Semaphore(sem_name, posix_ipc.O_CREX, 0o600, 0))
-                except posix_ipc.ExistentialError as exc:
-                    raise ShmError(f"semaphore {sem_name} already exists",
-                                   hint="`rdma-pipeline cleanup` removes those of dead runs"
-                                   ) from exc
+            sems = create_semaphores(name, _SEMAPHORES)
             return cls(segment, dtype, *sems, role)
         except BaseException:
-            for sem in sems:
-                sem.unlink()
-                sem.close()
+            if sems:
+                close_semaphores(sems)
+                unlink_semaphores(name, _SEMAPHORES)
             segment.close()
             segment.unlink()
             raise
@@ -141,7 +140,7 @@ class Ring:
         """Attach ring ``name``; ``ShmError`` unless it carries records of exactly ``dtype``."""
         dtype = _check_dtype(dtype)
         segment = Segment.attach(name, kind=KIND)
-        sems: list[posix_ipc.Semaphore] = []
+        sems = []
         try:
             geo = segment.geometry
             if len(geo) != 3 or geo[1:] != (dtype.itemsize, _dtype_crc(dtype)):
@@ -149,15 +148,10 @@ class Ring:
                 theirs = raw.rstrip(b"\x00").decode(errors="replace")
                 raise ShmError(f"ring {name} carries records {theirs}, not {dtype.descr}",
                                hint="both ends must use the same record dtype")
-            for sem_name in _semaphore_names(name):
-                try:
-                    sems.append(posix_ipc.Semaphore(sem_name))
-                except posix_ipc.ExistentialError as exc:
-                    raise ShmError(f"ring {name} has no semaphore {sem_name}") from exc
+            sems = attach_semaphores(name, _SEMAPHORES, "ring")
             return cls(segment, dtype, *sems, role)
         except BaseException:
-            for sem in sems:
-                sem.close()
+            close_semaphores(sems)
             segment.close()
             raise
 
@@ -335,11 +329,7 @@ class Ring:
     def unlink(self) -> None:
         """Remove the segment and its semaphores (owner only, idempotent)."""
         self.segment.unlink()
-        for sem_name in _semaphore_names(self.name):
-            try:
-                posix_ipc.unlink_semaphore(sem_name)
-            except posix_ipc.ExistentialError:
-                pass
+        unlink_semaphores(self.name, _SEMAPHORES)
 
     def __enter__(self) -> Ring:
         return self

@@ -1,0 +1,40 @@
+import pytest
+
+from pipeline.errors import ShmError
+from shm.naming import new_run_id, segment_name
+from shm.semaphores import (
+    attach_semaphores,
+    close_semaphores,
+    create_semaphores,
+    unlink_semaphores,
+)
+
+
+def test_create_attach_unlink():
+    name = segment_name(new_run_id(), "sems")
+    sems = create_semaphores(name, ("a", "b"))
+    try:
+        others = attach_semaphores(name, ("a", "b"), "test object")
+        sems[0].release()
+        others[0].acquire(0)        # the same semaphore: the token crossed
+        close_semaphores(others)
+    finally:
+        close_semaphores(sems)
+        unlink_semaphores(name, ("a", "b"))
+    with pytest.raises(ShmError, match="test object .* has no semaphore"):
+        attach_semaphores(name, ("a", "b"), "test object")
+
+
+def test_create_is_exclusive_and_a_failure_leaves_the_others_alone():
+    name = segment_name(new_run_id(), "sems")
+    first = create_semaphores(name, ("b",))
+    try:
+        # "a" is created, then "b" exists: "a" is removed again, "b" (someone else's) stays.
+        with pytest.raises(ShmError, match="already exists"):
+            create_semaphores(name, ("a", "b"))
+        with pytest.raises(ShmError, match="has no semaphore"):
+            attach_semaphores(name, ("a",), "test object")
+        close_semaphores(attach_semaphores(name, ("b",), "test object"))
+    finally:
+        close_semaphores(first)
+        unlink_semaphores(name, ("b",))
