@@ -252,16 +252,21 @@ class IncomingMigration:
         came first): hash them in the background while the next round runs."""
         if self.caps.digest != Digest.PAGE_HASH or self.region is None:
             raise RemoteProtocolError("round page bitmaps without page-hash verification")
-        from stages.pagehash import PageHasher, unpack_round
+        from stages.pagehash import PageHasher
 
         try:
-            pages = unpack_round(body, [b.nb_pages for b in self.order])
-        except Exception as exc:  # noqa: BLE001 - ValueError or zlib.error
+            import zlib
+
+            size = len(zlib.decompress(body))        # checked here, unpacked by the hasher
+        except Exception as exc:  # noqa: BLE001 - zlib.error
             raise RemoteProtocolError(f"bad round page bitmap: {exc}") from None
+        if size != sum(-(-b.nb_pages // 8) for b in self.order):
+            raise RemoteProtocolError(f"round page bitmap of {size} bytes does not fit the "
+                                      "RAM blocks")
         if self.hasher is None:
             self.hasher = PageHasher([b.view.view(np.uint64).reshape(-1, 512)
                                       for b in self.order])
-        self.hasher.submit(pages)
+        self.hasher.submit(body)
 
     def _preallocate(self) -> None:
         """Fault all of RAM in now, in bulk, before the source connects (what QEMU's

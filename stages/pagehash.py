@@ -95,7 +95,7 @@ def unpack_round(data: bytes, block_pages: list[int]) -> list[np.ndarray]:
     out, at = [], 0
     for n, size in zip(block_pages, sizes, strict=True):
         bits = np.unpackbits(raw[at:at + size], bitorder="little")[:n]
-        out.append(np.flatnonzero(bits))
+        out.append(np.flatnonzero(bits).astype(np.int32 if n < 1 << 31 else np.int64))
         at += size
     return out
 
@@ -113,7 +113,9 @@ class PageHasher:
         self._thread = threading.Thread(target=self._loop, name="page-hasher", daemon=True)
         self._thread.start()
 
-    def submit(self, pages: list[np.ndarray]) -> None:
+    def submit(self, pages: list[np.ndarray] | bytes) -> None:
+        """Pages per block to hash, or a ``pack_round`` body (unpacked by the thread: a
+        queued round then costs its packed size, not 8 bytes a page)."""
         self._queue.put(pages)
 
     def _loop(self) -> None:
@@ -122,6 +124,8 @@ class PageHasher:
         scratch = np.empty((WINDOW, WORDS), np.uint64)
         while (job := self._queue.get()) is not None:
             try:
+                if isinstance(job, bytes):          # a round section's body, unpacked here
+                    job = unpack_round(job, [len(v) for v in self.views])
                 for view, table, pages in zip(self.views, self.tables, job, strict=True):
                     if not len(pages):
                         continue

@@ -43,7 +43,12 @@ def expand_runs(first: np.ndarray, n: np.ndarray) -> tuple[np.ndarray, np.ndarra
     starts = np.zeros(len(n), dtype=np.int64)
     if len(n):
         np.cumsum(n[:-1], out=starts[1:])
-    pages = np.arange(total, dtype=np.int64) - np.repeat(starts - first.astype(np.int64), n)
+    # int32 where it fits (blocks under 8 TiB): these arrays hold one entry per dirty page, and
+    # a whole-RAM round makes several; memory beyond guest RAM must stay a small share of it.
+    small = total < 1 << 31 and (not len(first) or int(first.max()) + int(n.max()) < 1 << 31)
+    kind = np.int32 if small else np.int64
+    pages = np.arange(total, dtype=kind)
+    pages -= np.repeat((starts - first.astype(np.int64)).astype(kind), n)
     return pages, starts
 
 
