@@ -2,10 +2,12 @@
 
     .venv/bin/python -m bench.scenario_scaling [--sizes 256M,1G,4G] [--repeat 3] [--json]
 
-Full guests (non-zero RAM), idle, pin-all off. Time per GiB should stay the same (linear within
-20%); memory beyond the guest RAM on both sides (anonymous memory of every process of the run,
-plus every shared segment other than the two RAM regions, sampled every 50 ms) should grow by
-less than 2% of the guest RAM: the script fits overhead = constant + slope x RAM.
+Full guests (non-zero RAM), idle, pin-all off; raw TCP into fresh memory of the same size runs
+alongside, since how fast this machine faults fresh memory in changes with the amount. Time
+per GiB should stay the same (linear within 20%); memory beyond the guest RAM on both sides
+(anonymous memory of every process of the run, plus every shared segment other than the two
+RAM regions, sampled every 50 ms) should grow by less than 2% of the guest RAM: the script
+fits overhead = constant + slope x RAM.
 """
 
 from __future__ import annotations
@@ -32,8 +34,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     sizes = [parse_size(s) for s in args.sizes.split(",")]
     runs: dict[int, list[dict]] = {s: [] for s in sizes}
+    tcp: dict[int, list[dict]] = {s: [] for s in sizes}
     for _ in range(args.repeat):
         for ram in sizes:
+            tcp[ram].append(migration(ram, tcp="fresh"))
             runs[ram].append(migration(ram, fill=1.0, memory=True))
     rows = []
     for ram, rs in runs.items():
@@ -43,7 +47,11 @@ def main(argv: list[str] | None = None) -> int:
                      "s_per_gib": total / 1e3 / (ram / (1 << 30)) if total else None,
                      "round1_gb_per_s": med(ok, "first_round_gb_per_s"),
                      "overhead_bytes": med(ok, "peak_overhead_bytes"),
+                     "tcp_fresh_ms": med(tcp[ram], lambda r: r.get("wall_s", 0) * 1e3 or None),
                      "completed": f"{len(ok)}/{len(rs)}"})
+        r = rows[-1]
+        if r["tcp_fresh_ms"]:
+            r["tcp_s_per_gib"] = r["tcp_fresh_ms"] / 1e3 / (ram / (1 << 30))
     good = [r for r in rows if r["total_ms"] and r["overhead_bytes"]]
     fit = {}
     if len(good) >= 2:
@@ -61,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
             if r["total_ms"]:
                 r["vs_linear"] = round(r["total_ms"] / (t_const + t_slope * r["ram"]), 3)
     payload = {"scenario": "scaling", "rows": rows, "fit": fit,
-               "runs": {str(k): v for k, v in runs.items()}}
+               "runs": {str(k): v for k, v in runs.items()},
+               "tcp_fresh": {str(k): v for k, v in tcp.items()}}
     notes = [save("scenario_scaling", payload)]
     if args.json:
         print(json.dumps(payload))
@@ -70,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
         ("case", "case", ""), ("total ms", "total_ms", ".0f"), ("s/GiB", "s_per_gib", ".2f"),
         ("round-1 GB/s", "round1_gb_per_s", ".2f"),
         ("memory beyond RAM MiB", lambda r: r["overhead_bytes"] and r["overhead_bytes"] / MiB,
-         ".0f"), ("completed", "completed", ""), ("vs. linear fit", "vs_linear", ".2f")]))
+         ".0f"), ("completed", "completed", ""), ("vs. linear fit", "vs_linear", ".2f"),
+        ("raw TCP (fresh) s/GiB", "tcp_s_per_gib", ".2f")]))
     if fit:
         print(f"time = {fit['time_ms_const']:.0f} ms + {fit['time_ms_per_gib']:.0f} ms/GiB; "
               f"s/GiB varies {fit['s_per_gib_spread']:.0%} across sizes (target: within 20%)")
