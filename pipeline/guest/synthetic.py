@@ -25,6 +25,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from pipeline.guest.owner import GuestProcess
+
 PAGE = 4096
 WORDS = PAGE // 8
 PATTERNS = ("uniform", "hotspot", "sequential")
@@ -210,14 +212,11 @@ def _run(work: Workload, views, mark, link, state: GuestState) -> None:
             work.write_batch(views, min(due, MAX_BATCH_PAGES), mark)
 
 
-class SyntheticGuest:
-    """The owner side of a synthetic guest: creates the RAM region (``pc.ram`` of ``ram`` bytes
-    plus a small ``vga.vram``) and the dirty log, starts the guest process, and pauses, resumes
-    and stops it. Closing stops the process and unlinks both segments (idempotent).
-    ``tracking``: "soft" (the guest marks a shared dirty log) or "uffd" (no log; the kernel
-    tracks the guest's writes)."""
+class SyntheticGuest(GuestProcess):
+    """The owner side of a synthetic guest (see ``GuestProcess``): ``pause`` and ``query``
+    return its ``GuestState``. ``tracking``: "soft" (the guest marks a shared dirty log) or
+    "uffd" (no log; the kernel tracks the guest's writes)."""
 
-    SECOND_BLOCK = ("vga.vram", 256 * 1024)
     kind = "synthetic"
     device_section = DEVICE_SECTION
 
@@ -225,107 +224,28 @@ class SyntheticGuest:
                  fill: float = 0.5, chunk_size: int = 1 << 20, dirty_log: bool = True,
                  blocks: list[tuple[str, int]] | None = None, region_kind: str = "ram",
                  tracking: str = "soft") -> None:
-        from shm.dirtylog import DirtyLog
-        from shm.region import RamBlockSpec, RamRegion
-        from stages.harness import StageProcess
-
         if tracking not in ("soft", "uffd"):
             raise ValueError(f"dirty tracking {tracking!r}: the synthetic guest has soft or uffd")
         self.tracking = tracking
-        dirty_log = dirty_log and tracking == "soft"
         self.state = state or GuestState()
-        specs = blocks or [("pc.ram", ram), self.SECOND_BLOCK]
-        self.region = RamRegion.create(run_id, [RamBlockSpec(n, s) for n, s in specs],
-                                       chunk_size, kind=region_kind)
-        self.log = None
-        self.process = None
-        self.paused_at = 0.0
-        self._closed = False
-        try:
-            if dirty_log:
-                self.log = DirtyLog.create(run_id, self.region, kind=region_kind + "dirty")
-            self.process = StageProcess(
-                "guest", "pipeline.guest.synthetic:guest_main",
-                {"region": self.region.name, "dirtylog": self.log.name if self.log else None,
-                 "state": asdict(self.state), "fill": fill, "tracking": tracking})
-        except BaseException:
-            self.close()
-            raise
+        super().__init__(ram, run_id=run_id, target="pipeline.guest.synthetic:guest_main",
+                         config={"state": asdict(self.state), "fill": fill,
+                                 "tracking": tracking},
+                         dirty_log=dirty_log and tracking == "soft", chunk_size=chunk_size,
+                         blocks=blocks, region_kind=region_kind)
 
     @property
     def busy(self) -> bool:
         """Whether the guest writes memory while it runs."""
         return self.state.dirty_rate > 0
 
-    def dirty_source(self) -> dict:
-        """Where the scanner finds this guest's dirty pages (plain config; after ``start``)."""
-        if self.tracking == "uffd":
-            info = self.process.info
-            return {"kind": "pagemap", "pid": info["pid"], "blocks": info["blocks"]}
-        return {"kind": "log", "name": self.log.name}
-
-    def start(self, timeout: float = 60.0) -> SyntheticGuest:
-        """Start the guest process; on failure nothing of the guest is left (close, then raise)."""
-        try:
-            self.process.start()
-            self.process.wait_ready(timeout)
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    @property
-    def pid(self) -> int | None:
-        return self.process.pid if self.process else None
-
     def pause(self, timeout: float = 10.0) -> GuestState:
-        self.process.send("pause")
-        msg = self.process.recv(timeout, what="pause")
-        self.paused_at = msg[2]
-        self.state = GuestState(**msg[1])
+        _, state, self.paused_at = self.request("pause", timeout)
+        self.state = GuestState(**state)
         return self.state
 
-    def resume(self, timeout: float = 10.0) -> float:
-        self.process.send("resume")
-        return self.process.recv(timeout, what="resume")[1]
-
     def query(self, timeout: float = 10.0) -> GuestState:
-        self.process.send("state")
-        return GuestState(**self.process.recv(timeout, what="state")[1])
-
-    def check(self) -> None:
-        """GuestError if the guest process is gone."""
-        from pipeline.errors import GuestError, StageFailed
-
-        try:
-            self.process.check()
-        except StageFailed as exc:
-            raise GuestError(f"the guest died: {exc}") from None
-
-    def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        if self.process is not None:
-            if self.process.pid is not None and self.process.alive:
-                try:
-                    self.process.send("stop")
-                    self.process.recv(2.0, what="stop")
-                except Exception:  # noqa: BLE001 - killed below if it did not stop
-                    pass
-            self.process.stop(2.0)
-            self.process.close()
-        if self.log is not None:
-            self.log.close()
-            self.log.unlink()
-        self.region.close()
-        self.region.unlink()
-
-    def __enter__(self) -> SyntheticGuest:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
+        return GuestState(**self.request("state", timeout)[1])
 
 
 def device_codec(data: bytes, version: int) -> int | None:

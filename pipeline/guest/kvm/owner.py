@@ -15,9 +15,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pipeline.errors import GuestError, StageFailed
+from pipeline.errors import GuestError
 from pipeline.guest.kvm.guest import DEVICE_SECTION
 from pipeline.guest.kvm.vm import kvm_unavailable_reason
+from pipeline.guest.owner import GuestProcess
 
 TARGET = "pipeline.guest.kvm.process:kvm_guest_main"
 TRACKINGS = ("kvm", "uffd")
@@ -45,22 +46,18 @@ class KvmStatus:
     pages_written: int
 
 
-class KvmGuestProcess:
-    """A KVM guest in its own process over a shared RAM region; closing stops it and unlinks
-    every segment (idempotent)."""
+class KvmGuestProcess(GuestProcess):
+    """A KVM guest in its own process over a shared RAM region (see ``GuestProcess``):
+    ``pause`` returns a ``KvmPaused``, ``query`` a ``KvmStatus``."""
 
     kind = "kvm"
     device_section = DEVICE_SECTION
-    SECOND_BLOCK = ("vga.vram", 256 * 1024)
+    STOP_TIMEOUT = 5.0
 
     def __init__(self, ram: int, *, run_id: str, dirty_rate: float | None = 0,
                  chunk_size: int = 1 << 20, tracking: str = "kvm",
                  blocks: list[tuple[str, int]] | None = None, region_kind: str = "ram",
                  n_pages: int | None = None, stride: int = 1) -> None:
-        from shm.dirtylog import DirtyLog
-        from shm.region import RamBlockSpec, RamRegion
-        from stages.harness import StageProcess
-
         if tracking not in TRACKINGS:
             raise ValueError(f"dirty tracking {tracking!r}: the KVM guest has kvm or uffd")
         reason = kvm_unavailable_reason()
@@ -68,93 +65,26 @@ class KvmGuestProcess:
             raise GuestError(f"--guest kvm: {reason}", hint="use --guest synthetic here")
         self.tracking = tracking
         self.dirty_rate = dirty_rate
-        specs = blocks or [("pc.ram", ram), self.SECOND_BLOCK]
-        self.region = RamRegion.create(run_id, [RamBlockSpec(n, s) for n, s in specs],
-                                       chunk_size, kind=region_kind)
-        self.log = None
-        self.process = None
-        self.paused_at = 0.0
         self.paused_state: KvmPaused | None = None
-        self.ready_info: dict = {}
-        self._closed = False
-        try:
-            if tracking == "kvm":
-                self.log = DirtyLog.create(run_id, self.region, kind=region_kind + "dirty")
-            self.process = StageProcess("guest", TARGET, {
-                "region": self.region.name, "dirtylog": self.log.name if self.log else None,
-                "tracking": tracking, "dirty_rate": dirty_rate, "n_pages": n_pages,
-                "stride": stride})
-        except BaseException:
-            self.close()
-            raise
-
-    def start(self, timeout: float = 60.0) -> KvmGuestProcess:
-        self.process.start()
-        self.ready_info = self.process.wait_ready(timeout)
-        return self
-
-    @property
-    def pid(self) -> int | None:
-        return self.process.pid if self.process else None
+        super().__init__(ram, run_id=run_id, target=TARGET,
+                         config={"tracking": tracking, "dirty_rate": dirty_rate,
+                                 "n_pages": n_pages, "stride": stride},
+                         dirty_log=tracking == "kvm", chunk_size=chunk_size, blocks=blocks,
+                         region_kind=region_kind)
 
     @property
     def busy(self) -> bool:
         """Whether the guest writes memory while it runs."""
         return self.dirty_rate is None or self.dirty_rate > 0
 
-    def dirty_source(self) -> dict:
-        """Where the scanner finds this guest's dirty pages (plain config; after ``start``)."""
-        if self.tracking == "uffd":
-            info = self.process.info
-            return {"kind": "pagemap", "pid": info["pid"], "blocks": info["blocks"]}
-        return {"kind": "log", "name": self.log.name}
-
     def pause(self, timeout: float = 10.0) -> KvmPaused:
         """Stop the vCPU; its invariant is checked and its device state taken."""
-        self.process.send("pause")
-        _, info, self.paused_at = self.process.recv(timeout, what="pause")
+        _, info, self.paused_at = self.request("pause", timeout)
         self.paused_state = KvmPaused(info["passes"], info["page"], info["pages_written"],
                                       info["device_state"])
         return self.paused_state
 
-    def resume(self, timeout: float = 10.0) -> float:
-        self.process.send("resume")
-        return self.process.recv(timeout, what="resume")[1]
-
     def query(self, timeout: float = 10.0) -> KvmStatus:
         """Where the guest is (a paused guest's invariant is checked on the way)."""
-        self.process.send("state")
-        info = self.process.recv(timeout, what="state")[1]
+        info = self.request("state", timeout)[1]
         return KvmStatus(info["running"], info["passes"], info["pages_written"])
-
-    def check(self) -> None:
-        """GuestError if the guest process is gone (or its vCPU failed)."""
-        try:
-            self.process.check()
-        except StageFailed as exc:
-            raise GuestError(f"the KVM guest died: {exc}") from None
-
-    def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        if self.process is not None:
-            if self.process.pid is not None and self.process.alive:
-                try:
-                    self.process.send("stop")
-                    self.process.recv(5.0, what="stop")
-                except Exception:  # noqa: BLE001 - killed below if it did not stop
-                    pass
-            self.process.stop(2.0)
-            self.process.close()
-        if self.log is not None:
-            self.log.close()
-            self.log.unlink()
-        self.region.close()
-        self.region.unlink()
-
-    def __enter__(self) -> KvmGuestProcess:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
