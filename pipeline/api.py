@@ -232,9 +232,9 @@ class LocalRun:
         cfg["trace_control"] = None
         if self.dest_prealloc and self.dest_blocks is None:
             self.dest_blocks = [(b.idstr, b.length) for b in self.guest.region.blocks]
-        entry = {"rdma": "pipeline.incoming", "tcp": "pipeline.inline_incoming"}[self.scheme]
-        self.dest = StageProcess("destination", f"{entry}:incoming_main", {
-            "config": cfg, "host": self.host, "port": free_port(self.host),
+        self.dest = StageProcess("destination", "pipeline.incoming:incoming_main", {
+            "config": cfg, "scheme": self.scheme, "host": self.host,
+            "port": free_port(self.host),
             "run_id": self.run_id, "blocks": self.dest_blocks, "corrupt": self.corrupt,
             "fault": self.fault, "guest_watch": self.guest_watch,
             "prealloc": self.dest_prealloc},

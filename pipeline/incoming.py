@@ -501,10 +501,16 @@ class IncomingMigration:
 
 
 def incoming_main(config: dict, link) -> int:
-    """Stage-process entry for a destination started by ``run``: reports ("ready", port=...),
-    ("state", status, reason) and finally ("result", summary); ("cancel",) on the pipe
-    cancels it."""
+    """Stage-process entry for a destination started by ``run`` (``rdma:``, or ``tcp:`` when
+    ``config["scheme"]`` says so): reports ("ready", port=...), ("state", status, reason) and
+    finally ("result", summary); ("cancel",) on the pipe cancels it."""
     from pipeline.uri import URI
+
+    scheme = config.get("scheme", "rdma")
+    if scheme == "tcp":
+        from pipeline.inline_incoming import StreamIncoming as incoming_class
+    else:
+        incoming_class = IncomingMigration
 
     cfg = MigrationConfig(**config["config"])
     cancel = threading.Event()
@@ -522,13 +528,13 @@ def incoming_main(config: dict, link) -> int:
     threading.Thread(target=listen_parent, daemon=True).start()
     corrupt = tuple(config["corrupt"]) if config.get("corrupt") else None
     fault = config.get("fault")
-    uri = URI("rdma", config["host"], int(config["port"]))
-    mig = IncomingMigration(uri, cfg, run_id=config["run_id"],
-                            blocks=config.get("blocks"), cancel=cancel, corrupt=corrupt,
-                            fault=fault, guest_watch=float(config.get("guest_watch", 0)),
-                            prealloc=bool(config.get("prealloc")),
-                            on_listening=lambda port: link.ready(port=port),
-                            on_state=lambda s, r: link.send("state", s, r))
+    uri = URI(scheme, config["host"], int(config["port"]))
+    mig = incoming_class(uri, cfg, run_id=config["run_id"], blocks=config.get("blocks"),
+                         cancel=cancel, corrupt=corrupt, fault=fault,
+                         guest_watch=float(config.get("guest_watch", 0)),
+                         prealloc=bool(config.get("prealloc")),
+                         on_listening=lambda port: link.ready(port=port),
+                         on_state=lambda s, r: link.send("state", s, r))
     try:
         summary = mig.run()
     except BaseException:

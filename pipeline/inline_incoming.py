@@ -23,7 +23,6 @@ restoring a file starts it only once the RAM verified.
 
 from __future__ import annotations
 
-import threading
 import time
 
 import numpy as np
@@ -303,38 +302,3 @@ class StreamIncoming(IncomingMigration):
                       f"{int(offs.max()) + ROW} of section 'ram'")
         rest = ", ".join(f"{n} chunk {c}" for n, c in bad[1:4])
         return first + (f"; also {rest}" if rest else "")
-
-
-def incoming_main(config: dict, link) -> int:
-    """Stage-process entry for a ``tcp:`` destination started by ``run`` (``LocalRun``): the
-    same messages as ``pipeline.incoming.incoming_main``."""
-    from pipeline.uri import URI
-
-    cfg = MigrationConfig(**config["config"])
-    cancel = threading.Event()
-
-    def listen_parent() -> None:
-        try:
-            while True:
-                msg = link.recv()
-                if msg and msg[0] == "cancel":
-                    cancel.set()
-                    return
-        except (EOFError, OSError):
-            cancel.set()
-
-    threading.Thread(target=listen_parent, daemon=True).start()
-    corrupt = tuple(config["corrupt"]) if config.get("corrupt") else None
-    uri = URI("tcp", config["host"], int(config["port"]))
-    mig = StreamIncoming(uri, cfg, run_id=config["run_id"], blocks=config.get("blocks"),
-                         cancel=cancel, corrupt=corrupt, fault=config.get("fault"),
-                         guest_watch=float(config.get("guest_watch", 0)),
-                         on_listening=lambda port: link.ready(port=port),
-                         on_state=lambda s, r: link.send("state", s, r))
-    try:
-        summary = mig.run()
-    except BaseException:
-        link.send("result", mig.summary())
-        raise
-    link.send("result", summary)
-    return 0
