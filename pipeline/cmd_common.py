@@ -46,10 +46,20 @@ def add_guest_options(p) -> None:
 
 
 def build_config(args) -> MigrationConfig:
-    """The config from the options; ValueError (one line) for anything wrong."""
+    """The config from the options; ValueError (one line) for anything wrong, and
+    TransportUnsupported, before anything starts, when ``--transport verbs`` cannot run here."""
     cfg = MigrationConfig(transport=args.transport, chunk_size=parse_size(args.chunk_size),
                           trace_control=getattr(args, "trace_control", None))
-    return cfg.with_options(args.capability, args.parameter)
+    cfg = cfg.with_options(args.capability, args.parameter)
+    if cfg.transport == "verbs":
+        from pipeline.errors import TransportUnsupported
+        from stages.verbs.rdmacore import probe
+
+        reason = probe()
+        if reason:
+            raise TransportUnsupported(reason, hint="use --transport soft (userspace verbs over "
+                                                    "TCP) on machines without RDMA")
+    return cfg
 
 
 def guest_state(args):
