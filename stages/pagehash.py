@@ -131,7 +131,8 @@ class PageHasher:
                         continue
                     res = resident(view)
                     if res is not None:
-                        table[pages[~res[pages]]] = 0
+                        # A page not in memory never was (shared memory is not swapped, and
+                        # COMPRESS zero-fills in place): its entry is still the 0 it began as.
                         pages = pages[res[pages]]
                     hash_pages(view, pages, table, scratch)
             except BaseException as exc:  # noqa: BLE001 - reported by wait()
