@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     notes = [save("scenario_busy", payload)]
     if args.plot:
         notes.append(plot("scenario_busy", {f"{s:.0%}": rs[0] for s, rs in runs.items() if rs},
-                          __doc__.split("\n")[0]))
+                          "Scenario 3: busy guest, uniform random writes"))
     if args.json:
         print(json.dumps(payload))
         return 0

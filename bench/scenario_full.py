@@ -81,8 +81,8 @@ def main(argv: list[str] | None = None) -> int:
                "runs": runs}
     notes = [save("scenario_full", payload)]
     if args.plot:
-        notes.append(plot("scenario_full", {c: rs[0] for c, rs in runs.items()
-                                            if rs and "rounds" in rs[0]}, __doc__.split("\n")[0]))
+        first = {c: rs[0] for c, rs in runs.items() if rs and "rounds" in rs[0]}
+        notes.append(plot("scenario_full", first, "Scenario 2: full guest (non-zero RAM), idle"))
     if args.json:
         print(json.dumps(payload))
         return 0
