@@ -147,9 +147,14 @@ class SourceMigration:
             self._iterate()
             self._to(State.DEVICE)
             self._switchover()
+            # total-time ends here, as QEMU's does (migration_calculate_complete, before
+            # cleanup): the destination runs the guest; stopping the stages and unpinning
+            # their memory is cleanup.
+            done = time.monotonic()
             self.pipeline.finish(self.config.stage_timeout)
             self.stats.stages.__dict__.update(self.pipeline.figures())
             self._to(State.COMPLETED)
+            self.stats.update(end_time=done, cleanup_ms=round((time.monotonic() - done) * 1e3))
         except BaseException as exc:
             self._fail(exc)
             if not isinstance(exc, Exception):

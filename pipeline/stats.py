@@ -7,6 +7,7 @@ dict (JSON-ready) with QEMU's keys: ``status``, ``total-time``, ``setup-time``, 
 ``dirty-sync-count``), plus ours: ``verified``, ``round``, ``rounds`` (per round:
 ``round``, ``start`` (s after the migration started), ``seconds``, ``bytes`` sent, ``pages``,
 ``zero-pages``, then ``remaining`` and ``dirty-pages-rate`` from the sync that followed),
+``cleanup-time`` (ms spent stopping the stages after completion, outside total-time),
 ``error``, ``stages``, ``guest`` and
 ``dirty-tracking`` (which guest ran and which dirty source tracked it).
 
@@ -77,6 +78,7 @@ class MigrationStats:
     error: str = ""
     stages: StageFigures = field(default_factory=StageFigures)
     rounds: list[dict] = field(default_factory=list)   # one entry per round (see snapshot)
+    cleanup_ms: float = 0.0          # stopping the stages after completion (not in total-time)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def update(self, **changes) -> None:
@@ -127,6 +129,8 @@ class MigrationStats:
             if self.guest:
                 out["guest"] = self.guest
                 out["dirty-tracking"] = self.dirty_tracking
+            if self.cleanup_ms:
+                out["cleanup-time"] = self.cleanup_ms
             if self.error:
                 out["error-desc"] = self.error
             return out
