@@ -102,6 +102,7 @@ class IncomingMigration:
         self.guest_report: dict = {}        # where the guest resumed, and where it stopped
         self.digests: bytes | None = None
         self.hasher = None             # stages.pagehash.PageHasher, at the first round's pages
+        self._populator: threading.Thread | None = None   # faults registered chunks in
         self.verified: bool | None = None
         self.resume_time = 0.0
         self.status = "none"
@@ -379,9 +380,33 @@ class IncomingMigration:
         if mr is None:
             start = first * blk.chunk_size
             end = min(blk.length, (first + 1 + rec.chunks) * blk.chunk_size)
-            mr = self.pd.reg_mr(blk.address + start, end - start, RW)
+            mr = self.pd.reg_mr(blk.address + start, end - start, RW | Access.ON_DEMAND)
             self.chunk_mrs[key] = mr
+            self._populate_ahead(blk.address + start, end - start)
         return RegisterResult(mr.rkey, blk.address)
+
+    def _populate_ahead(self, address: int, length: int) -> None:
+        """Fault a newly registered chunk in from a helper thread. Pinning it before answering
+        (a plain mlock) held every REGISTER RESULT for 0.6 ms a chunk of page faults, and no
+        write of the batch could start meanwhile; registered on demand, the answer leaves at
+        once, the helper faults chunks in in the order they were asked for, and the few
+        writes that overtake it fault in their own range (the soft responder does that)."""
+        if self._populator is None:
+            import queue
+
+            self._populate_queue = queue.Queue()
+            self._populator = threading.Thread(target=self._populate_loop, daemon=True,
+                                               name="populate")
+            self._populator.start()
+        self._populate_queue.put((address, length))
+
+    def _populate_loop(self) -> None:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+        while (item := self._populate_queue.get()) is not None:
+            libc.madvise(item[0], item[1], 23)                  # MADV_POPULATE_WRITE
 
     def _compress(self, c) -> None:
         blk = self._block(c.block_idx)
@@ -454,6 +479,9 @@ class IncomingMigration:
 
     def _teardown(self) -> None:
         self._stop.set()
+        if self._populator is not None:     # before the region it faults in goes away
+            self._populate_queue.put(None)
+            self._populator.join(5.0)
         if self.hasher is not None:
             self.hasher.close()
         if self._acceptor is not None:
