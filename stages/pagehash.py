@@ -31,6 +31,7 @@ import numpy as np
 WORDS = 512
 ROUND_SECTION, ROUND_SID = "rdp-round-pages", 5   # the stream section carrying pack_round()
 WINDOW = 2048                      # pages hashed per numpy call (8 MiB)
+STRETCH = 1 << 18                  # pages of a round bitmap unpacked at a time (1 GiB of RAM)
 KEYS = np.random.default_rng(0x9A6E_4A54).integers(
     0, 1 << 64, WORDS, dtype=np.uint64, endpoint=False) | np.uint64(1)
 
@@ -119,26 +120,48 @@ class PageHasher:
         self._queue.put(pages)
 
     def _loop(self) -> None:
-        from stages.scanner import resident
-
         scratch = np.empty((WINDOW, WORDS), np.uint64)
         while (job := self._queue.get()) is not None:
             try:
-                if isinstance(job, bytes):          # a round section's body, unpacked here
-                    job = unpack_round(job, [len(v) for v in self.views])
-                for view, table, pages in zip(self.views, self.tables, job, strict=True):
-                    if not len(pages):
-                        continue
-                    res = resident(view)
-                    if res is not None:
-                        # A page not in memory never was (shared memory is not swapped, and
-                        # COMPRESS zero-fills in place): its entry is still the 0 it began as.
-                        pages = pages[res[pages]]
-                    hash_pages(view, pages, table, scratch)
+                if isinstance(job, bytes):          # a round section's body
+                    self._hash_packed(job, scratch)
+                else:
+                    for view, table, pages in zip(self.views, self.tables, job, strict=True):
+                        self._hash(view, table, np.asarray(pages), scratch)
             except BaseException as exc:  # noqa: BLE001 - reported by wait()
                 self._error = exc
             finally:
                 self._queue.task_done()
+
+    def _hash_packed(self, body: bytes, scratch: np.ndarray) -> None:
+        """A round's packed bitmap, a stretch of pages at a time: one entry per page of the
+        whole round at once would cost more memory than the page table itself."""
+        import zlib
+
+        raw = np.frombuffer(zlib.decompress(body), np.uint8)
+        at = 0
+        for view, table in zip(self.views, self.tables, strict=True):
+            n = len(view)
+            for p0 in range(0, n, STRETCH):
+                p1 = min(n, p0 + STRETCH)
+                bits = np.unpackbits(raw[at + p0 // 8:at + -(-p1 // 8)], bitorder="little")
+                pages = np.flatnonzero(bits[:p1 - p0]).astype(np.int32)
+                self._hash(view[p0:p1], table[p0:p1], pages, scratch)
+            at += -(-n // 8)
+
+    @staticmethod
+    def _hash(view: np.ndarray, table: np.ndarray, pages: np.ndarray,
+              scratch: np.ndarray) -> None:
+        from stages.scanner import resident
+
+        if not len(pages):
+            return
+        res = resident(view)
+        if res is not None:
+            # A page not in memory never was (shared memory is not swapped, and COMPRESS
+            # zero-fills in place): its entry is still the 0 it began as.
+            pages = pages[res[pages]]
+        hash_pages(view, pages, table, scratch)
 
     def wait(self) -> list[np.ndarray]:
         """Block until every submitted round is hashed; the tables."""

@@ -112,3 +112,20 @@ def test_scanner_hashes_what_it_scanned_and_records_the_rounds_pages():
     finally:
         table.close()
         table.unlink()
+
+
+def test_hasher_takes_a_packed_round_a_stretch_at_a_time(monkeypatch):
+    import stages.pagehash as ph
+
+    monkeypatch.setattr(ph, "STRETCH", 64)
+    views = [pages_of(200), pages_of(30, seed=3)]
+    chosen = [np.arange(0, 200, 3), np.array([0, 29])]
+    bits = [np.packbits(np.isin(np.arange(len(v)), c), bitorder="little")
+            for v, c in zip(views, chosen, strict=True)]
+    hasher = PageHasher(views)
+    hasher.submit(pack_round(bits))
+    tables = hasher.wait()
+    hasher.close()
+    for v, c, t in zip(views, chosen, tables, strict=True):
+        assert (t[c] == hash_rows(v[c])).all()
+        assert np.count_nonzero(t) == len(c)
