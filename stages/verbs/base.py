@@ -191,6 +191,10 @@ class MR(Resource):
     def export(self) -> MRHandle:
         """A handle another process passes to ``pd.import_mr`` (after importing this PD)."""
 
+    def prefetch(self) -> None:
+        """Fault an ON_DEMAND region in for writing now, as ibv_advise_mr(PREFETCH_WRITE)
+        does; a no-op where the provider has no use for it."""
+
 
 class CQ(Resource):
     """A completion queue with a pollable file descriptor."""

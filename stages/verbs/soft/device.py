@@ -53,6 +53,13 @@ class SoftMR(base.MR):
             return None
         return self._view[offset:offset + length]
 
+    def prefetch(self) -> None:
+        """Fault the whole region in now; writes into it then skip their own faulting."""
+        if self._closed or not self.on_demand:
+            return
+        memory.populate(self.local_address, self.length)
+        self.on_demand = False       # every page is in memory (and locked: MLOCK_ONFAULT)
+
     def export(self) -> MRHandle:
         if self._closed:
             raise closed_error("MR")

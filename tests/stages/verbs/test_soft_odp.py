@@ -85,3 +85,16 @@ def test_exports_in_one_mapping_read_the_maps_once(fresh_ram, monkeypatch):
         for mr in mrs:
             mr.close()
         assert memory.BACKINGS._spans == []              # released with the last MR
+
+
+def test_prefetch_faults_an_on_demand_region_in_once(fresh_ram):
+    _name, ram = fresh_ram
+    with open_provider("soft").open_device() as ctx:
+        pd = ctx.alloc_pd()
+        mr = pd.reg_mr(ram.ctypes.data + 2 * MiB, MiB,
+                       Access.LOCAL_WRITE | Access.REMOTE_WRITE | Access.ON_DEMAND)
+        assert resident_pages(ram) == 0 and mr.on_demand
+        mr.prefetch()
+        assert resident_pages(ram) == 256 and not mr.on_demand   # writes skip faulting now
+        mr.close()
+        mr.prefetch()                                             # closed: nothing to do
