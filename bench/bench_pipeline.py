@@ -14,11 +14,9 @@ shared memory (faulted in by the receiver inside the timing, as the destination 
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 
-from bench.common import attach_baselines, format_table, median_row, run_case_process, vs_text
+from bench.common import stage_cli, vs_text
 from bench.common import usage as _usage
 
 RAM = 512 << 20
@@ -63,27 +61,10 @@ COLUMNS = [
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--json", action="store_true", help="one JSON line per case")
-    parser.add_argument("--case", choices=CASES, help="run one case in this process")
-    parser.add_argument("--repeat", type=int, default=3, help="runs per case (median shown)")
-    args = parser.parse_args(argv)
-    if args.case:
-        print(json.dumps(run_case(args.case)), flush=True)
-        return 0
-    runs: dict[str, list[dict]] = {c: [] for c in CASES}
-    for _ in range(args.repeat):
-        for case in CASES:
-            runs[case].append(run_case_process(["-m", "bench.bench_pipeline", "--case", case]))
-    rows = {c: {"case": c, **median_row(r, METRIC)} for c, r in runs.items()}
-    rows["tcp-warm"]["is_baseline"] = True
-    attach_baselines(rows, BASELINE, lambda r: r.get(METRIC))
-    if args.json:
-        for r in rows.values():
-            print(json.dumps(r), flush=True)
-    else:
-        print(format_table(list(rows.values()), COLUMNS))
-    return 0
+    return stage_cli(argv, description=__doc__.splitlines()[0], module="bench.bench_pipeline",
+                     cases=CASES,
+                     run_case=run_case, metric=METRIC, baseline_of=BASELINE,
+                     baselines=["tcp-warm"], columns=COLUMNS)
 
 
 if __name__ == "__main__":

@@ -15,8 +15,6 @@ Cases, each in a fresh interpreter (``--case NAME``) that spawns the receiving p
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 import time
 
@@ -24,11 +22,8 @@ import numpy as np
 
 from bench import bench_transport as transport
 from bench.common import (
-    attach_baselines,
-    format_table,
-    median_row,
     rates,
-    run_case_process,
+    stage_cli,
     vs_text,
 )
 from bench.common import usage as _usage
@@ -123,28 +118,10 @@ COLUMNS = [
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--json", action="store_true", help="one JSON line per case")
-    parser.add_argument("--case", choices=CASES, help="run one case in this process")
-    parser.add_argument("--repeat", type=int, default=3, help="runs per case (median shown)")
-    args = parser.parse_args(argv)
-    if args.case:
-        print(json.dumps(run_case(args.case)), flush=True)
-        return 0
-    runs: dict[str, list[dict]] = {c: [] for c in CASES}
-    for _ in range(args.repeat):
-        for case in CASES:   # interleaved: drift hits baseline and contender alike
-            runs[case].append(run_case_process(["-m", "bench.bench_poster", "--case", case]))
-    rows = {c: {"case": c, **median_row(r, METRIC)} for c, r in runs.items()}
-    for c in rows:
-        rows[c]["is_baseline"] = c not in BASELINE
-    attach_baselines(rows, BASELINE, lambda r: r.get(METRIC))
-    if args.json:
-        for r in rows.values():
-            print(json.dumps(r), flush=True)
-    else:
-        print(format_table(list(rows.values()), COLUMNS))
-    return 0
+    return stage_cli(argv, description=__doc__.splitlines()[0], module="bench.bench_poster",
+                     cases=CASES,
+                     run_case=run_case, metric=METRIC, baseline_of=BASELINE,
+                     baselines=[c for c in CASES if c not in BASELINE], columns=COLUMNS)
 
 
 if __name__ == "__main__":
