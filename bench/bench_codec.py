@@ -16,9 +16,10 @@ import argparse
 import json
 import resource
 import struct
-import subprocess
 import sys
 import time
+
+from bench.common import case_result
 
 DURATION = 0.5      # seconds of measured work per case
 
@@ -156,9 +157,7 @@ def main() -> int:
         return 0
     results = {}
     for case in CASES:
-        out = subprocess.run([sys.executable, "-m", "bench.bench_codec", "--case", case],
-                             capture_output=True, text=True, check=True).stdout
-        results[case] = json.loads(out)
+        results[case] = case_result("bench.bench_codec", case)
     for case, r in results.items():
         base = baseline_for(case)
         r["vs_baseline"] = round(r["records_per_s"] / results[base]["records_per_s"], 3) \

@@ -18,12 +18,12 @@ import argparse
 import json
 import multiprocessing as mp
 import resource
-import subprocess
 import sys
 import time
 
 import numpy as np
 
+from bench.common import case_result
 from shm import DirtyLog, RamBlockSpec, RamRegion, dirty_runs, naming
 
 GUEST = 8 << 30
@@ -164,9 +164,7 @@ def main() -> int:
         return 0
     results = {}
     for case in CASES:
-        out = subprocess.run([sys.executable, "-m", "bench.bench_dirtylog", "--case", case],
-                             capture_output=True, text=True, check=True).stdout
-        results[case] = json.loads(out.strip().splitlines()[-1])
+        results[case] = case_result("bench.bench_dirtylog", case)
         if args.json:
             print(json.dumps(results[case]), flush=True)
     if not args.json:

@@ -16,12 +16,12 @@ import argparse
 import json
 import multiprocessing as mp
 import resource
-import subprocess
 import sys
 import time
 
 import numpy as np
 
+from bench.common import case_result
 from shm import RUN_DTYPE, Ring, naming
 
 CAPACITY = 1 << 16
@@ -156,9 +156,7 @@ def main() -> int:
         return 0
     results = {}
     for case in CASES:
-        out = subprocess.run([sys.executable, "-m", "bench.bench_ring", "--case", case],
-                             capture_output=True, text=True, check=True).stdout
-        results[case] = json.loads(out.strip().splitlines()[-1])
+        results[case] = case_result("bench.bench_ring", case)
         if args.json:
             print(json.dumps(results[case]), flush=True)
     if not args.json:

@@ -24,11 +24,12 @@ import multiprocessing as mp
 import resource
 import socket
 import statistics
-import subprocess
 import sys
 import time
 
 import numpy as np
+
+from bench.common import case_result
 
 MiB = 1 << 20
 TARGET = 64 * MiB
@@ -230,9 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     runs: dict[str, list[dict]] = {n: [] for n in names}
     for _ in range(args.repeat):
         for name in names:  # interleaved, so drift hits baseline and contender alike
-            out = subprocess.run([sys.executable, "-m", "bench.bench_transport", "--case", name],
-                                 capture_output=True, text=True, check=True)
-            row = json.loads(out.stdout.strip().splitlines()[-1])
+            row = case_result("bench.bench_transport", name)
             runs[name].append(row)
             if args.json:
                 print(json.dumps(row), flush=True)

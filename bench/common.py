@@ -80,6 +80,15 @@ def run_case_process(argv: list[str], *, timeout: float = 900.0,
     return {"error": err}
 
 
+def case_result(module: str, case: str) -> dict:
+    """One case of ``module`` run in a fresh interpreter; a failed case stops the benchmark
+    with its last error line (for scripts that need every case to compute their table)."""
+    row = run_case_process(["-m", module, "--case", case])
+    if "error" in row:
+        raise SystemExit(f"{module} --case {case}: {row['error']}")
+    return row
+
+
 def median_row(rows: list[dict], key: str, *, higher_is_better: bool = True) -> dict:
     """The run whose ``key`` is the median (lower median for an even count), with ``runs``
     (how many) and ``spread`` (min and max of ``key``) added. Failed runs are left out."""
