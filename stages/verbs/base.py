@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from enum import IntEnum, IntFlag
 from typing import Any
 
+import numpy as np
+
 from pipeline.errors import TransportError
 
 # librdmacm's limits for RDMA_PS_TCP; the soft provider enforces them too so that code that
@@ -99,6 +101,18 @@ class QPState(IntEnum):
 
 
 SEND_WC_OPCODE = {SendOpcode.RDMA_WRITE: WCOpcode.RDMA_WRITE, SendOpcode.SEND: WCOpcode.SEND}
+
+# One RDMA WRITE work request of one SGE, as a record: ``QP.post_writes`` takes an array of them,
+# the way ibv_post_send takes a linked list of WRs (addresses as for ``post_send``).
+WRITE_WR_DTYPE = np.dtype([
+    ("wr_id", "<u8"),
+    ("addr", "<u8"),          # local address, in the lkey's MR address space
+    ("remote_addr", "<u8"),
+    ("length", "<u4"),
+    ("lkey", "<u4"),
+    ("rkey", "<u4"),
+    ("signaled", "<u4"),      # nonzero: IBV_SEND_SIGNALED
+])
 
 
 @dataclass(frozen=True, slots=True)
@@ -233,6 +247,14 @@ class QP(Resource):
     def post_send(self, wr_id: int, opcode: SendOpcode, addr: int, length: int, lkey: int, *,
                   remote_addr: int = 0, rkey: int = 0, signaled: bool = True) -> None:
         """Post one SEND or RDMA WRITE of one SGE; ENOMEM when the send queue is full."""
+
+    def post_writes(self, wrs: np.ndarray) -> None:
+        """Post the RDMA WRITEs of ``wrs`` (``WRITE_WR_DTYPE``) in order, as one ibv_post_send
+        of a WR list. As there, a failure (ENOMEM: the send queue is full) leaves the WRs
+        before the failing one posted. Providers that can batch override this loop."""
+        for wr_id, addr, remote_addr, length, lkey, rkey, signaled in wrs.tolist():
+            self.post_send(wr_id, SendOpcode.RDMA_WRITE, addr, length, lkey,
+                           remote_addr=remote_addr, rkey=rkey, signaled=bool(signaled))
 
     @abstractmethod
     def post_recv(self, wr_id: int, addr: int, length: int, lkey: int) -> None:
