@@ -35,6 +35,7 @@ from shm.region import PAGE_SIZE, RamRegion
 from shm.runs import RUN_DTYPE, dirty_pages, dirty_runs, expand_runs  # noqa: F401 (re-export)
 from shm.segment import PeerGone, Segment, ShmTimeout
 from shm.semaphores import (
+    SemaphoreSegment,
     attach_semaphores,
     close_semaphores,
     create_semaphores,
@@ -54,8 +55,10 @@ _BIT = np.array([1 << k for k in range(8)], np.uint8)
 _SEMAPHORES = ("req", "ack")
 
 
-class DirtyLog:
+class DirtyLog(SemaphoreSegment):
     """Dirty bitmaps of a region's blocks in one segment. Use ``create`` or ``attach``."""
+
+    SEMAPHORES = _SEMAPHORES
 
     def __init__(self, segment: Segment, request: posix_ipc.Semaphore,
                  ack: posix_ipc.Semaphore) -> None:
@@ -369,20 +372,6 @@ class DirtyLog:
         self._request.close()
         self._ack.close()
         self.segment.close()
-
-    def unlink(self) -> None:
-        """Remove the segment and its semaphores (owner only, idempotent)."""
-        self.segment.unlink()
-        unlink_semaphores(self.name, _SEMAPHORES)
-
-    def __enter__(self) -> DirtyLog:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        """Close, and for the owner also unlink."""
-        self.close()
-        if self.segment.owner:
-            self.unlink()
 
     def __repr__(self) -> str:
         return f"<DirtyLog {self.name} blocks {self.block_pages}>"

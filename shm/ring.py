@@ -42,6 +42,7 @@ from pipeline.errors import ShmError
 from shm.naming import pid_alive
 from shm.segment import PeerGone, Segment, ShmTimeout
 from shm.semaphores import (
+    SemaphoreSegment,
     attach_semaphores,
     close_semaphores,
     create_semaphores,
@@ -83,8 +84,10 @@ def _check_dtype(dtype) -> np.dtype:
 _SEMAPHORES = ("items", "spaces")
 
 
-class Ring:
+class Ring(SemaphoreSegment):
     """SPSC ring of numpy records in one segment. Use ``create`` or ``attach``."""
+
+    SEMAPHORES = _SEMAPHORES
 
     def __init__(self, segment: Segment, dtype: np.dtype, items: posix_ipc.Semaphore,
                  spaces: posix_ipc.Semaphore, role: str | None) -> None:
@@ -325,20 +328,6 @@ class Ring:
             self._items.close()
             self._spaces.close()
             self.segment.close()
-
-    def unlink(self) -> None:
-        """Remove the segment and its semaphores (owner only, idempotent)."""
-        self.segment.unlink()
-        unlink_semaphores(self.name, _SEMAPHORES)
-
-    def __enter__(self) -> Ring:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        """Close, and for the owner also unlink."""
-        self.close()
-        if self.segment.owner:
-            self.unlink()
 
     def __repr__(self) -> str:
         return f"<Ring {self.name} {self.capacity} x {self.dtype} {self._role or 'unclaimed'}>"

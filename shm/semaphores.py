@@ -9,6 +9,7 @@ creation or attach that fails half-way leaves nothing behind.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import ClassVar
 
 import posix_ipc
 
@@ -65,3 +66,26 @@ def unlink_semaphores(segment: str, suffixes: Sequence[str]) -> None:
             posix_ipc.unlink_semaphore(name)
         except posix_ipc.ExistentialError:
             pass
+
+
+class SemaphoreSegment:
+    """What a segment with semaphores (a ring, a dirty log) does alike: the owner's unlink and
+    the context manager. Subclasses set ``SEMAPHORES`` and have ``name``, ``segment`` and
+    ``close()``."""
+
+    SEMAPHORES: ClassVar[tuple[str, ...]] = ()
+    name: str
+
+    def unlink(self) -> None:
+        """Remove the segment and its semaphores (owner only, idempotent)."""
+        self.segment.unlink()
+        unlink_semaphores(self.name, self.SEMAPHORES)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        """Close, and for the owner also unlink."""
+        self.close()
+        if self.segment.owner:
+            self.unlink()
