@@ -1,15 +1,17 @@
-"""The scanner stage in GB/s of guest RAM covered (dirty-log sync, runs, zero detection),
-against numpy copying the same bytes.
+"""The scanner stage in GB/s of guest RAM covered (dirty-log sync, runs, zero detection, page
+hashes), against numpy copying the same bytes.
 
     .venv/bin/python -m bench.bench_scanner            # table (median of --repeat runs)
     .venv/bin/python -m bench.bench_scanner --json     # one JSON line per case
 
 Each case runs in a fresh interpreter (``--case NAME``): a guest of ``GUEST`` bytes whose pages
 are all in memory (touched: zero, or stamped with data), its dirty log, a writer process that
-marks a seeded pattern and answers the log's flips, and ``stages.scanner.Scanner.scan()`` timed
-round after round (median of ``ROUNDS``). ``gb_per_s`` is guest bytes covered per second of
-scan; ``pages_per_s`` the same in 4 KiB pages. The baseline, ``memcpy``, copies the guest's
-bytes 256 MiB at a time into a warm buffer: what any pass that reads all of RAM costs at best.
+marks a seeded pattern and answers the log's flips, and a round of ``stages.scanner.Scanner``
+with its page table (``stages.pagehash.PageTable``, as the pipeline runs it: RUN records and the
+round's page hashes) timed round after round (median of ``ROUNDS``). ``gb_per_s`` is guest
+bytes covered per second of scan; ``pages_per_s`` the same in 4 KiB pages. The baseline,
+``memcpy``, copies the guest's bytes 256 MiB at a time into a warm buffer: what any pass that
+reads all of RAM costs at best.
 """
 
 from __future__ import annotations
@@ -85,6 +87,7 @@ def memcpy_case() -> dict:
 
 def scan_case(share: float, content: str) -> dict:
     from shm import DirtyLog, RamBlockSpec, RamRegion, dirty_runs, naming
+    from stages.pagehash import PageTable
     from stages.scanner import WORDS, Scanner
 
     run_id = naming.new_run_id()
@@ -92,6 +95,8 @@ def scan_case(share: float, content: str) -> dict:
     conn, child_conn = ctx.Pipe()
     with RamRegion.create(run_id, [RamBlockSpec("pc.ram", GUEST)]) as region, \
             DirtyLog.create(run_id, region) as log:
+        table = PageTable.create(naming.segment_name(run_id, "phash"),
+                                 [b.nb_pages for b in region.blocks])
         try:
             view = region.blocks[0].view
             _populate(view, 0 if content == "zero" else 0x5A5A_0001_0000_0001)
@@ -101,18 +106,23 @@ def scan_case(share: float, content: str) -> dict:
             views = [b.view.view(np.uint64).reshape(-1, WORDS) for b in region.blocks]
             times, dirty, n_runs = [], 0, 0
             for _ in range(ROUNDS):
-                scanner = Scanner(views, CHUNK_PAGES, lambda: log.fetch(timeout=10), dirty_runs)
+                scanner = Scanner(views, CHUNK_PAGES, lambda: log.fetch(timeout=10), dirty_runs,
+                                  table)
                 if share < 1.0:
                     scanner.scan(0)            # round 1 done: only the pattern is pending now
+                    scanner.hash_round()
                     conn.send("mark")
                     assert conn.recv() == "marked"
                 start = time.perf_counter()
                 out = scanner.scan(1)
+                scanner.hash_round()
                 times.append(time.perf_counter() - start)
                 dirty, n_runs = int(out[-1]["n_pages"]), len(out) - 1
             conn.send("stop")
             proc.join(30)
         finally:
+            table.close()
+            table.unlink()
             region.unlink()
     wall = float(np.median(times))
     return {**rates(GUEST, wall, pages=True), "dirty_pages": dirty, "runs": n_runs}
