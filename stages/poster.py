@@ -1,13 +1,23 @@
-"""The poster stage: one RDMA WRITE per WRITE record, completions back, rounds drained.
+"""The poster stage: RDMA WRITEs posted a batch at a time, completions back, rounds drained.
 
-``Poster`` is sans-IO: ``post`` is a callable doing one ``qp.post_send`` and the clock is passed
-in. Writes queue in a backlog and are posted while the send queue has room (``max_outstanding``)
-and the bandwidth cap allows (``max_bandwidth`` bytes/s, a budget refilled every 10 ms). A
-completion is requested every ``signal_every`` writes and on the last write posted before the
-poster would wait, so nothing is left unsignaled at rest; one completion retires every write
-posted before it (completions come in order on an RC QP). A round's END record is answered with
-DRAINED once no write of that round or an earlier one is outstanding: that is the barrier after
-which the coordinator may send REGISTER FINISHED.
+``Poster`` is sans-IO: ``post`` is a callable posting an array of ``WRITE_WR_DTYPE`` work
+requests at once (``qp.post_writes``) and the clock is passed in. WRITE records queue in a
+backlog of arrays, with each round's END marker in order between them. ``pump`` posts, in one
+``post`` call, as much of the contiguous stretch at the head of the backlog (up to the next
+END) as the send queue has room for (``max_outstanding``) and the bandwidth cap allows
+(``max_bandwidth`` bytes/s, a budget refilled every 10 ms; the first write of a window always
+goes). No Python runs per write: everything is whole-array numpy.
+
+Invariants:
+- wr_ids are a running counter, so a completion for wr_id k retires every write with id <= k
+  (completions come in order on an RC QP).
+- A completion is requested every ``signal_every`` writes of a call and on the last write of
+  every call, so the newest outstanding write is always signaled: nothing is left unsignaled
+  while the poster waits for room, for the cap or for more records.
+- A round's END record is answered with DRAINED once no write of that round or an earlier one
+  is outstanding: the barrier after which the coordinator may send REGISTER FINISHED.
+- An exception from ``post`` leaves the poster's state as before the call; the stage is lost
+  then anyway (some of the WRs may have been posted).
 
 ``poster_main`` is the process: it imports the registrar's PD, connects its own data QP to the
 destination, and runs the ``Poster`` between the writes ring and the completion queue.
@@ -23,24 +33,37 @@ import numpy as np
 
 from pipeline.errors import TransportError
 from stages.records import COMPLETION_DTYPE, OP_END, OP_RUN, WRITE_DTYPE, records
+from stages.verbs.base import WRITE_WR_DTYPE
 
 WINDOW = 0.01     # seconds of bandwidth budget
 
+# What the poster remembers of a posted write until its completion.
+OUTSTANDING_DTYPE = np.dtype([
+    ("wr_id", "<u8"),
+    ("round", "<u4"),
+    ("block", "<u4"),
+    ("chunk", "<u4"),
+    ("length", "<u8"),
+])
+
 
 class Poster:
-    """Sans-IO write posting with in-order completion retirement."""
+    """Sans-IO write posting, a batch per call, with in-order completion retirement."""
 
-    def __init__(self, post: Callable[..., None], *, max_outstanding: int = 256,
+    def __init__(self, post: Callable[[np.ndarray], None], *, max_outstanding: int = 256,
                  signal_every: int = 16, max_bandwidth: int = 0) -> None:
+        if max_outstanding < 1 or signal_every < 1:
+            raise ValueError("max_outstanding and signal_every must be >= 1")
         self._post = post
         self.max_outstanding = max_outstanding
         self.signal_every = signal_every
         self.max_bandwidth = max_bandwidth
-        self.backlog: deque[np.void] = deque()
-        self.outstanding: deque[tuple[int, int, int, int, int, bool]] = deque()
+        self.backlog: deque[np.ndarray | int] = deque()  # WRITE arrays; an int: a round's END
+        self.outstanding: deque[np.ndarray] = deque()     # OUTSTANDING_DTYPE, one per post
+        self.n_outstanding = 0
         self.ends: deque[int] = deque()          # rounds whose END was reached, not drained
-        self.seq = 0
-        self.since_signal = 0
+        self.seq = 0                             # wr_id of the next write
+        self.post_calls = 0
         self.round_bytes: dict[int, int] = {}
         self.round_writes: dict[int, int] = {}
         self.writes_posted = 0
@@ -49,75 +72,166 @@ class Poster:
         self._window_start = 0.0
         self._window_bytes = 0
 
+    @property
+    def idle(self) -> bool:
+        """Nothing queued and nothing outstanding."""
+        return not self.backlog and not self.n_outstanding
+
     def on_writes(self, writes: np.ndarray, now: float) -> tuple[np.ndarray, float]:
-        """Queue WRITE records and post what fits; returns (completions, seconds to wait)."""
-        self.backlog.extend(writes)
+        """Queue WRITE records (OP_RUN and OP_END, in order) and post what fits; returns
+        (completion records, seconds to wait)."""
+        t0 = time.perf_counter_ns()
+        if len(writes):
+            is_end = writes["op"] == OP_END
+            if not is_end.any():
+                self.backlog.append(writes)
+            else:
+                start = 0
+                for i in np.flatnonzero(is_end).tolist():     # one step per END marker
+                    if i > start:
+                        self.backlog.append(writes[start:i])
+                    self.backlog.append(int(writes["round"][i]))
+                    start = i + 1
+                if start < len(writes):
+                    self.backlog.append(writes[start:])
+        self.busy_ns += time.perf_counter_ns() - t0
         return self.pump(now)
 
     def pump(self, now: float) -> tuple[np.ndarray, float]:
         """Post from the backlog; returns (DRAINED records, seconds until the cap allows more)."""
         t0 = time.perf_counter_ns()
         wait = 0.0
-        while self.backlog:
-            rec = self.backlog[0]
-            if rec["op"] == OP_END:
-                self.backlog.popleft()
-                self.ends.append(int(rec["round"]))
-                continue
-            if len(self.outstanding) >= self.max_outstanding:
+        while True:
+            while self.backlog and isinstance(self.backlog[0], int):
+                self.ends.append(self.backlog.popleft())
+            room = self.max_outstanding - self.n_outstanding
+            if not self.backlog or room <= 0:
                 break
-            length = int(rec["length"])
+            batch = self._head(room)
+            n = len(batch)
+            capped = False
             if self.max_bandwidth:
-                if now - self._window_start >= WINDOW:
-                    self._window_start, self._window_bytes = now, 0
-                if self._window_bytes and self._window_bytes + length > self.max_bandwidth * WINDOW:
+                n, capped = self._allowed(batch, now)
+                if capped:
                     wait = self._window_start + WINDOW - now
-                    break
-                self._window_bytes += length
-            self.backlog.popleft()
-            self.since_signal += 1
-            last = (not self.backlog or self.backlog[0]["op"] == OP_END
-                    or len(self.outstanding) + 1 >= self.max_outstanding)
-            # With a cap the loop may stop before the next record: signal every write then.
-            signaled = last or self.since_signal >= self.signal_every or bool(self.max_bandwidth)
-            if signaled:
-                self.since_signal = 0
-            wr_id = self.seq
-            self.seq += 1
-            self._post(wr_id, int(rec["local_addr"]), length, int(rec["lkey"]),
-                       int(rec["remote_addr"]), int(rec["rkey"]), signaled)
-            r = int(rec["round"])
-            self.outstanding.append((wr_id, r, int(rec["block"]), int(rec["chunk"]), length,
-                                     signaled))
-            self.writes_posted += 1
-            self.bytes_posted += length
-            self.round_bytes[r] = self.round_bytes.get(r, 0) + length
-            self.round_writes[r] = self.round_writes.get(r, 0) + 1
+            if n:
+                self._post_batch(batch[:n])
+                self._consume(n)
+            if capped:
+                break
         self.busy_ns += time.perf_counter_ns() - t0
         return self._drained(), max(0.0, wait)
 
-    def on_completions(self, wr_ids: list[int], now: float) -> tuple[np.ndarray, float]:
-        """Retire writes up to each completed wr_id; returns (completion records, wait)."""
+    def on_completions(self, wr_ids, now: float) -> tuple[np.ndarray, float]:
+        """Retire every write up to the highest completed wr_id; returns (completion records:
+        OP_RUN per (round, block, chunk) in order, then DRAINED, seconds to wait)."""
         t0 = time.perf_counter_ns()
-        done: dict[tuple[int, int, int], list[int]] = {}
-        for wr_id in wr_ids:
-            while self.outstanding and self.outstanding[0][0] <= wr_id:
-                _, r, b, c, length, _ = self.outstanding.popleft()
-                acc = done.setdefault((r, b, c), [0, 0])
-                acc[0] += 1
-                acc[1] += length
-        out = records(COMPLETION_DTYPE, len(done))
-        for i, ((r, b, c), (n, nbytes)) in enumerate(done.items()):
-            out[i]["op"] = OP_RUN
-            out[i]["round"], out[i]["block"], out[i]["chunk"] = r, b, c
-            out[i]["writes"], out[i]["bytes"] = n, nbytes
+        out = records(COMPLETION_DTYPE, 0)
+        if len(wr_ids):
+            done = self._retire(int(np.max(wr_ids)))
+            if len(done):
+                out = _per_chunk(done)
         self.busy_ns += time.perf_counter_ns() - t0
         drained, wait = self.pump(now)
         return np.concatenate([out, drained]), wait
 
+    # -- internals -----------------------------------------------------------------------
+    def _head(self, limit: int) -> np.ndarray:
+        """Up to ``limit`` writes from the head of the backlog, stopping at an END marker."""
+        parts, total = [], 0
+        for item in self.backlog:
+            if isinstance(item, int):
+                break
+            part = item[:limit - total]
+            parts.append(part)
+            total += len(part)
+            if total >= limit:
+                break
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+    def _consume(self, n: int) -> None:
+        """Drop the first ``n`` writes of the backlog (they were posted)."""
+        while n:
+            head = self.backlog[0]
+            if len(head) <= n:
+                self.backlog.popleft()
+                n -= len(head)
+            else:
+                self.backlog[0] = head[n:]
+                n = 0
+
+    def _allowed(self, batch: np.ndarray, now: float) -> tuple[int, bool]:
+        """How many of ``batch`` the bandwidth cap lets go now, and whether it held any back."""
+        if now - self._window_start >= WINDOW:
+            self._window_start, self._window_bytes = now, 0
+        budget = self.max_bandwidth * WINDOW - self._window_bytes
+        sent = np.cumsum(batch["length"], dtype=np.uint64)
+        n = int(np.searchsorted(sent, budget, side="right"))
+        if n == 0 and self._window_bytes == 0:
+            n = 1                       # a write larger than the budget goes on its own
+        if n:
+            self._window_bytes += int(sent[n - 1])
+        return n, n < len(batch)
+
+    def _post_batch(self, batch: np.ndarray) -> None:
+        n = len(batch)
+        wrs = np.empty(n, WRITE_WR_DTYPE)
+        wrs["wr_id"] = np.arange(self.seq, self.seq + n, dtype=np.uint64)
+        wrs["addr"] = batch["local_addr"]
+        wrs["remote_addr"] = batch["remote_addr"]
+        wrs["length"] = batch["length"]
+        wrs["lkey"] = batch["lkey"]
+        wrs["rkey"] = batch["rkey"]
+        signaled = np.zeros(n, np.uint32)
+        signaled[self.signal_every - 1::self.signal_every] = 1
+        signaled[-1] = 1
+        wrs["signaled"] = signaled
+        self._post(wrs)
+        # Posted: now remember it.
+        pending = np.empty(n, OUTSTANDING_DTYPE)
+        pending["wr_id"] = wrs["wr_id"]
+        for name in ("round", "block", "chunk", "length"):
+            pending[name] = batch[name]
+        self.outstanding.append(pending)
+        self.n_outstanding += n
+        self.seq += n
+        self.post_calls += 1
+        lengths = pending["length"]
+        nbytes = int(lengths.sum())
+        self.writes_posted += n
+        self.bytes_posted += nbytes
+        rounds = pending["round"]
+        if rounds[0] == rounds[-1] and (rounds == rounds[0]).all():
+            per_round = [(int(rounds[0]), n, nbytes)]
+        else:                            # a stretch over several rounds: once per round
+            per_round = [(int(r), int(m.sum()), int(lengths[m].sum()))
+                         for r in np.unique(rounds).tolist() for m in [rounds == r]]
+        for r, writes, nb in per_round:
+            self.round_writes[r] = self.round_writes.get(r, 0) + writes
+            self.round_bytes[r] = self.round_bytes.get(r, 0) + nb
+
+    def _retire(self, wr_id: int) -> np.ndarray:
+        """Remove and return (in order) the outstanding writes with ids <= ``wr_id``."""
+        done = []
+        while self.outstanding:
+            head = self.outstanding[0]
+            if int(head["wr_id"][-1]) <= wr_id:
+                done.append(self.outstanding.popleft())
+                continue
+            k = int(np.searchsorted(head["wr_id"], wr_id, side="right"))
+            if k:
+                done.append(head[:k])
+                self.outstanding[0] = head[k:]
+            break
+        if not done:
+            return np.empty(0, OUTSTANDING_DTYPE)
+        out = done[0] if len(done) == 1 else np.concatenate(done)
+        self.n_outstanding -= len(out)
+        return out
+
     def _drained(self) -> np.ndarray:
         out = []
-        oldest = self.outstanding[0][1] if self.outstanding else None
+        oldest = int(self.outstanding[0]["round"][0]) if self.outstanding else None
         while self.ends and (oldest is None or oldest > self.ends[0]):
             r = self.ends.popleft()
             out.append(records(COMPLETION_DTYPE, op=OP_END, round=r,
@@ -126,6 +240,23 @@ class Poster:
         if not out:
             return records(COMPLETION_DTYPE, 0)
         return np.concatenate(out)
+
+
+def _per_chunk(done: np.ndarray) -> np.ndarray:
+    """One OP_RUN completion record per (round, block, chunk) of ``done``, with its writes and
+    bytes, in the order each key first appears."""
+    r, b, c = done["round"], done["block"], done["chunk"]
+    order = np.lexsort((c, b, r))        # stable: within a key, completion order is kept
+    rs, bs, cs = r[order], b[order], c[order]
+    new = np.ones(len(done), bool)
+    new[1:] = (rs[1:] != rs[:-1]) | (bs[1:] != bs[:-1]) | (cs[1:] != cs[:-1])
+    starts = np.flatnonzero(new)
+    seq = np.argsort(order[starts], kind="stable")   # keys by their first completion
+    first = starts[seq]
+    counts = np.diff(np.append(starts, len(done)))[seq]
+    nbytes = np.add.reduceat(done["length"][order], starts)[seq]
+    return records(COMPLETION_DTYPE, len(first), op=OP_RUN, round=rs[first], block=bs[first],
+                   chunk=cs[first], writes=counts, bytes=nbytes)
 
 
 def check_completions(wcs) -> list[int]:
@@ -144,13 +275,15 @@ __all__ = ["Poster", "check_completions", "WRITE_DTYPE"]
 
 
 def _segments(recs: np.ndarray):
-    """Consecutive stretches of ``recs`` with the same op, in order."""
+    """Consecutive stretches of ``recs`` of one kind, in order: OP_IMPORT, OP_RELEASE, or
+    writes (OP_RUN and OP_END together, which ``Poster.on_writes`` takes as they come)."""
     if not len(recs):
         return
-    cuts = np.flatnonzero(np.diff(recs["op"])) + 1
+    kind = np.where(recs["op"] == OP_END, OP_RUN, recs["op"])
+    cuts = np.flatnonzero(np.diff(kind)).tolist()
     start = 0
-    for end in list(cuts) + [len(recs)]:
-        yield int(recs["op"][start]), recs[start:end]
+    for end in [c + 1 for c in cuts] + [len(recs)]:
+        yield int(kind[start]), recs[start:end]
         start = end
 
 
@@ -165,7 +298,7 @@ def poster_main(config: dict, link) -> int:
     from stages.harness import Inbox
     from stages.records import OP_IMPORT, OP_RELEASE, OP_RELEASED
     from stages.verbs import open_provider
-    from stages.verbs.base import MRHandle, SendOpcode
+    from stages.verbs.base import MRHandle
 
     depth = int(config.get("max_outstanding", 256))
     with ExitStack() as stack:
@@ -185,17 +318,14 @@ def poster_main(config: dict, link) -> int:
         link.send("connected")
         imported: dict[int, object] = {}
 
-        def post(wr_id, laddr, length, lkey, raddr, rkey, signaled):
-            qp.post_send(wr_id, SendOpcode.RDMA_WRITE, laddr, length, lkey,
-                         remote_addr=raddr, rkey=rkey, signaled=signaled)
-
-        poster = Poster(post, max_outstanding=depth, max_bandwidth=config.get("max_bandwidth", 0))
+        poster = Poster(qp.post_writes, max_outstanding=depth,
+                        max_bandwidth=config.get("max_bandwidth", 0))
         inbox = Inbox()
         stack.callback(inbox.close)     # threads end before the rings close
         inbox.watch("writes", writes_in)
         writes_done = False
         wait = 0.0
-        while not (writes_done and not poster.outstanding and not poster.backlog):
+        while not (writes_done and poster.idle):
             timeout = wait if wait > 0 else None
             readable, _, _ = select.select([inbox.fileno(), cq.fileno()], [], [], timeout)
             now = time.monotonic()
@@ -203,7 +333,7 @@ def poster_main(config: dict, link) -> int:
             if cq.fileno() in readable or len(cq):
                 ids = []
                 while True:
-                    wcs = cq.poll(64)
+                    wcs = cq.poll(depth)
                     if not wcs:
                         break
                     ids.extend(check_completions(wcs))

@@ -1,12 +1,25 @@
+from collections import Counter
+
 import numpy as np
+import pytest
 
-from stages.poster import Poster
-from stages.records import OP_END, OP_RUN, WRITE_DTYPE, records
+from stages.poster import Poster, _segments
+from stages.records import (
+    COMPLETION_DTYPE,
+    OP_END,
+    OP_IMPORT,
+    OP_RELEASE,
+    OP_RUN,
+    WRITE_DTYPE,
+    records,
+)
+from stages.verbs.base import WRITE_WR_DTYPE
 
 
-def writes(n, round_no=1, chunk=0, length=4096):
-    return records(WRITE_DTYPE, n, op=OP_RUN, round=round_no, chunk=chunk, length=length,
-                   local_addr=np.arange(n) * length, lkey=1, rkey=2)
+def writes(n, round_no=1, chunk=0, length=4096, block=0):
+    return records(WRITE_DTYPE, n, op=OP_RUN, round=round_no, block=block, chunk=chunk,
+                   length=length, local_addr=np.arange(n) * length, remote_addr=7, lkey=1,
+                   rkey=2)
 
 
 def end(round_no):
@@ -14,11 +27,22 @@ def end(round_no):
 
 
 class Recorder:
-    def __init__(self):
-        self.posted = []
+    """A fake ``qp.post_writes``: keeps every array it is given."""
 
-    def __call__(self, wr_id, laddr, length, lkey, raddr, rkey, signaled):
-        self.posted.append((wr_id, signaled))
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, wrs):
+        assert wrs.dtype == WRITE_WR_DTYPE
+        self.calls.append(wrs.copy())
+
+    @property
+    def wrs(self):
+        return np.concatenate(self.calls) if self.calls else np.empty(0, WRITE_WR_DTYPE)
+
+    @property
+    def signals(self):
+        return [bool(s) for s in self.wrs["signaled"]]
 
 
 def test_signals_every_n_and_the_tail_then_drains_round():
@@ -26,33 +50,252 @@ def test_signals_every_n_and_the_tail_then_drains_round():
     p = Poster(rec, signal_every=4)
     comps, wait = p.on_writes(np.concatenate([writes(10), end(1)]), 0.0)
     assert wait == 0 and len(comps) == 0
-    assert [s for _, s in rec.posted] == [False, False, False, True] * 2 + [False, True]
+    assert len(rec.calls) == 1                          # one call for the whole stretch
+    assert rec.signals == [False, False, False, True] * 2 + [False, True]
+    assert rec.wrs["wr_id"].tolist() == list(range(10))
+    assert rec.wrs["addr"].tolist() == (np.arange(10) * 4096).tolist()
+    assert set(rec.wrs["lkey"]) == {1} and set(rec.wrs["rkey"]) == {2}
+    assert set(rec.wrs["length"]) == {4096} and set(rec.wrs["remote_addr"]) == {7}
     comps, _ = p.on_completions([3], 0.0)
     assert comps["op"].tolist() == [OP_RUN] and comps[0]["writes"] == 4
     comps, _ = p.on_completions([7, 9], 0.0)
     assert comps["op"].tolist() == [OP_RUN, OP_END]
     assert comps[-1]["bytes"] == 10 * 4096 and comps[-1]["writes"] == 10
+    assert p.idle and p.writes_posted == 10 and p.bytes_posted == 10 * 4096
 
 
 def test_empty_round_drains_at_once():
-    p = Poster(Recorder())
+    rec = Recorder()
+    p = Poster(rec)
     comps, _ = p.on_writes(end(5), 0.0)
     assert comps["op"].tolist() == [OP_END] and comps[0]["round"] == 5
+    assert comps[0]["writes"] == 0 and not rec.calls
 
 
 def test_send_queue_depth_is_respected():
     rec = Recorder()
     p = Poster(rec, max_outstanding=3, signal_every=16)
     p.on_writes(writes(5), 0.0)
-    assert len(rec.posted) == 3 and rec.posted[-1][1]     # the last before waiting: signaled
+    assert len(rec.wrs) == 3 and rec.signals[-1]       # the last before waiting: signaled
     p.on_completions([2], 0.0)
-    assert len(rec.posted) == 5
+    assert len(rec.wrs) == 5 and rec.signals[-1]
+    assert len(rec.calls) == 2
+
+
+def test_completion_retires_part_of_a_batch():
+    rec = Recorder()
+    p = Poster(rec, signal_every=4)
+    batch = np.concatenate([writes(3, chunk=0), writes(4, chunk=1), writes(3, chunk=2)])
+    p.on_writes(batch, 0.0)
+    comps, _ = p.on_completions([4], 0.0)               # ids 0..4: chunk 0 whole, 2 of chunk 1
+    assert comps["chunk"].tolist() == [0, 1] and comps["writes"].tolist() == [3, 2]
+    assert comps["bytes"].tolist() == [3 * 4096, 2 * 4096]
+    assert p.n_outstanding == 5 and p.outstanding[0]["wr_id"][0] == 5
+    comps, _ = p.on_completions([4], 0.0)                 # nothing new: nothing out
+    assert len(comps) == 0 and p.n_outstanding == 5
+    comps, _ = p.on_completions([], 0.0)
+    assert len(comps) == 0
+    comps, _ = p.on_completions([9], 0.0)
+    assert comps["chunk"].tolist() == [1, 2] and comps["writes"].tolist() == [2, 3]
+    assert p.idle
+
+
+def test_completion_retires_across_posted_batches():
+    rec = Recorder()
+    p = Poster(rec, max_outstanding=4, signal_every=2)
+    p.on_writes(writes(4, chunk=0), 0.0)
+    p.on_writes(writes(4, chunk=1), 0.0)
+    p.on_completions([1], 0.0)                           # room for 2: a batch of 2
+    assert [len(c) for c in rec.calls] == [4, 2]
+    comps, _ = p.on_completions([4], 0.0)                # the rest of batch 1, part of batch 2
+    assert comps["chunk"].tolist() == [0, 1] and comps["writes"].tolist() == [2, 1]
+    assert [o["wr_id"].tolist() for o in p.outstanding] == [[5], [6, 7]]   # 6, 7 just posted
+    assert p.n_outstanding == 3 and [len(c) for c in rec.calls] == [4, 2, 2]
+
+
+def test_chunks_interleaved_are_aggregated_in_first_seen_order():
+    rec = Recorder()
+    p = Poster(rec)
+    batch = writes(6)
+    batch["chunk"] = [5, 3, 5, 3, 9, 5]
+    batch["block"] = [0, 0, 0, 0, 0, 1]
+    batch["length"] = [1, 2, 4, 8, 16, 32]
+    p.on_writes(batch, 0.0)
+    comps, _ = p.on_completions([5], 0.0)
+    assert comps["op"].tolist() == [OP_RUN] * 4
+    assert list(zip(comps["block"].tolist(), comps["chunk"].tolist(),
+                    comps["writes"].tolist(), comps["bytes"].tolist(), strict=True)) == [
+        (0, 5, 2, 5), (0, 3, 2, 10), (0, 9, 1, 16), (1, 5, 1, 32)]
+
+
+def test_end_markers_split_stretches_and_rounds_drain_in_turn():
+    rec = Recorder()
+    p = Poster(rec, signal_every=16)
+    comps, _ = p.on_writes(np.concatenate([writes(3, 1), end(1), writes(2, 2), end(2),
+                                           end(3), writes(2, 4)]), 0.0)
+    assert len(comps) == 0
+    assert [len(c) for c in rec.calls] == [3, 2, 2]      # one call per stretch
+    assert all(c["signaled"][-1] for c in rec.calls)     # each stretch ends signaled
+    assert rec.signals.count(True) == 3
+    comps, _ = p.on_completions([2], 0.0)                # round 1 is done
+    assert comps["op"].tolist() == [OP_RUN, OP_END] and comps[-1]["round"] == 1
+    assert comps[-1]["writes"] == 3 and comps[-1]["bytes"] == 3 * 4096
+    comps, _ = p.on_completions([4], 0.0)                # round 2, then empty round 3
+    assert comps["op"].tolist() == [OP_RUN, OP_END, OP_END]
+    assert comps["round"].tolist() == [2, 2, 3] and comps[2]["writes"] == 0
+    comps, _ = p.on_completions([6], 0.0)                # round 4 has no END yet
+    assert comps["op"].tolist() == [OP_RUN]
+    comps, _ = p.on_writes(end(4), 0.0)
+    assert comps["op"].tolist() == [OP_END] and comps[0]["writes"] == 2
+
+
+def test_end_waits_behind_a_full_send_queue():
+    rec = Recorder()
+    p = Poster(rec, max_outstanding=2)
+    p.on_writes(np.concatenate([writes(3, 1), end(1), writes(1, 2), end(2)]), 0.0)
+    assert len(rec.wrs) == 2 and not p.ends              # END 1 waits in the backlog
+    comps, _ = p.on_completions([1], 0.0)                # write 2, then round 2's in its own call
+    assert comps["op"].tolist() == [OP_RUN]
+    assert [len(c) for c in rec.calls] == [2, 1, 1] and list(p.ends) == [1, 2]
+    comps, _ = p.on_completions([2], 0.0)
+    assert comps["op"].tolist() == [OP_RUN, OP_END] and comps[-1]["round"] == 1
+    comps, _ = p.on_completions([3], 0.0)
+    assert comps["op"].tolist() == [OP_RUN, OP_END] and comps[-1]["round"] == 2
+
+
+def test_queued_arrays_without_end_are_posted_in_one_call():
+    rec = Recorder()
+    p = Poster(rec, max_outstanding=4)
+    p.on_writes(writes(4), 0.0)
+    p.on_writes(writes(3, chunk=1), 0.0)
+    p.on_writes(writes(3, chunk=2), 0.0)
+    p.on_completions([3], 0.0)
+    assert [len(c) for c in rec.calls] == [4, 4]          # 3 of chunk 1 and 1 of chunk 2
+    assert rec.calls[1]["signaled"].tolist() == [0, 0, 0, 1]
 
 
 def test_bandwidth_cap_defers_posting():
     rec = Recorder()
     p = Poster(rec, max_bandwidth=400 * 4096)     # 4 writes of 4 KiB per 10 ms window
     _, wait = p.on_writes(writes(10), 0.0)
-    assert len(rec.posted) == 4 and 0 < wait <= 0.01
+    assert len(rec.wrs) == 4 and 0 < wait <= 0.01
+    assert rec.signals[-1]                        # the last write before the wait: signaled
+    _, wait = p.pump(0.005)                       # same window: nothing more
+    assert len(rec.wrs) == 4 and 0 < wait <= 0.005
     _, wait = p.pump(0.0101)
-    assert len(rec.posted) == 8
+    assert len(rec.wrs) == 8 and rec.signals[-1] and wait > 0
+    _, wait = p.pump(0.0202)
+    assert len(rec.wrs) == 10 and wait == 0
+
+
+def test_bandwidth_cap_counts_bytes_not_writes():
+    rec = Recorder()
+    p = Poster(rec, max_bandwidth=1000 * 100)     # 1000 bytes per window
+    batch = writes(5)
+    batch["length"] = [600, 300, 100, 1, 5000]
+    p.on_writes(batch, 0.0)
+    assert rec.wrs["length"].tolist() == [600, 300, 100]      # exactly the budget
+    p.pump(0.01)
+    assert rec.wrs["length"].tolist() == [600, 300, 100, 1]   # 5000 more would go over
+    p.pump(0.02)                                  # a fresh window: a big write goes alone
+    assert rec.wrs["length"].tolist() == [600, 300, 100, 1, 5000]
+    assert p.bytes_posted == 6001
+
+
+def test_failed_post_changes_nothing():
+    def refuse(wrs):
+        raise RuntimeError("send queue full")
+
+    p = Poster(refuse)
+    with pytest.raises(RuntimeError):
+        p.on_writes(writes(3), 0.0)
+    assert p.n_outstanding == 0 and p.writes_posted == 0 and p.seq == 0
+    assert sum(len(b) for b in p.backlog) == 3
+
+
+def test_segments_keep_writes_and_ends_together():
+    recs = np.concatenate([records(WRITE_DTYPE, 2, op=OP_IMPORT), writes(2), end(1),
+                           writes(1, 2), records(WRITE_DTYPE, op=OP_RELEASE), end(2)])
+    kinds = [(op, len(seg)) for op, seg in _segments(recs)]
+    assert kinds == [(OP_IMPORT, 2), (OP_RUN, 4), (OP_RELEASE, 1), (OP_RUN, 1)]
+
+
+class FakeQP:
+    """Completes signaled writes in order, a random number at a time (a seeded RNG)."""
+
+    def __init__(self, seed):
+        self.rng = np.random.default_rng(seed)
+        self.rec = Recorder()
+        self.signaled = []          # signaled wr_ids not yet completed
+        self.completed = -1
+
+    def __call__(self, wrs):
+        if len(self.rec.calls):
+            assert wrs["wr_id"][0] == self.rec.calls[-1]["wr_id"][-1] + 1
+        self.rec(wrs)
+        self.signaled.extend(wrs["wr_id"][wrs["signaled"] != 0].tolist())
+
+    def poll(self):
+        n = int(self.rng.integers(0, len(self.signaled) + 1))
+        if n == 0 and self.signaled:
+            n = 1
+        done, self.signaled = self.signaled[:n], self.signaled[n:]
+        if done:
+            self.completed = done[-1]
+        return done
+
+
+def test_large_batches_of_one_page_writes_across_chunks_and_rounds():
+    rng = np.random.default_rng(1)
+    rounds, per_round = 10, 10_000
+    batches, stream = [], []
+    for r in range(1, rounds + 1):
+        pages = np.sort(rng.choice(1 << 16, per_round, replace=False))    # scattered pages
+        w = records(WRITE_DTYPE, per_round, op=OP_RUN, round=r, length=4096, lkey=3, rkey=4,
+                    block=pages >> 14, chunk=(pages >> 8) & 63,
+                    local_addr=pages * 4096, remote_addr=(pages + 1) * 4096)
+        stream.append(w)
+        batches.extend(np.array_split(np.concatenate([w, end(r)]), 7))   # as rings deliver
+    stream = np.concatenate(stream)
+    qp = FakeQP(2)
+    p = Poster(qp, max_outstanding=256, signal_every=16)
+    out = []
+    for b in batches:
+        out.append(p.on_writes(b, 0.0)[0])
+        while p.n_outstanding >= 256 or (not p.backlog and p.n_outstanding):
+            wrs = qp.rec.calls[-1]
+            assert wrs["signaled"][-1]          # the newest outstanding write is signaled
+            assert p.n_outstanding <= 256
+            out.append(p.on_completions(qp.poll(), 0.0)[0])
+    assert p.idle and not qp.signaled
+    comps = np.concatenate(out)
+    assert comps.dtype == COMPLETION_DTYPE
+
+    posted = qp.rec.wrs          # every write posted once, in order
+    assert posted["wr_id"].tolist() == list(range(len(stream)))
+    assert np.array_equal(posted["addr"], stream["local_addr"])
+    assert np.array_equal(posted["remote_addr"], stream["remote_addr"])
+    assert set(posted["lkey"]) == {3} and set(posted["rkey"]) == {4}
+    assert len(qp.rec.calls) < len(stream) / 50          # per batch, not per write
+    assert p.writes_posted == len(stream) and p.bytes_posted == 4096 * len(stream)
+
+    runs = comps[comps["op"] == OP_RUN]
+    got = Counter()
+    for r, b, c, n, nb in zip(runs["round"].tolist(), runs["block"].tolist(),
+                              runs["chunk"].tolist(), runs["writes"].tolist(),
+                              runs["bytes"].tolist(), strict=True):
+        assert nb == 4096 * n
+        got[r, b, c] += n
+    want = Counter(zip(stream["round"].tolist(), stream["block"].tolist(),
+                       stream["chunk"].tolist(), strict=True))
+    assert got == want                                   # aggregated exactly
+
+    ends = np.flatnonzero(comps["op"] == OP_END)
+    assert comps["round"][ends].tolist() == list(range(1, rounds + 1))
+    assert set(comps["writes"][ends]) == {per_round}
+    assert set(comps["bytes"][ends]) == {per_round * 4096}
+    for i in ends:      # DRAINED comes after every completion of its round
+        r = comps["round"][i]
+        assert not ((comps["op"][i + 1:] == OP_RUN) & (comps["round"][i + 1:] <= r)).any()
+    assert not p.round_writes and not p.round_bytes
+    assert comps["post_ns"][ends[-1]] <= p.busy_ns
