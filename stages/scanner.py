@@ -4,9 +4,14 @@
 It starts with every page pending, since the first round sends all of RAM. ``sync()`` fetches
 and clears the dirty log and ORs it into ``pending`` (so no bit is lost between a sync and the
 round that sends it) and returns how many pages are pending: the coordinator's convergence test.
-``scan(round)`` syncs, turns ``pending`` into runs with ``shm.dirtylog.dirty_runs``, tags runs
-whose pages are all zero, clears ``pending`` and returns the round's RUN records followed by one
-END marker. All of it is numpy over whole rounds; no Python loop runs per page.
+``scan_stretches(round)`` syncs, turns ``pending`` into runs with ``shm.dirtylog.dirty_runs``,
+clears ``pending``, and then reads the round's pages once, a stretch of RAM at a time
+(``STRETCH_PAGES``, cut at chunk boundaries): each page's hash goes into the page table and the
+same read tags it zero or not (``stages.pagehash.hash_and_test``). It yields each stretch's RUN
+records (merged, ``merge_runs``) as soon as the stretch is done, so the first writes leave after
+one stretch rather than after the whole round, and last the END marker, which means "the round's
+hashes are in the table". ``scan(round)`` is the same, joined. Pages not in memory are never
+read. All of it is numpy over whole stretches; no Python loop runs per page.
 
 ``scanner_main`` is the process: commands in (ROUND / FINAL / SYNC / STOP), runs out to the
 registrar, SYNC answers out to the coordinator.
@@ -15,7 +20,7 @@ registrar, SYNC answers out to the coordinator.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
@@ -186,6 +191,10 @@ def merge_runs(body: np.ndarray, chunk_pages: int, gap: int = GAP_PAGES) -> np.n
     return out
 
 
+STRETCH_PAGES = 1 << 15   # 128 MiB: RAM hashed and tagged before its runs go out
+THREAD_PAGES = 1 << 13    # a stretch with this many dirty pages is hashed on THREADS threads
+
+
 class Scanner:
     """Sans-IO scanner over RAM views and a dirty-log ``fetch`` callable."""
 
@@ -194,11 +203,11 @@ class Scanner:
                  runs: Callable[[list[np.ndarray], int], np.ndarray],
                  table=None) -> None:
         self.views = views
-        self.table = table            # a stages.pagehash.PageTable, or None: no page hashes
-        self._to_hash: list[tuple[int, np.ndarray]] = []
-        self._scratch = None
-        self.hash_ns = 0
+        self.table = table            # a stages.pagehash.PageTable, or None: hashes discarded
+        self._scratch: list[np.ndarray] = []
+        self._spare: np.ndarray | None = None     # the hashes of a scanner without a table
         self.chunk_pages = chunk_pages
+        self.stretch_pages = -(-STRETCH_PAGES // chunk_pages) * chunk_pages
         self._fetch = fetch
         self._runs = runs
         self.pending = [np.ones(len(v), dtype=bool) for v in views]
@@ -221,6 +230,12 @@ class Scanner:
 
     def scan(self, round_no: int) -> np.ndarray:
         """RUN records of every pending page plus an END marker; clears ``pending``."""
+        return np.concatenate(list(self.scan_stretches(round_no)))
+
+    def scan_stretches(self, round_no: int) -> Iterator[np.ndarray]:
+        """The round's RUN records a stretch of RAM at a time, each once its pages are hashed
+        into the table and tagged, then the END marker alone; clears ``pending`` first.
+        ``busy_ns`` counts the scanner's work, not the time the caller holds a stretch."""
         self.sync()
         t0 = time.perf_counter_ns()
         packed = [np.packbits(p, bitorder="little") for p in self.pending]
@@ -228,58 +243,82 @@ class Scanner:
             for sent, bits in zip(self.table.sent, packed, strict=True):
                 sent[:] = bits                   # the round's pages, for the destination
         runs = self._runs(packed, self.chunk_pages)
-        out = records(RUN_DTYPE, len(runs) + 1)
-        body = out[:-1]
-        body["op"] = OP_RUN
-        body["round"] = round_no
-        if len(runs):
-            body["block"] = runs["block"]
-            body["first_page"] = runs["first_page"]
-            body["n_pages"] = runs["n_pages"]
-        dirty = zero = 0
-        for b in np.unique(body["block"]) if len(runs) else ():
-            sel = np.flatnonzero(body["block"] == b)
-            pages, starts = expand_runs(body["first_page"][sel], body["n_pages"][sel])
-            nz = nonzero_pages(self.views[b], pages)
-            if self.table is not None:
-                self.table.hashes[b][pages[~nz]] = 0      # a zero page hashes to 0
-                self._to_hash.append((int(b), pages[nz]))
-            run_has_data = np.logical_or.reduceat(nz, starts)
-            body["zero"][sel] = ~run_has_data
-            dirty += len(pages)
-            zero += len(pages) - int(np.count_nonzero(nz))
         for p in self.pending:
             p[:] = False
-        if len(runs) > 1:
-            body = merge_runs(body, self.chunk_pages)
-            out = np.concatenate([body, out[-1:]])
-        self.busy_ns += time.perf_counter_ns() - t0
+        # Runs come sorted by block then page and never cross a chunk, so none crosses a
+        # stretch either, and merging stretch by stretch merges as the whole round would.
+        key = runs["block"].astype(np.int64) << 40 | runs["first_page"].astype(np.int64) \
+            // self.stretch_pages
+        cuts = np.flatnonzero(key[1:] != key[:-1]) + 1
+        dirty = zero = 0
+        for part in np.split(runs, cuts) if len(runs) else ():
+            body = records(RUN_DTYPE, len(part), op=OP_RUN, round=round_no,
+                           block=part["block"], first_page=part["first_page"],
+                           n_pages=part["n_pages"])
+            pages, starts = expand_runs(body["first_page"], body["n_pages"])
+            nz = self._hash_and_test(int(part["block"][0]), pages)
+            body["zero"] = ~np.logical_or.reduceat(nz, starts)
+            dirty += len(pages)
+            zero += len(pages) - int(np.count_nonzero(nz))
+            if len(body) > 1:
+                body = merge_runs(body, self.chunk_pages)
+            self.busy_ns += time.perf_counter_ns() - t0
+            yield body
+            t0 = time.perf_counter_ns()
         self.pages_scanned += dirty
         self.zero_pages += zero
-        end = out[-1]
-        end["op"] = OP_END
-        end["round"] = round_no
-        end["n_pages"] = dirty
-        end["first_page"] = zero
-        end["scan_ns"] = self.busy_ns
+        self.busy_ns += time.perf_counter_ns() - t0
+        yield records(RUN_DTYPE, op=OP_END, round=round_no, n_pages=dirty, first_page=zero,
+                      scan_ns=self.busy_ns)
+
+    def _hash_and_test(self, b: int, pages: np.ndarray) -> np.ndarray:
+        """Hash ``pages`` (sorted, one stretch of block ``b``) into the table; which are
+        non-zero. Only the span they cover is asked about residency, and a big stretch is
+        split between THREADS threads (numpy releases the GIL while it hashes)."""
+        from stages.pagehash import TEST_WINDOW, hash_and_test
+
+        lo, hi = int(pages[0]), int(pages[-1]) + 1
+        view = self.views[b][lo:hi]
+        local = pages - lo
+        if self.table is not None:
+            table = self.table.hashes[b][lo:hi]
+        else:
+            if self._spare is None or len(self._spare) < hi - lo:
+                self._spare = np.empty(self.stretch_pages, np.uint64)
+            table = self._spare[:hi - lo]
+        held = resident(view)
+        if held is not None and held.all():
+            held = None
+        ways = THREADS if len(pages) >= THREAD_PAGES else 1
+        while len(self._scratch) < ways:
+            self._scratch.append(np.empty((TEST_WINDOW, WORDS), np.uint64))
+        if ways == 1:
+            return hash_and_test(view, local, table, held, self._scratch[0])
+        # cut at a window boundary near each share of the pages, so no window is split
+        marks = [int(local[len(local) * i // ways]) // TEST_WINDOW * TEST_WINDOW
+                 for i in range(1, ways)]
+        edges = [0, *np.searchsorted(local, marks).tolist(), len(local)]
+        out = np.empty(len(local), bool)
+
+        def work(i: int) -> None:
+            sel = slice(edges[i], edges[i + 1])
+            out[sel] = hash_and_test(view, local[sel], table, held, self._scratch[i])
+
+        futures = [_executor().submit(work, i) for i in range(1, ways)]
+        work(0)
+        for f in futures:
+            f.result()
         return out
 
 
-    def hash_round(self) -> None:
-        """Hash the non-zero pages of the last scan into the page table (``stages.pagehash``):
-        after the runs went out, so the hashing overlaps their transfer. A page the guest
-        writes after the scan's fetch is dirty again, and hashed again in a later round."""
-        from stages.pagehash import WINDOW, hash_pages
+def _executor():
+    """The threads that share big stretches with the scanner's own."""
+    global _pool
+    if _pool is None:
+        from concurrent.futures import ThreadPoolExecutor
 
-        if self.table is None:
-            return
-        t0 = time.perf_counter_ns()
-        if self._scratch is None:
-            self._scratch = np.empty((WINDOW, WORDS), np.uint64)
-        for b, pages in self._to_hash:
-            hash_pages(self.views[b], pages, self.table.hashes[b], self._scratch)
-        self._to_hash.clear()
-        self.hash_ns += time.perf_counter_ns() - t0
+        _pool = ThreadPoolExecutor(THREADS, thread_name_prefix="scan")
+    return _pool
 
 
 def scanner_main(config: dict, link) -> int:
@@ -323,11 +362,11 @@ def scanner_main(config: dict, link) -> int:
                     syncs.push(records(SYNC_DTYPE, round=cmd["round"], dirty_pages=n))
                 elif op in (CMD_ROUND, CMD_FINAL):
                     mapper.join()
-                    out = scanner.scan(int(cmd["round"]))
-                    for i in range(0, len(out) - 1, batch):
-                        runs_out.push(out[i:min(i + batch, len(out) - 1)])
-                    scanner.hash_round()         # while the runs are being sent
-                    runs_out.push(out[-1:])      # END: the round's hashes are in the table
+                    # each stretch's runs leave while the next stretch is hashed; the END
+                    # comes last: the round's hashes are in the table
+                    for out in scanner.scan_stretches(int(cmd["round"])):
+                        for i in range(0, len(out), batch):
+                            runs_out.push(out[i:i + batch])
         runs_out.close_write()
         if table is not None:
             table.close()

@@ -7,8 +7,10 @@ import pytest
 
 from shm import RamBlockSpec, RamRegion, naming
 from stages.pagehash import (
+    KEYS,
     PageHasher,
     PageTable,
+    hash_and_test,
     hash_pages,
     hash_rows,
     pack_round,
@@ -20,6 +22,26 @@ from stages.scanner import Scanner
 
 def pages_of(n, seed=1):
     return np.random.default_rng(seed).integers(0, 1 << 64, (n, 512), np.uint64, endpoint=False)
+
+
+def hashing_to_zero(seed=5):
+    """A page that is not zero but hashes to 0: random words, then word 0 solved for (the
+    multipliers are odd, so invertible modulo 2^64)."""
+    page = pages_of(1, seed)[0]
+    rest = sum(int(w) * int(k) for w, k in zip(page[1:], KEYS[1:], strict=True))
+    page[0] = (-rest * pow(int(KEYS[0]), -1, 1 << 64)) % (1 << 64)
+    assert hash_rows(page[None])[0] == 0 and page.any()
+    return page
+
+
+def mixed_pages(n, seed=4):
+    """Random pages, about a third of them zero, three that hash to 0 without being zero."""
+    rng = np.random.default_rng(seed)
+    view = pages_of(n, seed)
+    view[rng.random(n) < 0.35] = 0
+    for i, p in enumerate((0, n // 2, n - 1)):
+        view[p] = hashing_to_zero(seed + i)
+    return view
 
 
 def test_zero_page_hashes_to_zero_and_any_single_word_change_shows():
@@ -45,6 +67,40 @@ def test_hash_pages_matches_row_hashes(pick):
     assert (table[pages] == hash_rows(view[pages])).all()
     rest = np.setdiff1d(np.arange(5000), pages)
     assert (table[rest] == 0).all()
+
+
+@pytest.mark.parametrize("pick", ["dense", "scattered", "mixed", "all"])
+def test_hash_and_test_tags_zero_pages_from_the_hash_and_checks_those_that_hash_to_0(pick):
+    n = 3000
+    view = mixed_pages(n)
+    view[1200:1400] = 0                                 # a zero stretch (every hash 0)
+    rng = np.random.default_rng(2)
+    pages = {"dense": np.arange(100, 2600),
+             "scattered": np.sort(np.concatenate([[0, 1500, n - 1],
+                                                  rng.choice(np.arange(1, n - 1), 40, False)])),
+             "mixed": np.concatenate([np.arange(0, 700), np.arange(1000, 2999, 37), [n - 1]]),
+             "all": np.arange(n)}[pick]
+    table = np.full(n, 7, np.uint64)
+    nonzero = hash_and_test(view, pages, table)
+    assert (nonzero == view[pages].any(axis=1)).all()
+    tricky = np.isin(pages, [0, n // 2, n - 1])         # hash 0, yet not zero
+    assert tricky.any() and nonzero[tricky].all()
+    assert (table[pages] == hash_rows(view[pages])).all()
+    assert (np.delete(table, pages) == 7).all()
+
+
+def test_hash_and_test_leaves_pages_not_held_unread_at_zero():
+    view = mixed_pages(600)
+    held = np.ones(600, bool)
+    held[[3, 4, 5, 300]] = False
+    held[520:] = False
+    table = np.full(600, 7, np.uint64)
+    view[~held] = 0           # what such a page holds; the check is that it counts as zero
+    pages = np.arange(600)
+    before = view.copy()
+    nonzero = hash_and_test(view, pages, table, held)
+    assert (nonzero == view.any(axis=1)).all() and not nonzero[~held].any()
+    assert (table == hash_rows(view)).all() and (view == before).all()
 
 
 def test_round_bitmaps_round_trip_and_misfits_are_refused():
@@ -100,14 +156,12 @@ def test_scanner_hashes_what_it_scanned_and_records_the_rounds_pages():
         log = Log(64)
         scanner = Scanner([view], 8, log.fetch, dirty_runs, table)
         scanner.scan(1)
-        scanner.hash_round()
         assert (table.hashes[0] == hash_rows(view)).all()
         view[2] = 0                                      # written zero, and logged
         view[50] = pages_of(1, seed=9)[0]
         log.bits[[2, 50]] = True
         scanner.scan(2)
         assert unpack_round(pack_round(table.sent), [64])[0].tolist() == [2, 50]
-        scanner.hash_round()
         assert (table.hashes[0] == hash_rows(view)).all()
     finally:
         table.close()

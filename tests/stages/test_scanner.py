@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 
 from stages.records import OP_END, OP_RUN
 from stages.scanner import Scanner, expand_runs
@@ -102,3 +103,161 @@ def test_nearby_data_runs_in_a_chunk_merge_and_zero_runs_stay_apart():
         (0, 33, 1, 1),     # another chunk; two zero runs never join (a COMPRESS must not
         (0, 35, 6, 0),     # cover page 34), but a zero run joins the data run after it
         (1, 41, 1, 0)]     # another block
+
+
+def hashing_to_zero(seed):
+    """A non-zero page whose hash is 0 (word 0 solved for; the multipliers are odd)."""
+    from stages.pagehash import KEYS
+
+    page = np.random.default_rng(seed).integers(0, 1 << 64, 512, np.uint64, endpoint=False)
+    rest = sum(int(w) * int(k) for w, k in zip(page[1:], KEYS[1:], strict=True))
+    page[0] = (-rest * pow(int(KEYS[0]), -1, 1 << 64)) % (1 << 64)
+    return page
+
+
+def guest(pages, seed):
+    """Views of random pages, about half zero (in stretches and alone), some hashing to 0."""
+    rng = np.random.default_rng(seed)
+    views = []
+    for b, n in enumerate(pages):
+        v = rng.integers(0, 1 << 64, (n, 512), np.uint64, endpoint=False)
+        v[rng.random(n) < 0.3] = 0
+        v[n // 3:n // 2] = 0
+        for i, p in enumerate((1, n // 2 + 1, n - 2)):
+            v[p] = hashing_to_zero(seed * 10 + b * 3 + i)
+        views.append(v)
+    return views
+
+
+def direct_records(views, bitmaps, chunk_pages, round_no):
+    """What a round's records must be: runs, zero tags by a plain zero test, merged."""
+    from stages.records import RUN_DTYPE
+    from stages.scanner import merge_runs
+
+    runs = reference_runs(bitmaps, chunk_pages)
+    body = np.zeros(len(runs), RUN_DTYPE)
+    for name in ("block", "first_page", "n_pages"):
+        body[name] = runs[name]
+    body["round"] = round_no
+    body["zero"] = [not views[r["block"]][r["first_page"]:r["first_page"] + r["n_pages"]].any()
+                    for r in runs]
+    return merge_runs(body, chunk_pages) if len(body) > 1 else body
+
+
+def fields(out):
+    return out[["op", "zero", "round", "block", "n_pages", "first_page"]].tolist()
+
+
+def scanner_over(views, chunk_pages, table=None):
+    from shm.dirtylog import dirty_runs
+
+    log = FakeLog([len(v) for v in views])
+    return log, Scanner(views, chunk_pages, log.fetch, dirty_runs, table)
+
+
+@pytest.mark.parametrize("stretch, thread_pages", [(1 << 15, 1 << 13), (16, 1 << 13), (24, 4),
+                                                   (8, 1)])
+def test_rounds_in_stretches_make_the_records_of_one_direct_pass(monkeypatch, stretch,
+                                                                  thread_pages):
+    import stages.pagehash as ph
+    import stages.scanner as sc
+
+    monkeypatch.setattr(sc, "STRETCH_PAGES", stretch)
+    monkeypatch.setattr(sc, "THREAD_PAGES", thread_pages)
+    monkeypatch.setattr(ph, "TEST_WINDOW", 16)         # many windows, some cut by a stretch
+    views = guest((300, 77), seed=3)
+    log, scanner = scanner_over(views, chunk_pages=8)
+    rng = np.random.default_rng(7)
+    everything = [np.packbits(np.ones(len(v), bool), bitorder="little") for v in views]
+    expect = [direct_records(views, everything, 8, 1)]
+    got = [scanner.scan(1)]
+    for r in (2, 3, 4):
+        for b, v in enumerate(views):
+            marked = np.flatnonzero(rng.random(len(v)) < (0.02, 0.3, 0.9)[r - 2])
+            v[marked[::2]] = 0
+            log.mark(b, marked)
+        bitmaps = [np.packbits(x, bitorder="little") for x in log.bits]
+        expect.append(direct_records(views, bitmaps, 8, r))
+        got.append(scanner.scan(r))
+    for e, g in zip(expect, got, strict=True):
+        assert fields(g[:-1]) == fields(e)
+        assert g[-1]["op"] == OP_END
+
+
+def test_stretches_arrive_one_by_one_and_end_comes_alone_with_the_counts(monkeypatch):
+    import stages.scanner as sc
+
+    monkeypatch.setattr(sc, "STRETCH_PAGES", 20)       # 24 pages: a multiple of the chunk
+    views = guest((100,), seed=4)
+    log, scanner = scanner_over(views, chunk_pages=8)
+    parts = list(scanner.scan_stretches(1))
+    end = parts.pop()
+    assert len(end) == 1 and end["op"][0] == OP_END
+    assert len(parts) == 5                             # pages 0-23, 24-47, ... 96-99
+    for i, part in enumerate(parts):
+        assert (part["op"] == OP_RUN).all()
+        assert (part["first_page"] // 24 == i).all()
+        assert ((part["first_page"] + part["n_pages"] - 1) // 24 == i).all()
+    assert end["n_pages"][0] == 100
+    assert end["first_page"][0] == 100 - np.count_nonzero(views[0].any(axis=1))
+    assert end["scan_ns"][0] == scanner.busy_ns > 0
+
+
+def test_page_table_holds_the_hashes_of_the_final_contents(monkeypatch):
+    from shm import naming
+    from stages.pagehash import PageTable, hash_pages, hash_rows, pack_round, unpack_round
+
+    monkeypatch.setattr(__import__("stages.scanner").scanner, "STRETCH_PAGES", 32)
+    views = guest((200, 40), seed=5)
+    table = PageTable.create(naming.segment_name(naming.new_run_id(), "phash"), [200, 40])
+    try:
+        log, scanner = scanner_over(views, chunk_pages=8, table=table)
+        rng = np.random.default_rng(1)
+        for r in range(1, 5):
+            scanner.scan(r)
+            for b, v in enumerate(views):
+                assert (table.hashes[b] == hash_rows(v)).all()
+                fresh = np.zeros(len(v), np.uint64)
+                hash_pages(v, np.arange(len(v)), fresh)
+                assert (table.hashes[b] == fresh).all()
+            marked = np.sort(rng.choice(200, 30, replace=False))
+            views[0][marked] = rng.integers(0, 3, (30, 512), np.uint64)   # some zero, most not
+            log.mark(0, marked)
+        scanner.scan(5)
+        assert unpack_round(pack_round(table.sent), [200, 40])[0].tolist() == marked.tolist()
+        assert (table.hashes[0] == hash_rows(views[0])).all()
+    finally:
+        table.close()
+        table.unlink()
+
+
+def test_pages_not_in_memory_stay_untouched(monkeypatch):
+    from shm import RamBlockSpec, RamRegion, naming
+    from stages.scanner import resident
+
+    monkeypatch.setattr(__import__("stages.scanner").scanner, "STRETCH_PAGES", 256)
+    monkeypatch.setattr(__import__("stages.scanner").scanner, "THREAD_PAGES", 64)
+    with RamRegion.create(naming.new_run_id(), [RamBlockSpec("pc.ram", 4 << 20)]) as region:
+        try:
+            view = region.blocks[0].view.view(np.uint64).reshape(-1, 512)
+            view[3] = 5
+            view[10:20] = 0                              # written zero: in memory
+            view[700:900] = 9
+            view[1000] = hashing_to_zero(1)
+            held = resident(view)
+            if held is None:
+                pytest.skip("mincore unavailable")
+            log, scanner = scanner_over([view], chunk_pages=256)
+            out = scanner.scan(1)
+            assert (resident(view) == held).all()        # nothing faulted in
+            assert out[-1]["n_pages"] == 1024
+            assert out[-1]["first_page"] == 1024 - 1 - 200 - 1
+            assert out[:-1][["first_page", "n_pages", "zero"]].tolist() == [
+                (0, 256, 0), (256, 256, 1), (512, 256, 0), (768, 256, 0)]
+            log.mark(0, np.array([3, 4, 50, 51, 699, 700, 1000, 1001]))
+            out = scanner.scan(2)
+            assert (resident(view) == held).all()
+            assert out[:-1][["first_page", "n_pages", "zero"]].tolist() == [
+                (3, 2, 0), (50, 2, 1), (699, 2, 0), (1000, 2, 0)]
+        finally:
+            region.unlink()
