@@ -133,7 +133,9 @@ class Poster:
                 out = _per_chunk(done)
         self.busy_ns += time.perf_counter_ns() - t0
         drained, wait = self.pump(now)
-        return np.concatenate([out, drained]), wait
+        if not len(drained):        # concatenating structured arrays is not free
+            return out, wait
+        return (np.concatenate([out, drained]) if len(out) else drained), wait
 
     # -- internals -----------------------------------------------------------------------
     def _head(self, limit: int) -> np.ndarray:
