@@ -9,8 +9,19 @@ Cases, each in a fresh interpreter (``--case NAME``) that spawns the receiving p
     write-1m    1 MiB soft-provider RDMA WRITEs posted directly, every one signaled
                 (bench_transport's case: the transport alone)
     poster-1m   the same writes through ``stages.poster.Poster``, as the poster stage posts them
-                (256 outstanding, a completion every 16 writes, in-order retirement)
-    tcp-4k / poster-4k   the same with 4 KiB writes (one page: a guest dirtying at random)
+                (256 outstanding, a completion every 16 writes, ``qp.post_writes`` per batch)
+    tcp-4k / poster-4k   the same with 4 KiB writes, one after the other through 64 MiB
+    poster-4k-scattered  4 KiB writes to random pages (seeded, in address order within a
+                round) of 64 chunks of 1 MiB, 20 rounds each closed by an END marker: a busy
+                guest dirtying at random
+    sansio-4k-scattered  the same records through the Poster with a fake ``post`` that sends
+                nothing and completes at once: the poster's own cost, without the transport
+
+Records reach the Poster in batches of 4096 (what the stage's inbox pops from its ring), the
+next when the backlog is empty. ``busy s`` is the Poster's own time (``busy_ns``: posting and
+retiring, the provider's ``post_writes`` included), ``in post s`` the part of it spent inside
+the provider's post calls, ``own ns/write`` the rest per write, ``post calls`` how many batches
+it posted.
 """
 
 from __future__ import annotations
@@ -29,24 +40,91 @@ from bench.common import (
 from bench.common import usage as _usage
 
 MiB = 1 << 20
+PAGE = 4096
+ROUNDS = 20             # rounds of the scattered cases
+INBOX_BATCH = 4096      # records per ring pop in the stage (Inbox.watch)
+DEPTH = 256             # the stage's default max_outstanding
 CASES = {   # name: (kind, write size, writes)
     "tcp-1m": ("tcp", MiB, 4096),
     "write-1m": ("write", MiB, 4096),
     "poster-1m": ("poster", MiB, 4096),
-    "tcp-4k": ("tcp", 4096, 200_000),
-    "poster-4k": ("poster", 4096, 200_000),
+    "tcp-4k": ("tcp", PAGE, 200_000),
+    "poster-4k": ("poster", PAGE, 200_000),
+    "poster-4k-scattered": ("scattered", PAGE, 200_000),
+    "sansio-4k-scattered": ("sansio", PAGE, 200_000),
 }
-BASELINE = {"write-1m": "tcp-1m", "poster-1m": "tcp-1m", "poster-4k": "tcp-4k"}
+BASELINE = {"write-1m": "tcp-1m", "poster-1m": "tcp-1m", "poster-4k": "tcp-4k",
+            "poster-4k-scattered": "tcp-4k"}
 METRIC = "gb_per_s"
 
 
-def _poster(size: int, count: int) -> float:
+def write_records(kind: str, size: int, count: int, local: int, lkey: int, remote: int,
+                  rkey: int) -> np.ndarray:
+    """The WRITE records (and END markers) a case feeds the Poster."""
+    from stages.records import OP_END, OP_RUN, WRITE_DTYPE, records
+
+    if kind == "poster":       # one round, one write after the other through the target
+        per_target = transport.TARGET // size
+        offsets = (np.arange(count, dtype=np.uint64) % per_target) * np.uint64(size)
+        rounds = np.ones(count, np.uint32)
+    else:                      # scattered pages, ROUNDS rounds of count / ROUNDS writes
+        rng = np.random.default_rng(7)
+        per_round = count // ROUNDS
+        pages = [np.sort(rng.choice(transport.TARGET // PAGE, per_round, replace=False))
+                 for _ in range(ROUNDS)]
+        offsets = np.concatenate(pages).astype(np.uint64) * np.uint64(PAGE)
+        rounds = np.repeat(np.arange(1, ROUNDS + 1, dtype=np.uint32), per_round)
+    body = records(WRITE_DTYPE, len(offsets), op=OP_RUN, round=rounds, length=size, pages=1,
+                   lkey=lkey, rkey=rkey, chunk=offsets // np.uint64(MiB),
+                   local_addr=np.uint64(local) + offsets, remote_addr=np.uint64(remote) + offsets)
+    ends = np.flatnonzero(np.diff(rounds)).tolist() + [len(body) - 1]
+    parts, start = [], 0
+    for i in ends:             # an END after each round's last write
+        parts += [body[start:i + 1], records(WRITE_DTYPE, op=OP_END, round=rounds[i])]
+        start = i + 1
+    return np.concatenate(parts)
+
+
+POST_NS = [0]           # time inside the provider's post calls, summed
+
+
+def make_poster(post_writes):
+    """The Poster as the stage builds it (``post_writes``: ``qp.post_writes`` or a fake),
+    with the time spent inside ``post_writes`` summed into ``POST_NS``."""
+    from stages.poster import Poster
+
+    def timed(*args) -> None:
+        t0 = time.perf_counter_ns()
+        post_writes(*args)
+        POST_NS[0] += time.perf_counter_ns() - t0
+
+    return Poster(timed, max_outstanding=DEPTH)
+
+
+def drive(poster, writes: np.ndarray, completions) -> None:
+    """Feed ``writes`` in inbox-sized batches and retire ``completions()`` until every round
+    is drained."""
+    from stages.records import OP_END
+
+    rounds = int((writes["op"] == OP_END).sum())
+    batches = [writes[i:i + INBOX_BATCH] for i in range(0, len(writes), INBOX_BATCH)]
+    comps = poster.on_writes(batches.pop(0), time.monotonic())[0]
+    drained = int((comps["op"] == OP_END).sum())
+    while drained < rounds:
+        comps, _ = poster.on_completions(completions(), time.monotonic())
+        drained += int((comps["op"] == OP_END).sum())
+        while batches and not poster.backlog:
+            comps, _ = poster.on_writes(batches.pop(0), time.monotonic())
+            drained += int((comps["op"] == OP_END).sum())
+
+
+def _poster(kind: str, size: int, count: int) -> tuple[float, object]:
     parent, child = transport.SPAWN.Pipe()
     peer = transport.SPAWN.Process(target=transport.verbs_target,
                                    args=(child, size, count, False))
     peer.start()
     try:
-        return _post_through_poster(parent, size, count)
+        return _post_through_poster(parent, kind, size, count)
     finally:
         parent.send("done")
         peer.join(10)
@@ -55,54 +133,66 @@ def _poster(size: int, count: int) -> float:
             peer.join()
 
 
-def _post_through_poster(parent, size: int, count: int) -> float:
-    from stages.poster import Poster, check_completions
-    from stages.records import OP_END, OP_RUN, WRITE_DTYPE, records
-    from stages.verbs import Access, SendOpcode, open_provider
+def _post_through_poster(parent, kind: str, size: int, count: int) -> tuple[float, object]:
+    from stages.poster import check_completions
+    from stages.verbs import Access, open_provider
 
     port, remote, rkey = parent.recv()
     source = np.full(transport.TARGET, 3, np.uint8)
-    depth = 256
     with open_provider("soft").open_device() as ctx:
         pd = ctx.alloc_pd()
         mr = pd.reg_mr(source.ctypes.data, source.nbytes, Access.LOCAL_WRITE)
-        cq = ctx.create_cq(2 * depth + 16)
-        qp = pd.create_qp(cq, cq, max_send_wr=depth, max_recv_wr=1)
+        cq = ctx.create_cq(2 * DEPTH + 16)
+        qp = pd.create_qp(cq, cq, max_send_wr=DEPTH, max_recv_wr=1)
         ctx.connect(qp, "127.0.0.1", port)
-        per_target = transport.TARGET // size
-        offsets = (np.arange(count, dtype=np.uint64) % per_target) * np.uint64(size)
-        writes = records(WRITE_DTYPE, count + 1, op=OP_RUN, round=1, length=size, pages=1,
-                         lkey=mr.lkey, rkey=rkey)
-        body = writes[:-1]
-        body["local_addr"] = np.uint64(mr.addr) + offsets
-        body["remote_addr"] = np.uint64(remote) + offsets
-        body["chunk"] = offsets // np.uint64(MiB)
-        writes[-1]["op"] = OP_END
+        writes = write_records(kind, size, count, mr.addr, mr.lkey, remote, rkey)
+        poster = make_poster(qp.post_writes)
 
-        def post(wr_id, laddr, length, lkey, raddr, rk, signaled):
-            qp.post_send(wr_id, SendOpcode.RDMA_WRITE, laddr, length, lkey,
-                         remote_addr=raddr, rkey=rk, signaled=signaled)
-
-        poster = Poster(post, max_outstanding=depth)
-        start = time.perf_counter()
-        done = poster.on_writes(writes, time.monotonic())[0]
-        drained = bool(len(done) and (done["op"] == OP_END).any())
-        while not drained:
+        def completions() -> list[int]:
             cq.wait(10)
-            ids = check_completions(cq.poll(64))
-            comps, _ = poster.on_completions(ids, time.monotonic())
-            drained = bool((comps["op"] == OP_END).any())
-        return time.perf_counter() - start
+            ids = []
+            while wcs := cq.poll(DEPTH):
+                ids += check_completions(wcs)
+            return ids
+
+        start = time.perf_counter()
+        drive(poster, writes, completions)
+        return time.perf_counter() - start, poster
+
+
+def _sansio(size: int, count: int) -> tuple[float, object]:
+    """The Poster alone: ``post`` keeps the newest wr_id, which completes at once."""
+    newest = [None]
+
+    def post_writes(wrs: np.ndarray) -> None:
+        newest[0] = int(wrs["wr_id"][-1])     # the last WR of a call is signaled
+
+    writes = write_records("scattered", size, count, 1 << 30, 1, 1 << 40, 2)
+    poster = make_poster(post_writes)
+    start = time.perf_counter()
+    drive(poster, writes, lambda: [newest[0]])
+    return time.perf_counter() - start, poster
 
 
 def run_case(name: str) -> dict:
     kind, size, count = CASES[name]
-    if kind == "poster":
-        wall = _poster(size, count)
+    poster = None
+    if kind in ("poster", "scattered"):
+        wall, poster = _poster(kind, size, count)
+    elif kind == "sansio":
+        wall, poster = _sansio(size, count)
     else:
         wall = transport.run_case(f"{kind}-{'1m' if size == MiB else '4k'}")["wall_s"]
-    return {"case": name, "size": size, "writes": count, **rates(size * count, wall),
-            "writes_per_s": round(count / wall), **_usage()}
+    row = {"case": name, "size": size, "writes": count, **rates(size * count, wall),
+           "writes_per_s": round(count / wall)}
+    if poster is not None:
+        assert poster.writes_posted == count and poster.bytes_posted == size * count
+        row.update(busy_s=round(poster.busy_ns / 1e9, 4),
+                   busy_ns_per_write=round(poster.busy_ns / count),
+                   post_s=round(POST_NS[0] / 1e9, 4),
+                   own_ns_per_write=round((poster.busy_ns - POST_NS[0]) / count),
+                   post_calls=getattr(poster, "post_calls", None))
+    return {**row, **_usage()}
 
 
 COLUMNS = [
@@ -112,6 +202,11 @@ COLUMNS = [
     ("writes/s", "writes_per_s", ",.0f"),
     ("wall s", "wall_s", ".3f"),
     ("CPU s", "cpu_s", ".2f"),
+    ("busy s", "busy_s", ".3f"),
+    ("busy ns/write", "busy_ns_per_write", ",.0f"),
+    ("in post s", "post_s", ".3f"),
+    ("own ns/write", "own_ns_per_write", ",.0f"),
+    ("post calls", "post_calls", ",.0f"),
     ("peak RSS MiB", "peak_rss_mib", ".0f"),
     ("vs. baseline", vs_text, ""),
 ]
