@@ -49,6 +49,20 @@ class SoftCQ(CQ):
             if len(self._items) == 1:
                 os.eventfd_write(self._efd, 1)
 
+    def _push_many(self, items: list) -> None:
+        """``_push`` for several ``(wc, qp, is_send, retire)`` items at once, in order."""
+        if not items:
+            return
+        with self._lock:
+            if self._closed:
+                return
+            was_empty = not self._items
+            if len(self._items) + len(items) > self.depth:
+                self._overrun = True
+            self._items.extend(items)
+            if was_empty:
+                os.eventfd_write(self._efd, 1)
+
     def _attach(self, qp: SoftQP) -> None:
         with self._lock:
             if self._closed:
@@ -74,8 +88,11 @@ class SoftCQ(CQ):
                     os.eventfd_read(self._efd)
                 except BlockingIOError:
                     pass
+        retired: dict = {}  # one QP lock round trip per queue, not per completion
         for _wc, qp, is_send, retire in taken:
-            qp._retire(is_send, retire)
+            retired[qp, is_send] = retired.get((qp, is_send), 0) + retire
+        for (qp, is_send), count in retired.items():
+            qp._retire(is_send, count)
         return [item[0] for item in taken]
 
     def fileno(self) -> int:

@@ -4,10 +4,15 @@ The reader is the only thread that receives: it applies ACKs and NAKs to the sen
 executes the peer's requests, reading each payload with recv_into directly into the target MR or
 RECV buffer (no intermediate copy), as a NIC's responder would, without the application's help.
 
+A WRITE_BATCH is read with one header read, one descriptor read and recvmsg_into calls that
+scatter the payloads straight into the MRs (``batch``).
+
 The writer is the only thread that sends *blocking*. It batches, in one sendmsg(), leftovers,
 the responder's ACK and NAKs and as many requests as are ready (a 28-byte header, then the
-payload straight from registered memory). To save thread hand-offs, requests (at ``post_send``,
-up to ``INLINE_MAX``) and ACKs (from the reader) are also sent inline, but only with MSG_DONTWAIT
+payload straight from registered memory; each run of consecutive WRITEs as one WRITE_BATCH).
+To save thread hand-offs, requests (at posting, up to ``INLINE_MAX``; outside the QP lock,
+holding the socket through ``sending``) and ACKs (from the reader) are also sent inline, but
+only with MSG_DONTWAIT
 (the kernel takes what fits in the socket buffer), under the QP lock and while the writer is
 idle (``sending`` false, no ``prefix``); what a partial inline send leaves over becomes the
 ``prefix`` the writer sends before anything else. So bytes
@@ -25,10 +30,12 @@ import socket
 import threading
 import time
 
-from stages.verbs.base import QPState, SendOpcode
-from stages.verbs.soft import wire
+import numpy as np
 
-IOV_MAX = 512
+from stages.verbs.base import QPState
+from stages.verbs.soft import batch, wire
+
+IOV_MAX = 1024  # Linux's UIO_MAXIOV: buffers in one sendmsg
 BATCH_BYTES = 8 << 20
 INLINE_MAX = 4 << 20  # bounds how long an inline copy holds the QP lock
 ACK_EVERY, ACK_BYTES = 16, 4 << 20
@@ -79,6 +86,7 @@ class Link:
         self.sending = False  # the writer is in a sendmsg (QP lock)
         self.prefix: list = []  # bytes that must go out before anything else (QP lock)
         self._unacked = self._unacked_bytes = 0  # reader only
+        self._descs = memoryview(bytearray(wire.MAX_BATCH * wire.DESC.size))  # reader only
         self._writer = threading.Thread(target=self._write_loop, daemon=True,
                                         name=f"soft-qp{qp.qp_num:#x}-tx")
         self._reader = threading.Thread(target=self._read_loop, daemon=True,
@@ -91,6 +99,35 @@ class Link:
     def wind_down(self) -> None:
         """The QP entered ERR (lock held): the writer sends what is pending, then FIN."""
         self.qp.lock.notify_all()
+
+    def claim(self) -> bool:
+        """Take the socket for an inline send outside the QP lock (QP lock held): True when
+        nobody is sending and nothing is left over. ``send_claimed`` gives it back."""
+        if self.sending or self.prefix or self._closing:
+            return False
+        self.sending = True
+        return True
+
+    def send_claimed(self, bufs: list, start: int, end: int) -> None:
+        """Send the frames of requests ``start..end-1`` without blocking, after ``claim`` and
+        *without* the QP lock (so the reader can apply ACKs meanwhile); whatever the socket
+        does not take is left to the writer."""
+        try:
+            sent = self.sock.sendmsg(bufs, (), socket.MSG_DONTWAIT)
+        except OSError:  # would block, or broken: the writer meets the same error
+            sent = 0
+        qp = self.qp
+        with qp.lock:
+            self.sending = False
+            if not sent:
+                if qp.tx_next == end:  # (an RNR NAK meanwhile rewinds tx_next itself)
+                    qp.tx_next = start
+            elif sent < sum(map(len, bufs)):
+                self.prefix = list(bufs)
+                _advance(self.prefix, sent)
+            if (self.prefix or not sent or qp.tx_next < qp.next_seq or qp.ack_due is not None
+                    or qp.control or qp.state != QPState.RTS or self._closing):
+                qp.lock.notify_all()  # the writer waited for us, or has work now
 
     def try_send_now(self, bufs: list) -> bool:
         """Send ``bufs`` inline without blocking (QP lock held); False if nothing went out.
@@ -116,21 +153,7 @@ class Link:
 
     # -- writer --------------------------------------------------------------------------
     def _collect(self, bufs: list) -> None:
-        qp = self.qp
-        i = qp.tx_next - qp.sq[0].seq
-        size = 0
-        while i < len(qp.sq) and len(bufs) < IOV_MAX - 2 and size < BATCH_BYTES:
-            wr = qp.sq[i]
-            if wr.bad:
-                break  # reported as LOC_PROT_ERR when it reaches the front
-            kind = wire.WRITE if wr.opcode == SendOpcode.RDMA_WRITE else wire.SEND
-            bufs.append(wire.frame(kind, wr.seq, remote_addr=wr.remote_addr, rkey=wr.rkey,
-                                   length=wr.length))
-            if wr.length:
-                bufs.append(wr.view)
-            size += wr.length
-            qp.tx_next += 1
-            i += 1
+        batch.collect(self.qp, bufs, max_bytes=BATCH_BYTES, max_iov=IOV_MAX)
 
     def _next_batch(self) -> list | None:
         """Frames to send now, waiting for some; None when the writer is done."""
@@ -139,6 +162,9 @@ class Link:
             while True:
                 if self._closing:
                     return None
+                if self.sending:  # a poster's inline send holds the socket
+                    qp.lock.wait()
+                    continue
                 bufs, self.prefix = self.prefix, []
                 if qp.ack_due is not None:
                     bufs.append(wire.frame(wire.ACK, qp.ack_due))
@@ -215,6 +241,41 @@ class Link:
             length -= n
         return True
 
+    def _read_batch(self, first: int, count: int, total: int, scratch: memoryview) -> bool:
+        """Execute a WRITE_BATCH whose header was read; False when the connection is over."""
+        qp = self.qp
+        if not 1 <= count <= wire.MAX_BATCH:
+            return False  # not our protocol
+        if not self._recv_exact(self._descs[:count * wire.DESC.size]):
+            return False
+        descs = np.frombuffer(self._descs, wire.DESC_DTYPE, count)
+        lengths = descs["length"]
+        if int(lengths.sum(dtype=np.uint64)) != total:
+            return False
+        with qp.lock:
+            placed = qp.accept_batch(first, descs)
+        if placed is None:
+            return self._discard(total, scratch)
+        k, views, mrs = placed
+        try:
+            ok = batch.recv_scattered(self.sock, views)
+        except OSError:
+            ok = False
+        with qp.lock:
+            if ok:
+                qp.batch_done(first, count, k, mrs)
+            else:
+                qp.batch_aborted(mrs)
+        if not ok:
+            return False
+        if k < count:  # refused from write k on: the QP is in ERR, drop the rest
+            return self._discard(int(lengths[k:].sum(dtype=np.uint64)), scratch)
+        self._unacked += count
+        self._unacked_bytes += total
+        if self._unacked >= ACK_EVERY or self._unacked_bytes >= ACK_BYTES:
+            self._flush_ack()
+        return True
+
     def _read_loop(self) -> None:
         qp = self.qp
         header = bytearray(wire.FRAME.size)
@@ -229,6 +290,9 @@ class Link:
                 elif kind == wire.NAK:
                     with qp.lock:
                         qp.on_nak(seq, flags)
+                elif kind == wire.WRITE_BATCH:
+                    if not self._read_batch(seq, rkey, length, scratch):
+                        break
                 elif kind in wire.REQUESTS:
                     with qp.lock:
                         placed = qp.accept_request(kind, seq, remote_addr, rkey, length)

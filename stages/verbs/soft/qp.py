@@ -19,14 +19,18 @@ from __future__ import annotations
 import errno
 import itertools
 import secrets
+import struct
 import threading
 import time
 from collections import deque
+
+import numpy as np
 
 from pipeline.errors import TransportError
 from stages.verbs import base
 from stages.verbs.base import (
     SEND_WC_OPCODE,
+    WRITE_WR_DTYPE,
     Access,
     QPState,
     SendOpcode,
@@ -35,8 +39,8 @@ from stages.verbs.base import (
     WorkCompletion,
     closed_error,
 )
-from stages.verbs.soft import memory, wire
-from stages.verbs.soft.link import INLINE_MAX
+from stages.verbs.soft import batch, memory, wire
+from stages.verbs.soft.link import INLINE_MAX, IOV_MAX
 
 _qp_numbers = itertools.count(secrets.randbelow(1 << 20) + 1)
 RNR_BACKOFF_MIN, RNR_BACKOFF_MAX = 0.001, 0.02  # seconds; doubled per retry of a WR
@@ -44,14 +48,15 @@ RNR_BACKOFF_MIN, RNR_BACKOFF_MAX = 0.001, 0.02  # seconds; doubled per retry of 
 
 class SendWR:
     __slots__ = ("seq", "wr_id", "opcode", "view", "length", "remote_addr", "rkey", "signaled",
-                 "mr", "rnr_left", "rnr_count", "bad")
+                 "mr", "rnr_left", "rnr_count", "bad", "desc")
 
     def __init__(self, seq, wr_id, opcode, view, length, remote_addr, rkey, signaled, mr,
-                 rnr_left):
+                 rnr_left, desc=b""):
         self.seq, self.wr_id, self.opcode, self.view = seq, wr_id, opcode, view
         self.length, self.remote_addr, self.rkey = length, remote_addr, rkey
         self.signaled, self.mr, self.rnr_left, self.rnr_count = signaled, mr, rnr_left, 0
         self.bad = mr is None  # a local protection error, reported when its turn comes
+        self.desc = desc  # a WRITE's WRITE_BATCH descriptor, packed once at posting
 
 
 class RecvWR:
@@ -103,6 +108,17 @@ class SoftQP(base.QP):
         view = mr.slice(addr, length)
         return (mr, view) if view is not None else (None, None)
 
+    def _check_postable(self) -> None:
+        if self._closed:
+            raise closed_error("QP")
+        if self._state in (QPState.RESET, QPState.INIT, QPState.RTR):
+            raise TransportError("cannot post a send on a QP that is not connected",
+                                 errno=errno.EINVAL)
+
+    def _sq_full(self, posted: str = "") -> TransportError:
+        return TransportError(f"send queue full ({self.max_send_wr} WRs outstanding){posted}",
+                              errno=errno.ENOMEM, hint="poll the send CQ")
+
     def post_send(self, wr_id: int, opcode: SendOpcode, addr: int, length: int, lkey: int, *,
                   remote_addr: int = 0, rkey: int = 0, signaled: bool = True) -> None:
         opcode = SendOpcode(opcode)
@@ -110,45 +126,92 @@ class SoftQP(base.QP):
             raise ValueError(f"the soft provider posts RDMA_WRITE and SEND, not {opcode.name}")
         if not 0 <= length <= wire.MAX_MESSAGE:
             raise ValueError(f"message length {length} out of range")
+        desc = b""
+        if opcode == SendOpcode.RDMA_WRITE:
+            try:
+                desc = wire.DESC.pack(remote_addr, rkey, length)
+            except struct.error:
+                raise ValueError(f"remote address {remote_addr:#x} or rkey {rkey:#x} out of "
+                                 "range") from None
         with self.lock:
-            if self._closed:
-                raise closed_error("QP")
-            if self._state in (QPState.RESET, QPState.INIT, QPState.RTR):
-                raise TransportError("cannot post a send on a QP that is not connected",
-                                     errno=errno.EINVAL)
+            self._check_postable()
             if self.sq_used >= self.max_send_wr:
-                raise TransportError(f"send queue full ({self.max_send_wr} WRs outstanding)",
-                                     errno=errno.ENOMEM, hint="poll the send CQ")
+                raise self._sq_full()
             self.sq_used += 1
             with self.pd._lock:
                 mr, view = self._resolve(addr, length, lkey, Access.NONE)
                 if mr is not None:
                     mr.inflight += 1
             wr = SendWR(self.next_seq, wr_id, opcode, view, length, remote_addr, rkey,
-                        signaled, mr, self.rnr_retry)
+                        signaled, mr, self.rnr_retry, desc)
             self.next_seq += 1
             self.sq.append(wr)
-            if self._state == QPState.ERR:
-                self._flush()
-            elif self.sq[0] is wr and wr.bad:
-                self._fail_front(WCStatus.LOC_PROT_ERR)
-            elif not self._send_inline(wr):
-                self.lock.notify_all()
+            inline = self._posted()
+        if inline is not None:
+            inline[0].send_claimed(*inline[1:])
 
-    def _send_inline(self, wr: SendWR) -> bool:
-        """Transmit a WR from the caller's thread when the link is idle (saves a wake)."""
-        if (wr.bad or wr.length > INLINE_MAX or self.tx_next != wr.seq or self.link is None
-                or time.monotonic() < self.rnr_until):
-            return False
-        kind = wire.WRITE if wr.opcode == SendOpcode.RDMA_WRITE else wire.SEND
-        bufs = [wire.frame(kind, wr.seq, remote_addr=wr.remote_addr, rkey=wr.rkey,
-                           length=wr.length)]
-        if wr.length:
-            bufs.append(wr.view)
-        if not self.link.try_send_now(bufs):
-            return False
-        self.tx_next += 1
-        return True
+    def post_writes(self, wrs: np.ndarray) -> None:
+        """Post an array of RDMA WRITEs (``WRITE_WR_DTYPE``) under one lock; each behaves as
+        if posted by ``post_send``, and a full send queue raises ENOMEM after posting the WRs
+        that fit (ibv_post_send's bad_wr)."""
+        if not isinstance(wrs, np.ndarray) or wrs.dtype != WRITE_WR_DTYPE or wrs.ndim != 1:
+            raise ValueError("post_writes takes a 1-d array of WRITE_WR_DTYPE records")
+        n = len(wrs)
+        if n and int(wrs["length"].max()) > wire.MAX_MESSAGE:
+            raise ValueError(f"a message length is over {wire.MAX_MESSAGE}")
+        inline = None
+        with self.lock:
+            self._check_postable()
+            take = min(n, self.max_send_wr - self.sq_used)
+            if take:
+                part = wrs[:take]
+                descs = wire.descriptors(part["remote_addr"], part["rkey"], part["length"])
+                with self.pd._lock:
+                    mrs, views = batch.local_sges(self.pd, part)
+                seq, rnr, write, size = self.next_seq, self.rnr_retry, SendOpcode.RDMA_WRITE, \
+                    wire.DESC.size
+                self.sq.extend([
+                    SendWR(seq + i, wr_id, write, view, length, remote_addr, rkey, signaled != 0,
+                           mr, rnr, descs[i * size:(i + 1) * size])
+                    for i, (wr_id, remote_addr, length, rkey, signaled, mr, view) in enumerate(zip(
+                        part["wr_id"].tolist(), part["remote_addr"].tolist(),
+                        part["length"].tolist(), part["rkey"].tolist(),
+                        part["signaled"].tolist(), mrs, views, strict=True))])
+                self.sq_used += take
+                self.next_seq += take
+                inline = self._posted()
+        if inline is not None:
+            inline[0].send_claimed(*inline[1:])
+        if take < n:
+            raise self._sq_full(f": posted {take} of {n} writes")
+
+    def _posted(self):
+        """New WRs are queued: flush them in ERR, fail a bad one whose turn it is, or send.
+
+        Returns ``(link, frames, start, end)`` for the caller to pass to
+        ``link.send_claimed`` once it has released the lock, or None."""
+        if self._state == QPState.ERR:
+            self._flush()
+        elif self.sq[0].bad:
+            self._fail_front(WCStatus.LOC_PROT_ERR)
+        else:
+            return self._kick()
+        return None
+
+    def _kick(self):
+        """Claim the link for an inline send of the pending WRs when it is idle (saves a
+        thread hand-off), else wake the writer."""
+        link = self.link
+        if (link is not None and time.monotonic() >= self.rnr_until
+                and self.sq[self.tx_next - self.sq[0].seq].length <= INLINE_MAX
+                and link.claim()):
+            start, bufs = self.tx_next, []
+            batch.collect(self, bufs, max_bytes=INLINE_MAX, max_iov=IOV_MAX)
+            if bufs:
+                return link, bufs, start, self.tx_next
+            link.sending = False
+        self.lock.notify_all()
+        return None
 
     def post_recv(self, wr_id: int, addr: int, length: int, lkey: int) -> None:
         if length < 0:
@@ -174,14 +237,35 @@ class SoftQP(base.QP):
             with self.pd._lock:
                 mr.inflight -= 1
 
+    def _release_each(self, mrs) -> None:
+        """Drop one in-flight reference per entry of ``mrs`` (None entries skipped)."""
+        counts: dict = {}
+        for mr in mrs:
+            if mr is not None:
+                counts[mr] = counts.get(mr, 0) + 1
+        if counts:
+            with self.pd._lock:
+                for mr, count in counts.items():
+                    mr.inflight -= count
+
+    def _complete_sends(self, wrs: list, status: WCStatus) -> None:
+        """Complete ``wrs`` (oldest first): one CQ push for all of their completions."""
+        self._release_each([wr.mr for wr in wrs])
+        items, done, qp_num = [], self.unsignaled_done, self.qp_num
+        failed = status != WCStatus.SUCCESS
+        for wr in wrs:
+            done += 1
+            if wr.signaled or failed:
+                wc = WorkCompletion(wr.wr_id, status, SEND_WC_OPCODE[wr.opcode], wr.length,
+                                    qp_num)
+                items.append((wc, self, True, done))
+                done = 0
+        self.unsignaled_done = done
+        if items:
+            self.send_cq._push_many(items)
+
     def _complete_send(self, wr: SendWR, status: WCStatus) -> None:
-        self._release(wr.mr)
-        self.unsignaled_done += 1
-        if wr.signaled or status != WCStatus.SUCCESS:
-            wc = WorkCompletion(wr.wr_id, status, SEND_WC_OPCODE[wr.opcode], wr.length,
-                                self.qp_num)
-            self.send_cq._push(wc, self, True, self.unsignaled_done)
-            self.unsignaled_done = 0
+        self._complete_sends([wr], status)
 
     def _complete_recv(self, rwr: RecvWR, status: WCStatus, byte_len: int = 0) -> None:
         self._release(rwr.mr)
@@ -196,8 +280,10 @@ class SoftQP(base.QP):
                 self.rq_used -= count
 
     def _flush(self) -> None:
-        while self.sq:
-            self._complete_send(self.sq.popleft(), WCStatus.WR_FLUSH_ERR)
+        if self.sq:
+            wrs = list(self.sq)
+            self.sq.clear()
+            self._complete_sends(wrs, WCStatus.WR_FLUSH_ERR)
         while self.rq:
             self._complete_recv(self.rq.popleft(), WCStatus.WR_FLUSH_ERR)
 
@@ -218,8 +304,9 @@ class SoftQP(base.QP):
     # -- requester side, called by the link's reader -------------------------------------
     def on_ack(self, seq: int) -> None:
         sq = self.sq
-        while sq and sq[0].seq <= seq:
-            self._complete_send(sq.popleft(), WCStatus.SUCCESS)
+        if sq and sq[0].seq <= seq:  # the queue holds consecutive sequence numbers
+            count = min(seq - sq[0].seq + 1, len(sq))
+            self._complete_sends([sq.popleft() for _ in range(count)], WCStatus.SUCCESS)
         if sq and sq[0].bad and self._state == QPState.RTS:
             self._fail_front(WCStatus.LOC_PROT_ERR)
 
@@ -303,6 +390,33 @@ class SoftQP(base.QP):
             self._release(target)
         self.expected = seq + 1
         self.ack_due = seq  # sent by the link when it has read what is there (coalesced)
+
+    def accept_batch(self, first: int, descs: np.ndarray):
+        """Where the payloads of a WRITE_BATCH go: ``(k, views, mrs)`` or None to drop it.
+
+        The first ``k`` writes pass the checks; their MRs (``mrs``) stay in flight until
+        ``batch_done``. A batch that does not start at ``expected`` is dropped whole."""
+        if self._state != QPState.RTS or first != self.expected:
+            return None
+        with self.pd._lock:
+            k, views, mrs, ranges = batch.remote_targets(self.pd, descs)
+        batch.populate(ranges)  # on-demand MRs: fault the written ranges in before the data
+        return k, views, mrs
+
+    def batch_done(self, first: int, count: int, k: int, mrs: list) -> None:
+        """The first ``k`` writes of a batch of ``count`` are placed; NAK write ``k`` if it
+        failed its checks (the rest of the batch is dropped)."""
+        self._release_each(mrs)
+        if k:
+            self.expected = first + k
+            self.ack_due = first + k - 1
+        if k < count:
+            self._nak(first + k, wire.NAK_REM_ACCESS)
+            self._enter_error()
+
+    def batch_aborted(self, mrs: list) -> None:
+        """The connection broke while a batch's payloads were arriving."""
+        self._release_each(mrs)
 
     # -- connection ----------------------------------------------------------------------
     def attach(self, link) -> None:

@@ -1,0 +1,269 @@
+"""Batched RDMA WRITEs: ``QP.post_writes`` on every provider, and the soft provider's
+WRITE_BATCH frame (known-answer bytes, scattered reads, on-demand faulting)."""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import socket
+import threading
+import time
+
+import numpy as np
+import pytest
+from verbs_helpers import Pair, address, port, wait_wcs
+from verbs_peer import Peer
+
+from pipeline.errors import TransportError
+from stages.verbs import Access, QPState, WCOpcode, WCStatus, open_provider
+from stages.verbs.base import WRITE_WR_DTYPE
+from stages.verbs.soft import batch, wire
+
+KiB, MiB = 1 << 10, 1 << 20
+
+
+def writes(pair, src, dst, lengths, *, first_id: int = 0, signaled=True) -> np.ndarray:
+    """WRs copying ``pair.mem_a[src[i]:+len]`` to ``pair.mem_b[dst[i]:+len]``."""
+    wrs = np.zeros(len(lengths), WRITE_WR_DTYPE)
+    wrs["wr_id"] = np.arange(len(lengths)) + first_id
+    wrs["addr"] = pair.mr_a.addr + np.asarray(src, np.uint64)
+    wrs["remote_addr"] = pair.mr_b.addr + np.asarray(dst, np.uint64)
+    wrs["length"] = lengths
+    wrs["lkey"], wrs["rkey"] = pair.mr_a.lkey, pair.mr_b.rkey
+    wrs["signaled"] = signaled
+    return wrs
+
+
+def packed_layout(lengths) -> np.ndarray:
+    """Offsets that place ``lengths`` back to back."""
+    return np.concatenate([[0], np.cumsum(lengths[:-1])]).astype(np.uint64)
+
+
+def test_post_writes_places_every_size_and_completes_in_order(make_pair):
+    rng = np.random.default_rng(7)
+    n = 1100  # more than one iovec (IOV_MAX) and more than one WRITE_BATCH
+    pair = make_pair(max_send_wr=2048)
+    lengths = rng.choice([0, 1, 3, 64, 100, 512, 4096], n).astype(np.uint32)
+    lengths[[5, 500]] = 64 * KiB
+    lengths[[0, 1, 2, n - 1]] = 0
+    assert lengths.sum() < MiB
+    pair.mem_a[:] = rng.integers(0, 256, MiB, np.uint8)
+    src = rng.integers(0, MiB - 64 * KiB, n).astype(np.uint64)
+    dst = packed_layout(lengths)
+    signaled = (np.arange(n) % 7 == 6) | (np.arange(n) == n - 1)
+    pair.qp_a.post_writes(writes(pair, src, dst, lengths, signaled=signaled))
+    wcs = wait_wcs(pair.cq_a, int(signaled.sum()))
+    assert [wc.wr_id for wc in wcs] == np.flatnonzero(signaled).tolist()
+    assert {(wc.status, wc.opcode) for wc in wcs} == {(WCStatus.SUCCESS, WCOpcode.RDMA_WRITE)}
+    expected = np.zeros(MiB, np.uint8)
+    for s, d, length in zip(src.tolist(), dst.tolist(), lengths.tolist(), strict=True):
+        expected[d:d + length] = pair.mem_a[s:s + length]
+    assert (pair.mem_b == expected).all()
+    assert not pair.cq_a.poll()
+    pair.qp_a.post_writes(writes(pair, [], [], np.zeros(0, np.uint32)))  # an empty list is fine
+
+
+def test_post_writes_and_post_send_interleave_in_order(make_pair):
+    pair = make_pair(max_send_wr=256)
+    pair.mem_a[:4096] = np.arange(4096) % 253
+    lengths = np.full(16, 256, np.uint32)
+    for round_ in range(4):  # the same destination again and again: the last write wins
+        pair.qp_a.post_writes(writes(pair, packed_layout(lengths), np.zeros(16), lengths,
+                                     first_id=round_ * 100))
+        pair.write(round_ * 100 + 99, 4096 - 256, 256, 0)
+    wcs = wait_wcs(pair.cq_a, 68)
+    assert [wc.wr_id for wc in wcs] == [r * 100 + i for r in range(4) for i in [*range(16), 99]]
+    assert all(wc.ok for wc in wcs)
+    assert (pair.mem_b[:256] == pair.mem_a[4096 - 256:4096]).all()
+
+
+def test_bad_rkey_mid_batch_places_earlier_writes_and_flushes_later_ones(make_pair):
+    pair = make_pair(prepost_b=1)
+    pair.mem_a[:] = 9
+    lengths = np.full(10, 1000, np.uint32)
+    wrs = writes(pair, np.zeros(10), np.arange(10) * 4096, lengths)
+    wrs["rkey"][5] ^= 0x5A5A
+    pair.qp_a.post_writes(wrs)
+    wcs = wait_wcs(pair.cq_a, 10)
+    assert [(wc.wr_id, wc.status) for wc in wcs] == [
+        *((i, WCStatus.SUCCESS) for i in range(5)), (5, WCStatus.REM_ACCESS_ERR),
+        *((i, WCStatus.WR_FLUSH_ERR) for i in range(6, 10))]
+    placed = pair.mem_b.reshape(-1, 4096)[:10, :1000]
+    assert (placed[:5] == 9).all() and (placed[5:] == 0).all()
+    assert pair.qp_a.state == QPState.ERR
+    assert wait_wcs(pair.rcq_b, 1)[0].status == WCStatus.WR_FLUSH_ERR  # the target is in ERR
+
+
+def test_out_of_bounds_write_in_a_batch_is_a_remote_access_error(make_pair):
+    pair = make_pair()
+    lengths = np.full(4, 100, np.uint32)
+    pair.qp_a.post_writes(writes(pair, np.zeros(4), [0, 100, MiB - 50, 300], lengths))
+    assert [wc.status for wc in wait_wcs(pair.cq_a, 4)] == [
+        WCStatus.SUCCESS, WCStatus.SUCCESS, WCStatus.REM_ACCESS_ERR, WCStatus.WR_FLUSH_ERR]
+
+
+@pytest.mark.parametrize("case", ["unknown lkey", "outside its MR"])
+def test_bad_lkey_in_a_batch_fails_when_its_turn_comes(make_pair, case):
+    pair = make_pair()
+    pair.mem_a[:] = 4
+    lengths = np.full(6, 64, np.uint32)
+    wrs = writes(pair, np.zeros(6), np.arange(6) * 64, lengths)
+    if case == "unknown lkey":
+        wrs["lkey"][3] ^= 1
+    else:
+        wrs["addr"][3] = pair.mr_a.addr + MiB - 10
+    pair.qp_a.post_writes(wrs)
+    assert [(wc.wr_id, wc.status) for wc in wait_wcs(pair.cq_a, 6)] == [
+        (0, WCStatus.SUCCESS), (1, WCStatus.SUCCESS), (2, WCStatus.SUCCESS),
+        (3, WCStatus.LOC_PROT_ERR), (4, WCStatus.WR_FLUSH_ERR), (5, WCStatus.WR_FLUSH_ERR)]
+    assert (pair.mem_b[:192] == 4).all() and (pair.mem_b[192:384] == 0).all()
+    assert pair.qp_a.state == QPState.ERR
+
+
+def test_full_send_queue_posts_what_fits_then_enomem(make_pair):
+    pair = make_pair(max_send_wr=8)
+    lengths = np.full(12, 32, np.uint32)
+    wrs = writes(pair, np.zeros(12), np.arange(12) * 32, lengths)
+    with pytest.raises(TransportError) as info:
+        pair.qp_a.post_writes(wrs)
+    assert info.value.errno == errno.ENOMEM
+    assert [wc.wr_id for wc in wait_wcs(pair.cq_a, 8)] == list(range(8))
+    pair.qp_a.post_writes(wrs[8:])  # polling freed the slots
+    assert [wc.wr_id for wc in wait_wcs(pair.cq_a, 4)] == [8, 9, 10, 11]
+    assert not pair.cq_a.poll()
+
+
+def test_send_between_batches_waits_out_rnr_and_nothing_overtakes_it(make_pair):
+    pair = make_pair(rnr_retry=7, max_send_wr=64)
+    pair.mem_a[:] = 5
+    lengths = np.full(10, 512, np.uint32)
+    pair.qp_a.post_writes(writes(pair, np.zeros(10), np.arange(10) * 512, lengths))
+    pair.send(10, 0, 64)  # no RECV posted yet: RNR NAK, retried
+    pair.qp_a.post_writes(writes(pair, np.zeros(10), 8192 + np.arange(10) * 512, lengths,
+                                 first_id=11))
+    assert [wc.wr_id for wc in wait_wcs(pair.cq_a, 10)] == list(range(10))
+    assert not pair.cq_a.wait(0.3)  # retrying the SEND; the second batch waits behind it
+    assert (pair.mem_b[8192:8192 + 5120] == 0).all()
+    pair.recv_b(77, 64 * KiB, 4096)
+    wcs = wait_wcs(pair.cq_a, 11)
+    assert [(wc.wr_id, wc.status) for wc in wcs] == [(i, WCStatus.SUCCESS) for i in range(10, 21)]
+    wc = wait_wcs(pair.rcq_b, 1)[0]
+    assert (wc.wr_id, wc.status, wc.byte_len) == (77, WCStatus.SUCCESS, 64)
+    assert (pair.mem_b[:5120] == 5).all() and (pair.mem_b[8192:8192 + 5120] == 5).all()
+    assert pair.qp_a.state == QPState.RTS
+
+
+def test_killed_peer_mid_batch_flushes_every_outstanding_write(provider):
+    n, size = 64, 64 * KiB
+    payload = np.ones(MiB, np.uint8)
+    with Peer(provider, size=MiB) as target:
+        listen_port = target.call("listen", address(provider), port(provider))
+        target.send("accept", b"")
+        with open_provider(provider).open_device() as ctx:
+            pd = ctx.alloc_pd()
+            mr = pd.reg_mr(payload.ctypes.data, MiB, Access.LOCAL_WRITE)
+            cq = ctx.create_cq(256)
+            qp = pd.create_qp(cq, cq, max_send_wr=n, max_recv_wr=1)
+            ctx.connect(qp, address(provider), listen_port, b"", 10)
+            target.answer()
+            os.kill(target.pid, signal.SIGSTOP)  # it stops reading: batches stay in flight
+            wrs = np.zeros(n, WRITE_WR_DTYPE)
+            wrs["wr_id"] = np.arange(n)
+            wrs["addr"], wrs["length"], wrs["lkey"] = mr.addr, size, mr.lkey
+            wrs["remote_addr"] = target.info["addr"] + (np.arange(n) % 16) * size
+            wrs["rkey"], wrs["signaled"] = target.info["rkey"], 1
+            for start in range(0, n, 16):
+                qp.post_writes(wrs[start:start + 16])
+            time.sleep(0.2)
+            target.kill()
+            wcs = wait_wcs(cq, n, 5.0)  # the broken connection is seen at once, not by timeout
+            statuses = [wc.status for wc in wcs]
+            assert [wc.wr_id for wc in wcs] == list(range(n))
+            first = statuses.index(WCStatus.WR_FLUSH_ERR)
+            assert set(statuses[:first]) <= {WCStatus.SUCCESS}
+            assert set(statuses[first:]) == {WCStatus.WR_FLUSH_ERR}
+            assert qp.state == QPState.ERR
+
+
+def test_post_writes_refuses_other_arrays(make_pair):
+    pair = make_pair()
+    with pytest.raises(ValueError):
+        pair.qp_a.post_writes(np.zeros(4, np.uint64))
+
+
+# -- the soft provider's WRITE_BATCH ---------------------------------------------------
+def test_write_batch_frame_bytes():
+    assert wire.batch_header(5, 2, 300).hex() == (
+        "05" "00" "0000" "0000000000000005" "0000000000000000" "00000002" "0000012c")
+    assert wire.descriptors([0x1000, 0x2000], [7, 7], [100, 200]).hex() == (
+        "0000000000001000" "00000007" "00000064" "0000000000002000" "00000007" "000000c8")
+    descs = np.frombuffer(wire.descriptors([1, 2], [3, 4], [5, 6]), wire.DESC_DTYPE)
+    assert descs.tolist() == [(1, 3, 5), (2, 4, 6)]
+    assert [wire.DESC.unpack_from(wire.descriptors([9], [8], [7]))] == [(9, 8, 7)]
+
+
+def test_recv_scattered_fills_more_views_than_one_call_takes():
+    rng = np.random.default_rng(3)
+    lengths = rng.integers(0, 300, 3000)
+    lengths[lengths < 20] = 1
+    data = rng.integers(0, 256, int(lengths.sum()), np.uint8).tobytes()
+    target = bytearray(len(data))
+    view, views, at = memoryview(target), [], 0
+    for length in lengths.tolist():
+        views.append(view[at:at + length])
+        at += length
+    assert len(views) > batch.RECV_IOV_MAX
+    left, right = socket.socketpair()
+    with left, right:
+        def dribble():  # in pieces, so reads come back partial
+            for start in range(0, len(data), 70_001):
+                right.sendall(data[start:start + 70_001])
+                time.sleep(0.001)
+
+        thread = threading.Thread(target=dribble)
+        thread.start()
+        assert batch.recv_scattered(left, views)
+        thread.join(5)
+        right.close()
+        assert bytes(target) == data
+        assert not batch.recv_scattered(left, [memoryview(bytearray(1))])  # EOF
+
+
+def test_merged_ranges_join_only_touching_writes():
+    starts = np.array([8192, 0, 4096, 100_000, 20_000, 9000], np.uint64)
+    ends = np.array([12288, 4096, 6000, 100_000, 20_100, 10_000], np.uint64)  # one is empty
+    assert batch._merged(starts, ends) == [(0, 6000), (8192, 12288), (20_000, 20_100)]
+
+
+def test_batch_into_on_demand_memory_faults_in_only_what_it_writes():
+    import ctypes
+    import mmap
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mincore.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p)
+    ram = mmap.mmap(-1, 4 * MiB)  # private, anonymous, never touched
+    base = ctypes.addressof(ctypes.c_char.from_buffer(ram))
+    pair = Pair("soft")
+    try:
+        odp = pair.pd_b.reg_mr(base, 4 * MiB,
+                               Access.LOCAL_WRITE | Access.REMOTE_WRITE | Access.ON_DEMAND)
+        pair.mem_a[:] = 6
+        wrs = np.zeros(8, WRITE_WR_DTYPE)
+        wrs["wr_id"], wrs["signaled"] = np.arange(8), 1
+        wrs["addr"], wrs["lkey"], wrs["rkey"] = pair.mr_a.addr, pair.mr_a.lkey, odp.rkey
+        wrs["remote_addr"] = odp.addr + np.array([0, 4096, 8192, MiB, 3 * MiB, 3 * MiB + 100,
+                                                  2 * MiB, 2 * MiB], np.uint64)
+        wrs["length"] = [4096, 4096, 4096, 4096, 100, 4096 - 100, 0, 4096]
+        pair.qp_a.post_writes(wrs)
+        assert all(wc.ok for wc in wait_wcs(pair.cq_a, 8))
+        resident = np.zeros(1024, np.uint8)
+        assert libc.mincore(base, 4 * MiB, resident.ctypes.data) == 0
+        assert np.flatnonzero(resident & 1).tolist() == [0, 1, 2, 256, 512, 768]
+        data = np.frombuffer(ram, np.uint8)
+        assert (data[:3 * 4096] == 6).all() and (data[3 * MiB:3 * MiB + 4096] == 6).all()
+        del data
+        pair.qp_a.disconnect()
+    finally:
+        pair.close()
+        ram.close()
