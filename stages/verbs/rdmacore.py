@@ -30,6 +30,7 @@ from types import SimpleNamespace
 from pipeline.errors import TransportError, TransportUnsupported
 from stages.verbs import base
 from stages.verbs.base import (
+    WRITE_WR_DTYPE,
     Access,
     MRHandle,
     PDHandle,
@@ -237,6 +238,27 @@ class VerbsQP(base.QP):
             if opcode == SendOpcode.RDMA_WRITE:
                 wr.set_wr_rdma(rkey, remote_addr)
             self.qp.post_send(wr)
+
+    def post_writes(self, wrs) -> None:
+        """One ibv_post_send of a chained WR list (pyverbs' ``SendWR(next_wr=...)``). On a
+        failure the WRs before the bad one are posted, as ibv_post_send leaves them."""
+        if getattr(wrs, "dtype", None) != WRITE_WR_DTYPE or wrs.ndim != 1:
+            raise ValueError("post_writes takes a 1-d array of WRITE_WR_DTYPE records")
+        if not len(wrs):
+            return
+        v = self._v
+        write, signaled = int(SendOpcode.RDMA_WRITE), v.e.IBV_SEND_SIGNALED
+        chain = []  # keeps every SendWR alive until the post: each points at the next's struct
+        with errors("cannot post writes"):
+            nxt = None
+            for wr_id, addr, remote_addr, length, lkey, rkey, sig in reversed(wrs.tolist()):
+                wr = v.wr.SendWR(wr_id=wr_id, opcode=write, num_sge=1,
+                                 sg=[v.wr.SGE(addr, length, lkey)],
+                                 send_flags=signaled if sig else 0, next_wr=nxt)
+                wr.set_wr_rdma(rkey, remote_addr)
+                chain.append(wr)
+                nxt = wr
+            self.qp.post_send(nxt)
 
     def post_recv(self, wr_id: int, addr: int, length: int, lkey: int) -> None:
         v = self._v
