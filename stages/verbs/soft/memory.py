@@ -11,8 +11,10 @@ exporter finds that file and offset in /proc/self/maps, the importer maps the sa
 
 from __future__ import annotations
 
+import bisect
 import ctypes
 import errno
+import itertools
 import mmap
 import os
 import resource
@@ -88,13 +90,25 @@ class PinSet:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._ranges: list[tuple[int, int]] = []  # (first page address, end address)
+        # (first page address, end address), sorted, one entry per registration; _longest
+        # bounds how far before a range another one that overlaps it can start
+        self._ranges: list[tuple[int, int]] = []
+        self._longest = 0
 
     @staticmethod
     def _pages(address: int, length: int) -> tuple[int, int]:
         start = address - address % PAGE
         end = -(-(address + length) // PAGE) * PAGE
         return start, end
+
+    @staticmethod
+    def _lock_range(start: int, end: int, on_demand: bool) -> int:
+        """mlock (or mlock2 MLOCK_ONFAULT) one page range; 0 or the errno."""
+        if on_demand and _mlock2 is not None:
+            failed = _mlock2(start, end - start, MLOCK_ONFAULT) != 0
+        else:
+            failed = _libc.mlock(start, end - start) != 0
+        return ctypes.get_errno() if failed else 0
 
     def pin(self, address: int, length: int, *, on_demand: bool = False) -> None:
         """mlock the pages of ``[address, address+length)``; TransportError over the limit.
@@ -104,36 +118,77 @@ class PinSet:
         never written costs nothing. RLIMIT_MEMLOCK counts the whole range either way."""
         start, end = self._pages(address, length)
         with self._lock:
-            if on_demand and _mlock2 is not None:
-                failed = _mlock2(start, end - start, MLOCK_ONFAULT) != 0
-            else:
-                failed = _libc.mlock(start, end - start) != 0
-            if failed:
-                raise pin_error(end - start, ctypes.get_errno())
-            self._ranges.append((start, end))
+            err = self._lock_range(start, end, on_demand)
+            if err:
+                raise pin_error(end - start, err)
+            bisect.insort(self._ranges, (start, end))
+            self._longest = max(self._longest, end - start)
+
+    def pin_many(self, ranges: list[tuple[int, int]], *, on_demand: bool = False) -> None:
+        """``pin`` each ``(address, length)`` of ``ranges``, all or none: each stretch of
+        adjacent or overlapping ranges is locked with one call (mlock costs per page, plus a
+        VMA split and merge per call), and each range is still counted on its own, so each
+        is unpinned on its own."""
+        pages = [self._pages(a, n) for a, n in ranges]
+        with self._lock:
+            done: list[tuple[int, int]] = []
+            for start, end in _stretches(pages):
+                err = self._lock_range(start, end, on_demand)
+                if err:
+                    for d_start, d_end in done:      # undo, sparing pages others pinned
+                        self._unlock_uncovered(d_start, d_end)
+                    raise pin_error(sum(e - s for s, e in _stretches(pages)), err)
+                done.append((start, end))
+            self._ranges.extend(pages)
+            self._ranges.sort()            # timsort: a sorted list plus a sorted run is cheap
+            self._longest = max([self._longest] + [e - s for s, e in pages])
 
     def unpin(self, address: int, length: int) -> None:
         """Undo one ``pin``; pages another registration still covers stay locked."""
         start, end = self._pages(address, length)
         with self._lock:
-            self._ranges.remove((start, end))
-            pieces = [(start, end)]
-            for o_start, o_end in self._ranges:
-                if o_end <= start or o_start >= end:
-                    continue
-                cut = []
-                for p_start, p_end in pieces:
-                    if o_start > p_start:
-                        cut.append((p_start, min(p_end, o_start)))
-                    if o_end < p_end:
-                        cut.append((max(p_start, o_end), p_end))
-                pieces = [(s, e) for s, e in cut if s < e]
+            i = bisect.bisect_left(self._ranges, (start, end))
+            if i == len(self._ranges) or self._ranges[i] != (start, end):
+                raise ValueError(f"{start:#x}-{end:#x} is not pinned")
+            del self._ranges[i]
+            self._unlock_uncovered(start, end)
+
+    def _unlock_uncovered(self, start: int, end: int) -> None:
+        """munlock the pages of ``[start, end)`` that no range in ``_ranges`` covers."""
+        pieces = [(start, end)]
+        ranges = self._ranges
+        first = bisect.bisect_left(ranges, (start - self._longest, 0))
+        for o_start, o_end in itertools.islice(ranges, first, None):
+            if o_start >= end:
+                break
+            if o_end <= start:
+                continue
+            cut = []
             for p_start, p_end in pieces:
-                _libc.munlock(p_start, p_end - p_start)
+                if o_start > p_start:
+                    cut.append((p_start, min(p_end, o_start)))
+                if o_end < p_end:
+                    cut.append((max(p_start, o_end), p_end))
+            pieces = [(s, e) for s, e in cut if s < e]
+            if not pieces:
+                return
+        for p_start, p_end in pieces:
+            _libc.munlock(p_start, p_end - p_start)
 
     def covered(self) -> list[tuple[int, int]]:
         with self._lock:
             return list(self._ranges)
+
+
+def _stretches(pages: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The union of page ranges as maximal stretches, in address order."""
+    out: list[list[int]] = []
+    for start, end in sorted(pages):
+        if out and start <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], end)
+        else:
+            out.append([start, end])
+    return [(s, e) for s, e in out]
 
 
 PINS = PinSet()

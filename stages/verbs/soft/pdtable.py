@@ -59,6 +59,7 @@ class PDTable:
         self._fd = fd
         self._mutex = threading.Lock()
         self._holds: dict[int, int] = {}
+        self._cursor = 0  # where the search for a free entry starts (see _free_slots)
         # A raw mapping (not mmap.mmap): numpy views of it can never block the unmap in close().
         self._map = FileMapping(SHM_DIR + name, 0, ENTRIES + CAPACITY * ENTRY.itemsize)
         raw = view(self._map.address, ENTRIES + CAPACITY * ENTRY.itemsize)
@@ -101,23 +102,50 @@ class PDTable:
 
     def add(self, lkey: int, rkey: int, access: int, addr: int, length: int) -> int:
         """Record a live MR; returns its slot."""
+        return int(self.add_many([(lkey, rkey, access, addr, length)])[0])
+
+    def add_many(self, mrs: list[tuple[int, int, int, int, int]]) -> np.ndarray:
+        """Record live MRs, each ``(lkey, rkey, access, addr, length)``, under one header lock;
+        returns their slots (in order). All or none: ENOSPC leaves the table as it was."""
         with self._mutex:
             self._check()
             _lock(self._fd, fcntl.F_WRLCK, 0, 1, wait=True)
             try:
-                free = np.flatnonzero(self._entries["state"] == FREE)
-                if free.size == 0:
+                slots = self._free_slots(len(mrs))
+                if len(slots) < len(mrs):
                     raise TransportError(f"PD table {self.name} is full ({CAPACITY} MRs)",
                                          errno=errno.ENOSPC)
-                slot = int(free[0])
-                entry = self._entries[slot]
-                entry["lkey"], entry["rkey"], entry["access"] = lkey, rkey, access
-                entry["addr"], entry["length"], entry["pid"] = addr, length, os.getpid()
-                entry["gen"] += 1
-                entry["state"] = LIVE
-                return slot
+                rows = np.array(mrs, dtype=np.uint64).reshape(len(mrs), 5)
+                entries = self._entries
+                entries["lkey"][slots] = rows[:, 0]
+                entries["rkey"][slots] = rows[:, 1]
+                entries["access"][slots] = rows[:, 2]
+                entries["addr"][slots] = rows[:, 3]
+                entries["length"][slots] = rows[:, 4]
+                entries["pid"][slots] = os.getpid()
+                entries["gen"][slots] += 1
+                entries["state"][slots] = LIVE     # last: an entry is read only once LIVE
+                if len(slots):
+                    self._cursor = int(slots[-1]) + 1
+                return slots
             finally:
                 _lock(self._fd, fcntl.F_UNLCK, 0, 1, wait=True)
+
+    def _free_slots(self, n: int) -> np.ndarray:
+        """Up to ``n`` FREE slots, from this view's cursor on and wrapping once (the header
+        lock is held). Slots are taken in order, so the next free one is usually right at the
+        cursor: a search reads a window near it instead of the whole table."""
+        state = self._entries["state"]
+        found: list[np.ndarray] = []
+        have, pos, scanned = 0, self._cursor % CAPACITY, 0
+        while have < n and scanned < CAPACITY:
+            width = min(max(256, 2 * (n - have)), CAPACITY - pos, CAPACITY - scanned)
+            free = np.flatnonzero(state[pos:pos + width] == FREE)[:n - have] + pos
+            found.append(free)
+            have += len(free)
+            scanned += width
+            pos = (pos + width) % CAPACITY
+        return np.concatenate(found) if found else np.zeros(0, np.int64)
 
     def remove(self, slot: int) -> None:
         """Free a slot, unless some process holds an import of it (TransportError EBUSY)."""
