@@ -55,6 +55,7 @@ from pipeline.protocol.records import DeviceState, Eof, Hook, MemSize
 from pipeline.protocol.stream import StreamReader
 from pipeline.stats import MigrationStats
 from stages.pagehash import ROUND_SECTION
+from stages.registrar import chunk_registrar
 from stages.scanner import nonzero_pages
 from stages.verbs.base import Access
 
@@ -332,7 +333,7 @@ class IncomingMigration:
             if isinstance(msg, RamBlocksRequestMessage):
                 self.link.reply(RamBlocksResultMessage(tuple(self._dest_blocks())))
             elif isinstance(msg, RegisterRequestMessage):
-                results = tuple(self._register(r) for r in msg.records)
+                results = tuple(self._register(msg.records))
                 if len(results) > 1 and not self.caps.multi_register:
                     results = results[:1]
                 self.link.reply(RegisterResultMessage(results, repeat=len(msg.records)))
@@ -368,22 +369,32 @@ class IncomingMigration:
             out.append(DestBlock(blk.address, blk.offset, blk.length, rkey))
         return out
 
-    def _register(self, rec) -> RegisterResult:
-        blk = self._block(rec.current_index)
-        addr = rec.current_addr - blk.offset
-        if not 0 <= addr < blk.length:
-            raise RemoteProtocolError(f"REGISTER address {rec.current_addr:#x} is outside "
-                                      f"block {blk.idstr}")
-        first = addr // blk.chunk_size
-        key = (blk.index, first)
-        mr = self.chunk_mrs.get(key)
-        if mr is None:
-            start = first * blk.chunk_size
-            end = min(blk.length, (first + 1 + rec.chunks) * blk.chunk_size)
-            mr = self.pd.reg_mr(blk.address + start, end - start, RW | Access.ON_DEMAND)
-            self.chunk_mrs[key] = mr
-            self._populate_ahead(mr)
-        return RegisterResult(mr.rkey, blk.address)
+    def _register(self, recs) -> list[RegisterResult]:
+        """One result per REGISTER record, in order. Every record is checked before anything
+        is registered; the chunks not registered yet get one MR and rkey each, all made by one
+        ``reg_mrs`` call (adjacent chunks pinned together), and a chunk asked for twice, or
+        registered before, keeps its MR."""
+        wanted = []
+        new: dict[tuple[int, int], tuple[int, int]] = {}
+        for rec in recs:
+            blk = self._block(rec.current_index)
+            addr = rec.current_addr - blk.offset
+            if not 0 <= addr < blk.length:
+                raise RemoteProtocolError(f"REGISTER address {rec.current_addr:#x} is outside "
+                                          f"block {blk.idstr}")
+            first = addr // blk.chunk_size
+            key = (blk.index, first)
+            wanted.append((key, blk))
+            if key not in self.chunk_mrs and key not in new:
+                start = first * blk.chunk_size
+                end = min(blk.length, (first + 1 + rec.chunks) * blk.chunk_size)
+                new[key] = (blk.address + start, end - start)
+        if new:
+            mrs = chunk_registrar(self.pd, RW | Access.ON_DEMAND)(list(new.values()))
+            for key, mr in zip(new, mrs, strict=True):
+                self.chunk_mrs[key] = mr
+                self._populate_ahead(mr)
+        return [RegisterResult(self.chunk_mrs[key].rkey, blk.address) for key, blk in wanted]
 
     def _populate_ahead(self, mr) -> None:
         """Fault a newly registered chunk in from a helper thread. Pinning it before answering

@@ -70,12 +70,15 @@ class Registrar:
     """Chunk registration cache and run -> write translation (see the module docstring)."""
 
     def __init__(self, blocks: list[BlockInfo], chunk_size: int, *, pin_all: bool,
-                 reg_mr: Callable[[int, int], object], pin_budget: int = 0) -> None:
+                 reg_mr: Callable[[int, int], object], pin_budget: int = 0,
+                 reg_mrs: Callable[[list[tuple[int, int]]], list] | None = None) -> None:
         self.blocks = blocks
         self.chunk_size = chunk_size
         self.chunk_pages = chunk_size // PAGE
         self.pin_all = pin_all
         self._reg_mr = reg_mr
+        # one MR per (address, length), in one go (adjacent chunks pinned by one call)
+        self._reg_mrs = reg_mrs or (lambda ranges: [reg_mr(a, n) for a, n in ranges])
         self.budget_chunks = pin_budget // chunk_size if pin_budget else 0
         n = [b.nb_chunks(chunk_size) for b in blocks]
         self.state = [np.zeros(k, np.uint8) for k in n]
@@ -258,14 +261,19 @@ class Registrar:
     def register_pending(self) -> None:
         """Register locally the chunks whose REGISTER request is out (call after sending the
         requests, so that local pinning overlaps the destination's; answers need it done)."""
+        if not self.to_register:
+            return
         t0 = time.perf_counter_ns()
+        ranges = []
         for b, c in self.to_register:
             start = c * self.chunk_size
-            length = min(self.chunk_size, self.blocks[b].length - start)
-            mr = self._reg_mr(self.blocks[b].address + start, length)
+            ranges.append((self.blocks[b].address + start,
+                           min(self.chunk_size, self.blocks[b].length - start)))
+        mrs = self._reg_mrs(ranges)
+        for (b, c), mr in zip(self.to_register, mrs, strict=True):
             self.mrs[(b, c)] = mr
-            self.new_mrs.append(mr)
             self.lkey[b][c] = mr.lkey
+        self.new_mrs.extend(mrs)
         self.to_register.clear()
         self.busy_ns += time.perf_counter_ns() - t0
 
@@ -347,15 +355,20 @@ def _cat(parts: list[np.ndarray], dtype: np.dtype) -> np.ndarray:
 
 
 
-def _export(mr, attempts: int = 5):
-    """``mr.export()``, retried: the soft provider reads /proc/self/maps to find the backing
-    file, and that read can miss a mapping while another thread of ours maps memory (a numpy
-    allocation in an Inbox thread), which makes it fail now and then."""
+def _export(mrs: list, attempts: int = 5) -> list:
+    """The export handles of ``mrs``, retried: the soft provider reads /proc/self/maps to find
+    the backing file, and that read can miss a mapping while another thread of ours maps memory
+    (a numpy allocation in an Inbox thread), which makes it fail now and then. MRs of one PD
+    are exported together where the provider can (``export_mrs``: one PD-table write)."""
     from pipeline.errors import TransportError
 
+    pd = getattr(mrs[0], "pd", None)
+    together = getattr(pd, "export_mrs", None)
+    if together is None or any(getattr(mr, "pd", None) is not pd for mr in mrs):
+        together = None
     for attempt in range(attempts):
         try:
-            return mr.export()
+            return together(mrs) if together else [mr.export() for mr in mrs]
         except TransportError:
             if attempt == attempts - 1:
                 raise
@@ -365,13 +378,27 @@ def _export(mr, attempts: int = 5):
 def import_records(mrs: list) -> np.ndarray:
     """OP_IMPORT records telling the poster how to import each of ``mrs`` (exported here)."""
     out = records(WRITE_DTYPE, len(mrs), op=OP_IMPORT)
-    for i, mr in enumerate(mrs):
-        h = _export(mr)
-        out[i]["lkey"], out[i]["rkey"] = h.lkey, h.rkey
-        out[i]["local_addr"], out[i]["length"] = h.addr, h.length
-        out[i]["remote_addr"] = h.file_offset
-        out[i]["pages"], out[i]["zero_pages"] = h.access, h.slot
+    if not mrs:
+        return out
+    handles = _export(mrs)
+    out["lkey"] = [h.lkey for h in handles]
+    out["rkey"] = [h.rkey for h in handles]
+    out["local_addr"] = [h.addr for h in handles]
+    out["length"] = [h.length for h in handles]
+    out["remote_addr"] = [h.file_offset for h in handles]
+    out["pages"] = [h.access for h in handles]
+    out["zero_pages"] = [h.slot for h in handles]
     return out
+
+
+def chunk_registrar(pd, access) -> Callable[[list[tuple[int, int]]], list]:
+    """Registers a list of ``(address, length)`` ranges with ``access``, one MR each: with one
+    ``pd.reg_mrs`` call where the provider has it (the soft one: adjacent ranges pinned by one
+    mlock, one PD lock), else one ``pd.reg_mr`` a range."""
+    many = getattr(pd, "reg_mrs", None)
+    if many is not None:
+        return lambda ranges: many(ranges, access)
+    return lambda ranges: [pd.reg_mr(a, n, access) for a, n in ranges]
 
 
 def registrar_main(config: dict, link) -> int:
@@ -407,6 +434,7 @@ def registrar_main(config: dict, link) -> int:
                         # mlock on present pages; pages never touched are zero, never sent).
                         reg_mr=lambda a, n: pd.reg_mr(
                             a, n, Access.ON_DEMAND if n > region.chunk_size else Access.NONE),
+                        reg_mrs=chunk_registrar(pd, Access.NONE),
                         pin_budget=config.get("pin_budget", 0))
         if reg.pin_all:
             reg.pin_blocks()      # before ready: a pin that fails (RLIMIT_MEMLOCK) fails setup

@@ -138,3 +138,37 @@ def test_adjacent_zero_runs_merge_into_one_compress_across_chunks():
     assert c[["offset", "length"]].tolist() == [((CP - 2) * 4096, (CP + 5) * 4096),
                                                 ((3 * CP + 5) * 4096, 4096)]
     assert reg.compress_sent == 2 and reg.round_compressed[1] == CP + 6
+
+
+def test_chunks_requested_together_are_registered_with_one_call_in_request_order():
+    calls = []
+
+    def reg_mrs(ranges):
+        calls.append(list(ranges))
+        return [FakeMR(a, n) for a, n in ranges]
+
+    blocks = [BlockInfo(0x10000000, 4 * CHUNK), BlockInfo(0x20000000, CHUNK // 4)]
+    reg = Registrar(blocks, CHUNK, pin_all=False, reg_mr=FakeMR, reg_mrs=reg_mrs)
+    _, q = reg.on_runs(runs((0, 2 * CP, 1, 0), (0, 0, 1, 0), (0, CP, 1, 0), (1, 0, 2, 0)))
+    asked = q[q["op"] == REQ_REGISTER]
+    reg.register_pending()
+    reg.register_pending()                              # nothing left: no second call
+    assert calls == [[(0x10000000, CHUNK), (0x10000000 + CHUNK, CHUNK),
+                      (0x10000000 + 2 * CHUNK, CHUNK), (0x20000000, CHUNK // 4)]]
+    assert list(zip(asked["block"].tolist(), asked["chunk"].tolist(), strict=True)) == [
+        (0, 0), (0, 1), (0, 2), (1, 0)]
+    lkeys = [reg.lkey[0][0], reg.lkey[0][1], reg.lkey[0][2], reg.lkey[1][0]]
+    assert len(set(lkeys)) == 4 and reg.new_mrs == [reg.mrs[k] for k in
+                                                    [(0, 0), (0, 1), (0, 2), (1, 0)]]
+    w, _ = reg.on_answers(np.concatenate([answer(0, c, 50 + c) for c in range(3)]
+                                         + [answer(1, 0, 60)]))
+    assert sorted(w["rkey"].tolist()) == [50, 51, 52, 60]
+    assert calls[1:] == []
+
+
+def test_without_reg_mrs_each_chunk_goes_through_reg_mr():
+    reg = make()
+    reg.on_runs(runs((0, 0, 1, 0), (0, CP, 1, 0)))
+    reg.register_pending()
+    assert [(m.addr, m.length) for m in reg.new_mrs] == [(0x10000000, CHUNK),
+                                                          (0x10000000 + CHUNK, CHUNK)]
