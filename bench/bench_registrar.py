@@ -9,7 +9,10 @@ POSIX shared memory, either touched beforehand (the source's guest RAM) or fresh
 destination's RAM, never written: pinning faults it in). ``register-*`` does what the registrar
 does for every chunk: ``pd.reg_mr`` (pins with mlock), the export that lets the poster import
 the MR (``stages.registrar.import_records``), then, once every chunk is registered, closes them
-all (unpins). ``mlock-*``, the baseline, is ``mlock`` then ``munlock`` of the same chunks.
+all (unpins). ``register-1m-batch`` registers and exports ``BATCH`` adjacent chunks at a time, as
+the registrar does with the chunks of one REGISTER request (``pd.reg_mrs``: one mlock and one
+PD-table write for the batch, still one MR a chunk). ``mlock-*``, the baseline, is ``mlock``
+then ``munlock`` of the same chunks.
 ``chunks_per_s`` counts a chunk registered and unregistered; ``gb_per_s`` the bytes.
 """
 
@@ -32,6 +35,7 @@ MiB = 1 << 20
 CASES = {
     "mlock-1m": ("mlock", MiB, "touched"),
     "register-1m": ("register", MiB, "touched"),
+    "register-1m-batch": ("batch", MiB, "touched"),
     "mlock-4m": ("mlock", 4 * MiB, "touched"),
     "register-4m": ("register", 4 * MiB, "touched"),
     "mlock-16m": ("mlock", 16 * MiB, "touched"),
@@ -39,7 +43,9 @@ CASES = {
     "mlock-1m-fresh": ("mlock", MiB, "fresh"),
     "register-1m-fresh": ("register", MiB, "fresh"),
 }
-BASELINE = {n: n.replace("register", "mlock") for n in CASES if n.startswith("register")}
+BATCH = 64          # chunks per reg_mrs call in register-*-batch
+BASELINE = {n: n.replace("register", "mlock").removesuffix("-batch")
+            for n in CASES if n.startswith("register")}
 METRIC = "chunks_per_s"
 
 
@@ -72,19 +78,22 @@ def run_case(case: str) -> dict:
                     libc.munlock(base + c * chunk, chunk)
                 t2 = time.perf_counter()
             else:
-                from stages.registrar import import_records
+                from stages.registrar import chunk_registrar, import_records
                 from stages.verbs import open_provider
                 from stages.verbs.base import Access
 
                 with open_provider("soft").open_device() as ctx:
                     pd = ctx.alloc_pd()
                     pd.export()
+                    per_call = BATCH if kind == "batch" else 1
+                    reg_mrs = chunk_registrar(pd, Access.NONE)
                     t0 = time.perf_counter()
                     mrs = []
-                    for c in range(n):
-                        mr = pd.reg_mr(base + c * chunk, chunk, Access.NONE)
-                        import_records([mr])
-                        mrs.append(mr)
+                    for c in range(0, n, per_call):
+                        batch = reg_mrs([(base + k * chunk, chunk)
+                                         for k in range(c, min(n, c + per_call))])
+                        import_records(batch)
+                        mrs.extend(batch)
                     t1 = time.perf_counter()
                     for mr in mrs:
                         mr.close()
