@@ -7,7 +7,9 @@ Cases (each in a fresh interpreter, ``--case NAME``, which spawns the other proc
     tcp-1m        1 MiB sendall() into recv_into() over loopback: the baseline for write-1m
     write-1m      1 MiB RDMA WRITEs, every one signaled (as QEMU posts them), SQ of 64
     tcp-4k        4 KiB messages the same way: the baseline for write-4k
-    write-4k      4 KiB RDMA WRITEs, every one signaled
+    write-4k      4 KiB RDMA WRITEs, every one signaled, posted one post_send at a time
+    write-4k-b64  the same writes posted 64 at a time with post_writes (one WR array a call),
+                  SQ of 256 (four batches in flight)
     tcp-rtt       16-byte ping-pong over a socket: the baseline for sendrecv-rtt
     sendrecv-rtt  16-byte SEND answered by a 16-byte SEND, a RECV always posted
 
@@ -39,10 +41,13 @@ CASES = {
     "write-1m": ("write", MiB, 4096),
     "tcp-4k": ("tcp", 4096, 200_000),
     "write-4k": ("write", 4096, 200_000),
+    "write-4k-b64": ("write-b64", 4096, 400_000),
     "tcp-rtt": ("tcp-rtt", 16, 20_000),
     "sendrecv-rtt": ("rtt", 16, 20_000),
 }
-BASELINE = {"write-1m": "tcp-1m", "write-4k": "tcp-4k", "sendrecv-rtt": "tcp-rtt"}
+BASELINE = {"write-1m": "tcp-1m", "write-4k": "tcp-4k", "write-4k-b64": "tcp-4k",
+            "sendrecv-rtt": "tcp-rtt"}
+BATCH = 64  # WRs a post_writes call in the write-*-b64 cases
 SPAWN = mp.get_context("spawn")
 
 
@@ -120,25 +125,39 @@ def _tcp(size: int, count: int, echo: bool) -> float:
     return wall
 
 
-def _write(size: int, count: int) -> float:
+def _write(size: int, count: int, batch: int = 0) -> float:
+    """``count`` signaled WRITEs, ``batch`` a post_writes call (0: one post_send each)."""
     from stages.verbs import Access, SendOpcode, open_provider
+    from stages.verbs.base import WRITE_WR_DTYPE
 
     parent, child = SPAWN.Pipe()
     peer = SPAWN.Process(target=verbs_target, args=(child, size, count, False))
     peer.start()
     port, remote, rkey = parent.recv()
     source = np.full(size, 3, np.uint8)
-    depth = 64
+    depth = max(64, 4 * batch)  # a batched poster keeps a few batches in flight
     with open_provider("soft").open_device() as ctx:
         pd = ctx.alloc_pd()
         mr = pd.reg_mr(source.ctypes.data, size, Access.LOCAL_WRITE)
         cq = ctx.create_cq(depth * 2)
         qp = pd.create_qp(cq, cq, max_send_wr=depth, max_recv_wr=1)
         ctx.connect(qp, "127.0.0.1", port)
+        wrs = np.zeros(max(batch, 1), WRITE_WR_DTYPE)
+        wrs["addr"], wrs["length"], wrs["lkey"], wrs["rkey"] = mr.addr, size, mr.lkey, rkey
+        wrs["signaled"] = 1
+        steps = np.arange(len(wrs), dtype=np.uint64)
         posted = completed = offset = 0
         start = time.perf_counter()
         while completed < count:
-            while posted < count and posted - completed < depth:
+            if batch:
+                while posted < count and depth - (posted - completed) >= batch:
+                    n = min(batch, count - posted)
+                    wrs["wr_id"][:n] = steps[:n] + posted
+                    wrs["remote_addr"][:n] = (steps[:n] * size + offset) % TARGET + remote
+                    qp.post_writes(wrs[:n])
+                    offset = (offset + n * size) % TARGET
+                    posted += n
+            while not batch and posted < count and posted - completed < depth:
                 qp.post_send(posted, SendOpcode.RDMA_WRITE, mr.addr, size, mr.lkey,
                              remote_addr=remote + offset, rkey=rkey)
                 offset = (offset + size) % TARGET
@@ -190,6 +209,8 @@ def run_case(name: str) -> dict:
         wall = _tcp(size, count, echo=True)
     elif kind == "write":
         wall = _write(size, count)
+    elif kind == "write-b64":
+        wall = _write(size, count, BATCH)
     else:
         wall = _rtt(size, count)
     me = resource.getrusage(resource.RUSAGE_SELF)
