@@ -53,6 +53,7 @@ PAGE = 4096
 NONE, REQUESTED, REGISTERED = 0, 1, 2
 ALL_CHUNKS = 0xFFFFFFFF      # an ANSWER for a whole block (pin-all)
 BIG_ZERO_PAGES = 64          # a zero run this long always goes as COMPRESS (256 KiB)
+LOCAL_SLICE = 16             # chunks registered locally between looks at the inputs
 
 
 @dataclass
@@ -129,7 +130,7 @@ class Registrar:
 
     def on_answers(self, answers: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Handle REGISTER answers (and pin-all block keys); returns (writes, requests)."""
-        self.register_pending()
+        self._register_answered(answers)
         t0 = time.perf_counter_ns()
         for a in answers:
             b, c = int(a["block"]), int(a["chunk"])
@@ -258,24 +259,41 @@ class Registrar:
             self.round_compressed[int(r)] = self.round_compressed.get(int(r), 0) + int(
                 z["n_pages"][z["round"] == r].sum())
 
-    def register_pending(self) -> None:
-        """Register locally the chunks whose REGISTER request is out (call after sending the
-        requests, so that local pinning overlaps the destination's; answers need it done)."""
+    def register_pending(self, limit: int | None = None) -> None:
+        """Register locally the chunks whose REGISTER request is out, in the order asked, at
+        most ``limit`` of them (call after sending the requests, so that local pinning overlaps
+        the destination's; an answer needs its chunks done, see ``_register_answered``)."""
         if not self.to_register:
             return
         t0 = time.perf_counter_ns()
+        todo = self.to_register[:limit] if limit else list(self.to_register)
         ranges = []
-        for b, c in self.to_register:
+        for b, c in todo:
             start = c * self.chunk_size
             ranges.append((self.blocks[b].address + start,
                            min(self.chunk_size, self.blocks[b].length - start)))
         mrs = self._reg_mrs(ranges)
-        for (b, c), mr in zip(self.to_register, mrs, strict=True):
+        for (b, c), mr in zip(todo, mrs, strict=True):
             self.mrs[(b, c)] = mr
             self.lkey[b][c] = mr.lkey
         self.new_mrs.extend(mrs)
-        self.to_register.clear()
+        del self.to_register[:len(todo)]
         self.busy_ns += time.perf_counter_ns() - t0
+
+    def _register_answered(self, answers: np.ndarray) -> None:
+        """Register locally every chunk up to the last one ``answers`` answer (the requests
+        and their answers come in the order asked): their writes can then leave, while the
+        chunks asked for later are still being registered."""
+        if not self.to_register:
+            return
+        if (answers["chunk"] == ALL_CHUNKS).any():
+            self.register_pending()
+            return
+        answered = set(zip(answers["block"].tolist(), answers["chunk"].tolist(), strict=True))
+        last = max((i for i, key in enumerate(self.to_register) if key in answered),
+                   default=-1)
+        if last >= 0:
+            self.register_pending(last + 1)
 
     def _evict(self, incoming: int, round_no: int) -> np.ndarray:
         """UNREGISTER requests for LRU idle chunks so that ``incoming`` more fit the budget."""
@@ -444,7 +462,6 @@ def registrar_main(config: dict, link) -> int:
             if len(reqs):
                 requests_out.push(reqs)     # first: the coordinator starts the exchange now
                 reqs = reqs[:0]
-            reg.register_pending()          # ...while we pin our side
             if reg.new_mrs:
                 writes_out.push(import_records(reg.new_mrs))
                 reg.new_mrs.clear()
@@ -466,7 +483,14 @@ def registrar_main(config: dict, link) -> int:
         inbox.watch("completions", comps_in)
         open_inputs = {"runs", "answers", "completions"}
         while "completions" in open_inputs:
-            name, recs = inbox.get()
+            # Chunks asked for are registered here a slice at a time while nothing else waits
+            # (pinning overlaps the destination's), so that an answer is served as it comes.
+            item = inbox.get_nowait() if reg.to_register else inbox.get()
+            if item is None:
+                reg.register_pending(LOCAL_SLICE)
+                flush(records(WRITE_DTYPE, 0), records(REQUEST_DTYPE, 0))
+                continue
+            name, recs = item
             if isinstance(recs, BaseException):
                 raise recs
             if len(recs) == 0:

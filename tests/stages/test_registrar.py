@@ -172,3 +172,24 @@ def test_without_reg_mrs_each_chunk_goes_through_reg_mr():
     reg.register_pending()
     assert [(m.addr, m.length) for m in reg.new_mrs] == [(0x10000000, CHUNK),
                                                           (0x10000000 + CHUNK, CHUNK)]
+
+
+def test_an_answer_registers_locally_only_up_to_the_chunks_it_answers():
+    calls = []
+
+    def reg_mrs(ranges):
+        calls.append(len(ranges))
+        return [FakeMR(a, n) for a, n in ranges]
+
+    blocks = [BlockInfo(0x10000000, 4 * CHUNK)]
+    reg = Registrar(blocks, CHUNK, pin_all=False, reg_mr=FakeMR, reg_mrs=reg_mrs)
+    reg.on_runs(runs(*[(0, c * CP, 1, 0) for c in range(4)]))
+    reg.register_pending(1)                            # a slice while nothing else waits
+    w, _ = reg.on_answers(np.concatenate([answer(0, 0, 70), answer(0, 1, 71)]))
+    assert calls == [1, 1] and reg.to_register == [(0, 2), (0, 3)]
+    assert sorted(w["rkey"].tolist()) == [70, 71] and len(reg.new_mrs) == 2
+    w, _ = reg.on_answers(answer(0, 3, 73))            # (0, 2) is registered on the way
+    assert calls == [1, 1, 2] and reg.to_register == []
+    assert w["rkey"].tolist() == [73]
+    w, _ = reg.on_answers(answer(0, 2, 72))
+    assert calls == [1, 1, 2] and w["rkey"].tolist() == [72]
