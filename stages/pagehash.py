@@ -68,24 +68,30 @@ def hash_pages(view: np.ndarray, pages: np.ndarray, table: np.ndarray,
             table[sel] = hash_rows(part)
 
 
-TEST_WINDOW = 512                  # pages hashed per call when zero tags are wanted (2 MiB: a
-                                   # page that hashes to 0 is re-read while still in cache)
+TEST_WINDOW = 1024                 # pages hashed and tested per call when zero tags are wanted
 
 
-def _hash_and_test_rows(rows: np.ndarray, picked: np.ndarray | None) -> tuple[np.ndarray,
-                                                                            np.ndarray]:
-    """Hashes of ``rows`` (or of its rows ``picked``), and whether each such row is non-zero."""
-    h = hash_rows(rows)
-    if picked is not None:
-        h = h[picked]
-    nonzero = h != 0
-    unsure = np.flatnonzero(~nonzero)            # zero, or (rarely) data that hashes to 0
-    if len(unsure) * 4 >= len(rows):             # in place, no copy; OR beats any() 1.4x
-        every = np.bitwise_or.reduce(rows, axis=1) != 0
-        nonzero[unsure] = (every if picked is None else every[picked])[unsure]
-    elif len(unsure):
-        some = rows[unsure if picked is None else picked[unsure]]
-        nonzero[unsure] = np.bitwise_or.reduce(some, axis=1) != 0
+def _hash_and_test_rows(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Hashes of ``rows`` and whether each row is non-zero, reading each row once from memory.
+    Most rows led by a zero word: test them all first (zero rows need no hashing: they hash to
+    0) and hash the others; else hash them all and test only those that hash to 0 (zero rows,
+    or rarely data), still in cache."""
+    if np.count_nonzero(rows[:, 0]) * 2 >= len(rows):
+        h = hash_rows(rows)
+        nonzero = h != 0
+        unsure = np.flatnonzero(~nonzero)
+        if len(unsure) * 4 >= len(rows):
+            nonzero = np.bitwise_or.reduce(rows, axis=1) != 0     # in place, no gather
+        elif len(unsure):
+            nonzero[unsure] = np.bitwise_or.reduce(rows[unsure], axis=1) != 0
+        return h, nonzero
+    nonzero = np.bitwise_or.reduce(rows, axis=1) != 0             # 1.4x faster than any()
+    data = np.flatnonzero(nonzero)
+    if len(data) * 2 >= len(rows):
+        return hash_rows(rows), nonzero
+    h = np.zeros(len(rows), np.uint64)
+    if len(data):
+        h[data] = hash_rows(rows[data])
     return h, nonzero
 
 
@@ -96,8 +102,9 @@ def hash_and_test(view: np.ndarray, pages: np.ndarray, table: np.ndarray,
     page whether it is non-zero, reading each page once. ``pages`` sorted. ``held`` (per page
     of ``view``, as ``stages.scanner.resident`` gives it) marks the pages in memory: the others
     are zero, hash to 0 and are not read (reading a hole of shared memory allocates it).
-    Dense stretches are hashed in place, scattered pages gathered into ``scratch``
-    ((TEST_WINDOW, 512) uint64, reused)."""
+    Windows of TEST_WINDOW pages that are dense enough are read in place (clean pages
+    between dirty ones too, if in memory); the other pages are gathered into ``scratch``
+    ((TEST_WINDOW, 512) uint64, reused) TEST_WINDOW at a time, wherever they lie."""
     nonzero = np.zeros(len(pages), bool)
     if not len(pages):
         return nonzero
@@ -110,24 +117,32 @@ def hash_and_test(view: np.ndarray, pages: np.ndarray, table: np.ndarray,
             return nonzero
     if scratch is None:
         scratch = np.empty((TEST_WINDOW, WORDS), np.uint64)
-    first = int(pages[0]) // TEST_WINDOW
-    last = int(pages[-1]) // TEST_WINDOW
-    cuts = np.searchsorted(pages, np.arange(first + 1, last + 1) * TEST_WINDOW)
-    at = 0
-    for sel in np.split(pages, cuts):
-        n = len(sel)
-        if not n:
-            continue
-        lo, hi = int(sel[0]), int(sel[-1]) + 1
-        if n * 4 >= hi - lo and (held is None or held[lo:hi].all()):
-            h, nz = _hash_and_test_rows(view[lo:hi], None if n == hi - lo else sel - lo)
-        else:
-            part = scratch[:n]
-            np.take(view, sel, axis=0, out=part)
-            h, nz = _hash_and_test_rows(part, None)
+    window = pages // TEST_WINDOW
+    starts = np.flatnonzero(np.diff(window, prepend=-1))       # each window's first page
+    ends = np.append(starts[1:], len(pages))
+    lo = pages[starts].astype(np.int64)
+    hi = pages[ends - 1].astype(np.int64) + 1
+    dense = (ends - starts) * 4 >= hi - lo
+    if held is not None:
+        absent = np.concatenate([[0], np.cumsum(~held)])
+        dense &= absent[hi] == absent[lo]           # a window read in place: all in memory
+    for s, e, a, z in zip(starts[dense].tolist(), ends[dense].tolist(), lo[dense].tolist(),
+                          hi[dense].tolist(), strict=True):
+        sel = pages[s:e]
+        h, nz = _hash_and_test_rows(view[a:z])
+        if e - s != z - a:
+            h, nz = h[sel - a], nz[sel - a]
         table[sel] = h
-        nonzero[at:at + n] = nz
-        at += n
+        nonzero[s:e] = nz
+    loose = np.flatnonzero(np.repeat(~dense, ends - starts))
+    for i in range(0, len(loose), TEST_WINDOW):
+        idx = loose[i:i + TEST_WINDOW]
+        sel = pages[idx]
+        part = scratch[:len(sel)]
+        np.take(view, sel, axis=0, out=part)
+        h, nz = _hash_and_test_rows(part)
+        table[sel] = h
+        nonzero[idx] = nz
     return nonzero
 
 

@@ -89,6 +89,29 @@ def test_hash_and_test_tags_zero_pages_from_the_hash_and_checks_those_that_hash_
     assert (np.delete(table, pages) == 7).all()
 
 
+@pytest.mark.parametrize("window", [64, 1024])
+@pytest.mark.parametrize("zero_share", [0.1, 0.6, 0.95])
+@pytest.mark.parametrize("zero_led", [0.0, 0.8])
+def test_hash_and_test_is_exact_whichever_way_a_window_is_read(monkeypatch, window,
+                                                               zero_share, zero_led):
+    import stages.pagehash as ph
+
+    monkeypatch.setattr(ph, "TEST_WINDOW", window)
+    n = 2500
+    rng = np.random.default_rng(int(zero_share * 100))
+    view = pages_of(n, seed=8)
+    view[rng.random(n) < zero_led, 0] = 0   # data led by a zero word: looks zero at first
+    view[rng.random(n) < zero_share] = 0
+    view[[5, 700, 2400]] = [hashing_to_zero(s) for s in (1, 2, 3)]
+    view[701, 1:] = 0                       # only the lead word set
+    for pages in (np.arange(n), np.sort(rng.choice(n, 300, replace=False)),
+                  np.concatenate([np.arange(0, 40), np.arange(60, 2000, 3), [2400]])):
+        table = np.zeros(n, np.uint64)
+        nonzero = hash_and_test(view, pages, table)
+        assert (nonzero == view[pages].any(axis=1)).all()
+        assert (table[pages] == hash_rows(view[pages])).all()
+
+
 def test_hash_and_test_leaves_pages_not_held_unread_at_zero():
     view = mixed_pages(600)
     held = np.ones(600, bool)
