@@ -1,7 +1,8 @@
 """RC queue pair of the soft provider: send and receive queues, completions, errors.
 
 The QP owns the verbs state; ``link.Link`` owns the socket and its two threads. Everything here
-runs under ``qp.lock``, which the link's writer waits on as a condition.
+runs under ``qp.lock``, which the link's writer waits on as a condition, except a poster's inline
+send (``link.send_claimed``), which holds the socket, not the lock.
 
 Invariants:
 - ``sq`` holds the posted send WRs not yet completed, in posting (= sequence) order;
@@ -11,7 +12,9 @@ Invariants:
   slots (``sq_used``, ``rq_used``) are freed when those completions are polled.
 - In ERR, every WR still queued and every WR posted later completes with WR_FLUSH_ERR.
 - The responder executes the peer's requests strictly in sequence (``expected``); after an RNR
-  NAK it drops requests until the NAKed one is sent again.
+  NAK it drops requests until the NAKed one is sent again. A WRITE_BATCH is its writes in
+  order: dropped whole unless it starts at ``expected``, and a write failing its checks is
+  NAKed after the ones before it are placed.
 """
 
 from __future__ import annotations
