@@ -78,7 +78,7 @@ def run_case(case: str) -> dict:
                     libc.munlock(base + c * chunk, chunk)
                 t2 = time.perf_counter()
             else:
-                from stages.registrar import chunk_registrar, import_records
+                from stages.registrar import import_records
                 from stages.verbs import open_provider
                 from stages.verbs.base import Access
 
@@ -86,12 +86,11 @@ def run_case(case: str) -> dict:
                     pd = ctx.alloc_pd()
                     pd.export()
                     per_call = BATCH if kind == "batch" else 1
-                    reg_mrs = chunk_registrar(pd, Access.NONE)
                     t0 = time.perf_counter()
                     mrs = []
                     for c in range(0, n, per_call):
-                        batch = reg_mrs([(base + k * chunk, chunk)
-                                         for k in range(c, min(n, c + per_call))])
+                        ranges = [(base + k * chunk, chunk) for k in range(c, min(n, c + per_call))]
+                        batch = pd.reg_mrs(ranges, Access.NONE)
                         import_records(batch)
                         mrs.extend(batch)
                     t1 = time.perf_counter()

@@ -55,7 +55,6 @@ from pipeline.protocol.records import DeviceState, Eof, Hook, MemSize
 from pipeline.protocol.stream import StreamReader
 from pipeline.stats import MigrationStats
 from stages.pagehash import ROUND_SECTION
-from stages.registrar import chunk_registrar
 from stages.scanner import nonzero_pages
 from stages.verbs.base import Access
 
@@ -390,7 +389,7 @@ class IncomingMigration:
                 end = min(blk.length, (first + 1 + rec.chunks) * blk.chunk_size)
                 new[key] = (blk.address + start, end - start)
         if new:
-            mrs = chunk_registrar(self.pd, RW | Access.ON_DEMAND)(list(new.values()))
+            mrs = self.pd.reg_mrs(list(new.values()), RW | Access.ON_DEMAND)
             for key, mr in zip(new, mrs, strict=True):
                 self.chunk_mrs[key] = mr
                 self._populate_ahead(mr)

@@ -374,19 +374,15 @@ def _cat(parts: list[np.ndarray], dtype: np.dtype) -> np.ndarray:
 
 
 def _export(mrs: list, attempts: int = 5) -> list:
-    """The export handles of ``mrs``, retried: the soft provider reads /proc/self/maps to find
-    the backing file, and that read can miss a mapping while another thread of ours maps memory
-    (a numpy allocation in an Inbox thread), which makes it fail now and then. MRs of one PD
-    are exported together where the provider can (``export_mrs``: one PD-table write)."""
+    """The export handles of ``mrs`` (all of one PD, exported together: one PD-table write in
+    the soft provider), retried: the soft provider reads /proc/self/maps to find the backing
+    file, and that read can miss a mapping while another thread of ours maps memory (a numpy
+    allocation in an Inbox thread), which makes it fail now and then."""
     from pipeline.errors import TransportError
 
-    pd = getattr(mrs[0], "pd", None)
-    together = getattr(pd, "export_mrs", None)
-    if together is None or any(getattr(mr, "pd", None) is not pd for mr in mrs):
-        together = None
     for attempt in range(attempts):
         try:
-            return together(mrs) if together else [mr.export() for mr in mrs]
+            return mrs[0].pd.export_mrs(mrs)
         except TransportError:
             if attempt == attempts - 1:
                 raise
@@ -407,16 +403,6 @@ def import_records(mrs: list) -> np.ndarray:
     out["pages"] = [h.access for h in handles]
     out["zero_pages"] = [h.slot for h in handles]
     return out
-
-
-def chunk_registrar(pd, access) -> Callable[[list[tuple[int, int]]], list]:
-    """Registers a list of ``(address, length)`` ranges with ``access``, one MR each: with one
-    ``pd.reg_mrs`` call where the provider has it (the soft one: adjacent ranges pinned by one
-    mlock, one PD lock), else one ``pd.reg_mr`` a range."""
-    many = getattr(pd, "reg_mrs", None)
-    if many is not None:
-        return lambda ranges: many(ranges, access)
-    return lambda ranges: [pd.reg_mr(a, n, access) for a, n in ranges]
 
 
 def registrar_main(config: dict, link) -> int:
@@ -452,7 +438,7 @@ def registrar_main(config: dict, link) -> int:
                         # mlock on present pages; pages never touched are zero, never sent).
                         reg_mr=lambda a, n: pd.reg_mr(
                             a, n, Access.ON_DEMAND if n > region.chunk_size else Access.NONE),
-                        reg_mrs=chunk_registrar(pd, Access.NONE),
+                        reg_mrs=lambda ranges: pd.reg_mrs(ranges, Access.NONE),
                         pin_budget=config.get("pin_budget", 0))
         if reg.pin_all:
             reg.pin_blocks()      # before ready: a pin that fails (RLIMIT_MEMLOCK) fails setup

@@ -274,6 +274,23 @@ class PD(Resource):
     def reg_mr(self, address: int, length: int, access: Access) -> MR:
         """Register (and pin) ``length`` bytes at ``address``, memory the caller owns."""
 
+    def reg_mrs(self, ranges: list[tuple[int, int]], access: Access) -> list[MR]:
+        """One MR per ``(address, length)`` of ``ranges``, all or none. Providers that can pin
+        adjacent ranges together override this loop."""
+        mrs: list[MR] = []
+        try:
+            for address, length in ranges:
+                mrs.append(self.reg_mr(address, length, access))
+        except BaseException:
+            for mr in mrs:
+                mr.close()
+            raise
+        return mrs
+
+    def export_mrs(self, mrs: list[MR]) -> list[MRHandle]:
+        """``mr.export()`` of each of ``mrs``; providers may export them in one step."""
+        return [mr.export() for mr in mrs]
+
     @abstractmethod
     def create_qp(self, send_cq: CQ, recv_cq: CQ, *, max_send_wr: int, max_recv_wr: int,
                   rnr_retry: int = 0) -> QP:
