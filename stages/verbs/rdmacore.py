@@ -287,14 +287,23 @@ class VerbsQP(base.QP):
 class VerbsPD(base.PD):
     def __init__(self, context: VerbsContext, pd, imported: bool, handle: PDHandle | None = None):
         self.context, self.pd, self.imported, self._handle = context, pd, imported, handle
+        self._odp = True      # until the device refuses an ON_DEMAND registration
         self._children: list = []
 
     def reg_mr(self, address: int, length: int, access: Access) -> VerbsMR:
         v = self.context.v
+        access = Access(access)
+        if access & Access.ON_DEMAND and not self._odp:
+            access &= ~Access.ON_DEMAND
         try:
             with errors(f"cannot register {length} bytes"):
                 mr = v.mr.MR(self.pd, length, int(access), address=address)
         except TransportError as exc:
+            if access & Access.ON_DEMAND and exc.errno in (errno.EINVAL, errno.EOPNOTSUPP):
+                # A device without ODP: pin the pages instead (QEMU falls back the other way,
+                # to ODP when pinning is not supported), and stop asking this PD for ODP.
+                self._odp = False
+                return self.reg_mr(address, length, access & ~Access.ON_DEMAND)
             if exc.errno in (errno.ENOMEM, errno.EPERM, errno.EAGAIN):
                 raise pin_error(length, exc.errno) from None  # names RLIMIT_MEMLOCK if so
             raise
