@@ -11,9 +11,13 @@ goes). No Python runs per write: everything is whole-array numpy.
 Invariants:
 - wr_ids are a running counter, so a completion for wr_id k retires every write with id <= k
   (completions come in order on an RC QP).
-- A completion is requested every ``signal_every`` writes of a call and on the last write of
-  every call, so the newest outstanding write is always signaled: nothing is left unsignaled
-  while the poster waits for room, for the cap or for more records.
+- A completion is requested for every wr_id k with (k + 1) % signal_every == 0, and on the
+  last write of a call after which the poster would wait with that write's completion
+  unrequested: the end of a stretch (more records or an END must come first), a stop for the
+  cap, or a full send queue shorter than ``signal_every``. A call that fills a longer queue
+  leaves a signaled write outstanding whose completion brings the next call. So nothing is
+  left unsignaled at rest, and a trickle of completions refills the queue in full steps of
+  ``signal_every`` (signaling every call's last write would split those steps for good).
 - A round's END record is answered with DRAINED once no write of that round or an earlier one
   is outstanding: the barrier after which the coordinator may send REGISTER FINISHED.
 - An exception from ``post`` leaves the poster's state as before the call; the stage is lost
@@ -36,6 +40,8 @@ from stages.records import COMPLETION_DTYPE, OP_END, OP_RUN, WRITE_DTYPE, record
 from stages.verbs.base import WRITE_WR_DTYPE
 
 WINDOW = 0.01     # seconds of bandwidth budget
+NO_COMPLETIONS = np.zeros(0, COMPLETION_DTYPE)
+NO_COMPLETIONS.flags.writeable = False
 
 # What the poster remembers of a posted write until its completion.
 OUTSTANDING_DTYPE = np.dtype([
@@ -107,7 +113,7 @@ class Poster:
             room = self.max_outstanding - self.n_outstanding
             if not self.backlog or room <= 0:
                 break
-            batch = self._head(room)
+            batch, stretch_end = self._head(room)
             n = len(batch)
             capped = False
             if self.max_bandwidth:
@@ -115,7 +121,8 @@ class Poster:
                 if capped:
                     wait = self._window_start + WINDOW - now
             if n:
-                self._post_batch(batch[:n])
+                tail = capped or stretch_end or self.max_outstanding < self.signal_every
+                self._post_batch(batch[:n], tail)
                 self._consume(n)
             if capped:
                 break
@@ -126,7 +133,7 @@ class Poster:
         """Retire every write up to the highest completed wr_id; returns (completion records:
         OP_RUN per (round, block, chunk) in order, then DRAINED, seconds to wait)."""
         t0 = time.perf_counter_ns()
-        out = records(COMPLETION_DTYPE, 0)
+        out = NO_COMPLETIONS
         if len(wr_ids):
             done = self._retire(int(np.max(wr_ids)))
             if len(done):
@@ -138,18 +145,23 @@ class Poster:
         return (np.concatenate([out, drained]) if len(out) else drained), wait
 
     # -- internals -----------------------------------------------------------------------
-    def _head(self, limit: int) -> np.ndarray:
-        """Up to ``limit`` writes from the head of the backlog, stopping at an END marker."""
-        parts, total = [], 0
+    def _head(self, limit: int) -> tuple[np.ndarray, bool]:
+        """Up to ``limit`` writes from the head of the backlog, stopping at an END marker, and
+        whether they are all of the stretch (nothing but an END or the end comes next)."""
+        parts, total, end = [], 0, True
         for item in self.backlog:
             if isinstance(item, int):
+                break
+            if total >= limit:
+                end = False
                 break
             part = item[:limit - total]
             parts.append(part)
             total += len(part)
-            if total >= limit:
+            if len(part) < len(item):
+                end = False
                 break
-        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+        return (parts[0] if len(parts) == 1 else np.concatenate(parts)), end
 
     def _consume(self, n: int) -> None:
         """Drop the first ``n`` writes of the backlog (they were posted)."""
@@ -175,7 +187,7 @@ class Poster:
             self._window_bytes += int(sent[n - 1])
         return n, n < len(batch)
 
-    def _post_batch(self, batch: np.ndarray) -> None:
+    def _post_batch(self, batch: np.ndarray, signal_tail: bool) -> None:
         n = len(batch)
         wrs = np.empty(n, WRITE_WR_DTYPE)
         wrs["wr_id"] = np.arange(self.seq, self.seq + n, dtype=np.uint64)
@@ -184,9 +196,13 @@ class Poster:
         wrs["length"] = batch["length"]
         wrs["lkey"] = batch["lkey"]
         wrs["rkey"] = batch["rkey"]
+        # Every signal_every-th wr_id overall, not of this call: completions then free the
+        # send queue in steps of signal_every and the next call posts that many again.
+        first = (-(self.seq + 1)) % self.signal_every
         signaled = np.zeros(n, np.uint32)
-        signaled[self.signal_every - 1::self.signal_every] = 1
-        signaled[-1] = 1
+        signaled[first::self.signal_every] = 1
+        if signal_tail:
+            signaled[-1] = 1
         wrs["signaled"] = signaled
         self._post(wrs)
         # Posted: now remember it.
@@ -240,14 +256,18 @@ class Poster:
                                writes=self.round_writes.pop(r, 0),
                                bytes=self.round_bytes.pop(r, 0), post_ns=self.busy_ns))
         if not out:
-            return records(COMPLETION_DTYPE, 0)
-        return np.concatenate(out)
+            return NO_COMPLETIONS
+        return out[0] if len(out) == 1 else np.concatenate(out)
 
 
 def _per_chunk(done: np.ndarray) -> np.ndarray:
     """One OP_RUN completion record per (round, block, chunk) of ``done``, with its writes and
     bytes, in the order each key first appears."""
     r, b, c = done["round"], done["block"], done["chunk"]
+    if (r[0] == r[-1] and b[0] == b[-1] and c[0] == c[-1]
+            and (r == r[0]).all() and (b == b[0]).all() and (c == c[0]).all()):
+        return records(COMPLETION_DTYPE, op=OP_RUN, round=r[0], block=b[0], chunk=c[0],
+                       writes=len(done), bytes=done["length"].sum())   # one chunk: common
     order = np.lexsort((c, b, r))        # stable: within a key, completion order is kept
     rs, bs, cs = r[order], b[order], c[order]
     new = np.ones(len(done), bool)

@@ -82,6 +82,17 @@ def test_send_queue_depth_is_respected():
     assert len(rec.calls) == 2
 
 
+def test_signals_follow_the_wr_id_so_a_trickle_refills_in_full_steps():
+    rec = Recorder()
+    p = Poster(rec, max_outstanding=32, signal_every=16)
+    p.on_writes(writes(100), 0.0)
+    for k in (15, 31, 47, 63, 79):                       # one completion at a time
+        p.on_completions([k], 0.0)
+    assert [len(c) for c in rec.calls] == [32, 16, 16, 16, 16, 4]
+    ids = rec.wrs["wr_id"][rec.wrs["signaled"] != 0].tolist()
+    assert ids == [15, 31, 47, 63, 79, 95, 99]
+
+
 def test_completion_retires_part_of_a_batch():
     rec = Recorder()
     p = Poster(rec, signal_every=4)
@@ -263,9 +274,10 @@ def test_large_batches_of_one_page_writes_across_chunks_and_rounds():
     for b in batches:
         out.append(p.on_writes(b, 0.0)[0])
         while p.n_outstanding >= 256 or (not p.backlog and p.n_outstanding):
-            wrs = qp.rec.calls[-1]
-            assert wrs["signaled"][-1]          # the newest outstanding write is signaled
             assert p.n_outstanding <= 256
+            assert qp.signaled                  # at rest, a completion is still to come
+            if not p.backlog:                   # waiting for records: the newest is signaled
+                assert qp.signaled[-1] == qp.rec.calls[-1]["wr_id"][-1]
             out.append(p.on_completions(qp.poll(), 0.0)[0])
     assert p.idle and not qp.signaled
     comps = np.concatenate(out)
@@ -299,3 +311,45 @@ def test_large_batches_of_one_page_writes_across_chunks_and_rounds():
         assert not ((comps["op"][i + 1:] == OP_RUN) & (comps["round"][i + 1:] <= r)).any()
     assert not p.round_writes and not p.round_bytes
     assert comps["post_ns"][ends[-1]] <= p.busy_ns
+
+
+def test_a_stretch_that_ends_where_the_queue_fills_is_signaled():
+    rec = Recorder()
+    p = Poster(rec, max_outstanding=20, signal_every=16)
+    p.on_writes(writes(20), 0.0)
+    assert rec.wrs["wr_id"][rec.wrs["signaled"] != 0].tolist() == [15, 19]
+    p.on_writes(writes(25), 0.0)                          # queued: the queue is full
+    p.on_completions([19], 0.0)                           # 20 in a call filling the queue
+    assert rec.wrs["wr_id"][rec.wrs["signaled"] != 0].tolist() == [15, 19, 31]
+    p.on_completions([31], 0.0)                           # the last 5, the stretch's end
+    assert rec.wrs["wr_id"][rec.wrs["signaled"] != 0].tolist() == [15, 19, 31, 44]
+    p.on_completions([44], 0.0)
+    assert p.idle
+
+
+@pytest.mark.parametrize("depth,every", [(1, 1), (3, 16), (16, 16), (17, 16), (20, 7),
+                                         (256, 16), (64, 1)])
+def test_nothing_is_left_unsignaled_at_rest(depth, every):
+    rng = np.random.default_rng(depth * 100 + every)
+    qp = FakeQP(depth + every)
+    p = Poster(qp, max_outstanding=depth, signal_every=every)
+    total, drained, feeds = 0, [], []
+    for r in range(1, 6):
+        for _ in range(int(rng.integers(0, 4))):
+            n = int(rng.integers(1, 3 * depth + 2))
+            feeds.append(writes(n, r, chunk=int(rng.integers(0, 3))))
+            total += n
+        feeds.append(end(r))
+    out = []
+    while feeds or not p.idle:
+        if feeds and (not p.n_outstanding or rng.random() < 0.5):
+            out.append(p.on_writes(feeds.pop(0), 0.0)[0])
+        elif p.n_outstanding:
+            assert qp.signaled, "writes outstanding with no completion to come"
+            out.append(p.on_completions(qp.poll(), 0.0)[0])
+        assert p.n_outstanding <= depth
+    comps = np.concatenate(out)
+    drained = comps[comps["op"] == OP_END]
+    assert drained["round"].tolist() == [1, 2, 3, 4, 5]
+    assert comps[comps["op"] == OP_RUN]["writes"].sum() == total == p.writes_posted
+    assert qp.rec.wrs["wr_id"].tolist() == list(range(total))
