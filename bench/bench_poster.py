@@ -15,7 +15,10 @@ Cases, each in a fresh interpreter (``--case NAME``) that spawns the receiving p
                 round) of 64 chunks of 1 MiB, 20 rounds each closed by an END marker: a busy
                 guest dirtying at random
     sansio-4k-scattered  the same records through the Poster with a fake ``post`` that sends
-                nothing and completes at once: the poster's own cost, without the transport
+                nothing and completes every signaled write at once: the poster's own cost,
+                without the transport, in batches as large as the send queue allows
+    sansio-4k-trickle    the same, one completion (16 writes) per wake-up: the poster's cost
+                when it cycles a few writes at a time, as on a slow link
 
 Records reach the Poster in batches of 4096 (what the stage's inbox pops from its ring), the
 next when the backlog is empty. ``busy s`` is the Poster's own time (``busy_ns``: posting and
@@ -52,6 +55,7 @@ CASES = {   # name: (kind, write size, writes)
     "poster-4k": ("poster", PAGE, 200_000),
     "poster-4k-scattered": ("scattered", PAGE, 200_000),
     "sansio-4k-scattered": ("sansio", PAGE, 200_000),
+    "sansio-4k-trickle": ("sansio-trickle", PAGE, 200_000),
 }
 BASELINE = {"write-1m": "tcp-1m", "poster-1m": "tcp-1m", "poster-4k": "tcp-4k",
             "poster-4k-scattered": "tcp-4k"}
@@ -160,17 +164,25 @@ def _post_through_poster(parent, kind: str, size: int, count: int) -> tuple[floa
         return time.perf_counter() - start, poster
 
 
-def _sansio(size: int, count: int) -> tuple[float, object]:
-    """The Poster alone: ``post`` keeps the newest wr_id, which completes at once."""
-    newest = [None]
+def _sansio(size: int, count: int, trickle: bool) -> tuple[float, object]:
+    """The Poster alone, ``post`` sending nothing: every signaled write completes at once, or
+    (``trickle``) one completion per wake-up, so the poster cycles a few writes at a time."""
+    signaled: list[int] = []
 
     def post_writes(wrs: np.ndarray) -> None:
-        newest[0] = int(wrs["wr_id"][-1])     # the last WR of a call is signaled
+        signaled.extend(wrs["wr_id"][wrs["signaled"] != 0].tolist())
+
+    def completions() -> list[int]:
+        if trickle:
+            return [signaled.pop(0)]
+        done = signaled[:]
+        signaled.clear()
+        return done
 
     writes = write_records("scattered", size, count, 1 << 30, 1, 1 << 40, 2)
     poster = make_poster(post_writes)
     start = time.perf_counter()
-    drive(poster, writes, lambda: [newest[0]])
+    drive(poster, writes, completions)
     return time.perf_counter() - start, poster
 
 
@@ -179,8 +191,8 @@ def run_case(name: str) -> dict:
     poster = None
     if kind in ("poster", "scattered"):
         wall, poster = _poster(kind, size, count)
-    elif kind == "sansio":
-        wall, poster = _sansio(size, count)
+    elif kind.startswith("sansio"):
+        wall, poster = _sansio(size, count, trickle=kind == "sansio-trickle")
     else:
         wall = transport.run_case(f"{kind}-{'1m' if size == MiB else '4k'}")["wall_s"]
     row = {"case": name, "size": size, "writes": count, **rates(size * count, wall),
