@@ -3,7 +3,15 @@
 The public API grows here (start, watch, cancel and await a migration); see ``pipeline.api``.
 """
 
-from pipeline.errors import (  # noqa: F401
+import os
+
+# numpy's OpenBLAS starts a worker thread per core in every process that imports it, and those
+# spin while they wait for work. We never call BLAS; on two cores shared by six processes the
+# spinning only steals time. Set before numpy is imported here or in any stage we spawn.
+for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
+
+from pipeline.errors import (  # noqa: E402, F401
     GuestError,
     LocalProtocolError,
     MigrationCancelled,
