@@ -200,7 +200,7 @@ class PageHasher:
         self._queue.put(pages)
 
     def _loop(self) -> None:
-        scratch = np.empty((WINDOW, WORDS), np.uint64)
+        scratch = [np.empty((WINDOW, WORDS), np.uint64) for _ in range(2)]
         while (job := self._queue.get()) is not None:
             try:
                 if isinstance(job, bytes):          # a round section's body
@@ -213,7 +213,7 @@ class PageHasher:
             finally:
                 self._queue.task_done()
 
-    def _hash_packed(self, body: bytes, scratch: np.ndarray) -> None:
+    def _hash_packed(self, body: bytes, scratch: list[np.ndarray]) -> None:
         """A round's packed bitmap, a stretch of pages at a time: one entry per page of the
         whole round at once would cost more memory than the page table itself."""
         import zlib
@@ -231,8 +231,10 @@ class PageHasher:
 
     @staticmethod
     def _hash(view: np.ndarray, table: np.ndarray, pages: np.ndarray,
-              scratch: np.ndarray) -> None:
-        from stages.scanner import resident
+              scratch: list[np.ndarray]) -> None:
+        """Hash ``pages`` of ``view`` into ``table``, on two threads when there are many (the
+        final round's pages are hashed inside the downtime)."""
+        from stages.scanner import in_halves, resident
 
         if not len(pages):
             return
@@ -241,7 +243,8 @@ class PageHasher:
             # A page not in memory never was (shared memory is not swapped, and COMPRESS
             # zero-fills in place): its entry is still the 0 it began as.
             pages = pages[res[pages]]
-        hash_pages(view, pages, table, scratch)
+        in_halves(lambda lo, hi: hash_pages(view, pages[lo:hi], table, scratch[lo > 0]),
+                  len(pages))
 
     def wait(self) -> list[np.ndarray]:
         """Block until every submitted round is hashed; the tables."""
