@@ -82,6 +82,8 @@ from stages.registrar import ALL_CHUNKS
 MAX_REGISTER_BATCH = 512
 FIRST_REGISTER_BATCH = 16     # then doubled up to MAX_REGISTER_BATCH
 SWITCHOVER_S = 0.1            # measured downtime of a switchover with nothing left to send
+FINAL_HASH_S = 0.5e-6         # per page left: the destination hashes the last round's pages
+                              # (two threads, gathered) before it can verify and resume
 
 
 class SourceMigration:
@@ -268,12 +270,14 @@ class SourceMigration:
             dirty = self.pipeline.sync(r, self.check)
             # The rule's bandwidth is the rate the round cleared dirty pages at (runs merged
             # across clean pages send more bytes than that), and the expected downtime counts
-            # the switchover's own work (pause, device state, last hashes, resume).
+            # the switchover's own work (pause, device state, last hashes, resume), which
+            # grows with the pages left (the destination hashes them before it verifies).
             # The first round, one sequential pass over all of RAM, clears pages far faster
             # than later rounds of scattered pages can: never switch over on its figure alone
             # while pages are dirty (it promised 300 ms and delivered 500 with a busy guest).
             cleared = self.stats.rounds[-1]["pages"] * PAGE_SIZE
-            allowance = int(SWITCHOVER_S * cleared / secs) if secs > 0 else 0
+            extra_s = SWITCHOVER_S + (dirty * FINAL_HASH_S if self.page_hash else 0.0)
+            allowance = int(extra_s * cleared / secs) if secs > 0 else 0
             decision = self.conv.after_round(RoundResult(r, cleared, secs,
                                                          dirty * PAGE_SIZE + allowance))
             if decision is Decision.SWITCHOVER and r == 1 and dirty:
