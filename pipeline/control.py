@@ -119,6 +119,11 @@ class ControlLink:
         self.post_recvs()
         self.transmit(out)
 
+    def wait_credit(self, timeout: float | None = None) -> None:
+        """Block until the destination grants READY for the next message."""
+        while self.channel.credit == 0:
+            self.receive(timeout)
+
     def request(self, msg):
         """Send a request and return its reply."""
         self.send(msg)

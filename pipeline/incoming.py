@@ -228,10 +228,12 @@ class IncomingMigration:
             if not isinstance(msg, QemuFileMessage):
                 raise RemoteProtocolError(f"expected QEMU FILE, got {type(msg).__name__}")
             reader.feed(msg.data)
+            settle = False        # this message ends with a round's pages, no round after
             for ev in reader.events():
                 if isinstance(ev, MemSize):
                     self._on_mem_size(ev)
                 elif isinstance(ev, Hook):
+                    settle = False
                     self.link.channel.begin_registration()
                     self._registration_loop()
                 elif isinstance(ev, DeviceState):
@@ -242,11 +244,17 @@ class IncomingMigration:
                         self.digests = bytes(body)
                     elif ev.idstr == ROUND_SECTION:
                         self._on_round_pages(bytes(body))
+                        settle = True
                 elif isinstance(ev, Eof):
                     self.stats.update(pause_time=time.monotonic())
                     return
             if reader.next_event() is not NEED_DATA:  # pragma: no cover - events() drained it
                 raise RemoteProtocolError("stream parser out of step")
+            if settle:
+                # The source sends the last round's pages alone just before it pauses the
+                # guest: the READY for its next message waits until every round so far is
+                # hashed, so that the hashing is done before the downtime starts.
+                self.hasher.wait()
 
     def _on_round_pages(self, body: bytes) -> None:
         """The pages a finished round wrote (every write has landed: its REGISTER FINISHED

@@ -88,6 +88,17 @@ def test_control_trace_decodes_and_windows_are_closed(tmp_path):
         else:
             assert msg.TYPE is MessageType.QEMU_FILE
     assert not in_window and windows == summary["round"] + 1   # SETUP + every round
+    # Before the pause, the last round's page bitmap goes in a message of its own (no HOOK),
+    # and the source waits for its READY, which the destination grants once every round is
+    # hashed: only then does the final round's message (its SECTION_END and HOOK) follow.
+    msgs = [(x["dir"], decode(bytes.fromhex(x["hex"]))) for x in lines]
+    hooks = [k for k, (d, m) in enumerate(msgs) if d == "send"
+             and isinstance(m, QemuFileMessage) and m.data.endswith(HOOK_RECORD)]
+    final = hooks[-1]                                   # the final round's SECTION_END + HOOK
+    before = [m for d, m in msgs[:final] if d == "send"][-1]
+    assert isinstance(before, QemuFileMessage) and b"rdp-round-pages" in before.data
+    assert not before.data.endswith(HOOK_RECORD)
+    assert msgs[final - 1][0] == "recv" and msgs[final - 1][1].TYPE is MessageType.READY
 
 
 def test_corrupted_destination_page_fails_verification():
