@@ -10,7 +10,7 @@ import mmap
 import numpy as np
 import posix_ipc
 import pytest
-from verbs_peer import SPAWN, drop_ipc_lock
+from verbs_peer import drop_ipc_lock, run_in_child
 
 from pipeline.errors import TransportError
 from shm.naming import new_run_id, segment_name
@@ -115,16 +115,8 @@ def _pin_many_over_limit(conn) -> None:
 
 
 def test_reg_mrs_over_the_memlock_limit_pins_nothing_and_names_the_limit():
-    conn, child_conn = SPAWN.Pipe()
-    child = SPAWN.Process(target=_pin_many_over_limit, args=(child_conn,))
-    child.start()
-    try:
-        assert conn.poll(60)
-        out = conn.recv()
-    finally:
-        child.join(10)
-        conn.close()
-    assert child.exitcode == 0
+    exitcode, out = run_in_child(_pin_many_over_limit)
+    assert exitcode == 0
     assert out["errno"] in (errno.ENOMEM, errno.EPERM)
     assert "RLIMIT_MEMLOCK" in out["error"] and "9.0 MiB" in out["error"]
     assert out["undone"] and out["covered"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import errno
 
 import numpy as np
-from verbs_peer import SPAWN, register_over_limit
+from verbs_peer import register_over_limit, run_in_child
 
 from stages.verbs import Access, open_provider
 from stages.verbs.soft import memory
@@ -19,16 +19,8 @@ def _locked() -> int:
 
 
 def test_mlock_limit_exceeded_says_how_much_and_how_to_raise_it(provider):
-    conn, child_conn = SPAWN.Pipe()
-    child = SPAWN.Process(target=register_over_limit, args=(child_conn, provider, MiB, 8 * MiB))
-    child.start()
-    try:
-        assert conn.poll(60)
-        result = conn.recv()
-    finally:
-        child.join(10)
-        conn.close()
-    assert child.exitcode == 0
+    exitcode, result = run_in_child(register_over_limit, provider, MiB, 8 * MiB)
+    assert exitcode == 0
     assert result["cap_ipc_lock"] is False  # otherwise root would ignore the limit
     message = result["error"]
     assert message is not None, "registering 8 MiB under a 1 MiB limit succeeded"

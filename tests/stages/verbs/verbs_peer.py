@@ -19,6 +19,23 @@ from stages.verbs import Access, SendOpcode, open_provider
 SPAWN = multiprocessing.get_context("spawn")
 
 
+def run_in_child(target, *args, timeout: float = 60.0):
+    """Run ``target(conn, *args)`` in a spawned process: (its exit code, what it sent)."""
+    conn, child_conn = SPAWN.Pipe()
+    child = SPAWN.Process(target=target, args=(child_conn, *args))
+    child.start()
+    try:
+        assert conn.poll(timeout), f"{target.__name__} sent nothing in {timeout} s"
+        out = conn.recv()
+    finally:
+        child.join(10)
+        if child.is_alive():
+            child.kill()
+            child.join()
+        conn.close()
+    return child.exitcode, out
+
+
 def _serve(conn, provider: str, size: int, access: int, max_send_wr: int, max_recv_wr: int,
            rnr_retry: int, pd_handle, mr_handle) -> None:
     ctx = open_provider(provider).open_device()
