@@ -22,7 +22,7 @@ import socket
 import numpy as np
 
 from stages.verbs.base import Access, SendOpcode
-from stages.verbs.soft import memory, wire
+from stages.verbs.soft import wire
 
 FRAME_BYTES = 1 << 20  # payload of one WRITE_BATCH beyond its first write: bounds ACK latency
 try:
@@ -109,8 +109,9 @@ def remote_targets(pd, descs: np.ndarray) -> tuple[int, list, list, list]:
 
     The first ``k`` writes pass (the key names an MR of this PD with REMOTE_WRITE and the range
     lies inside it); ``views`` are their non-empty targets in order, ``mrs`` the distinct MRs
-    they use (each given one in-flight reference) and ``ranges`` the ``(address, length)``
-    spans of on-demand MRs to fault in before the data lands, adjacent writes merged."""
+    they use (each given one in-flight reference) and ``ranges`` the ``(mr, address,
+    length)`` spans of on-demand MRs to fault in before the data lands, adjacent writes
+    merged."""
     n = len(descs)
     rkeys = descs["rkey"]
     same = bool((rkeys == rkeys[0]).all())
@@ -153,7 +154,7 @@ def remote_targets(pd, descs: np.ndarray) -> tuple[int, list, list, list]:
         if mr.on_demand:
             sel = slice(None) if same else rkeys[:k] == mr.rkey
             base = mr.local_address
-            ranges += [(base + s, e - s) for s, e in _merged(starts[sel], ends[sel])]
+            ranges += [(mr, base + s, e - s) for s, e in _merged(starts[sel], ends[sel])]
     return k, views, used, ranges
 
 
@@ -175,8 +176,9 @@ def _merged(starts: np.ndarray, ends: np.ndarray) -> list[tuple[int, int]]:
 
 
 def populate(ranges: list) -> None:
-    for address, length in ranges:
-        memory.populate(address, length)
+    """Fault in the ``(mr, address, length)`` targets of on-demand MRs (``SoftMR.fault_in``)."""
+    for mr, address, length in ranges:
+        mr.fault_in(address, length)
 
 
 def recv_scattered(sock: socket.socket, views: list) -> bool:

@@ -17,7 +17,7 @@ import threading
 from pipeline.errors import TransportError
 from stages.verbs import base
 from stages.verbs.base import Access, MRHandle, PDHandle, closed_error
-from stages.verbs.soft import memory
+from stages.verbs.soft import faulting, memory
 from stages.verbs.soft.cq import SoftCQ
 from stages.verbs.soft.pdtable import PDTable
 
@@ -44,6 +44,7 @@ class SoftMR(base.MR):
         self._bytes: memoryview | None = None      # made on first use (see _view)
         self.inflight = 0  # work requests using this MR (guarded by pd._lock)
         self.on_demand = bool(self.access & Access.ON_DEMAND)  # populate what a write targets
+        self._faults: faulting.FaultMap | None = None
         self._backing_held = False
 
     @property
@@ -61,6 +62,13 @@ class SoftMR(base.MR):
         if offset < 0 or length < 0 or offset + length > self.length:
             return None
         return self._view[offset:offset + length]
+
+    def fault_in(self, address: int, length: int) -> None:
+        """The responder is about to write ``[address, address+length)`` (local addresses) of
+        this on-demand MR: fault it in, and fault ahead of it (``faulting``)."""
+        if self._faults is None:
+            self._faults = faulting.FaultMap(self)
+        self._faults.fault_in(address, length)
 
     def prefetch(self) -> None:
         """Fault the whole region in now; writes into it then skip their own faulting."""

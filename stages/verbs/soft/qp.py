@@ -42,7 +42,7 @@ from stages.verbs.base import (
     WorkCompletion,
     closed_error,
 )
-from stages.verbs.soft import batch, memory, wire
+from stages.verbs.soft import batch, wire
 from stages.verbs.soft.link import INLINE_MAX, IOV_MAX
 
 _qp_numbers = itertools.count(secrets.randbelow(1 << 20) + 1)
@@ -357,7 +357,7 @@ class SoftQP(base.QP):
                     return None
                 mr.inflight += 1
             if mr.on_demand:
-                memory.populate(mr.local_address + (remote_addr - mr.addr), length)
+                mr.fault_in(mr.local_address + (remote_addr - mr.addr), length)
             return view, mr
         if not self.rq:
             self._nak(seq, wire.NAK_RNR)

@@ -9,6 +9,7 @@ import threading
 import numpy as np
 import posix_ipc
 import pytest
+from verbs_helpers import wait_for
 
 from shm.naming import SHM_DIR, new_run_id, segment_name
 from stages.verbs import Access, SendOpcode, WCStatus, open_provider
@@ -65,7 +66,9 @@ def test_on_demand_registration_faults_nothing_in_and_writes_land(fresh_ram):
             wcs = [w for w in cq.poll(4) if w.wr_id == 1]
         assert wcs[0].status == WCStatus.SUCCESS
         assert (ram[4 * MiB:6 * MiB] == 7).all()
-        assert resident_pages(ram) == 512                # only what the write targeted
+        # what the write targeted, and (faulting ahead) only memory after it
+        assert resident_pages(ram[4 * MiB:6 * MiB]) == 512
+        assert resident_pages(ram[:4 * MiB]) == 0
         for qp in (client_qp, server_qp):
             qp.disconnect()
 
@@ -98,3 +101,33 @@ def test_prefetch_faults_an_on_demand_region_in_once(fresh_ram):
         assert resident_pages(ram) == 256 and not mr.on_demand   # writes skip faulting now
         mr.close()
         mr.prefetch()                                             # closed: nothing to do
+
+
+def test_a_stream_of_writes_is_faulted_in_ahead_and_then_stops_faulting(fresh_ram):
+    from stages.verbs.soft import faulting
+
+    _name, ram = fresh_ram
+    with open_provider("soft").open_device() as ctx:
+        pd = ctx.alloc_pd()
+        mr = pd.reg_mr(ram.ctypes.data, len(ram),
+                       Access.LOCAL_WRITE | Access.REMOTE_WRITE | Access.ON_DEMAND)
+        mr.fault_in(mr.local_address, MiB)          # the responder, before a first write lands
+        assert resident_pages(ram[:MiB]) == 256     # the target now; the rest by the helper
+        assert faulting.AHEAD >= len(ram) - MiB
+        assert wait_for(lambda: not mr.on_demand, timeout=30)   # every unit is in now
+        assert resident_pages(ram[MiB:]) == (len(ram) - MiB) // 4096
+        mr.close()
+
+
+def test_fault_ahead_never_reaches_before_a_write_or_past_the_region(fresh_ram):
+    _name, ram = fresh_ram
+    with open_provider("soft").open_device() as ctx:
+        pd = ctx.alloc_pd()
+        mr = pd.reg_mr(ram.ctypes.data + 4 * MiB, 2 * MiB,
+                       Access.LOCAL_WRITE | Access.REMOTE_WRITE | Access.ON_DEMAND)
+        mr.fault_in(mr.local_address + MiB - 4096, 4096)
+        assert wait_for(lambda: resident_pages(ram) == 1 + 256, timeout=30)
+        assert resident_pages(ram[:5 * MiB - 4096]) == 0
+        assert resident_pages(ram[6 * MiB:]) == 0
+        assert mr.on_demand          # its first unit was never faulted in whole
+        mr.close()
