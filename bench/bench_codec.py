@@ -12,14 +12,10 @@ Encode cases compare with the pack baseline, decode and channel cases with the u
 
 from __future__ import annotations
 
-import argparse
-import json
 import resource
 import struct
 import sys
 import time
-
-from bench.common import case_result
 
 DURATION = 0.5      # seconds of measured work per case
 
@@ -147,35 +143,10 @@ def run_case(case: str) -> dict:
             "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--json", action="store_true", help="JSON lines instead of a table")
-    parser.add_argument("--case", choices=CASES, help="run one case in this process")
-    args = parser.parse_args()
-    if args.case:
-        print(json.dumps(run_case(args.case)), flush=True)
-        return 0
-    results = {}
-    for case in CASES:
-        results[case] = case_result("bench.bench_codec", case)
-    for case, r in results.items():
-        base = baseline_for(case)
-        r["vs_baseline"] = round(r["records_per_s"] / results[base]["records_per_s"], 3) \
-            if base else None
-        if args.json:
-            print(json.dumps(r), flush=True)
-    if not args.json:
-        print_table(results)
-    return 0
+def main(argv: list[str] | None = None) -> int:
+    from bench.stages import module_main
 
-
-def print_table(results: dict) -> None:
-    print(f"{'case':<30}{'records/s':>12}{'B/rec':>8}{'wall s':>8}{'cpu s':>8}"
-          f"{'RSS MiB':>9}  vs. baseline")
-    for case, r in results.items():
-        vs = f"{r['vs_baseline']:.3f}x {baseline_for(case)}" if r["vs_baseline"] else ""
-        print(f"{case:<30}{r['records_per_s']:>12,}{r['bytes_per_record']:>8}"
-              f"{r['wall_s']:>8.2f}{r['cpu_s']:>8.2f}{r['peak_rss_mib']:>9.1f}  {vs}")
+    return module_main("codec", argv, __doc__.splitlines()[0])
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import sys
 
-from bench.common import stage_cli, vs_text
 from bench.common import usage as _usage
 
 RAM = 512 << 20
@@ -28,7 +27,6 @@ CASES = {
 }
 BASELINE = {"migrate-pin-off": "tcp-fresh", "migrate-pin-on": "tcp-fresh",
             "tcp-fresh": "tcp-warm"}
-METRIC = "gb_per_s"
 
 
 def run_case(name: str) -> dict:
@@ -48,23 +46,10 @@ def run_case(name: str) -> dict:
             "rounds": len(s["rounds"]), **_usage()}
 
 
-COLUMNS = [
-    ("case", "case", ""),
-    ("round-1 GB/s", "gb_per_s", ".3f"),
-    ("end-to-end GB/s", "end_to_end_gb_per_s", ".3f"),
-    ("total s", "wall_s", ".3f"),
-    ("setup ms", "setup_ms", ".0f"),
-    ("downtime ms", "downtime_ms", ".0f"),
-    ("CPU s", "cpu_s", ".2f"),
-    ("vs. baseline", vs_text, ""),
-]
-
-
 def main(argv: list[str] | None = None) -> int:
-    return stage_cli(argv, description=__doc__.splitlines()[0], module="bench.bench_pipeline",
-                     cases=CASES,
-                     run_case=run_case, metric=METRIC, baseline_of=BASELINE,
-                     baselines=["tcp-warm"], columns=COLUMNS)
+    from bench.stages import module_main
+
+    return module_main("pipeline", argv, __doc__.splitlines()[0])
 
 
 if __name__ == "__main__":

@@ -37,8 +37,6 @@ import numpy as np
 from bench import bench_transport as transport
 from bench.common import (
     rates,
-    stage_cli,
-    vs_text,
 )
 from bench.common import usage as _usage
 
@@ -59,7 +57,6 @@ CASES = {   # name: (kind, write size, writes)
 }
 BASELINE = {"write-1m": "tcp-1m", "poster-1m": "tcp-1m", "poster-4k": "tcp-4k",
             "poster-4k-scattered": "tcp-4k"}
-METRIC = "gb_per_s"
 
 
 def write_records(kind: str, size: int, count: int, local: int, lkey: int, remote: int,
@@ -207,28 +204,10 @@ def run_case(name: str) -> dict:
     return {**row, **_usage()}
 
 
-COLUMNS = [
-    ("case", "case", ""),
-    ("write B", "size", ""),
-    ("GB/s", "gb_per_s", ".3f"),
-    ("writes/s", "writes_per_s", ",.0f"),
-    ("wall s", "wall_s", ".3f"),
-    ("CPU s", "cpu_s", ".2f"),
-    ("busy s", "busy_s", ".3f"),
-    ("busy ns/write", "busy_ns_per_write", ",.0f"),
-    ("in post s", "post_s", ".3f"),
-    ("own ns/write", "own_ns_per_write", ",.0f"),
-    ("post calls", "post_calls", ",.0f"),
-    ("peak RSS MiB", "peak_rss_mib", ".0f"),
-    ("vs. baseline", vs_text, ""),
-]
-
-
 def main(argv: list[str] | None = None) -> int:
-    return stage_cli(argv, description=__doc__.splitlines()[0], module="bench.bench_poster",
-                     cases=CASES,
-                     run_case=run_case, metric=METRIC, baseline_of=BASELINE,
-                     baselines=[c for c in CASES if c not in BASELINE], columns=COLUMNS)
+    from bench.stages import module_main
+
+    return module_main("poster", argv, __doc__.splitlines()[0])
 
 
 if __name__ == "__main__":

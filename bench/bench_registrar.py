@@ -24,8 +24,6 @@ import time
 
 from bench.common import (
     rates,
-    stage_cli,
-    vs_text,
 )
 from bench.common import usage as _usage
 
@@ -106,24 +104,10 @@ def run_case(case: str) -> dict:
             **_usage()}
 
 
-COLUMNS = [
-    ("case", "case", ""),
-    ("chunk MiB", lambda r: r["chunk_bytes"] / MiB, ".0f"),
-    ("chunks/s", METRIC, ",.0f"),
-    ("GB/s", "gb_per_s", ".2f"),
-    ("register ms", "register_ms", ".1f"),
-    ("unregister ms", "unregister_ms", ".1f"),
-    ("CPU s", "cpu_s", ".2f"),
-    ("peak RSS MiB", "peak_rss_mib", ".0f"),
-    ("vs. baseline", vs_text, ""),
-]
-
-
 def main(argv: list[str] | None = None) -> int:
-    return stage_cli(argv, description=__doc__.splitlines()[0], module="bench.bench_registrar",
-                     cases=CASES,
-                     run_case=run_case, metric=METRIC, baseline_of=BASELINE,
-                     baselines=[c for c in CASES if c not in BASELINE], columns=COLUMNS)
+    from bench.stages import module_main
+
+    return module_main("registrar", argv, __doc__.splitlines()[0])
 
 
 if __name__ == "__main__":

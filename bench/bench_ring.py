@@ -12,8 +12,6 @@ normally used), and with the same numpy batches pickled through it.
 
 from __future__ import annotations
 
-import argparse
-import json
 import multiprocessing as mp
 import resource
 import sys
@@ -21,7 +19,6 @@ import time
 
 import numpy as np
 
-from bench.common import case_result
 from shm import RUN_DTYPE, Ring, naming
 
 CAPACITY = 1 << 16
@@ -146,39 +143,10 @@ def run_case(case: str) -> dict:
     return result
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--json", action="store_true", help="one JSON line per case")
-    parser.add_argument("--case", choices=CASES, help="run one case in this process")
-    args = parser.parse_args()
-    if args.case:
-        print(json.dumps(run_case(args.case)), flush=True)
-        return 0
-    results = {}
-    for case in CASES:
-        results[case] = case_result("bench.bench_ring", case)
-        if args.json:
-            print(json.dumps(results[case]), flush=True)
-    if not args.json:
-        print_table(results)
-    return 0
+def main(argv: list[str] | None = None) -> int:
+    from bench.stages import module_main
 
-
-def print_table(results: dict) -> None:
-    print(f"{'case':<15}{'records/s':>14}{'p50 us':>9}{'p99 us':>9}{'wall s':>8}{'cpu s':>8}"
-          f"{'RSS MiB':>9}  vs. baseline")
-    for case, r in results.items():
-        base = results.get(BASELINE.get(case, ""))
-        if "records_per_s" in r:
-            rate, p50, p99 = f"{r['records_per_s']:,}", "", ""
-            vs = f"{r['records_per_s'] / base['records_per_s']:.1f}x {BASELINE[case]}" \
-                if base else "(baseline)"
-        else:
-            rate, p50, p99 = "", f"{r['p50_us']:.0f}", f"{r['p99_us']:.0f}"
-            vs = f"p50 {base['p50_us'] / r['p50_us']:.1f}x lower than {BASELINE[case]}" \
-                if base else "(baseline)"
-        print(f"{case:<15}{rate:>14}{p50:>9}{p99:>9}{r['wall_s']:>8.2f}{r['cpu_s']:>8.2f}"
-              f"{r['peak_rss_mib']:>9.0f}  {vs}")
+    return module_main("ring", argv, __doc__.splitlines()[0])
 
 
 if __name__ == "__main__":

@@ -25,8 +25,6 @@ import numpy as np
 
 from bench.common import (
     rates,
-    stage_cli,
-    vs_text,
 )
 from bench.common import usage as _usage
 
@@ -44,7 +42,6 @@ CASES = {
     "dense-50pct": (0.5, "data"),
 }
 BASELINE = {name: "memcpy" for name in CASES if name != "memcpy"}
-METRIC = "gb_per_s"
 
 
 def _populate(view: np.ndarray, value: int) -> None:
@@ -132,24 +129,10 @@ def run_case(case: str) -> dict:
     return {"case": case, "guest_bytes": GUEST, **result, **_usage()}
 
 
-COLUMNS = [
-    ("case", "case", ""),
-    ("GB/s", "gb_per_s", ".2f"),
-    ("Mpages/s", lambda r: r.get("pages_per_s", 0) / 1e6, ".1f"),
-    ("dirty pages", "dirty_pages", ""),
-    ("runs", "runs", ""),
-    ("scan ms", lambda r: r["wall_s"] * 1e3, ".1f"),
-    ("CPU s", "cpu_s", ".2f"),
-    ("peak RSS MiB", "peak_rss_mib", ".0f"),
-    ("vs. baseline", vs_text, ""),
-]
-
-
 def main(argv: list[str] | None = None) -> int:
-    return stage_cli(argv, description=__doc__.splitlines()[0], module="bench.bench_scanner",
-                     cases=CASES,
-                     run_case=run_case, metric=METRIC, baseline_of=BASELINE,
-                     baselines=["memcpy"], columns=COLUMNS)
+    from bench.stages import module_main
+
+    return module_main("scanner", argv, __doc__.splitlines()[0])
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@ msgspec / python-zstandard style) that prints one JSON line; the parent collects
 ``run_case_process``, takes the median of repeated runs (``median_row``), divides each case's
 throughput by its baseline's from the same invocation (``attach_baselines``), and prints a table
 (``format_table``) or the JSON lines. ``usage()`` is the CPU time and peak RSS of a case process
-and its children, ``results_path`` where scenario scripts keep their JSON.
+and its children, ``results_path`` where scenario scripts keep their JSON. The per-stage
+modules' command lines are ``bench.stages.module_main``, over the stage table there.
 """
 
 from __future__ import annotations
@@ -171,38 +172,3 @@ def human_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     raise AssertionError
-
-
-def stage_cli(argv: list[str] | None, *, description: str, module: str, cases: Iterable[str],
-              run_case: Callable[[str], dict], metric: str, baseline_of: dict[str, str],
-              baselines: Iterable[str], columns: list) -> int:
-    """The command line a stage benchmark module shares: ``--case NAME`` runs one case in this
-    process and prints its JSON line; otherwise every case runs ``--repeat`` times, each in a
-    fresh process and interleaved (drift hits a baseline and its contender alike), and the
-    medians print as a table or, with ``--json``, as JSON lines. ``baselines`` names the cases
-    that are baselines (marked ``is_baseline``)."""
-    import argparse
-
-    cases = list(cases)
-    parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--json", action="store_true", help="one JSON line per case")
-    parser.add_argument("--case", choices=cases, help="run one case in this process")
-    parser.add_argument("--repeat", type=int, default=3, help="runs per case (median shown)")
-    args = parser.parse_args(argv)
-    if args.case:
-        print(json.dumps(run_case(args.case)), flush=True)
-        return 0
-    runs: dict[str, list[dict]] = {c: [] for c in cases}
-    for _ in range(args.repeat):
-        for case in cases:
-            runs[case].append(run_case_process(["-m", module, "--case", case]))
-    rows = {c: {"case": c, **median_row(r, metric)} for c, r in runs.items()}
-    for c in set(baselines) & rows.keys():
-        rows[c]["is_baseline"] = True
-    attach_baselines(rows, baseline_of, lambda r: r.get(metric))
-    if args.json:
-        for r in rows.values():
-            print(json.dumps(r), flush=True)
-    else:
-        print(format_table(list(rows.values()), columns))
-    return 0

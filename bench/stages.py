@@ -180,6 +180,29 @@ def table(stage: str, rows: list[dict]) -> str:
     return format_table(rows, STAGES[stage].columns)
 
 
+def module_main(stage: str, argv: list[str] | None = None, description: str = "") -> int:
+    """The command line of ``python -m bench.bench_<stage>``: the runs and table of
+    ``rdma-pipeline bench --stage <stage>``; ``--case NAME`` runs one case in this process and
+    prints its JSON line."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--json", action="store_true", help="one JSON line per case")
+    parser.add_argument("--case", choices=list(STAGES[stage].load().CASES),
+                        help="run one case in this process")
+    parser.add_argument("--repeat", type=int, default=3, help="runs per case (median shown)")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run")
+    args = parser.parse_args(argv)
+    if args.case:
+        print(json.dumps(case_main(stage, args.case, args.quick)), flush=True)
+        return 0
+    rows = run_stage(stage, repeat=args.repeat, quick=args.quick)
+    if args.json:
+        for r in rows:
+            print(json.dumps(r), flush=True)
+    else:
+        print(table(stage, rows))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="run one benchmark case (internal)")
     parser.add_argument("--stage", choices=STAGES, required=True)
