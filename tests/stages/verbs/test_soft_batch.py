@@ -13,10 +13,10 @@ import time
 import numpy as np
 import pytest
 from verbs_helpers import Pair, address, port, wait_wcs
-from verbs_peer import Peer
+from verbs_peer import Peer, writer_to
 
 from pipeline.errors import TransportError
-from stages.verbs import Access, QPState, WCOpcode, WCStatus, open_provider
+from stages.verbs import Access, QPState, WCOpcode, WCStatus
 from stages.verbs.base import WRITE_WR_DTYPE
 from stages.verbs.soft import batch, wire
 
@@ -156,34 +156,26 @@ def test_send_between_batches_waits_out_rnr_and_nothing_overtakes_it(make_pair):
 
 def test_killed_peer_mid_batch_flushes_every_outstanding_write(provider):
     n, size = 64, 64 * KiB
-    payload = np.ones(MiB, np.uint8)
-    with Peer(provider, size=MiB) as target:
-        listen_port = target.call("listen", address(provider), port(provider))
-        target.send("accept", b"")
-        with open_provider(provider).open_device() as ctx:
-            pd = ctx.alloc_pd()
-            mr = pd.reg_mr(payload.ctypes.data, MiB, Access.LOCAL_WRITE)
-            cq = ctx.create_cq(256)
-            qp = pd.create_qp(cq, cq, max_send_wr=n, max_recv_wr=1)
-            ctx.connect(qp, address(provider), listen_port, b"", 10)
-            target.answer()
-            os.kill(target.pid, signal.SIGSTOP)  # it stops reading: batches stay in flight
-            wrs = np.zeros(n, WRITE_WR_DTYPE)
-            wrs["wr_id"] = np.arange(n)
-            wrs["addr"], wrs["length"], wrs["lkey"] = mr.addr, size, mr.lkey
-            wrs["remote_addr"] = target.info["addr"] + (np.arange(n) % 16) * size
-            wrs["rkey"], wrs["signaled"] = target.info["rkey"], 1
-            for start in range(0, n, 16):
-                qp.post_writes(wrs[start:start + 16])
-            time.sleep(0.2)
-            target.kill()
-            wcs = wait_wcs(cq, n, 5.0)  # the broken connection is seen at once, not by timeout
-            statuses = [wc.status for wc in wcs]
-            assert [wc.wr_id for wc in wcs] == list(range(n))
-            first = statuses.index(WCStatus.WR_FLUSH_ERR)
-            assert set(statuses[:first]) <= {WCStatus.SUCCESS}
-            assert set(statuses[first:]) == {WCStatus.WR_FLUSH_ERR}
-            assert qp.state == QPState.ERR
+    with Peer(provider, size=MiB) as target, \
+            writer_to(target, provider, address(provider), port(provider), max_send_wr=n) as w:
+        mr, cq, qp = w.mr, w.send_cq, w.qp
+        os.kill(target.pid, signal.SIGSTOP)  # it stops reading: batches stay in flight
+        wrs = np.zeros(n, WRITE_WR_DTYPE)
+        wrs["wr_id"] = np.arange(n)
+        wrs["addr"], wrs["length"], wrs["lkey"] = mr.addr, size, mr.lkey
+        wrs["remote_addr"] = target.info["addr"] + (np.arange(n) % 16) * size
+        wrs["rkey"], wrs["signaled"] = target.info["rkey"], 1
+        for start in range(0, n, 16):
+            qp.post_writes(wrs[start:start + 16])
+        time.sleep(0.2)
+        target.kill()
+        wcs = wait_wcs(cq, n, 5.0)  # the broken connection is seen at once, not by timeout
+        statuses = [wc.status for wc in wcs]
+        assert [wc.wr_id for wc in wcs] == list(range(n))
+        first = statuses.index(WCStatus.WR_FLUSH_ERR)
+        assert set(statuses[:first]) <= {WCStatus.SUCCESS}
+        assert set(statuses[first:]) == {WCStatus.WR_FLUSH_ERR}
+        assert qp.state == QPState.ERR
 
 
 def test_post_writes_refuses_other_arrays(make_pair):

@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 from verbs_helpers import address, port, wait_for, wait_wcs
-from verbs_peer import Peer
+from verbs_peer import Peer, writer_to
 
 from pipeline.errors import TransportError
 from stages.verbs import Access, QPState, SendOpcode, WCOpcode, WCStatus, open_provider
@@ -203,44 +203,35 @@ def test_cq_fds_select_across_several_cqs(make_pair):
 
 def test_sigkilled_peer_flushes_every_outstanding_wr_and_wakes_waiters(provider):
     n = 48
-    payload = np.ones(MiB, np.uint8)
-    with Peer(provider, size=MiB) as target:
-        listen_port = target.call("listen", address(provider), port(provider))
-        target.send("accept", b"")
-        with open_provider(provider).open_device() as ctx:
-            pd = ctx.alloc_pd()
-            mr = pd.reg_mr(payload.ctypes.data, MiB, Access.LOCAL_WRITE)
-            send_cq, recv_cq = ctx.create_cq(256), ctx.create_cq(16)
-            qp = pd.create_qp(send_cq, recv_cq, max_send_wr=n, max_recv_wr=4)
-            qp.post_recv(999, mr.addr, 4096, mr.lkey)
-            ctx.connect(qp, address(provider), listen_port, b"", 10)
-            target.answer()
-            woke = {}
+    with Peer(provider, size=MiB) as target, \
+            writer_to(target, provider, address(provider), port(provider), max_send_wr=n) as w:
+        mr, send_cq, recv_cq, qp = w.mr, w.send_cq, w.recv_cq, w.qp
+        woke = {}
 
-            def waiter():
-                recv_cq.wait(30)
-                woke["at"] = time.monotonic()
+        def waiter():
+            recv_cq.wait(30)
+            woke["at"] = time.monotonic()
 
-            thread = threading.Thread(target=waiter)
-            thread.start()
-            os.kill(target.pid, signal.SIGSTOP)  # the target stops reading: WRs stay in flight
-            for i in range(n):
-                qp.post_send(i, SendOpcode.RDMA_WRITE, mr.addr, MiB, mr.lkey,
-                             remote_addr=target.info["addr"], rkey=target.info["rkey"])
-            time.sleep(0.2)
-            killed = time.monotonic()
-            target.kill()
-            wcs = wait_wcs(send_cq, n, 5.0)
-            flushed_at = time.monotonic()
-            thread.join(5)
-            assert flushed_at - killed < 1.0
-            assert woke["at"] - killed < 1.0
-            statuses = [wc.status for wc in wcs]
-            assert [wc.wr_id for wc in wcs] == list(range(n))
-            assert WCStatus.WR_FLUSH_ERR in statuses
-            first = statuses.index(WCStatus.WR_FLUSH_ERR)
-            assert set(statuses[:first]) <= {WCStatus.SUCCESS}
-            assert set(statuses[first:]) == {WCStatus.WR_FLUSH_ERR}
-            assert [(wc.wr_id, wc.status) for wc in recv_cq.poll()] == [
-                (999, WCStatus.WR_FLUSH_ERR)]
-            assert qp.state == QPState.ERR
+        thread = threading.Thread(target=waiter)
+        thread.start()
+        os.kill(target.pid, signal.SIGSTOP)  # the target stops reading: WRs stay in flight
+        for i in range(n):
+            qp.post_send(i, SendOpcode.RDMA_WRITE, mr.addr, MiB, mr.lkey,
+                         remote_addr=target.info["addr"], rkey=target.info["rkey"])
+        time.sleep(0.2)
+        killed = time.monotonic()
+        target.kill()
+        wcs = wait_wcs(send_cq, n, 5.0)
+        flushed_at = time.monotonic()
+        thread.join(5)
+        assert flushed_at - killed < 1.0
+        assert woke["at"] - killed < 1.0
+        statuses = [wc.status for wc in wcs]
+        assert [wc.wr_id for wc in wcs] == list(range(n))
+        assert WCStatus.WR_FLUSH_ERR in statuses
+        first = statuses.index(WCStatus.WR_FLUSH_ERR)
+        assert set(statuses[:first]) <= {WCStatus.SUCCESS}
+        assert set(statuses[first:]) == {WCStatus.WR_FLUSH_ERR}
+        assert [(wc.wr_id, wc.status) for wc in recv_cq.poll()] == [
+            (999, WCStatus.WR_FLUSH_ERR)]
+        assert qp.state == QPState.ERR

@@ -11,12 +11,33 @@ import multiprocessing
 import os
 import signal
 import time
+from contextlib import contextmanager
+from types import SimpleNamespace
 
 import numpy as np
 
 from stages.verbs import Access, SendOpcode, open_provider
 
 SPAWN = multiprocessing.get_context("spawn")
+MiB = 1 << 20
+
+
+@contextmanager
+def writer_to(target, provider: str, address: str, port: int, *, max_send_wr: int):
+    """A QP of this process connected to ``target`` (a Peer), with 1 MiB of registered ones
+    to write from and a RECV posted: ``.ctx .mr .send_cq .recv_cq .qp``."""
+    payload = np.ones(MiB, np.uint8)
+    listen_port = target.call("listen", address, port)
+    target.send("accept", b"")
+    with open_provider(provider).open_device() as ctx:
+        pd = ctx.alloc_pd()
+        mr = pd.reg_mr(payload.ctypes.data, MiB, Access.LOCAL_WRITE)
+        send_cq, recv_cq = ctx.create_cq(256), ctx.create_cq(16)
+        qp = pd.create_qp(send_cq, recv_cq, max_send_wr=max_send_wr, max_recv_wr=4)
+        qp.post_recv(999, mr.addr, 4096, mr.lkey)
+        ctx.connect(qp, address, listen_port, b"", 10)
+        target.answer()
+        yield SimpleNamespace(ctx=ctx, mr=mr, send_cq=send_cq, recv_cq=recv_cq, qp=qp)
 
 
 def run_in_child(target, *args, timeout: float = 60.0):
