@@ -5,15 +5,13 @@ table's ``add_many``."""
 from __future__ import annotations
 
 import errno
-import mmap
 
 import numpy as np
-import posix_ipc
 import pytest
+from verbs_helpers import shm_ram
 from verbs_peer import drop_ipc_lock, run_in_child
 
 from pipeline.errors import TransportError
-from shm.naming import new_run_id, segment_name
 from stages.verbs import Access, open_provider
 from stages.verbs.soft import memory
 from stages.verbs.soft.pdtable import CAPACITY, FREE, LIVE, PDTable
@@ -33,18 +31,10 @@ def _aligned(n: int) -> tuple[np.ndarray, int]:
 
 @pytest.fixture
 def shared_ram():
-    """8 MiB of POSIX shared memory (exportable); unlinked afterwards."""
-    name = segment_name(new_run_id(), "test.ram")
-    segment = posix_ipc.SharedMemory(name, posix_ipc.O_CREX, mode=0o600, size=8 * MiB)
-    mapping = mmap.mmap(segment.fd, 8 * MiB)
-    segment.close_fd()
-    ram = np.frombuffer(mapping, np.uint8)
-    ram[:] = 1
-    try:
+    """8 MiB of POSIX shared memory (exportable), all ones; unlinked afterwards."""
+    with shm_ram(8 * MiB) as (_name, ram):
+        ram[:] = 1
         yield ram
-    finally:
-        del ram
-        posix_ipc.unlink_shared_memory(name)
 
 
 def test_reg_mrs_makes_one_mr_per_range_and_each_unpins_alone():

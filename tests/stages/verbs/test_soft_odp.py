@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import ctypes
-import mmap
 import threading
 
 import numpy as np
-import posix_ipc
 import pytest
-from verbs_helpers import wait_for
+from verbs_helpers import shm_ram, wait_for
 
-from shm.naming import SHM_DIR, new_run_id, segment_name
+from shm.naming import SHM_DIR
 from stages.verbs import Access, SendOpcode, WCStatus, open_provider
 from stages.verbs.soft import memory
 
@@ -23,16 +21,8 @@ _libc.mincore.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p)
 @pytest.fixture
 def fresh_ram():
     """8 MiB of never-touched POSIX shared memory, as a destination's RAM is."""
-    name = segment_name(new_run_id(), "test.ram")
-    segment = posix_ipc.SharedMemory(name, posix_ipc.O_CREX, mode=0o600, size=8 * MiB)
-    mapping = mmap.mmap(segment.fd, 8 * MiB)
-    segment.close_fd()
-    ram = np.frombuffer(mapping, np.uint8)
-    try:
+    with shm_ram(8 * MiB) as (name, ram):
         yield name, ram
-    finally:
-        del ram
-        posix_ipc.unlink_shared_memory(name)
 
 
 def resident_pages(ram: np.ndarray) -> int:

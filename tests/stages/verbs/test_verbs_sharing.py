@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import errno
-import mmap
 import os
 import pickle
 
 import numpy as np
-import posix_ipc
 import pytest
-from verbs_helpers import address, port, wait_wcs
+from verbs_helpers import address, port, shm_ram, wait_wcs
 from verbs_peer import SPAWN, Peer, import_and_die
 
 from pipeline.errors import TransportError
-from shm.naming import SHM_DIR, new_run_id, parse_segment_name, segment_name
+from shm.naming import SHM_DIR, parse_segment_name
 from stages.verbs import Access, SendOpcode, WCStatus, open_provider
 
 MiB = 1 << 20
@@ -23,17 +21,9 @@ MiB = 1 << 20
 @pytest.fixture
 def guest_ram():
     """2 MiB of POSIX shared memory, as guest RAM is; unlinked afterwards."""
-    name = segment_name(new_run_id(), "test.ram")
-    segment = posix_ipc.SharedMemory(name, posix_ipc.O_CREX, mode=0o600, size=2 * MiB)
-    mapping = mmap.mmap(segment.fd, 2 * MiB)
-    segment.close_fd()
-    ram = np.frombuffer(mapping, np.uint8)
-    ram[:] = np.random.default_rng(7).integers(0, 256, 2 * MiB, np.uint8)
-    try:
+    with shm_ram(2 * MiB) as (_name, ram):
+        ram[:] = np.random.default_rng(7).integers(0, 256, 2 * MiB, np.uint8)
         yield ram
-    finally:
-        del ram
-        posix_ipc.unlink_shared_memory(name)  # the mapping goes with the last array view
 
 
 def test_mr_imported_into_another_process_posts_a_write(provider, guest_ram):

@@ -8,10 +8,12 @@ empty, an ACTIVE port).
 from __future__ import annotations
 
 import functools
+import mmap
 import os
 import random
 import threading
 import time
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -121,3 +123,23 @@ def wait_for(predicate, timeout: float = 5.0) -> bool:
             return False
         time.sleep(0.01)
     return True
+
+
+@contextmanager
+def shm_ram(size: int):
+    """``size`` bytes of never-touched POSIX shared memory, as guest RAM is (exportable to
+    another process): ``(name, uint8 array)``; unlinked afterwards."""
+    import posix_ipc
+
+    from shm.naming import new_run_id, segment_name
+
+    name = segment_name(new_run_id(), "test.ram")
+    segment = posix_ipc.SharedMemory(name, posix_ipc.O_CREX, mode=0o600, size=size)
+    mapping = mmap.mmap(segment.fd, size)
+    segment.close_fd()
+    ram = np.frombuffer(mapping, np.uint8)
+    try:
+        yield name, ram
+    finally:
+        del ram
+        posix_ipc.unlink_shared_memory(name)
