@@ -9,36 +9,13 @@ import sys
 import time
 
 import pytest
+from migration_helpers import MIB, run_until
 
 from pipeline.api import LocalRun
 from pipeline.config import MigrationConfig
 from pipeline.guest.synthetic import GuestState
 
 pytestmark = pytest.mark.slow
-MIB = 1 << 20
-SLOW = MigrationConfig().with_options([], ["max-bandwidth=16M"])   # ~2 s for 32 MiB
-
-
-def run_until(action, *, config=SLOW, ram=32 * MIB, when=lambda st: st["status"] == "active",
-              **kw):
-    """Start a migration, call ``action(lr)`` once ``when(stats)`` holds, return the end."""
-    with LocalRun(ram, config, state=GuestState(dirty_rate=4 * MIB), **kw) as lr:
-        mig = lr.start()
-        deadline = time.monotonic() + 30
-        acted = False
-        while not mig.done and time.monotonic() < deadline:
-            if not acted and when(mig.stats()):
-                action(lr)
-                acted = True
-            time.sleep(0.02)
-        summary = lr.finish()
-        running = lr.guest_running()
-        dest_states = [s for s, _ in lr.dest_states]
-    assert "completed" not in dest_states, "the destination resumed"
-    assert summary["status"] in ("failed", "cancelled")
-    assert summary.get("error-desc") and "\n" not in summary["error-desc"]
-    assert running, "the source guest stopped dirtying memory"
-    return summary
 
 
 def test_destination_killed():

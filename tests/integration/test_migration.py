@@ -3,8 +3,8 @@
 import json
 
 import pytest
+from migration_helpers import MIB, assert_completed, migrate
 
-from pipeline.api import LocalRun
 from pipeline.config import MigrationConfig
 from pipeline.guest.synthetic import GuestState
 from pipeline.protocol.codec import decode
@@ -12,23 +12,6 @@ from pipeline.protocol.messages import MessageType, QemuFileMessage
 from pipeline.protocol.records import HOOK_RECORD
 
 pytestmark = pytest.mark.slow
-MIB = 1 << 20
-
-
-def migrate(ram=32 * MIB, config=None, state=None, **kw):
-    with LocalRun(ram, config or MigrationConfig(), state=state or GuestState(), **kw) as lr:
-        lr.start()
-        summary = lr.finish()
-        running = lr.guest_running()
-    return summary, running
-
-
-def assert_completed(summary):
-    assert summary["status"] == "completed", summary.get("error-desc")
-    assert summary["verified"] is True
-    assert summary["destination"]["status"] == "completed"
-    assert summary["ram"]["remaining"] == 0
-    assert summary["downtime"] > 0
 
 
 def test_idle_guest():

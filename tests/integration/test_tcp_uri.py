@@ -1,35 +1,22 @@
 """``tcp:``: pre-copy live migration with pages inline, source and destination processes on this
 machine; the same verification and failure rules as ``rdma:``."""
 
+import functools
 import subprocess
 import sys
-import time
 
+import migration_helpers
 import pytest
+from migration_helpers import MIB, assert_completed
 
-from pipeline.api import LocalRun, free_port
+from pipeline.api import free_port
 from pipeline.config import MigrationConfig
 from pipeline.guest.synthetic import GuestState
 
 pytestmark = pytest.mark.slow
-MIB = 1 << 20
-
-
-def migrate(ram=32 * MIB, config=None, state=None, **kw):
-    with LocalRun(ram, config or MigrationConfig(), state=state or GuestState(), scheme="tcp",
-                  **kw) as lr:
-        lr.start()
-        summary = lr.finish()
-        running = lr.guest_running()
-    return summary, running
-
-
-def assert_completed(summary):
-    assert summary["status"] == "completed", summary.get("error-desc")
-    assert summary["verified"] is True
-    assert summary["destination"]["status"] == "completed"
-    assert summary["ram"]["remaining"] == 0
-    assert summary["downtime"] > 0
+migrate = functools.partial(migration_helpers.migrate, scheme="tcp")
+run_until = functools.partial(migration_helpers.run_until, scheme="tcp", status="failed",
+                              when=lambda st: st["ram"]["transferred"] > 4 * MIB)
 
 
 def test_idle_guest():
@@ -64,29 +51,6 @@ def test_corrupted_destination_page_fails_verification():
     assert running                                          # the source guest runs on
 
 
-SLOW = MigrationConfig().with_options([], ["max-bandwidth=16M"])    # ~2 s for 32 MiB
-
-
-def run_until(action, *, when=lambda st: st["ram"]["transferred"] > 4 * MIB, status="failed",
-              **kw):
-    with LocalRun(32 * MIB, SLOW, state=GuestState(dirty_rate=4 * MIB), scheme="tcp",
-                  **kw) as lr:
-        mig = lr.start()
-        deadline = time.monotonic() + 30
-        acted = False
-        while not mig.done and time.monotonic() < deadline:
-            if not acted and when(mig.stats()):
-                action(lr)
-                acted = True
-            time.sleep(0.02)
-        summary = lr.finish()
-        running = lr.guest_running()
-        dest_states = [s for s, _ in lr.dest_states]
-    assert "completed" not in dest_states, "the destination resumed"
-    assert summary["status"] == status
-    assert summary.get("error-desc") and "\n" not in summary["error-desc"]
-    assert running, "the source guest stopped dirtying memory"
-    return summary
 
 
 def test_destination_killed():
