@@ -84,7 +84,15 @@ def mismatches(region, expected: bytes, threads: int = 2,
     ranges = _ranges(region, chunk_size)
     if len(expected) != SIZE * len(ranges):
         return [("<geometry>", -1)]
-    mine = chunk_digests(region, threads, chunk_size)
     names = {blk.index: blk.idstr for blk in region.blocks}
-    return [(names[b], c) for i, (b, c, _s, _e) in enumerate(ranges)
+    return differing(chunk_digests(region, threads, chunk_size), expected,
+                     [(names[b], c) for b, c, _s, _e in ranges])
+
+
+def differing(mine: bytes, expected: bytes, chunks: list) -> list:
+    """The entries of ``chunks`` (one per digest, in order) whose digest in ``mine`` differs
+    from ``expected``; ``[("<geometry>", -1)]`` when the two do not hold as many digests."""
+    if len(mine) != len(expected) or len(mine) != SIZE * len(chunks):
+        return [("<geometry>", -1)]
+    return [chunk for i, chunk in enumerate(chunks)
             if mine[i * SIZE:(i + 1) * SIZE] != expected[i * SIZE:(i + 1) * SIZE]]

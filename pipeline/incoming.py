@@ -25,7 +25,7 @@ import numpy as np
 
 from pipeline.config import MigrationConfig
 from pipeline.control import ControlLink
-from pipeline.digest import DIGEST_SECTION, mismatches
+from pipeline.digest import DIGEST_SECTION, differing, mismatches
 from pipeline.errors import MigrationError, RemoteProtocolError, TransportError
 from pipeline.guest.factory import GUEST_SECTIONS
 from pipeline.guest.synthetic import device_codec
@@ -237,14 +237,11 @@ class IncomingMigration:
                     self.link.channel.begin_registration()
                     self._registration_loop()
                 elif isinstance(ev, DeviceState):
-                    body = ev.data[4:]
-                    if ev.idstr in GUEST_SECTIONS:
-                        self.guest_device = (ev.idstr, bytes(body))
-                    elif ev.idstr == DIGEST_SECTION:
-                        self.digests = bytes(body)
-                    elif ev.idstr == ROUND_SECTION:
-                        self._on_round_pages(bytes(body))
+                    if ev.idstr == ROUND_SECTION:
+                        self._on_round_pages(bytes(ev.data[4:]))
                         settle = True
+                    else:
+                        self._on_device_state(ev)
                 elif isinstance(ev, Eof):
                     self.stats.update(pause_time=time.monotonic())
                     return
@@ -255,6 +252,14 @@ class IncomingMigration:
                 # guest: the READY for its next message waits until every round so far is
                 # hashed, so that the hashing is done before the downtime starts.
                 self.hasher.wait()
+
+    def _on_device_state(self, ev: DeviceState) -> None:
+        """Keep the guest's state and the RAM digest (framed: be32 length, then the body)."""
+        body = bytes(ev.data[4:])
+        if ev.idstr in GUEST_SECTIONS:
+            self.guest_device = (ev.idstr, body)
+        elif ev.idstr == DIGEST_SECTION:
+            self.digests = body
 
     def _on_round_pages(self, body: bytes) -> None:
         """The pages a finished round wrote (every write has landed: its REGISTER FINISHED
@@ -477,16 +482,9 @@ class IncomingMigration:
                                       for b in self.order])
         tables = self.hasher.wait()
         cp = self.region.chunk_size // 4096
-        mine = table_digests(tables, cp)
-        if len(mine) != len(self.digests):
-            return [("<geometry>", -1)]
-        bad, i = [], 0
-        for blk, table in zip(self.order, tables, strict=True):
-            for c in range(-(-len(table) // cp)):
-                if mine[i * 32:(i + 1) * 32] != self.digests[i * 32:(i + 1) * 32]:
-                    bad.append((blk.idstr, c))
-                i += 1
-        return bad
+        chunks = [(blk.idstr, c) for blk, table in zip(self.order, tables, strict=True)
+                  for c in range(-(-len(table) // cp))]
+        return differing(table_digests(tables, cp), self.digests, chunks)
 
     def _resume(self) -> None:
         self.guest.wait_ready(30.0)

@@ -28,9 +28,8 @@ import time
 import numpy as np
 
 from pipeline.config import PAGE_SIZE, MigrationConfig
-from pipeline.digest import DIGEST_SECTION, chunk_size_for
+from pipeline.digest import chunk_size_for, differing
 from pipeline.errors import MigrationCancelled, MigrationError, RemoteProtocolError
-from pipeline.guest.factory import GUEST_SECTIONS
 from pipeline.incoming import IncomingMigration
 from pipeline.protocol.parser import NEED_DATA, StreamParser
 from pipeline.protocol.ram_batch import PageBatch, ZeroBatch, page_dtype
@@ -157,11 +156,7 @@ class StreamIncoming(IncomingMigration):
         elif isinstance(ev, MemSize):
             self._on_mem_size(ev)
         elif isinstance(ev, DeviceState):
-            body = ev.data[4:]
-            if ev.idstr in GUEST_SECTIONS:
-                self.guest_device = (ev.idstr, bytes(body))
-            elif ev.idstr == DIGEST_SECTION:
-                self.digests = bytes(body)
+            self._on_device_state(ev)
         elif isinstance(ev, Hook):
             raise RemoteProtocolError(
                 f"migration stream offset {at}: a HOOK record in a {self.uri.scheme}: stream "
@@ -278,16 +273,10 @@ class StreamIncoming(IncomingMigration):
         """(block, chunk) of every chunk whose page hashes differ from the source's."""
         from stages.pagehash import table_digests
 
-        mine = table_digests(self.hasher.wait(), cs // PAGE_SIZE)
-        if len(mine) != len(self.digests):
-            return [("<geometry>", -1)]
-        bad, i = [], 0
-        for blk in self.region.blocks:
-            for c in range(-(-blk.nb_pages // (cs // PAGE_SIZE))):
-                if mine[i * 32:(i + 1) * 32] != self.digests[i * 32:(i + 1) * 32]:
-                    bad.append((blk.idstr, c))
-                i += 1
-        return bad
+        cp = cs // PAGE_SIZE
+        chunks = [(blk.idstr, c) for blk in self.region.blocks
+                  for c in range(-(-blk.nb_pages // cp))]
+        return differing(table_digests(self.hasher.wait(), cp), self.digests, chunks)
 
     def _located(self, bad: list[tuple[str, int]], cs: int) -> str:
         """The chunks that differ, the first with the stream bytes its pages came from."""
