@@ -61,8 +61,13 @@ def pattern(share: float, layout: str) -> np.ndarray:
 
 def writer(name: str, share: float, layout: str, conn) -> None:
     """Child: mark the pattern each time it is asked; answer flips from the service thread."""
+    mark_on_request(name, pattern(share, layout), conn)
+
+
+def mark_on_request(name: str, pages: np.ndarray, conn) -> None:
+    """A dirty log's writer (a benchmark child): mark ``pages`` of block 0 whenever ``conn``
+    says "mark", answering the reader's flips from the log's service thread meanwhile."""
     log = DirtyLog.attach(name)
-    pages = pattern(share, layout)
     log.start_service()
     conn.send("ready")
     while conn.recv() == "mark":

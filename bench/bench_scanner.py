@@ -56,17 +56,9 @@ def _populate(view: np.ndarray, value: int) -> None:
 
 def writer(name: str, share: float, pages: int, conn) -> None:
     """Child: mark a seeded share of the pages each time it is asked; answer the log's flips."""
-    from shm import DirtyLog
+    from bench.bench_dirtylog import mark_on_request
 
-    log = DirtyLog.attach(name)
-    dirty = np.flatnonzero(np.random.default_rng(42).random(pages) < share)
-    log.start_service()
-    conn.send("ready")
-    while conn.recv() == "mark":
-        if dirty.size:
-            log.mark(0, dirty)
-        conn.send("marked")
-    log.close()
+    mark_on_request(name, np.flatnonzero(np.random.default_rng(42).random(pages) < share), conn)
 
 
 def memcpy_case() -> dict:
