@@ -98,46 +98,46 @@ def run_id():
     return naming.new_run_id()
 
 
-def test_round_trip_slow_consumer(run_id):
+@pytest.fixture
+def ring_set(run_id):
+    """One ring per dtype of DTYPES, with its (name, dtype, seed) for a child; unlinked after."""
+    rings = [Ring.create(naming.segment_name(run_id, f"ring.{k}"), dt, CAPACITY)
+             for k, dt in DTYPES.items()]
+    try:
+        yield rings, [(r.name, r.dtype, seed) for seed, r in enumerate(rings)]
+    finally:
+        for r in rings:
+            r.__exit__(None, None, None)
+
+
+def test_round_trip_slow_consumer(ring_set):
     """Child produces as fast as it can; the test consumes slowly (the producer blocks)."""
-    rings = [Ring.create(naming.segment_name(run_id, f"ring.{k}"), dt, CAPACITY)
-             for k, dt in DTYPES.items()]
+    rings, spec = ring_set
+    proc = ctx.Process(target=produce, args=(spec, 0.0))
+    proc.start()
     try:
-        spec = [(r.name, r.dtype, seed) for seed, r in enumerate(rings)]
-        proc = ctx.Process(target=produce, args=(spec, 0.0))
-        proc.start()
-        try:
-            for ring, (_, dtype, seed) in zip(rings, spec, strict=True):
-                assert same(drain(ring, 0.0005), stream(dtype, seed, sum(BATCHES)))
-                assert ring.at_end
-        finally:
-            assert join(proc) == 0
+        for ring, (_, dtype, seed) in zip(rings, spec, strict=True):
+            assert same(drain(ring, 0.0005), stream(dtype, seed, sum(BATCHES)))
+            assert ring.at_end
     finally:
-        for r in rings:
-            r.__exit__(None, None, None)
+        assert join(proc) == 0
 
 
-def test_round_trip_slow_producer(run_id):
+def test_round_trip_slow_producer(ring_set):
     """The test produces slowly from here; a child consumes (and blocks on an empty ring)."""
-    rings = [Ring.create(naming.segment_name(run_id, f"ring.{k}"), dt, CAPACITY)
-             for k, dt in DTYPES.items()]
+    rings, spec = ring_set
+    proc = ctx.Process(target=consume, args=(spec, 0.0))
+    proc.start()
     try:
-        spec = [(r.name, r.dtype, seed) for seed, r in enumerate(rings)]
-        proc = ctx.Process(target=consume, args=(spec, 0.0))
-        proc.start()
-        try:
-            for ring, (_, dtype, seed) in zip(rings, spec, strict=True):
-                data, pos = stream(dtype, seed, sum(BATCHES)), 0
-                for batch in BATCHES:
-                    ring.push(data[pos:pos + batch], timeout=30)
-                    pos += batch
-                    time.sleep(0.002)
-                ring.close_write()
-        finally:
-            assert join(proc) == 0
+        for ring, (_, dtype, seed) in zip(rings, spec, strict=True):
+            data, pos = stream(dtype, seed, sum(BATCHES)), 0
+            for batch in BATCHES:
+                ring.push(data[pos:pos + batch], timeout=30)
+                pos += batch
+                time.sleep(0.002)
+            ring.close_write()
     finally:
-        for r in rings:
-            r.__exit__(None, None, None)
+        assert join(proc) == 0
 
 
 def hang_after_push(name: str, dtype: np.dtype, role: str) -> None:
