@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
-import resource
 import socket
 import statistics
 import sys
@@ -31,7 +30,7 @@ import time
 
 import numpy as np
 
-from bench.common import case_result
+from bench.common import case_result, usage
 
 MiB = 1 << 20
 TARGET = 64 * MiB
@@ -213,15 +212,9 @@ def run_case(name: str) -> dict:
         wall = _write(size, count, BATCH)
     else:
         wall = _rtt(size, count)
-    me = resource.getrusage(resource.RUSAGE_SELF)
-    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
-    result = {"case": name, "size": size, "messages": count, "bytes": size * count,
-              "wall_s": round(wall, 4),
-              "cpu_s": round(me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime, 3),
-              "peak_rss_mib": round(max(me.ru_maxrss, kids.ru_maxrss) / 1024, 1),
-              "gb_per_s": round(size * count / wall / 1e9, 3),
-              "ops_per_s": round(count / wall)}
-    return result
+    return {"case": name, "size": size, "messages": count, "bytes": size * count,
+            "wall_s": round(wall, 4), **usage(),
+            "gb_per_s": round(size * count / wall / 1e9, 3), "ops_per_s": round(count / wall)}
 
 
 def _table(rows: list[dict]) -> str:
