@@ -41,10 +41,13 @@ class FaultMap:
         mr = self.mr
         start, end = address - mr.local_address, address + length - mr.local_address
         lo, hi = start // UNIT, -(-end // UNIT)
+        if hi - lo == 1 and self.done[lo] and (hi == len(self.done) or self.queued[hi]):
+            return      # the common scattered write: its unit is in, the next one is handled
         if not self.done[lo:hi].all():
             memory.populate(address, length)
             # the units it covered whole (the last one may be short: whole at the region's end)
-            self.done[-(-start // UNIT):hi if end == mr.length else end // UNIT] = True
+            whole = slice(-(-start // UNIT), hi if end == mr.length else end // UNIT)
+            self.done[whole] = self.queued[whole] = True      # nothing left to fault ahead
         ahead = min(len(self.done), hi + AHEAD // UNIT)
         todo = np.flatnonzero(~self.queued[hi:ahead])
         if len(todo):

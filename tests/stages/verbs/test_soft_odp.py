@@ -121,3 +121,23 @@ def test_fault_ahead_never_reaches_before_a_write_or_past_the_region(fresh_ram):
         assert resident_pages(ram[6 * MiB:]) == 0
         assert mr.on_demand          # its first unit was never faulted in whole
         mr.close()
+
+
+def test_a_write_into_memory_already_in_costs_no_fault_and_queues_nothing(monkeypatch):
+    from types import SimpleNamespace
+
+    from stages.verbs.soft import faulting
+
+    populated, queued = [], []
+    monkeypatch.setattr(memory, "populate", lambda a, n: populated.append((a, n)))
+    monkeypatch.setattr(faulting.FAULTER, "submit", lambda fmap, units: queued.append(units))
+    mr = SimpleNamespace(length=16 * MiB, local_address=1 << 40, closed=False, on_demand=True)
+    fmap = faulting.FaultMap(mr)
+    fmap.fault_in(mr.local_address + 3 * MiB, MiB)          # a whole unit: in, the next queued
+    assert populated == [(mr.local_address + 3 * MiB, MiB)]
+    assert queued[0].tolist() == list(range(4, 12)) and fmap.done[3] and not fmap.done[2]
+    populated.clear(), queued.clear()
+    fmap.fault_in(mr.local_address + 3 * MiB + 8192, 4096)  # scattered, into that unit
+    assert populated == [] and queued == []
+    fmap.fault_in(mr.local_address + 2 * MiB + 8192, 4096)  # a unit not in: faulted, and only
+    assert populated == [(mr.local_address + 2 * MiB + 8192, 4096)] and queued == []
