@@ -142,7 +142,7 @@ def start_outgoing(uri: str | URI, guest: SyntheticGuest, config: MigrationConfi
                    *, run_id: str | None = None) -> Migration:
     """Migrate ``guest`` (started: a ``SyntheticGuest``, or a KVM guest from
     ``GuestSpec("kvm").create(...)``) to the destination listening at ``uri``."""
-    from pipeline.coordinator import SourceMigration
+    from pipeline.drivers import source_driver
     from shm.naming import new_run_id
 
     target = _uri(uri)
@@ -152,10 +152,8 @@ def start_outgoing(uri: str | URI, guest: SyntheticGuest, config: MigrationConfi
                          f"{guest.region.chunk_size}")
     mig = Migration("outgoing")
     stats = MigrationStats()
-    if target.scheme != "rdma":         # tcp: and file: carry pages inline in the stream
-        from pipeline.inline_source import InlineSource as SourceMigration
-    src = SourceMigration(target, config, guest, run_id=run_id or new_run_id(), stats=stats,
-                          on_state=mig._emit, cancel=mig.cancel_event)
+    src = source_driver(target)(target, config, guest, run_id=run_id or new_run_id(),
+                                stats=stats, on_state=mig._emit, cancel=mig.cancel_event)
     mig.source = src
     return mig._start(src.run, stats)
 

@@ -194,6 +194,12 @@ class SourcePipeline:
                         out["bytes_written"] = fig["bytes_posted"]
         return out
 
+    def __enter__(self) -> SourcePipeline:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def close(self) -> None:
         """Stop what still runs, close and unlink every ring (idempotent). The poster goes
         first: it holds imports of the registrar's MRs, which the registrar must deregister."""

@@ -79,6 +79,7 @@ class MigrationStats:
     stages: StageFigures = field(default_factory=StageFigures)
     rounds: list[dict] = field(default_factory=list)   # one entry per round (see snapshot)
     cleanup_ms: float = 0.0          # stopping the stages after completion (not in total-time)
+    warning: str = ""                # what failed after the commit point (the migration stands)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def update(self, **changes) -> None:
@@ -133,4 +134,6 @@ class MigrationStats:
                 out["cleanup-time"] = self.cleanup_ms
             if self.error:
                 out["error-desc"] = self.error
+            if self.warning:
+                out["warning"] = self.warning
             return out

@@ -1,8 +1,4 @@
-"""The source's migration state machine and convergence rule, with no I/O and no clock.
-
-States and their QEMU names: ``setup`` -> ``active`` -> ``device`` -> ``completed``, and from
-any non-final state ``failed`` or ``cancelled``. ``MigrationStateMachine.to(state)`` refuses
-transitions not in ``TRANSITIONS`` with ``LocalProtocolError`` and stays put.
+"""The source's convergence rule, with no I/O and no clock.
 
 Convergence follows QEMU: after each round, the bytes still dirty (measured by a dirty-log
 sync) divided by the bandwidth measured over that round is the expected downtime; when it fits
@@ -14,53 +10,6 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-
-from pipeline.errors import LocalProtocolError
-
-
-class State(enum.StrEnum):
-    NONE = "none"
-    SETUP = "setup"
-    ACTIVE = "active"
-    DEVICE = "device"
-    COMPLETED = "completed"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
-
-
-FINAL_STATES = frozenset({State.COMPLETED, State.FAILED, State.CANCELLED})
-
-TRANSITIONS: dict[State, frozenset[State]] = {
-    State.NONE: frozenset({State.SETUP, State.FAILED, State.CANCELLED}),
-    State.SETUP: frozenset({State.ACTIVE, State.FAILED, State.CANCELLED}),
-    State.ACTIVE: frozenset({State.DEVICE, State.FAILED, State.CANCELLED}),
-    State.DEVICE: frozenset({State.COMPLETED, State.FAILED, State.CANCELLED}),
-    State.COMPLETED: frozenset(),
-    State.FAILED: frozenset(),
-    State.CANCELLED: frozenset(),
-}
-
-
-class MigrationStateMachine:
-    """Current state plus the time of each transition (``now`` is passed in, in seconds)."""
-
-    def __init__(self) -> None:
-        self.state = State.NONE
-        self.entered: dict[State, float] = {}
-        self.reason: str = ""
-
-    def to(self, state: State, now: float, reason: str = "") -> None:
-        if state not in TRANSITIONS[self.state]:
-            raise LocalProtocolError(
-                f"migration state {self.state.value} cannot go to {state.value}")
-        self.state = state
-        self.entered[state] = now
-        if reason:
-            self.reason = reason
-
-    @property
-    def final(self) -> bool:
-        return self.state in FINAL_STATES
 
 
 class Decision(enum.Enum):

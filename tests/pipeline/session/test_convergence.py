@@ -1,26 +1,6 @@
 import pytest
 
-from pipeline.errors import LocalProtocolError
-from pipeline.migration_state import (
-    Convergence,
-    Decision,
-    MigrationStateMachine,
-    RoundResult,
-    State,
-)
-
-
-def test_transitions():
-    sm = MigrationStateMachine()
-    sm.to(State.SETUP, 0.0)
-    sm.to(State.ACTIVE, 1.0)
-    with pytest.raises(LocalProtocolError):
-        sm.to(State.COMPLETED, 2.0)
-    assert sm.state is State.ACTIVE
-    sm.to(State.FAILED, 2.0, "boom")
-    assert sm.final and sm.reason == "boom"
-    with pytest.raises(LocalProtocolError):
-        sm.to(State.ACTIVE, 3.0)
+from pipeline.session.convergence import Convergence, Decision, RoundResult
 
 
 def test_converges_when_dirty_fits_downtime_limit():

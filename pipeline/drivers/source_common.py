@@ -1,0 +1,132 @@
+"""What both source drivers do the same way: run a ``SourceSession`` to its end.
+
+``SourceDriver.run()`` is the loop of ``pipeline.session.actions``: carry out each action in
+order, hand the session the event an asking action produced, and turn anything that raises
+into the session's ``Cancel`` (Ctrl-C, ``cancel``) or ``Failed`` (one line). The session
+answers a failure with AbortPeer / ResumeGuest / the final state, which the driver carries out
+best-effort. After the commit point a failure while tearing down is a ``warning`` in the
+summary: the destination runs the guest, so the source never resumes it.
+
+A carrier subclass opens its resources in ``open()`` on ``self.stack`` (an ``ExitStack``,
+closed by ``close()`` whatever happened) and maps each of its actions to a method in
+``HANDLERS``.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from contextlib import ExitStack
+
+from pipeline.errors import MigrationCancelled, MigrationError
+from pipeline.session import actions as act
+from pipeline.session import events as ev
+from pipeline.session.source import SourceSession
+from pipeline.stats import MigrationStats
+
+
+def one_line(exc: BaseException) -> str:
+    """A person's line for ``exc``: our errors say it themselves, others name their type."""
+    text = str(exc) if isinstance(exc, MigrationError) else f"{type(exc).__name__}: {exc}"
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+class SourceDriver:
+    """Runs one outgoing migration of ``guest`` (started) to ``uri``; ``run()`` blocks."""
+
+    inline = False            # pages travel in the stream (tcp:, file:)
+
+    def __init__(self, uri, config, guest, *, run_id: str,
+                 stats: MigrationStats | None = None,
+                 on_state: Callable[[str, str], None] | None = None,
+                 cancel: threading.Event | None = None) -> None:
+        self.uri = uri
+        self.config = config
+        self.guest = guest
+        self.run_id = run_id
+        self.stats = stats or MigrationStats()
+        self.on_state = on_state or (lambda state, reason: None)
+        self.cancel = cancel or threading.Event()
+        self.stack = ExitStack()
+        self.session = SourceSession(
+            config, [(b.idstr, b.length) for b in guest.region.blocks], inline=self.inline,
+            snapshot=uri.scheme == "file", stats=self.stats)
+
+    # -- the loop ------------------------------------------------------------------------
+    def run(self) -> dict:
+        self.stats.update(guest=getattr(self.guest, "kind", ""),
+                          dirty_tracking=getattr(self.guest, "tracking", ""))
+        interrupted: BaseException | None = None
+        with self:
+            actions = deque(self.session.start(time.monotonic()))
+            while actions:
+                action = actions.popleft()
+                try:
+                    event = self.carry_out(action)
+                except BaseException as exc:  # noqa: BLE001 - the session decides what follows
+                    if not isinstance(exc, Exception):
+                        interrupted = exc
+                    event = self.failure(exc)
+                if event is not None:
+                    actions.extend(self.session.handle(event, time.monotonic()))
+            if self.session.state == "completed":
+                self.finish()
+        if interrupted is not None:
+            raise interrupted
+        return self.stats.snapshot(time.monotonic())
+
+    @property
+    def paused(self) -> bool:
+        """The source guest is paused by this migration (between pause and commit)."""
+        return self.session.paused
+
+    def carry_out(self, action) -> object | None:
+        return self.HANDLERS[type(action)](self, action)
+
+    def failure(self, exc: BaseException) -> ev.Cancel | ev.Failed:
+        if isinstance(exc, MigrationCancelled | KeyboardInterrupt):
+            return ev.Cancel()
+        return ev.Failed(self.reason(exc))
+
+    def reason(self, exc: BaseException) -> str:
+        return one_line(exc)
+
+    def check(self) -> None:
+        """Raise if cancelled, or if the guest died (subclasses add their stages)."""
+        if self.cancel.is_set():
+            raise MigrationCancelled("migration cancelled")
+        self.guest.check()
+
+    def finish(self) -> None:
+        """After the commit point: stop what still runs; a failure is only a warning."""
+
+    # -- resources -----------------------------------------------------------------------
+    def __enter__(self) -> SourceDriver:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Release everything opened, children first (idempotent)."""
+        self.stack.close()
+
+    # -- actions both carriers share ------------------------------------------------------
+    def _state(self, action: act.StateChanged) -> None:
+        self.on_state(action.state, action.reason)
+
+    def _pause(self, action: act.PauseGuest) -> ev.GuestPaused:
+        state = self.guest.pause()
+        return ev.GuestPaused(self.guest.device_section, state.to_bytes())
+
+    def _resume(self, action: act.ResumeGuest) -> None:
+        try:
+            self.guest.resume()
+        except MigrationError:
+            pass              # a guest that died: nothing left to resume
+
+    HANDLERS: dict[type, Callable] = {
+        act.StateChanged: _state, act.PauseGuest: _pause, act.ResumeGuest: _resume,
+    }
