@@ -68,6 +68,7 @@ class SourceDriver:
                 except BaseException as exc:  # noqa: BLE001 - the session decides what follows
                     if not isinstance(exc, Exception):
                         interrupted = exc
+                    actions.clear()     # what the session asked for before is void now
                     event = self.failure(exc)
                 if event is not None:
                     actions.extend(self.session.handle(event, time.monotonic()))

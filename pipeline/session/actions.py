@@ -10,6 +10,10 @@ action in one answer, and last, so a driver's loop is:
         event = driver.carry_out(actions.popleft())
         if event is not None:
             actions.extend(session.handle(event, now()))
+
+When carrying out an action fails, the actions still queued are dropped and the session is
+told (``Failed`` or ``Cancel``); it answers with what ending takes (AbortPeer, ResumeGuest,
+the final state).
 """
 
 from __future__ import annotations
