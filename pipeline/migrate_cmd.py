@@ -43,7 +43,7 @@ def main(args) -> int:
         try:
             while not mig.done:
                 progress(mig.stats())
-                mig._done.wait(0.2)
+                mig.finished(0.2)
         except KeyboardInterrupt:
             mig.cancel()
         summary = mig.wait()

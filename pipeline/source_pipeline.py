@@ -119,9 +119,7 @@ class SourcePipeline:
     def dead_stage(self) -> StageFailed | None:
         """The first stage that failed (an error line or a non-zero exit), if any."""
         for st in self.stages:
-            st._drain_messages()
-            code = st.exitcode
-            if st.error_line or (code is not None and code != 0):
+            if st.failed:
                 return st.failure()
         return None
 
@@ -177,21 +175,16 @@ class SourcePipeline:
                 raise st.failure()
 
     def figures(self) -> dict:
+        """The registrar's and the poster's totals, from the figures each sent as it ended."""
         out = {}
-        for st, key in ((self.registrar, "registrar"), (self.poster, "poster")):
-            st._drain_messages()
-            for msg in st._pending:
-                if msg[0] == "figures":
-                    fig = msg[1]
-                    if key == "registrar":
-                        out["registrar_busy_s"] = fig["busy_ns"] / 1e9
-                        out["chunks_registered"] = fig["chunks_registered"]
-                        out["chunks_unregistered"] = fig["chunks_unregistered"]
-                        out["compress_sent"] = fig["compress_sent"]
-                    else:
-                        out["poster_busy_s"] = fig["busy_ns"] / 1e9
-                        out["writes_posted"] = fig["writes_posted"]
-                        out["bytes_written"] = fig["bytes_posted"]
+        for (_, fig) in self.registrar.take("figures")[-1:]:
+            out.update(registrar_busy_s=fig["busy_ns"] / 1e9,
+                       chunks_registered=fig["chunks_registered"],
+                       chunks_unregistered=fig["chunks_unregistered"],
+                       compress_sent=fig["compress_sent"])
+        for (_, fig) in self.poster.take("figures")[-1:]:
+            out.update(poster_busy_s=fig["busy_ns"] / 1e9, writes_posted=fig["writes_posted"],
+                       bytes_written=fig["bytes_posted"])
         return out
 
     def __enter__(self) -> SourcePipeline:

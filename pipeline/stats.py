@@ -87,6 +87,32 @@ class MigrationStats:
             for name, value in changes.items():
                 setattr(self, name, value)
 
+    def add(self, **deltas) -> None:
+        """Add to counters, e.g. ``add(normal_pages=n)``."""
+        with self._lock:
+            for name, value in deltas.items():
+                setattr(self, name, getattr(self, name) + value)
+
+    def add_stage(self, **deltas) -> None:
+        """Add to per-stage counters (``StageFigures``)."""
+        with self._lock:
+            for name, value in deltas.items():
+                setattr(self.stages, name, getattr(self.stages, name) + value)
+
+    def set_stage(self, **values) -> None:
+        with self._lock:
+            for name, value in values.items():
+                setattr(self.stages, name, value)
+
+    def add_round(self, entry: dict) -> None:
+        with self._lock:
+            self.rounds.append(entry)
+
+    def amend_round(self, **changes) -> None:
+        """Change the last round's entry (replaced, never mutated: snapshots hold copies)."""
+        with self._lock:
+            self.rounds[-1] = {**self.rounds[-1], **changes}
+
     @property
     def transferred(self) -> int:
         return self.rdma_bytes + self.control_bytes

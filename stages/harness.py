@@ -182,6 +182,20 @@ class StageProcess:
                 self.process.join(0.5)
                 raise self.failure()
 
+    @property
+    def failed(self) -> bool:
+        """The stage reported an error or exited non-zero (reads what it sent so far)."""
+        self._drain_messages()
+        code = self.process.exitcode
+        return bool(self.error_line) or (code is not None and code != 0)
+
+    def take(self, kind: str) -> list[tuple]:
+        """The messages of ``kind`` the stage sent so far, removed from those kept."""
+        self._drain_messages()
+        out = [m for m in self._pending if m and m[0] == kind]
+        self._pending = [m for m in self._pending if not (m and m[0] == kind)]
+        return out
+
     def _drain_messages(self) -> None:
         try:
             while not self.conn.closed and self.conn.poll(0):

@@ -120,7 +120,7 @@ class RdmaSource(SourceDriver):
         self.link.channel.close()
         try:
             self.pipeline.finish(self.config.stage_timeout)
-            self.stats.stages.__dict__.update(self.pipeline.figures())
+            self.stats.set_stage(**self.pipeline.figures())
         except Exception as exc:  # noqa: BLE001 - after the commit point: a warning
             self.stats.update(warning=f"after completion: {self.reason(exc)}")
         self.stats.update(cleanup_ms=round((time.monotonic() - done) * 1e3))

@@ -285,14 +285,10 @@ class SourceSession:
     def _on_pages_sent(self, event: ev.PagesSent, now: float) -> list:
         self._end_section()
         out = [self._flush()]
-        st = self.stats
-        fig = st.stages
-        fig.pages_scanned += event.pages
-        fig.zero_pages += event.zero_pages
-        fig.scanner_busy_s += event.scan_s
-        fig.bytes_written += (event.pages - event.zero_pages) * PAGE_SIZE
-        st.update(duplicate_pages=st.duplicate_pages + event.zero_pages,
-                  normal_pages=st.normal_pages + event.pages - event.zero_pages)
+        data = event.pages - event.zero_pages
+        self.stats.add_stage(pages_scanned=event.pages, zero_pages=event.zero_pages,
+                             scanner_busy_s=event.scan_s, bytes_written=data * PAGE_SIZE)
+        self.stats.add(duplicate_pages=event.zero_pages, normal_pages=data)
         self._record_round(now, 0, event.pages, event.zero_pages)
         return out + self._round_done(now)
 
@@ -317,7 +313,7 @@ class SourceSession:
                 out += [act.SendControl(CompressMessage(Compress(
                     int(q["block"]), self.dest_blocks[int(q["block"])].offset + int(q["offset"]),
                     int(q["length"])))) for q in batch]
-                self.stats.stages.compress_sent += n
+                self.stats.add_stage(compress_sent=n)
             elif op == REQ_REGISTER:
                 return out + self._request_registration(batch)
             elif op == REQ_UNREGISTER:
@@ -375,12 +371,12 @@ class SourceSession:
             out.append(act.PushAnswers(records(
                 ANSWER_DTYPE, len(part), block=part["block"], chunk=part["chunk"],
                 rkey=[x.rkey for x in results], remote_base=[x.host_addr for x in results])))
-            self.stats.stages.chunks_registered += len(part)
+            self.stats.add_stage(chunks_registered=len(part))
         else:
             if not isinstance(msg, UnregisterFinishedMessage):
                 raise RemoteProtocolError(f"expected UNREGISTER FINISHED, got "
                                           f"{type(msg).__name__}")
-            self.stats.stages.chunks_unregistered += len(part)
+            self.stats.add_stage(chunks_unregistered=len(part))
         return out + self._serve(now)
 
     def _on_drained(self, drained: np.void, now: float) -> list:
@@ -390,16 +386,12 @@ class SourceSession:
         zero = int(drained["zero_pages"])
         pages = int(drained["pages"])
         st = self.stats
-        fig = st.stages
-        fig.pages_scanned += pages
-        fig.zero_pages += zero
-        fig.scanner_busy_s = int(drained["busy_ns"]) / 1e9
-        fig.poster_busy_s = int(drained["post_ns"]) / 1e9
-        fig.registrar_busy_s = int(drained["reg_ns"]) / 1e9
-        fig.writes_posted += int(drained["length"])
-        fig.bytes_written += rdma
-        st.update(rdma_bytes=st.rdma_bytes + rdma, duplicate_pages=st.duplicate_pages + zero,
-                  normal_pages=st.normal_pages + pages - zero)
+        st.add_stage(pages_scanned=pages, zero_pages=zero, writes_posted=int(drained["length"]),
+                     bytes_written=rdma)
+        st.set_stage(scanner_busy_s=int(drained["busy_ns"]) / 1e9,
+                     poster_busy_s=int(drained["post_ns"]) / 1e9,
+                     registrar_busy_s=int(drained["reg_ns"]) / 1e9)
+        st.add(rdma_bytes=rdma, duplicate_pages=zero, normal_pages=pages - zero)
         self._record_round(now, rdma, pages, zero)
         if self.policy.round_sections:
             return out + self._ask(act.ReadRoundPages(self.round))
@@ -417,7 +409,7 @@ class SourceSession:
         st = self.stats
         secs = now - self._round_t0
         sent = rdma + st.control_bytes - self._round_ctrl0
-        st.rounds.append({"round": self.round, "start": round(self._round_t0 - st.start_time, 4),
+        st.add_round({"round": self.round, "start": round(self._round_t0 - st.start_time, 4),
                           "seconds": round(secs, 4), "bytes": sent, "pages": pages,
                           "zero-pages": zero, "remaining": 0})
         st.update(round=self.round, mbps=sent * 8 / 1e6 / secs if secs > 0 else 0.0)
@@ -446,10 +438,9 @@ class SourceSession:
             decision = Decision.ITERATE
         rate = dirty / secs if secs > 0 else 0.0
         st = self.stats
-        st.rounds[-1] = {**last, "remaining": dirty * PAGE_SIZE,
-                         "dirty-pages-rate": round(rate)}     # replaced, not mutated
-        st.update(dirty_sync_count=st.dirty_sync_count + 1, remaining_bytes=dirty * PAGE_SIZE,
-                  dirty_pages_rate=rate,
+        st.amend_round(**{"remaining": dirty * PAGE_SIZE, "dirty-pages-rate": round(rate)})
+        st.add(dirty_sync_count=1)
+        st.update(remaining_bytes=dirty * PAGE_SIZE, dirty_pages_rate=rate,
                   expected_downtime_ms=min(self.conv.expected_downtime_s, 1e9) * 1e3)
         if decision is Decision.ITERATE:
             return self._start_round(now)
