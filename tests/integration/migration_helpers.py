@@ -43,7 +43,7 @@ def run_until(action, *, config=SLOW, ram=32 * MIB, when=lambda st: st["status"]
             if not acted and when(mig.stats()):
                 action(lr)
                 acted = True
-            mig._done.wait(0.02)
+            mig.finished(0.02)
         summary = lr.finish()
         running = lr.guest_running()
         dest_states = [s for s, _ in lr.dest_states]
