@@ -61,7 +61,7 @@ def _cancel_running_at_exit() -> None:
     for mig in running:
         mig.cancel()
     for mig in running:
-        mig._done.wait(EXIT_DEADLINE)
+        mig.finished(EXIT_DEADLINE)
 
 
 class Migration:
@@ -118,6 +118,10 @@ class Migration:
     def done(self) -> bool:
         return self._done.is_set()
 
+    def finished(self, timeout: float | None = None) -> bool:
+        """Wait up to ``timeout`` seconds for the migration to end; whether it has."""
+        return self._done.wait(timeout)
+
     def cancel(self) -> None:
         """Ask the migration to stop; it ends ``cancelled`` (``wait`` to see it done)."""
         self.cancel_event.set()
@@ -165,17 +169,15 @@ def start_incoming(uri: str | URI, config: MigrationConfig | None = None, *,
     """Listen at ``uri`` and receive one migration (the destination side); the guest, synthetic
     or KVM, is the one the stream carries. ``guest_watch``: seconds the resumed guest runs
     before it is stopped and reported in the summary's ``guest``."""
-    from pipeline.incoming import IncomingMigration
+    from pipeline.drivers import destination_driver
     from shm.naming import new_run_id
 
     target = uri if isinstance(uri, URI) else _uri(uri)
     mig = Migration("incoming")
-    if target.scheme != "rdma":         # tcp: and file: (restore)
-        from pipeline.inline_incoming import StreamIncoming as IncomingMigration
-    inc = IncomingMigration(target, config or MigrationConfig(), run_id=new_run_id(),
-                            blocks=blocks, on_state=mig._emit, cancel=mig.cancel_event,
-                            keep_guest=keep_guest, on_listening=on_listening,
-                            guest_watch=guest_watch)
+    inc = destination_driver(target)(target, config or MigrationConfig(), run_id=new_run_id(),
+                                     blocks=blocks, on_state=mig._emit,
+                                     cancel=mig.cancel_event, keep_guest=keep_guest,
+                                     on_listening=on_listening, guest_watch=guest_watch)
     mig.incoming = inc
     return mig._start(inc.run, inc.stats)
 
@@ -186,15 +188,20 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+DEST_ENTRY = "pipeline.drivers.incoming_main:incoming_main"
+
+
 class LocalRun:
-    """Source, guest and a destination process on this machine; see ``run_local``."""
+    """Source, guest and a destination process on this machine; see ``run_local``.
+    ``dest_entry`` ("module:function") runs the destination process, given ``dest_options``
+    in its config (a test's misbehaving destination, say)."""
 
     def __init__(self, ram: int, config: MigrationConfig, *, state: GuestState,
                  fill: float = 0.5, host: str = "127.0.0.1",
                  dest_blocks: list[tuple[str, int]] | None = None,
-                 corrupt: tuple[int, int] | None = None, fault: dict | None = None,
                  guest: GuestSpec | None = None, guest_watch: float = 0.0,
-                 scheme: str = "rdma", dest_prealloc: bool = False) -> None:
+                 scheme: str = "rdma", dest_prealloc: bool = False,
+                 dest_entry: str = DEST_ENTRY, dest_options: dict | None = None) -> None:
         from shm.naming import new_run_id
 
         if scheme not in ("rdma", "tcp"):
@@ -209,8 +216,8 @@ class LocalRun:
         self.fill = fill
         self.dest_blocks = dest_blocks
         self.dest_prealloc = dest_prealloc   # the destination faults its RAM in before listening
-        self.corrupt = corrupt
-        self.fault = fault
+        self.dest_entry = dest_entry         # "module:function" of the destination process
+        self.dest_options = dest_options or {}   # plain data for that entry (``options``)
         self.ram = ram
         self.spec = guest or GuestSpec("synthetic", None, state, fill)
         self.guest_watch = guest_watch   # seconds the destination's guest runs before its report
@@ -230,12 +237,11 @@ class LocalRun:
         cfg["trace_control"] = None
         if self.dest_prealloc and self.dest_blocks is None:
             self.dest_blocks = [(b.idstr, b.length) for b in self.guest.region.blocks]
-        self.dest = StageProcess("destination", "pipeline.incoming:incoming_main", {
+        self.dest = StageProcess("destination", self.dest_entry, {
             "config": cfg, "scheme": self.scheme, "host": self.host,
             "port": free_port(self.host),
-            "run_id": self.run_id, "blocks": self.dest_blocks, "corrupt": self.corrupt,
-            "fault": self.fault, "guest_watch": self.guest_watch,
-            "prealloc": self.dest_prealloc},
+            "run_id": self.run_id, "blocks": self.dest_blocks, "guest_watch": self.guest_watch,
+            "prealloc": self.dest_prealloc, "options": self.dest_options},
             daemon=False)    # it starts the resumed guest as its own child
         self.dest.start()
         self.guest.process.wait_ready(60.0)
@@ -268,6 +274,11 @@ class LocalRun:
                                   "error-desc": dest.get("error-desc", "")}
         if dest.get("guest"):
             summary["destination"]["guest"] = dest["guest"]
+        if (summary["status"] == "failed" and "sent ERROR" in summary.get("error-desc", "")
+                and dest.get("status") == "failed" and dest.get("error-desc")):
+            # rdma:'s ERROR carries no reason; the destination's is known here: say it, as
+            # tcp:'s return path does
+            summary["error-desc"] = "the destination failed the migration: " + dest["error-desc"]
         if summary["status"] == "completed" and dest.get("status") != "completed":
             summary["status"] = "failed"
             summary["error-desc"] = ("destination did not complete: "
@@ -316,7 +327,7 @@ def run_local(ram: int, config: MigrationConfig | None = None, *,
             while not mig.done:
                 if on_progress is not None:
                     on_progress(mig.stats())
-                mig._done.wait(interval)
+                mig.finished(interval)
         except KeyboardInterrupt:
             mig.cancel()
         return lr.finish()

@@ -10,7 +10,6 @@ few threads (hashlib releases the GIL on large buffers).
 from __future__ import annotations
 
 import hashlib
-from concurrent.futures import ThreadPoolExecutor
 
 DIGEST_SECTION = "rdp-ram-digest"
 SIZE = 32
@@ -50,6 +49,8 @@ def chunk_digests(region, threads: int = 2, chunk_size: int | None = None) -> by
     """SHA-256 of each chunk (of the region's chunk size unless ``chunk_size``), blocks in
     order, chunks in order, concatenated. A chunk with no page in memory (never written) is
     zero: its digest is known without reading (and so without allocating) its pages."""
+    from concurrent.futures import ThreadPoolExecutor  # here: the sessions import this module
+
     import numpy as np
 
     from stages.scanner import resident

@@ -9,6 +9,7 @@ import sys
 import time
 
 import pytest
+from faulty_destination import FAULTY
 from migration_helpers import MIB, run_until
 
 from pipeline.api import LocalRun
@@ -38,12 +39,14 @@ def test_stage_killed(stage):
 
 
 def test_connection_cut():
-    s = run_until(lambda lr: None, fault={"kind": "disconnect", "window": 2})
+    s = run_until(lambda lr: None, dest_entry=FAULTY,
+                  dest_options={"fault": {"kind": "disconnect", "window": 2}})
     assert s["status"] == "failed"
 
 
 def test_malformed_control_message():
-    s = run_until(lambda lr: None, fault={"kind": "malformed", "window": 2})
+    s = run_until(lambda lr: None, dest_entry=FAULTY,
+                  dest_options={"fault": {"kind": "malformed", "window": 2}})
     assert s["status"] == "failed"
 
 

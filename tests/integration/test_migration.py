@@ -3,6 +3,7 @@
 import json
 
 import pytest
+from faulty_destination import FAULTY
 from migration_helpers import MIB, assert_completed, migrate
 
 from pipeline.config import MigrationConfig
@@ -85,7 +86,8 @@ def test_control_trace_decodes_and_windows_are_closed(tmp_path):
 
 
 def test_corrupted_destination_page_fails_verification():
-    summary, running = migrate(state=GuestState(dirty_rate=2 * MIB), corrupt=(1, 3))
+    summary, running = migrate(state=GuestState(dirty_rate=2 * MIB), dest_entry=FAULTY,
+                                dest_options={"corrupt": (1, 3)})
     assert summary["status"] == "failed"
     assert summary["verified"] is False
     assert "verification failed" in summary["destination"]["error-desc"]

@@ -4,6 +4,7 @@ uffd), and the synthetic guest tracked by the kernel (uffd) instead of its own d
 import time
 
 import pytest
+from faulty_destination import FAULTY
 
 from pipeline.api import LocalRun
 from pipeline.config import MigrationConfig
@@ -64,9 +65,10 @@ def test_failed_kvm_migration_resumes_the_source_guest(how):
     # A slow link and a generous downtime limit: the final round, with the guest paused,
     # lasts about a second, long enough to kill the destination in it.
     cfg = MigrationConfig().with_options([], ["max-bandwidth=16M", "downtime-limit=3000"])
-    corrupt = (0, 5) if how == "verification refused" else None
+    faults = {"dest_entry": FAULTY, "dest_options": {"corrupt": (0, 5)}} \
+        if how == "verification refused" else {}
     with LocalRun(24 * MIB, cfg, state=GuestState(), guest=kvm_guest(rate=8 * MIB),
-                  corrupt=corrupt) as lr:
+                  **faults) as lr:
         mig = lr.start()
         deadline = time.monotonic() + 30
         if how == "destination killed":

@@ -7,6 +7,7 @@ import sys
 
 import migration_helpers
 import pytest
+from faulty_destination import FAULTY
 from migration_helpers import MIB, assert_completed
 
 from pipeline.api import free_port
@@ -44,7 +45,8 @@ def test_busy_guest_converges_within_downtime_limit():
 
 
 def test_corrupted_destination_page_fails_verification():
-    summary, running = migrate(state=GuestState(dirty_rate=2 * MIB), corrupt=(0, 300))
+    summary, running = migrate(state=GuestState(dirty_rate=2 * MIB), dest_entry=FAULTY,
+                                dest_options={"corrupt": (0, 300)})
     assert summary["status"] == "failed" and summary["verified"] is False
     desc = summary["destination"]["error-desc"]
     assert "verification failed" in desc and "pc.ram chunk 1" in desc and "stream bytes" in desc
@@ -65,7 +67,8 @@ def test_cancel():
 
 @pytest.mark.parametrize("kind", ["disconnect", "malformed"])
 def test_connection_cut_or_malformed_return_path(kind):
-    s = run_until(lambda lr: None, fault={"kind": kind, "window": 2})
+    s = run_until(lambda lr: None, dest_entry=FAULTY,
+                  dest_options={"fault": {"kind": kind, "window": 2}})
     assert ("connection" in s["error-desc"] if kind == "disconnect"
             else "return path" in s["error-desc"]), s["error-desc"]
 
