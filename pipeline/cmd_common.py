@@ -52,7 +52,7 @@ def build_config(args) -> MigrationConfig:
                           trace_control=getattr(args, "trace_control", None))
     cfg = cfg.with_options(args.capability, args.parameter)
     if cfg.transport == "verbs":
-        from pipeline.errors import TransportUnsupported
+        from shm.errors import TransportUnsupported
         from stages.verbs.rdmacore import probe
 
         reason = probe()

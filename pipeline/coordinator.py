@@ -27,12 +27,6 @@ import numpy as np
 from pipeline.config import PAGE_SIZE, MigrationConfig
 from pipeline.control import ControlLink, ControlTrace
 from pipeline.digest import chunk_digests
-from pipeline.errors import (
-    MigrationCancelled,
-    MigrationError,
-    RemoteProtocolError,
-    StageFailed,
-)
 from pipeline.migration_state import (
     Convergence,
     Decision,
@@ -65,6 +59,12 @@ from pipeline.protocol.records import (
 from pipeline.protocol.stream import StreamWriter
 from pipeline.sections import RAM_SID, DeviceSections, write_header
 from pipeline.stats import MigrationStats
+from shm.errors import (
+    MigrationCancelled,
+    MigrationError,
+    RemoteProtocolError,
+    StageFailed,
+)
 from stages.pagehash import ROUND_SECTION, ROUND_SID, pack_round, table_digests
 from stages.records import (
     ANSWER_DTYPE,

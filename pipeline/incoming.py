@@ -26,7 +26,6 @@ import numpy as np
 from pipeline.config import MigrationConfig
 from pipeline.control import ControlLink
 from pipeline.digest import DIGEST_SECTION, differing, mismatches
-from pipeline.errors import MigrationError, RemoteProtocolError, TransportError
 from pipeline.guest.factory import GUEST_SECTIONS
 from pipeline.guest.synthetic import device_codec
 from pipeline.protocol.capabilities import (
@@ -54,6 +53,7 @@ from pipeline.protocol.parser import NEED_DATA
 from pipeline.protocol.records import DeviceState, Eof, Hook, MemSize
 from pipeline.protocol.stream import StreamReader
 from pipeline.stats import MigrationStats
+from shm.errors import MigrationError, RemoteProtocolError, TransportError
 from stages.pagehash import ROUND_SECTION
 from stages.scanner import nonzero_pages
 from stages.verbs.base import Access
@@ -114,7 +114,7 @@ class IncomingMigration:
 
     def check(self) -> None:
         if self.cancel.is_set():
-            from pipeline.errors import MigrationCancelled
+            from shm.errors import MigrationCancelled
 
             raise MigrationCancelled("incoming migration cancelled")
         if self._acceptor_error is not None:

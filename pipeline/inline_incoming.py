@@ -29,7 +29,6 @@ import numpy as np
 
 from pipeline.config import PAGE_SIZE, MigrationConfig
 from pipeline.digest import chunk_size_for, differing
-from pipeline.errors import MigrationCancelled, MigrationError, RemoteProtocolError
 from pipeline.incoming import IncomingMigration
 from pipeline.protocol.parser import NEED_DATA, StreamParser
 from pipeline.protocol.ram_batch import PageBatch, ZeroBatch, page_dtype
@@ -47,6 +46,7 @@ from pipeline.protocol.records import (
 )
 from pipeline.sections import device_codecs
 from pipeline.stream_io import open_source
+from shm.errors import MigrationCancelled, MigrationError, RemoteProtocolError
 from stages.scanner import nonzero_pages
 
 READ_SIZE = 4 << 20

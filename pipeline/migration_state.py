@@ -15,7 +15,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from pipeline.errors import LocalProtocolError
+from shm.errors import LocalProtocolError
 
 
 class State(enum.StrEnum):

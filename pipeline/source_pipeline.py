@@ -16,7 +16,7 @@ from collections import deque
 import numpy as np
 
 from pipeline.config import MigrationConfig
-from pipeline.errors import StageFailed
+from shm.errors import StageFailed
 from shm.naming import segment_name
 from shm.ring import CONSUMER, PRODUCER, Ring
 from stages.harness import Inbox, StageProcess, sweep_pids

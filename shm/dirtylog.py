@@ -29,7 +29,7 @@ from collections.abc import Callable
 import numpy as np
 import posix_ipc
 
-from pipeline.errors import ShmError
+from shm.errors import ShmError
 from shm.naming import pid_alive, segment_name
 from shm.region import PAGE_SIZE, RamRegion
 from shm.runs import RUN_DTYPE, dirty_pages, dirty_runs, expand_runs  # noqa: F401 (re-export)

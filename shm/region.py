@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from pipeline.errors import ShmError
+from shm.errors import ShmError
 from shm.naming import segment_name
 from shm.segment import Segment
 

@@ -30,7 +30,7 @@ import struct
 import numpy as np
 import posix_ipc
 
-from pipeline.errors import ShmError
+from shm.errors import ShmError
 from shm.naming import SHM_DIR
 
 MAGIC = b"RDPSHM\x00\x01"

@@ -29,7 +29,7 @@ import os
 
 import numpy as np
 
-from pipeline.errors import ShmError
+from shm.errors import ShmError
 from shm.segment import PeerGone
 
 PAGE_SIZE = 4096

@@ -26,7 +26,7 @@ import time
 import traceback
 from typing import Any
 
-from pipeline.errors import MigrationError, StageFailed
+from shm.errors import MigrationError, StageFailed
 
 EXIT_OK, EXIT_ERROR = 0, 2
 POLL = 0.2     # seconds an Inbox thread blocks on a ring before it looks at its stop flag

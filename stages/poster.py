@@ -35,7 +35,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from pipeline.errors import TransportError
+from shm.errors import TransportError
 from stages.records import COMPLETION_DTYPE, OP_END, OP_RUN, WRITE_DTYPE, records
 from stages.verbs.base import WRITE_WR_DTYPE
 

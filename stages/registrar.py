@@ -378,7 +378,7 @@ def _export(mrs: list, attempts: int = 5) -> list:
     the soft provider), retried: the soft provider reads /proc/self/maps to find the backing
     file, and that read can miss a mapping while another thread of ours maps memory (a numpy
     allocation in an Inbox thread), which makes it fail now and then."""
-    from pipeline.errors import TransportError
+    from shm.errors import TransportError
 
     for attempt in range(attempts):
         try:

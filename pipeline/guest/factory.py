@@ -35,9 +35,9 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 
-from pipeline.errors import GuestError
 from pipeline.guest.synthetic import DEVICE_SECTION as SYNTHETIC_SECTION
 from pipeline.guest.synthetic import GuestState
+from shm.errors import GuestError
 
 GUESTS = ("synthetic", "kvm")
 TRACKINGS = ("soft", "uffd", "kvm")

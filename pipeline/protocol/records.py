@@ -29,7 +29,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import IntEnum, IntFlag
 
-from pipeline.errors import RemoteProtocolError
+from shm.errors import RemoteProtocolError
 
 __all__ = [
     "FILE_MAGIC", "FILE_VERSION", "PAGE_SIZE", "RAM_IDSTR", "RAM_VERSION", "SectionType",

@@ -27,7 +27,7 @@ import time
 from contextlib import contextmanager
 from types import SimpleNamespace
 
-from pipeline.errors import TransportError, TransportUnsupported
+from shm.errors import TransportError, TransportUnsupported
 from stages.verbs import base
 from stages.verbs.base import (
     WRITE_WR_DTYPE,

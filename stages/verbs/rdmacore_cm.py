@@ -13,7 +13,7 @@ from __future__ import annotations
 import errno
 import select
 
-from pipeline.errors import TransportError
+from shm.errors import TransportError
 from stages.verbs import base
 from stages.verbs.base import MAX_ACCEPT_PRIVATE_DATA, MAX_CONNECT_PRIVATE_DATA, check_private_data
 from stages.verbs.rdmacore import errors, new_fd

@@ -1,6 +1,5 @@
 import pytest
 
-from pipeline.errors import LocalProtocolError
 from pipeline.migration_state import (
     Convergence,
     Decision,
@@ -8,6 +7,7 @@ from pipeline.migration_state import (
     RoundResult,
     State,
 )
+from shm.errors import LocalProtocolError
 
 
 def test_transitions():

@@ -7,8 +7,8 @@ import os
 import numpy as np
 import pytest
 
-from pipeline.errors import ShmError
 from shm import naming
+from shm.errors import ShmError
 from shm.region import PAGE_SIZE, RamBlockSpec, RamRegion
 from shm.segment import Segment
 

@@ -19,11 +19,11 @@ import threading
 
 import numpy as np
 
-from pipeline.errors import GuestError
 from pipeline.guest.kvm import ioctls as k
 from pipeline.guest.kvm import program, state
 from pipeline.guest.kvm.dirty import KvmDirtySource
 from pipeline.guest.kvm.vm import Kvm
+from shm.errors import GuestError
 
 DEVICE_MAGIC = b"RDPKVMG\x01"
 DEVICE_SECTION = "rdp-kvm-guest"

@@ -15,10 +15,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pipeline.errors import GuestError
 from pipeline.guest.kvm.guest import DEVICE_SECTION
 from pipeline.guest.kvm.vm import kvm_unavailable_reason
 from pipeline.guest.owner import GuestProcess
+from shm.errors import GuestError
 
 TARGET = "pipeline.guest.kvm.process:kvm_guest_main"
 TRACKINGS = ("kvm", "uffd")

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.errors import GuestError
+from shm.errors import GuestError
 
 PAGE = 4096
 HUGE = 2 << 20

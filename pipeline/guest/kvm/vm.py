@@ -18,8 +18,8 @@ import signal
 import threading
 from dataclasses import dataclass
 
-from pipeline.errors import GuestError
 from pipeline.guest.kvm import ioctls as k
+from shm.errors import GuestError
 
 KVM_PATH = "/dev/kvm"
 PAUSE_SIGNAL = signal.SIGUSR1

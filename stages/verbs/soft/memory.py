@@ -20,7 +20,7 @@ import os
 import resource
 import threading
 
-from pipeline.errors import TransportError
+from shm.errors import TransportError
 
 PAGE = mmap.PAGESIZE
 _libc = ctypes.CDLL(None, use_errno=True)

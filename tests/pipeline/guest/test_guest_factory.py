@@ -6,10 +6,10 @@ import pytest
 import pipeline.guest.kvm.vm as kvm_vm
 import shm.uffd
 from pipeline.cli import main
-from pipeline.errors import GuestError
 from pipeline.guest.factory import GUEST_SECTIONS, GuestSpec, resolve_tracking
 from pipeline.guest.kvm.guest import DEVICE_SECTION as KVM_SECTION
 from pipeline.guest.synthetic import DEVICE_SECTION as SYNTHETIC_SECTION
+from shm.errors import GuestError
 
 
 @pytest.mark.parametrize(("kind", "tracking", "want"), [

@@ -10,8 +10,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from pipeline.errors import GuestError
 from pipeline.guest.kvm import program
+from shm.errors import GuestError
 
 SOURCE = """
 top: xor %r13d,%r13d

@@ -84,8 +84,8 @@ def test_copying_what_the_log_reports_reproduces_ram_with_the_rate_knob_moving()
 
 
 def test_the_resume_point_check_agrees_with_the_full_check_and_catches_a_break():
-    from pipeline.errors import GuestError
     from pipeline.guest.kvm import state
+    from shm.errors import GuestError
 
     with RamRegion.create(new_run_id(), [RamBlockSpec("pc.ram", 4 * MiB)]) as region, \
             KvmGuest.boot(region.blocks, delay=100) as guest:

@@ -15,7 +15,7 @@ import pytest
 from verbs_helpers import Pair, address, port, wait_wcs
 from verbs_peer import Peer, writer_to
 
-from pipeline.errors import TransportError
+from shm.errors import TransportError
 from stages.verbs import Access, QPState, WCOpcode, WCStatus
 from stages.verbs.base import WRITE_WR_DTYPE
 from stages.verbs.soft import batch, wire

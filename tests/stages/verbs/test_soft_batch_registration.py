@@ -11,7 +11,7 @@ import pytest
 from verbs_helpers import shm_ram
 from verbs_peer import drop_ipc_lock, run_in_child
 
-from pipeline.errors import TransportError
+from shm.errors import TransportError
 from stages.verbs import Access, open_provider
 from stages.verbs.soft import memory
 from stages.verbs.soft.pdtable import CAPACITY, FREE, LIVE, PDTable

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from pipeline.errors import TransportError, TransportUnsupported
+from shm.errors import TransportError, TransportUnsupported
 from stages.verbs import open_provider
 from stages.verbs.rdmacore import load, probe
 

@@ -207,7 +207,7 @@ def register_over_limit(conn, provider: str, limit: int, size: int) -> None:
     """Child: lower RLIMIT_MEMLOCK to ``limit``, drop CAP_IPC_LOCK, register ``size`` bytes."""
     import resource
 
-    from pipeline.errors import TransportError
+    from shm.errors import TransportError
 
     drop_ipc_lock()
     resource.setrlimit(resource.RLIMIT_MEMLOCK, (limit, limit))
