@@ -24,7 +24,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from pipeline.config import PAGE_SIZE, MigrationConfig
+from pipeline.config import MigrationConfig
 from pipeline.control import ControlLink, ControlTrace
 from pipeline.digest import chunk_digests
 from pipeline.migration_state import (
@@ -65,6 +65,7 @@ from shm.errors import (
     RemoteProtocolError,
     StageFailed,
 )
+from shm.memory import PAGE_SIZE
 from stages.pagehash import ROUND_SECTION, ROUND_SID, pack_round, table_digests
 from stages.records import (
     ANSWER_DTYPE,

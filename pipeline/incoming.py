@@ -54,8 +54,8 @@ from pipeline.protocol.records import DeviceState, Eof, Hook, MemSize
 from pipeline.protocol.stream import StreamReader
 from pipeline.stats import MigrationStats
 from shm.errors import MigrationError, RemoteProtocolError, TransportError
+from shm.memory import nonzero_pages
 from stages.pagehash import ROUND_SECTION
-from stages.scanner import nonzero_pages
 from stages.verbs.base import Access
 
 RW = Access.LOCAL_WRITE | Access.REMOTE_WRITE

@@ -27,7 +27,7 @@ import time
 
 import numpy as np
 
-from pipeline.config import PAGE_SIZE, MigrationConfig
+from pipeline.config import MigrationConfig
 from pipeline.digest import chunk_size_for, differing
 from pipeline.incoming import IncomingMigration
 from pipeline.protocol.parser import NEED_DATA, StreamParser
@@ -47,7 +47,7 @@ from pipeline.protocol.records import (
 from pipeline.sections import device_codecs
 from pipeline.stream_io import open_source
 from shm.errors import MigrationCancelled, MigrationError, RemoteProtocolError
-from stages.scanner import nonzero_pages
+from shm.memory import PAGE_SIZE, nonzero_pages
 
 READ_SIZE = 4 << 20
 ROW = page_dtype(PAGE_SIZE).itemsize

@@ -32,7 +32,6 @@ import time
 
 import numpy as np
 
-from pipeline.config import PAGE_SIZE
 from pipeline.coordinator import SourceMigration
 from pipeline.migration_state import State
 from pipeline.protocol.ram_batch import page_dtype, page_records, zero_records
@@ -48,8 +47,10 @@ from pipeline.protocol.records import (
 )
 from pipeline.sections import RAM_SID, write_header
 from pipeline.stream_io import open_sink
+from shm.memory import PAGE_SIZE, nonzero_pages
+from shm.memory import WORDS_PER_PAGE as WORDS
 from stages.pagehash import hash_rows, table_digests
-from stages.scanner import WORDS, Scanner, nonzero_pages
+from stages.scanner import Scanner
 
 PAGE_BATCH = 2048          # pages gathered per write: 8 MiB
 ZERO_BATCH = 1 << 16       # zero records per write: 576 KiB

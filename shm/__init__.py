@@ -14,7 +14,7 @@ _HOME = {
     "DirtyLog": "shm.dirtylog",
     "new_run_id": "shm.naming", "parse_segment_name": "shm.naming", "segment_name": "shm.naming",
     "sweep": "shm.naming",
-    "PAGE_SIZE": "shm.region",
+    "PAGE_SIZE": "shm.memory",
     "DEFAULT_CHUNK_SIZE": "shm.region", "RamBlock": "shm.region", "RamBlockSpec": "shm.region",
     "RamRegion": "shm.region",
     "Ring": "shm.ring", "RingTimeout": "shm.ring",

@@ -26,9 +26,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from pipeline.guest.owner import GuestProcess
+from shm.memory import PAGE_SIZE, WORDS_PER_PAGE
 
-PAGE = 4096
-WORDS = PAGE // 8
 PATTERNS = ("uniform", "hotspot", "sequential")
 TICK = 0.01                  # seconds between batches at a non-zero rate
 MAX_BATCH_PAGES = 16384      # 64 MiB per batch at most
@@ -148,7 +147,7 @@ def guest_main(config: dict, link) -> int:
         if log is not None:
             log.start_service()   # answer the scanner's fetches even while paused
         try:
-            views = [blk.view.view(np.uint64).reshape(-1, WORDS) for blk in region.blocks]
+            views = [blk.view.view(np.uint64).reshape(-1, WORDS_PER_PAGE) for blk in region.blocks]
             if config.get("state") is None:
                 # A destination guest, started early: it gets its state at resume time.
                 link.ready(pid=__import__("os").getpid())
@@ -181,7 +180,7 @@ def guest_main(config: dict, link) -> int:
 
 def _run(work: Workload, views, mark, link, state: GuestState) -> None:
     paused = False
-    rate_pages = state.dirty_rate / PAGE
+    rate_pages = state.dirty_rate / PAGE_SIZE
     t0 = time.monotonic()
     done_at_t0 = state.pages_written
     while True:

@@ -28,6 +28,7 @@ from contextlib import contextmanager
 from types import SimpleNamespace
 
 from shm.errors import TransportError, TransportUnsupported
+from shm.memory import libc
 from stages.verbs import base
 from stages.verbs.base import (
     WRITE_WR_DTYPE,
@@ -372,7 +373,6 @@ class VerbsContext(base.Context):
         if self._children:
             raise TransportError("import the PD before creating anything else on this context",
                                  errno=errno.EBUSY)
-        libc = ctypes.CDLL(None, use_errno=True)
         pidfd = os.pidfd_open(handle.owner_pid)
         try:
             fd = libc.syscall(_SYS_pidfd_getfd, pidfd, handle.cmd_fd, 0)

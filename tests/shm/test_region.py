@@ -9,7 +9,8 @@ import pytest
 
 from shm import naming
 from shm.errors import ShmError
-from shm.region import PAGE_SIZE, RamBlockSpec, RamRegion
+from shm.memory import PAGE_SIZE
+from shm.region import RamBlockSpec, RamRegion
 from shm.segment import Segment
 
 GiB, MiB = 1 << 30, 1 << 20
