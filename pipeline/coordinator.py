@@ -57,7 +57,13 @@ from pipeline.protocol.records import (
     SectionType,
 )
 from pipeline.protocol.stream import StreamWriter
-from pipeline.sections import RAM_SID, DeviceSections, write_header
+from pipeline.sections import (
+    RAM_SID,
+    ROUND_SECTION,
+    ROUND_SID,
+    DeviceSections,
+    write_header,
+)
 from pipeline.stats import MigrationStats
 from shm.errors import (
     MigrationCancelled,
@@ -66,7 +72,7 @@ from shm.errors import (
     StageFailed,
 )
 from shm.memory import PAGE_SIZE
-from stages.pagehash import ROUND_SECTION, ROUND_SID, pack_round, table_digests
+from stages.pagehash import pack_round, table_digests
 from stages.records import (
     ANSWER_DTYPE,
     CMD_FINAL,

@@ -14,7 +14,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 from shm.memory import PAGE_SIZE, WORDS_PER_PAGE, resident
 
-DIGEST_SECTION = "rdp-ram-digest"
 SIZE = 32
 
 

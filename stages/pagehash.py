@@ -32,7 +32,6 @@ import numpy as np
 
 from shm.memory import WORDS_PER_PAGE, in_halves, resident
 
-ROUND_SECTION, ROUND_SID = "rdp-round-pages", 5   # the stream section carrying pack_round()
 WINDOW = 2048                      # pages hashed per numpy call (8 MiB)
 STRETCH = 1 << 18                  # pages of a round bitmap unpacked at a time (1 GiB of RAM)
 KEYS = np.random.default_rng(0x9A6E_4A54).integers(
@@ -158,7 +157,8 @@ def table_digests(tables: list[np.ndarray], chunk_pages: int) -> bytes:
 
 
 def pack_round(bitmaps: list[np.ndarray]) -> bytes:
-    """The packed per-block bitmaps of a round's pages, as stream bytes (zlib)."""
+    """The packed per-block bitmaps of a round's pages, as stream bytes (zlib): the body of the
+    stream's round section (its name and id are ``pipeline.sections``')."""
     import zlib
 
     return zlib.compress(b"".join(np.asarray(b, np.uint8).tobytes() for b in bitmaps), 1)

@@ -26,12 +26,12 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from pipeline.guest.owner import GuestProcess
+from pipeline.sections import SYNTHETIC_SECTION
 from shm.memory import PAGE_SIZE, WORDS_PER_PAGE
 
 PATTERNS = ("uniform", "hotspot", "sequential")
 TICK = 0.01                  # seconds between batches at a non-zero rate
 MAX_BATCH_PAGES = 16384      # 64 MiB per batch at most
-DEVICE_SECTION = "rdp-synthetic-guest"
 
 
 @dataclass
@@ -217,7 +217,7 @@ class SyntheticGuest(GuestProcess):
     "uffd" (no log; the kernel tracks the guest's writes)."""
 
     kind = "synthetic"
-    device_section = DEVICE_SECTION
+    device_section = SYNTHETIC_SECTION
 
     def __init__(self, ram: int, *, run_id: str, state: GuestState | None = None,
                  fill: float = 0.5, chunk_size: int = 1 << 20, dirty_log: bool = True,
@@ -245,15 +245,3 @@ class SyntheticGuest(GuestProcess):
 
     def query(self, timeout: float = 10.0) -> GuestState:
         return GuestState(**self.request("state", timeout)[1])
-
-
-def device_codec(data: bytes, version: int) -> int | None:
-    """Length of a length-prefixed device section (be32 length, then that many bytes)."""
-    if len(data) < 4:
-        return None
-    return 4 + int.from_bytes(data[:4], "big")
-
-
-def frame(data: bytes) -> bytes:
-    """``data`` as a length-prefixed device section body."""
-    return len(data).to_bytes(4, "big") + data

@@ -27,7 +27,6 @@ from shm.errors import GuestError
 from shm.memory import PAGE_SIZE
 
 DEVICE_MAGIC = b"RDPKVMG\x01"
-DEVICE_SECTION = "rdp-kvm-guest"
 
 
 class KvmGuest:
