@@ -39,9 +39,9 @@ from bench.common import (
     rates,
 )
 from bench.common import usage as _usage
+from shm.memory import PAGE_SIZE
 
 MiB = 1 << 20
-PAGE = 4096
 ROUNDS = 20             # rounds of the scattered cases
 INBOX_BATCH = 4096      # records per ring pop in the stage (Inbox.watch)
 DEPTH = 256             # the stage's default max_outstanding
@@ -49,11 +49,11 @@ CASES = {   # name: (kind, write size, writes)
     "tcp-1m": ("tcp", MiB, 4096),
     "write-1m": ("write", MiB, 4096),
     "poster-1m": ("poster", MiB, 4096),
-    "tcp-4k": ("tcp", PAGE, 200_000),
-    "poster-4k": ("poster", PAGE, 200_000),
-    "poster-4k-scattered": ("scattered", PAGE, 200_000),
-    "sansio-4k-scattered": ("sansio", PAGE, 200_000),
-    "sansio-4k-trickle": ("sansio-trickle", PAGE, 200_000),
+    "tcp-4k": ("tcp", PAGE_SIZE, 200_000),
+    "poster-4k": ("poster", PAGE_SIZE, 200_000),
+    "poster-4k-scattered": ("scattered", PAGE_SIZE, 200_000),
+    "sansio-4k-scattered": ("sansio", PAGE_SIZE, 200_000),
+    "sansio-4k-trickle": ("sansio-trickle", PAGE_SIZE, 200_000),
 }
 BASELINE = {"write-1m": "tcp-1m", "poster-1m": "tcp-1m", "poster-4k": "tcp-4k",
             "poster-4k-scattered": "tcp-4k"}
@@ -71,9 +71,9 @@ def write_records(kind: str, size: int, count: int, local: int, lkey: int, remot
     else:                      # scattered pages, ROUNDS rounds of count / ROUNDS writes
         rng = np.random.default_rng(7)
         per_round = count // ROUNDS
-        pages = [np.sort(rng.choice(transport.TARGET // PAGE, per_round, replace=False))
+        pages = [np.sort(rng.choice(transport.TARGET // PAGE_SIZE, per_round, replace=False))
                  for _ in range(ROUNDS)]
-        offsets = np.concatenate(pages).astype(np.uint64) * np.uint64(PAGE)
+        offsets = np.concatenate(pages).astype(np.uint64) * np.uint64(PAGE_SIZE)
         rounds = np.repeat(np.arange(1, ROUNDS + 1, dtype=np.uint32), per_round)
     body = records(WRITE_DTYPE, len(offsets), op=OP_RUN, round=rounds, length=size, pages=1,
                    lkey=lkey, rkey=rkey, chunk=offsets // np.uint64(MiB),

@@ -33,12 +33,12 @@ import weakref
 from collections.abc import Callable
 
 from pipeline.config import MigrationConfig
-from pipeline.errors import MigrationError, StageFailed
 from pipeline.guest.factory import GuestSpec
 from pipeline.guest.synthetic import GuestState, SyntheticGuest
 from pipeline.stats import MigrationStats
 from pipeline.uri import URI, parse_uri
 from shm import naming  # noqa: F401 - see _cancel_running_at_exit
+from shm.errors import MigrationError, StageFailed
 
 __all__ = ["Migration", "start_outgoing", "start_incoming", "run_local", "LocalRun",
            "MigrationConfig", "SyntheticGuest", "GuestState", "GuestSpec", "save_to_file",
@@ -61,7 +61,7 @@ def _cancel_running_at_exit() -> None:
     for mig in running:
         mig.cancel()
     for mig in running:
-        mig._done.wait(EXIT_DEADLINE)
+        mig.finished(EXIT_DEADLINE)
 
 
 class Migration:
@@ -117,6 +117,10 @@ class Migration:
     @property
     def done(self) -> bool:
         return self._done.is_set()
+
+    def finished(self, timeout: float | None = None) -> bool:
+        """Wait up to ``timeout`` seconds for the migration to end; whether it has."""
+        return self._done.wait(timeout)
 
     def cancel(self) -> None:
         """Ask the migration to stop; it ends ``cancelled`` (``wait`` to see it done)."""
@@ -316,7 +320,7 @@ def run_local(ram: int, config: MigrationConfig | None = None, *,
             while not mig.done:
                 if on_progress is not None:
                     on_progress(mig.stats())
-                mig._done.wait(interval)
+                mig.finished(interval)
         except KeyboardInterrupt:
             mig.cancel()
         return lr.finish()

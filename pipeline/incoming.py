@@ -25,10 +25,7 @@ import numpy as np
 
 from pipeline.config import MigrationConfig
 from pipeline.control import ControlLink
-from pipeline.digest import DIGEST_SECTION, differing, mismatches
-from pipeline.errors import MigrationError, RemoteProtocolError, TransportError
-from pipeline.guest.factory import GUEST_SECTIONS
-from pipeline.guest.synthetic import device_codec
+from pipeline.digest import differing, mismatches
 from pipeline.protocol.capabilities import (
     Capabilities,
     Capability,
@@ -53,9 +50,10 @@ from pipeline.protocol.messages import (
 from pipeline.protocol.parser import NEED_DATA
 from pipeline.protocol.records import DeviceState, Eof, Hook, MemSize
 from pipeline.protocol.stream import StreamReader
+from pipeline.sections import DIGEST_SECTION, GUEST_SECTIONS, ROUND_SECTION, device_codec
 from pipeline.stats import MigrationStats
-from stages.pagehash import ROUND_SECTION
-from stages.scanner import nonzero_pages
+from shm.errors import MigrationError, RemoteProtocolError, TransportError
+from shm.memory import nonzero_pages
 from stages.verbs.base import Access
 
 RW = Access.LOCAL_WRITE | Access.REMOTE_WRITE
@@ -114,7 +112,7 @@ class IncomingMigration:
 
     def check(self) -> None:
         if self.cancel.is_set():
-            from pipeline.errors import MigrationCancelled
+            from shm.errors import MigrationCancelled
 
             raise MigrationCancelled("incoming migration cancelled")
         if self._acceptor_error is not None:

@@ -27,9 +27,8 @@ import time
 
 import numpy as np
 
-from pipeline.config import PAGE_SIZE, MigrationConfig
+from pipeline.config import MigrationConfig
 from pipeline.digest import chunk_size_for, differing
-from pipeline.errors import MigrationCancelled, MigrationError, RemoteProtocolError
 from pipeline.incoming import IncomingMigration
 from pipeline.protocol.parser import NEED_DATA, StreamParser
 from pipeline.protocol.ram_batch import PageBatch, ZeroBatch, page_dtype
@@ -47,7 +46,8 @@ from pipeline.protocol.records import (
 )
 from pipeline.sections import device_codecs
 from pipeline.stream_io import open_source
-from stages.scanner import nonzero_pages
+from shm.errors import MigrationCancelled, MigrationError, RemoteProtocolError
+from shm.memory import PAGE_SIZE, nonzero_pages
 
 READ_SIZE = 4 << 20
 ROW = page_dtype(PAGE_SIZE).itemsize

@@ -16,7 +16,8 @@ from collections import deque
 import numpy as np
 
 from pipeline.config import MigrationConfig
-from pipeline.errors import StageFailed
+from pipeline.protocol.capabilities import DataConnect
+from shm.errors import StageFailed
 from shm.naming import segment_name
 from shm.ring import CONSUMER, PRODUCER, Ring
 from stages.harness import Inbox, StageProcess, sweep_pids
@@ -105,7 +106,8 @@ class SourcePipeline:
 
     def connect_poster(self, host: str, port: int, token: int, timeout: float = 15.0) -> None:
         info = self.registrar.info
-        self.poster.send("connect", info["pd"], info["path"], host, port, token, 0)
+        self.poster.send("connect", info["pd"], info["path"], host, port,
+                         DataConnect(token, 0).encode())
         msg = self.poster.recv(timeout, what="data connection")
         if msg[0] != "connected":
             raise StageFailed("poster", None, f"unexpected message {msg[0]}")

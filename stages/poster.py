@@ -35,7 +35,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from pipeline.errors import TransportError
+from shm.errors import TransportError
 from stages.records import COMPLETION_DTYPE, OP_END, OP_RUN, WRITE_DTYPE, records
 from stages.verbs.base import WRITE_WR_DTYPE
 
@@ -314,12 +314,12 @@ def _segments(recs: np.ndarray):
 
 
 def poster_main(config: dict, link) -> int:
-    """Process: waits for ("connect", pd_handle, region_path, host, port, token, index) on its
-    pipe, imports the registrar's PD, connects its own data QP, then posts writes."""
+    """Process: waits for ("connect", pd_handle, region_path, host, port, private_data) on its
+    pipe, imports the registrar's PD, connects its own data QP with the coordinator's
+    ``private_data`` (the data-connection hello, bytes), then posts writes."""
     import select
     from contextlib import ExitStack
 
-    from pipeline.protocol.capabilities import DataConnect
     from shm.ring import CONSUMER, PRODUCER, Ring
     from stages.harness import Inbox
     from stages.records import OP_IMPORT, OP_RELEASE, OP_RELEASED
@@ -334,13 +334,13 @@ def poster_main(config: dict, link) -> int:
                                                     role=PRODUCER))
         ctx = stack.enter_context(open_provider(config["transport"]).open_device())
         link.ready()
-        op, pd_handle, path, host, port, token, index = link.recv()
+        op, pd_handle, path, host, port, private_data = link.recv()
         if op != "connect":
             raise ValueError(f"poster expected connect, got {op}")
         pd = ctx.import_pd(pd_handle)
         cq = ctx.create_cq(2 * depth + 16)
         qp = pd.create_qp(cq, cq, max_send_wr=depth, max_recv_wr=1)
-        ctx.connect(qp, host, port, DataConnect(token, index).encode(), timeout=10.0)
+        ctx.connect(qp, host, port, private_data, timeout=10.0)
         link.send("connected")
         imported: dict[int, object] = {}
 

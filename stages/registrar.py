@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from shm.memory import PAGE_SIZE
 from stages.records import (
     ANSWER_DTYPE,
     COMPLETION_DTYPE,
@@ -49,7 +50,6 @@ from stages.records import (
     records,
 )
 
-PAGE = 4096
 NONE, REQUESTED, REGISTERED = 0, 1, 2
 ALL_CHUNKS = 0xFFFFFFFF      # an ANSWER for a whole block (pin-all)
 BIG_ZERO_PAGES = 64          # a zero run this long always goes as COMPRESS (256 KiB)
@@ -75,7 +75,7 @@ class Registrar:
                  reg_mrs: Callable[[list[tuple[int, int]]], list] | None = None) -> None:
         self.blocks = blocks
         self.chunk_size = chunk_size
-        self.chunk_pages = chunk_size // PAGE
+        self.chunk_pages = chunk_size // PAGE_SIZE
         self.pin_all = pin_all
         self._reg_mr = reg_mr
         # one MR per (address, length), in one go (adjacent chunks pinned by one call)
@@ -252,8 +252,8 @@ class Registrar:
         zs = z[starts]
         reqs.append(records(REQUEST_DTYPE, len(zs), op=REQ_COMPRESS,
                             round=zs["round"], block=zs["block"],
-                            chunk=self._chunks(zs), offset=zs["first_page"] * PAGE,
-                            length=pages.astype(np.uint64) * PAGE, pages=pages))
+                            chunk=self._chunks(zs), offset=zs["first_page"] * PAGE_SIZE,
+                            length=pages.astype(np.uint64) * PAGE_SIZE, pages=pages))
         self.compress_sent += len(zs)
         for r in np.unique(z["round"]):
             self.round_compressed[int(r)] = self.round_compressed.get(int(r), 0) + int(
@@ -326,12 +326,12 @@ class Registrar:
             return out
         chunks = self._chunks(runs)
         blocks = runs["block"].astype(np.int64)
-        offset = runs["first_page"].astype(np.uint64) * np.uint64(PAGE)
+        offset = runs["first_page"].astype(np.uint64) * np.uint64(PAGE_SIZE)
         out["op"] = OP_RUN
         out["round"] = runs["round"]
         out["block"] = blocks
         out["chunk"] = chunks
-        out["length"] = runs["n_pages"].astype(np.uint64) * np.uint64(PAGE)
+        out["length"] = runs["n_pages"].astype(np.uint64) * np.uint64(PAGE_SIZE)
         out["pages"] = runs["n_pages"]
         out["zero_pages"] = np.where(runs["zero"] != 0, runs["n_pages"], 0)
         for b in np.unique(blocks):
@@ -378,7 +378,7 @@ def _export(mrs: list, attempts: int = 5) -> list:
     the soft provider), retried: the soft provider reads /proc/self/maps to find the backing
     file, and that read can miss a mapping while another thread of ours maps memory (a numpy
     allocation in an Inbox thread), which makes it fail now and then."""
-    from pipeline.errors import TransportError
+    from shm.errors import TransportError
 
     for attempt in range(attempts):
         try:

@@ -13,11 +13,11 @@ import time
 
 from pipeline.control import ControlLink, ControlTrace
 from pipeline.drivers.source_common import SourceDriver, one_line
-from pipeline.errors import StageFailed
 from pipeline.protocol.channel import Role
 from pipeline.session import actions as act
 from pipeline.session import events as ev
 from pipeline.source_pipeline import SourcePipeline
+from shm.errors import StageFailed
 from stages.pagehash import pack_round, table_digests
 from stages.records import CMD_FINAL, CMD_ROUND, COMMAND_DTYPE, records
 

@@ -26,8 +26,7 @@ from collections import deque
 
 import numpy as np
 
-from pipeline.config import PAGE_SIZE, MigrationConfig
-from pipeline.errors import LocalProtocolError, MigrationError, RemoteProtocolError
+from pipeline.config import MigrationConfig
 from pipeline.protocol.messages import (
     Compress,
     CompressMessage,
@@ -52,14 +51,15 @@ from pipeline.protocol.records import (
     SectionType,
 )
 from pipeline.protocol.stream import StreamWriter
-from pipeline.sections import RAM_SID, DeviceSections, write_header
+from pipeline.sections import RAM_SID, ROUND_SECTION, ROUND_SID, DeviceSections, write_header
 from pipeline.session import actions as act
 from pipeline.session import events as ev
 from pipeline.session.convergence import Convergence, Decision, RoundResult
 from pipeline.session.policy import STREAM_POLICY, PeerPolicy
 from pipeline.session.states import SOURCE_TRANSITIONS, SourceState, StateMachine
 from pipeline.stats import MigrationStats
-from stages.pagehash import ROUND_SECTION, ROUND_SID
+from shm.errors import LocalProtocolError, MigrationError, RemoteProtocolError
+from shm.memory import PAGE_SIZE
 from stages.records import (
     ANSWER_DTYPE,
     REQ_COMPRESS,

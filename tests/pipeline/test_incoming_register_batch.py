@@ -7,9 +7,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from pipeline.errors import RemoteProtocolError
 from pipeline.incoming import RW, IncomingMigration
 from pipeline.protocol.messages import Register, RegisterResult
+from shm.errors import RemoteProtocolError
 from stages.verbs import Access
 
 MiB = 1 << 20

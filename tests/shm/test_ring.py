@@ -14,8 +14,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.errors import ShmError
 from shm import naming
+from shm.errors import ShmError
 from shm.ring import _PRODUCER_PID, Ring, RingTimeout
 from shm.runs import RUN_DTYPE
 from shm.segment import PeerGone, Segment

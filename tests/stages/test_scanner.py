@@ -233,7 +233,7 @@ def test_page_table_holds_the_hashes_of_the_final_contents(monkeypatch):
 
 def test_pages_not_in_memory_stay_untouched(monkeypatch):
     from shm import RamBlockSpec, RamRegion, naming
-    from stages.scanner import resident
+    from shm.memory import resident
 
     monkeypatch.setattr(__import__("stages.scanner").scanner, "STRETCH_PAGES", 256)
     monkeypatch.setattr(__import__("stages.scanner").scanner, "THREAD_PAGES", 64)
