@@ -67,14 +67,13 @@ from pipeline.sections import RAM_SID, DeviceSections, write_header
 from pipeline.stats import MigrationStats
 from stages.pagehash import ROUND_SECTION, ROUND_SID, pack_round, table_digests
 from stages.records import (
-    ANSWER_DTYPE,
-    CMD_FINAL,
-    CMD_ROUND,
-    COMMAND_DTYPE,
+    ANSWER,
+    COMMAND,
     REQ_COMPRESS,
     REQ_DRAINED,
     REQ_REGISTER,
     REQ_UNREGISTER,
+    Command,
     records,
 )
 from stages.registrar import ALL_CHUNKS
@@ -254,7 +253,7 @@ class SourceMigration:
                 hint="start both sides with the same RAM size")
         self.dest_blocks = dest
         if self.pin_all:
-            ans = records(ANSWER_DTYPE, len(dest), block=np.arange(len(dest)),
+            ans = records(ANSWER, len(dest), block=np.arange(len(dest)),
                           chunk=ALL_CHUNKS, rkey=[d.remote_rkey for d in dest],
                           remote_base=[d.remote_host_addr for d in dest])
             self.pipeline.answers.push(ans)
@@ -268,7 +267,7 @@ class SourceMigration:
         r = 0
         while True:
             r += 1
-            sent, secs = self._round(r, SectionType.SECTION_PART, CMD_ROUND)
+            sent, secs = self._round(r, SectionType.SECTION_PART, Command.ROUND)
             dirty = self.pipeline.sync(r, self.check)
             # The rule's bandwidth is the rate the round cleared dirty pages at (runs merged
             # across clean pages send more bytes than that), and the expected downtime counts
@@ -303,7 +302,7 @@ class SourceMigration:
         w.write_event(SectionHeader(section, RAM_SID, RAM_IDSTR))
         w.hook()
         self.link.send_stream(w.flush())
-        self.pipeline.commands.push(records(COMMAND_DTYPE, op=cmd, round=r))
+        self.pipeline.commands.push(records(COMMAND, op=cmd, round=r))
         drained = self._registration_window(r)
         self.link.send(RegisterFinishedMessage())
         w.write_event(EndOfSection())
@@ -385,7 +384,7 @@ class SourceMigration:
             if len(results) == 1 and len(part) > 1:
                 raise RemoteProtocolError("REGISTER RESULT holds one result for a "
                                           f"{len(part)}-record request")
-            ans = records(ANSWER_DTYPE, len(part), block=part["block"], chunk=part["chunk"],
+            ans = records(ANSWER, len(part), block=part["block"], chunk=part["chunk"],
                           rkey=[x.rkey for x in results],
                           remote_base=[x.host_addr for x in results])
             self.pipeline.answers.push(ans)
@@ -420,7 +419,7 @@ class SourceMigration:
             hasher = threading.Thread(target=lambda: digests.append(
                 chunk_digests(self.guest.region)), name="ram-digest", daemon=True)
             hasher.start()
-        self._round(r, SectionType.SECTION_END, CMD_FINAL)
+        self._round(r, SectionType.SECTION_END, Command.FINAL)
         w = self.writer
         sections = self.sections
         # the synthetic or the KVM guest's section

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from stages.records import (
-    ANSWER_DTYPE,
+    ANSWER,
     COMPLETION_DTYPE,
     OP_END,
     OP_IMPORT,
@@ -46,6 +46,7 @@ from stages.records import (
     REQUEST_DTYPE,
     RUN_DTYPE,
     WRITE_DTYPE,
+    AnswerStatus,
     records,
 )
 
@@ -134,7 +135,7 @@ class Registrar:
         t0 = time.perf_counter_ns()
         for a in answers:
             b, c = int(a["block"]), int(a["chunk"])
-            if int(a["status"]) != 0:
+            if int(a["status"]) != AnswerStatus.OK:
                 raise RuntimeError(f"destination refused to register block {b} chunk {c}")
             self.remote_base[b] = a["remote_base"]
             if c == ALL_CHUNKS:
@@ -425,7 +426,7 @@ def registrar_main(config: dict, link) -> int:
         ring = lambda key, dtype, role: stack.enter_context(  # noqa: E731
             Ring.attach(config[key], dtype, role=role))
         runs_in = ring("runs", RUN_DTYPE, CONSUMER)
-        answers_in = ring("answers", ANSWER_DTYPE, CONSUMER)
+        answers_in = ring("answers", ANSWER, CONSUMER)
         comps_in = ring("completions", COMPLETION_DTYPE, CONSUMER)
         writes_out = ring("writes", WRITE_DTYPE, PRODUCER)
         requests_out = ring("requests", REQUEST_DTYPE, PRODUCER)

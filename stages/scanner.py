@@ -25,15 +25,12 @@ from collections.abc import Callable, Iterator
 import numpy as np
 
 from stages.records import (
-    CMD_FINAL,
-    CMD_ROUND,
-    CMD_STOP,
-    CMD_SYNC,
-    COMMAND_DTYPE,
+    COMMAND,
     OP_END,
     OP_RUN,
     RUN_DTYPE,
-    SYNC_DTYPE,
+    SYNC_REPLY,
+    Command,
     records,
 )
 
@@ -333,9 +330,9 @@ def scanner_main(config: dict, link) -> int:
 
     with RamRegion.attach(config["region"]) as region, \
             scanner_source(config, region) as source, \
-            Ring.attach(config["commands"], COMMAND_DTYPE) as commands, \
+            Ring.attach(config["commands"], COMMAND) as commands, \
             Ring.attach(config["runs"], RUN_DTYPE) as runs_out, \
-            Ring.attach(config["syncs"], SYNC_DTYPE) as syncs:
+            Ring.attach(config["syncs"], SYNC_REPLY) as syncs:
         views = [blk.view.view(np.uint64).reshape(-1, WORDS) for blk in region.blocks]
         table = None
         if config.get("pagehash"):
@@ -356,13 +353,13 @@ def scanner_main(config: dict, link) -> int:
                 break                        # the coordinator closed the ring
             for cmd in cmds:
                 op = int(cmd["op"])
-                if op == CMD_STOP:
+                if op == Command.STOP:
                     runs_out.close_write()
                     return 0
-                if op == CMD_SYNC:
+                if op == Command.SYNC:
                     n = scanner.sync()
-                    syncs.push(records(SYNC_DTYPE, round=cmd["round"], dirty_pages=n))
-                elif op in (CMD_ROUND, CMD_FINAL):
+                    syncs.push(records(SYNC_REPLY, round=cmd["round"], dirty_pages=n))
+                elif op in (Command.ROUND, Command.FINAL):
                     mapper.join()
                     # each stretch's runs leave while the next stretch is hashed; the END
                     # comes last: the round's hashes are in the table

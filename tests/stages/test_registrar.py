@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from stages.records import (
-    ANSWER_DTYPE,
+    ANSWER,
     COMPLETION_DTYPE,
     OP_END,
     OP_RELEASED,
@@ -12,6 +12,7 @@ from stages.records import (
     REQ_REGISTER,
     REQ_UNREGISTER,
     RUN_DTYPE,
+    AnswerStatus,
     records,
 )
 from stages.registrar import ALL_CHUNKS, BlockInfo, Registrar
@@ -46,7 +47,7 @@ def end(round_no, dirty=0, zero=0):
 
 
 def answer(block, chunk, rkey, base=0x7F0000000000):
-    return records(ANSWER_DTYPE, block=block, chunk=chunk, rkey=rkey, remote_base=base)
+    return records(ANSWER, block=block, chunk=chunk, rkey=rkey, remote_base=base)
 
 
 def make(**kw):
@@ -125,7 +126,7 @@ def test_refused_registration_raises():
     reg = make()
     reg.on_runs(runs((0, 0, 1, 0)))
     bad = answer(0, 0, 0)
-    bad["status"] = 1
+    bad["status"] = AnswerStatus.REFUSED
     with pytest.raises(RuntimeError):
         reg.on_answers(bad)
 
