@@ -25,7 +25,7 @@ from stages.records import (
     COMMAND,
     COMPLETION_DTYPE,
     REQUEST_DTYPE,
-    RUN_DTYPE,
+    RUN_RING,
     SYNC_REPLY,
     WRITE_DTYPE,
     Command,
@@ -36,7 +36,7 @@ SLICE = 0.1
 RINGS = {  # name: (dtype, capacity, coordinator's role)
     "commands": (COMMAND, 64, PRODUCER),
     "syncs": (SYNC_REPLY, 64, CONSUMER),
-    "runs": (RUN_DTYPE, 1 << 15, None),
+    "runs": (RUN_RING, 1 << 15, None),
     "writes": (WRITE_DTYPE, 1 << 15, None),
     "completions": (COMPLETION_DTYPE, 1 << 14, None),
     "requests": (REQUEST_DTYPE, 1 << 14, CONSUMER),

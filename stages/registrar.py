@@ -44,9 +44,12 @@ from stages.records import (
     REQ_REGISTER,
     REQ_UNREGISTER,
     REQUEST_DTYPE,
-    RUN_DTYPE,
+    RUN,
+    RUN_RING,
+    SCAN_END,
     WRITE_DTYPE,
     AnswerStatus,
+    RunOp,
     records,
 )
 
@@ -117,13 +120,13 @@ class Registrar:
 
     # -- inputs --------------------------------------------------------------------------
     def on_runs(self, runs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Handle scanner records; returns (writes, requests)."""
+        """Handle scanner records (``RUN_RING``); returns (writes, requests)."""
         t0 = time.perf_counter_ns()
         writes, reqs = [], []
-        data = runs[runs["op"] == OP_RUN]
+        data = runs[runs["op"] == RunOp.RUN].view(RUN)
         if len(data):
             self._route(data, writes, reqs)
-        for end in runs[runs["op"] == OP_END]:
+        for end in runs[runs["op"] == RunOp.END].view(SCAN_END):
             self.ends[int(end["round"])] = end
         writes.append(self._ready_ends())
         self.busy_ns += time.perf_counter_ns() - t0
@@ -175,8 +178,8 @@ class Registrar:
                           length=end["writes"], compressed=self.round_compressed.pop(r, 0),
                           post_ns=end["post_ns"], reg_ns=self.busy_ns)
             if scan is not None:
-                req["pages"] = scan["n_pages"]
-                req["zero_pages"] = scan["first_page"]
+                req["pages"] = scan["dirty_pages"]
+                req["zero_pages"] = scan["zero_pages"]
                 req["busy_ns"] = scan["scan_ns"]
             reqs.append(req)
         return _cat(reqs, REQUEST_DTYPE)
@@ -359,8 +362,8 @@ class Registrar:
             if r in waiting or r in self._sent_ends:
                 continue
             self._sent_ends.add(r)
-            out.append(records(WRITE_DTYPE, op=OP_END, round=r, local_addr=end["n_pages"],
-                               length=end["first_page"],
+            out.append(records(WRITE_DTYPE, op=OP_END, round=r, local_addr=end["dirty_pages"],
+                               length=end["zero_pages"],
                                pages=self.round_compressed.get(r, 0)))
         return _cat(out, WRITE_DTYPE)
 
@@ -425,7 +428,7 @@ def registrar_main(config: dict, link) -> int:
         region = stack.enter_context(RamRegion.attach(config["region"]))
         ring = lambda key, dtype, role: stack.enter_context(  # noqa: E731
             Ring.attach(config[key], dtype, role=role))
-        runs_in = ring("runs", RUN_DTYPE, CONSUMER)
+        runs_in = ring("runs", RUN_RING, CONSUMER)
         answers_in = ring("answers", ANSWER, CONSUMER)
         comps_in = ring("completions", COMPLETION_DTYPE, CONSUMER)
         writes_out = ring("writes", WRITE_DTYPE, PRODUCER)

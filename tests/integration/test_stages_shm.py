@@ -13,10 +13,12 @@ from shm.ring import CONSUMER, PRODUCER, Ring
 from stages.harness import StageProcess
 from stages.records import (
     COMMAND,
-    OP_END,
-    RUN_DTYPE,
+    RUN,
+    RUN_RING,
+    SCAN_END,
     SYNC_REPLY,
     Command,
+    RunOp,
     records,
 )
 
@@ -29,7 +31,7 @@ def drain_round(ring):
     while True:
         recs = ring.pop(4096, timeout=10)
         out.append(recs)
-        if len(recs) and recs[-1]["op"] == OP_END:
+        if len(recs) and recs[-1]["op"] == RunOp.END:
             return np.concatenate(out)
 
 
@@ -40,7 +42,7 @@ def test_guest_and_scanner_processes():
             DirtyLog.create(run_id, region) as log, \
             Ring.create(segment_name(run_id, "cmd"), COMMAND, 16,
                         role=PRODUCER) as cmds, \
-            Ring.create(segment_name(run_id, "runs"), RUN_DTYPE, 4096, role=CONSUMER) as runs, \
+            Ring.create(segment_name(run_id, "runs"), RUN_RING, 4096, role=CONSUMER) as runs, \
             Ring.create(segment_name(run_id, "sync"), SYNC_REPLY, 16, role=CONSUMER) as syncs:
         state = GuestState(seed=3, dirty_rate=20 * MIB, zero_share=0.25)
         guest = StageProcess("guest", "pipeline.guest.synthetic:guest_main",
@@ -55,8 +57,9 @@ def test_guest_and_scanner_processes():
             scanner.wait_ready(30)
             cmds.push(records(COMMAND, op=Command.ROUND, round=1))
             first = drain_round(runs)
-            assert first[-1]["n_pages"] == region.total_length // 4096    # all of RAM
-            assert first[:-1]["n_pages"].sum() == first[-1]["n_pages"]
+            dirty = first[-1].view(SCAN_END)["dirty_pages"]
+            assert dirty == region.total_length // 4096                     # all of RAM
+            assert first[:-1].view(RUN)["n_pages"].sum() == dirty
             time.sleep(0.2)
             cmds.push(records(COMMAND, op=Command.SYNC, round=1))
             assert syncs.pop(1, timeout=10)[0]["dirty_pages"] > 0          # the guest writes
@@ -66,7 +69,7 @@ def test_guest_and_scanner_processes():
             cmds.push(records(COMMAND, op=Command.ROUND, round=2))
             drain_round(runs)
             cmds.push(records(COMMAND, op=Command.ROUND, round=3))
-            assert drain_round(runs)[-1]["n_pages"] == 0                   # paused: quiet
+            assert drain_round(runs)[-1].view(SCAN_END)["dirty_pages"] == 0  # paused: quiet
             guest.send("resume")
             assert guest.recv(10)[0] == "resumed"
             guest.send("state")

@@ -11,7 +11,9 @@ from stages.records import (
     REQ_DRAINED,
     REQ_REGISTER,
     REQ_UNREGISTER,
-    RUN_DTYPE,
+    RUN,
+    RUN_RING,
+    SCAN_END,
     AnswerStatus,
     records,
 )
@@ -36,14 +38,14 @@ class FakeMR:
 
 def runs(*items, round_no=1):
     """items: (block, first_page, n_pages, zero)."""
-    out = records(RUN_DTYPE, len(items), op=OP_RUN, round=round_no)
+    out = records(RUN, len(items), round=round_no)
     for i, (b, f, n, z) in enumerate(items):
         out[i]["block"], out[i]["first_page"], out[i]["n_pages"], out[i]["zero"] = b, f, n, z
-    return out
+    return out.view(RUN_RING)
 
 
 def end(round_no, dirty=0, zero=0):
-    return records(RUN_DTYPE, op=OP_END, round=round_no, n_pages=dirty, first_page=zero)
+    return records(SCAN_END, round=round_no, dirty_pages=dirty, zero_pages=zero).view(RUN_RING)
 
 
 def answer(block, chunk, rkey, base=0x7F0000000000):
