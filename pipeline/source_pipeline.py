@@ -23,11 +23,11 @@ from stages.harness import Inbox, StageProcess, sweep_pids
 from stages.records import (
     ANSWER,
     COMMAND,
-    COMPLETION_DTYPE,
+    COMPLETION_RING,
     REQUEST_DTYPE,
     RUN_RING,
     SYNC_REPLY,
-    WRITE_DTYPE,
+    WRITE_RING,
     Command,
     records,
 )
@@ -37,8 +37,8 @@ RINGS = {  # name: (dtype, capacity, coordinator's role)
     "commands": (COMMAND, 64, PRODUCER),
     "syncs": (SYNC_REPLY, 64, CONSUMER),
     "runs": (RUN_RING, 1 << 15, None),
-    "writes": (WRITE_DTYPE, 1 << 15, None),
-    "completions": (COMPLETION_DTYPE, 1 << 14, None),
+    "writes": (WRITE_RING, 1 << 15, None),
+    "completions": (COMPLETION_RING, 1 << 14, None),
     "requests": (REQUEST_DTYPE, 1 << 14, CONSUMER),
     "answers": (ANSWER, 1 << 14, PRODUCER),
 }

@@ -33,23 +33,27 @@ import numpy as np
 
 from stages.records import (
     ANSWER,
-    COMPLETION_DTYPE,
-    OP_END,
-    OP_IMPORT,
-    OP_RELEASE,
-    OP_RELEASED,
-    OP_RUN,
+    CHUNK_DONE,
+    COMPLETION_RING,
+    MR_IMPORT,
+    MR_RELEASE,
+    MR_RELEASED,
     REQ_COMPRESS,
     REQ_DRAINED,
     REQ_REGISTER,
     REQ_UNREGISTER,
     REQUEST_DTYPE,
+    ROUND_DRAINED,
     RUN,
     RUN_RING,
     SCAN_END,
-    WRITE_DTYPE,
+    WRITE,
+    WRITE_END,
+    WRITE_RING,
     AnswerStatus,
+    CompletionOp,
     RunOp,
+    concat,
     records,
 )
 
@@ -130,7 +134,7 @@ class Registrar:
             self.ends[int(end["round"])] = end
         writes.append(self._ready_ends())
         self.busy_ns += time.perf_counter_ns() - t0
-        return _cat(writes, WRITE_DTYPE), _cat(reqs, REQUEST_DTYPE)
+        return concat(WRITE_RING, writes), _cat(reqs, REQUEST_DTYPE)
 
     def on_answers(self, answers: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Handle REGISTER answers (and pin-all block keys); returns (writes, requests)."""
@@ -157,21 +161,23 @@ class Registrar:
                 self.parked.append(parked[~ready])
         writes.append(self._ready_ends())
         self.busy_ns += time.perf_counter_ns() - t0
-        return _cat(writes, WRITE_DTYPE), _cat([], REQUEST_DTYPE)
+        return concat(WRITE_RING, writes), _cat([], REQUEST_DTYPE)
 
     def on_completions(self, comps: np.ndarray) -> np.ndarray:
-        """Handle poster completions; returns requests (DRAINED forwarded to the coordinator)."""
+        """Handle poster completions (``COMPLETION_RING``); returns requests (DRAINED forwarded
+        to the coordinator)."""
         reqs = []
-        for rel in comps[comps["op"] == OP_RELEASED]:
-            mr = self.releasing.pop(int(rel["lkey"]), None)
+        ops = comps["op"]
+        for lkey in comps[ops == CompletionOp.RELEASED].view(MR_RELEASED)["lkey"].tolist():
+            mr = self.releasing.pop(lkey, None)
             if mr is not None:
                 mr.close()
-        done = comps[comps["op"] == OP_RUN]
+        done = comps[ops == CompletionOp.CHUNK].view(CHUNK_DONE)
         for b in np.unique(done["block"]):
             sel = done[done["block"] == b]
             np.subtract.at(self.inflight[b], sel["chunk"].astype(np.int64),
                            sel["writes"].astype(np.int64))
-        for end in comps[comps["op"] == OP_END]:
+        for end in comps[ops == CompletionOp.DRAINED].view(ROUND_DRAINED):
             r = int(end["round"])
             scan = self.ends.pop(r, None)
             req = records(REQUEST_DTYPE, op=REQ_DRAINED, round=r, offset=end["bytes"],
@@ -325,13 +331,12 @@ class Registrar:
 
     def _writes(self, runs: np.ndarray) -> np.ndarray:
         n = len(runs)
-        out = records(WRITE_DTYPE, n)
+        out = records(WRITE, n)
         if not n:
             return out
         chunks = self._chunks(runs)
         blocks = runs["block"].astype(np.int64)
         offset = runs["first_page"].astype(np.uint64) * np.uint64(PAGE)
-        out["op"] = OP_RUN
         out["round"] = runs["round"]
         out["block"] = blocks
         out["chunk"] = chunks
@@ -362,10 +367,10 @@ class Registrar:
             if r in waiting or r in self._sent_ends:
                 continue
             self._sent_ends.add(r)
-            out.append(records(WRITE_DTYPE, op=OP_END, round=r, local_addr=end["dirty_pages"],
-                               length=end["zero_pages"],
-                               pages=self.round_compressed.get(r, 0)))
-        return _cat(out, WRITE_DTYPE)
+            out.append(records(WRITE_END, round=r, dirty_pages=end["dirty_pages"],
+                               zero_pages=end["zero_pages"],
+                               compressed_pages=self.round_compressed.get(r, 0)))
+        return concat(WRITE_RING, out)
 
 
 
@@ -394,18 +399,18 @@ def _export(mrs: list, attempts: int = 5) -> list:
 
 
 def import_records(mrs: list) -> np.ndarray:
-    """OP_IMPORT records telling the poster how to import each of ``mrs`` (exported here)."""
-    out = records(WRITE_DTYPE, len(mrs), op=OP_IMPORT)
+    """MR_IMPORT records telling the poster how to import each of ``mrs`` (exported here)."""
+    out = records(MR_IMPORT, len(mrs))
     if not mrs:
         return out
     handles = _export(mrs)
     out["lkey"] = [h.lkey for h in handles]
     out["rkey"] = [h.rkey for h in handles]
-    out["local_addr"] = [h.addr for h in handles]
+    out["addr"] = [h.addr for h in handles]
     out["length"] = [h.length for h in handles]
-    out["remote_addr"] = [h.file_offset for h in handles]
-    out["pages"] = [h.access for h in handles]
-    out["zero_pages"] = [h.slot for h in handles]
+    out["file_offset"] = [h.file_offset for h in handles]
+    out["access"] = [h.access for h in handles]
+    out["pd_slot"] = [h.slot for h in handles]
     return out
 
 
@@ -430,8 +435,8 @@ def registrar_main(config: dict, link) -> int:
             Ring.attach(config[key], dtype, role=role))
         runs_in = ring("runs", RUN_RING, CONSUMER)
         answers_in = ring("answers", ANSWER, CONSUMER)
-        comps_in = ring("completions", COMPLETION_DTYPE, CONSUMER)
-        writes_out = ring("writes", WRITE_DTYPE, PRODUCER)
+        comps_in = ring("completions", COMPLETION_RING, CONSUMER)
+        writes_out = ring("writes", WRITE_RING, PRODUCER)
         requests_out = ring("requests", REQUEST_DTYPE, PRODUCER)
         ctx = stack.enter_context(open_provider(config["transport"]).open_device())
         pd = ctx.alloc_pd()
@@ -453,19 +458,19 @@ def registrar_main(config: dict, link) -> int:
                 requests_out.push(reqs)     # first: the coordinator starts the exchange now
                 reqs = reqs[:0]
             if reg.new_mrs:
-                writes_out.push(import_records(reg.new_mrs))
+                writes_out.push(import_records(reg.new_mrs).view(WRITE_RING))
                 reg.new_mrs.clear()
             if len(writes):
                 writes_out.push(writes)
             if reg.to_release:
-                writes_out.push(records(WRITE_DTYPE, len(reg.to_release), op=OP_RELEASE,
-                                        lkey=[m.lkey for m in reg.to_release]))
+                writes_out.push(records(MR_RELEASE, len(reg.to_release),
+                                        lkey=[m.lkey for m in reg.to_release]).view(WRITE_RING))
                 reg.to_release.clear()
             if len(reqs):
                 requests_out.push(reqs)
 
         if reg.pin_all:
-            flush(records(WRITE_DTYPE, 0), records(REQUEST_DTYPE, 0))
+            flush(records(WRITE_RING, 0), records(REQUEST_DTYPE, 0))
         inbox = Inbox()
         stack.callback(inbox.close)     # threads end before the rings close
         inbox.watch("runs", runs_in)
@@ -478,7 +483,7 @@ def registrar_main(config: dict, link) -> int:
             item = inbox.get_nowait() if reg.to_register else inbox.get()
             if item is None:
                 reg.register_pending(LOCAL_SLICE)
-                flush(records(WRITE_DTYPE, 0), records(REQUEST_DTYPE, 0))
+                flush(records(WRITE_RING, 0), records(REQUEST_DTYPE, 0))
                 continue
             name, recs = item
             if isinstance(recs, BaseException):
@@ -493,7 +498,7 @@ def registrar_main(config: dict, link) -> int:
             elif name == "answers":
                 flush(*reg.on_answers(recs))
             else:
-                flush(records(WRITE_DTYPE, 0), reg.on_completions(recs))
+                flush(records(WRITE_RING, 0), reg.on_completions(recs))
         requests_out.close_write()
         link.send("figures", {"chunks_registered": reg.chunks_registered,
                               "chunks_unregistered": reg.chunks_unregistered,

@@ -3,18 +3,21 @@ import pytest
 
 from stages.records import (
     ANSWER,
-    COMPLETION_DTYPE,
-    OP_END,
-    OP_RELEASED,
-    OP_RUN,
+    CHUNK_DONE,
+    COMPLETION_RING,
+    MR_RELEASED,
     REQ_COMPRESS,
     REQ_DRAINED,
     REQ_REGISTER,
     REQ_UNREGISTER,
+    ROUND_DRAINED,
     RUN,
     RUN_RING,
     SCAN_END,
+    WRITE,
+    WRITE_END,
     AnswerStatus,
+    WriteOp,
     records,
 )
 from stages.registrar import ALL_CHUNKS, BlockInfo, Registrar
@@ -67,12 +70,15 @@ def test_unregistered_runs_park_until_answered_then_write():
     regs = q[q["op"] == REQ_REGISTER]
     assert sorted(regs[["block", "chunk"]].tolist()) == [(0, 0), (1, 0)]
     w, q = reg.on_answers(answer(0, 0, 7))
-    assert w["op"].tolist() == [OP_RUN] and w["remote_addr"][0] == 0x7F0000000000 + 3 * 4096
+    assert w["op"].tolist() == [WriteOp.WRITE]
+    w = w.view(WRITE)
+    assert w["remote_addr"][0] == 0x7F0000000000 + 3 * 4096
     assert w["local_addr"][0] == 0x10000000 + 3 * 4096 and w["rkey"][0] == 7
     assert w["length"][0] == 2 * 4096 and w["lkey"][0] == reg.lkey[0][0]
     w, q = reg.on_answers(answer(1, 0, 9, base=0x5000))
-    assert w["op"].tolist() == [OP_RUN, OP_END]           # END follows the last parked write
-    assert w[0]["remote_addr"] == 0x5000 and w[1]["round"] == 1
+    assert w["op"].tolist() == [WriteOp.WRITE, WriteOp.END]   # END follows the last parked write
+    assert w[0].view(WRITE)["remote_addr"] == 0x5000
+    assert w[1].view(WRITE_END)[["round", "dirty_pages", "zero_pages"]].tolist() == (1, 7, 1)
 
 
 def test_registered_chunks_write_small_zero_runs_and_compress_big_ones():
@@ -81,8 +87,9 @@ def test_registered_chunks_write_small_zero_runs_and_compress_big_ones():
     reg.on_answers(answer(0, 0, 7))
     w, q = reg.on_runs(np.concatenate([runs((0, 1, 1, 0), (0, 5, 3, 1), (0, 100, 64, 1),
                                             round_no=2), end(2)]))
-    assert w["op"].tolist() == [OP_RUN, OP_RUN, OP_END]
-    assert w[["pages", "zero_pages"]].tolist()[:2] == [(1, 0), (3, 3)]   # zeros written
+    assert w["op"].tolist() == [WriteOp.WRITE, WriteOp.WRITE, WriteOp.END]
+    assert w[:2].view(WRITE)[["pages", "zero_pages"]].tolist() == [(1, 0), (3, 3)]   # written
+    assert w[2].view(WRITE_END)["compressed_pages"] == 64
     assert q[["op", "offset", "length"]].tolist() == [(REQ_COMPRESS, 100 * 4096, 64 * 4096)]
 
 
@@ -93,14 +100,14 @@ def test_pin_all_registers_nothing_and_compresses_zero_runs():
     w, q = reg.on_runs(np.concatenate([runs((0, 0, CP, 1), (0, 3 * CP, 2, 0), (1, 1, 1, 0)),
                                        end(1)]))
     assert q["op"].tolist() == [REQ_COMPRESS] and q[0]["length"] == CP * 4096
-    assert w["rkey"].tolist() == [11, 12, 0]
-    assert w["op"].tolist() == [OP_RUN] * 2 + [OP_END]
+    assert w["op"].tolist() == [WriteOp.WRITE] * 2 + [WriteOp.END]
+    assert w[:2].view(WRITE)["rkey"].tolist() == [11, 12]
 
 
 def test_drained_forwarded_with_round_figures():
     reg = make()
     reg.on_runs(np.concatenate([runs((0, 0, 1, 1)), end(1, dirty=1, zero=1)]))
-    comps = records(COMPLETION_DTYPE, op=OP_END, round=1, bytes=0, writes=0)
+    comps = records(ROUND_DRAINED, round=1, bytes=0, writes=0).view(COMPLETION_RING)
     q = reg.on_completions(comps)
     assert q["op"].tolist() == [REQ_DRAINED]
     assert q[0]["pages"] == 1 and q[0]["zero_pages"] == 1 and q[0]["compressed"] == 1
@@ -112,15 +119,15 @@ def test_pin_budget_unregisters_idle_lru_chunks_only():
     w, _ = reg.on_answers(np.concatenate([answer(0, 0, 1), answer(0, 1, 2)]))
     assert len(w) == 2
     # chunk 0 completes, chunk 1 still in flight
-    reg.on_completions(records(COMPLETION_DTYPE, op=OP_RUN, round=1, block=0, chunk=0,
-                               writes=1, bytes=4096))
+    reg.on_completions(records(CHUNK_DONE, round=1, block=0, chunk=0, writes=1,
+                               bytes=4096).view(COMPLETION_RING))
     _, q = reg.on_runs(runs((0, 2 * CP, 1, 0), round_no=2))
     un = q[q["op"] == REQ_UNREGISTER]
     assert un[["block", "chunk"]].tolist() == [(0, 0)]
     assert reg.state[0][0] == 0 and reg.chunks_unregistered == 1
     (mr,) = reg.to_release
     assert not mr.closed                      # the poster still holds an import
-    reg.on_completions(records(COMPLETION_DTYPE, op=OP_RELEASED, lkey=mr.lkey))
+    reg.on_completions(records(MR_RELEASED, lkey=mr.lkey).view(COMPLETION_RING))
     assert mr.closed
 
 
@@ -165,7 +172,7 @@ def test_chunks_requested_together_are_registered_with_one_call_in_request_order
                                                     [(0, 0), (0, 1), (0, 2), (1, 0)]]
     w, _ = reg.on_answers(np.concatenate([answer(0, c, 50 + c) for c in range(3)]
                                          + [answer(1, 0, 60)]))
-    assert sorted(w["rkey"].tolist()) == [50, 51, 52, 60]
+    assert sorted(w.view(WRITE)["rkey"].tolist()) == [50, 51, 52, 60]
     assert calls[1:] == []
 
 
@@ -190,9 +197,9 @@ def test_an_answer_registers_locally_only_up_to_the_chunks_it_answers():
     reg.register_pending(1)                            # a slice while nothing else waits
     w, _ = reg.on_answers(np.concatenate([answer(0, 0, 70), answer(0, 1, 71)]))
     assert calls == [1, 1] and reg.to_register == [(0, 2), (0, 3)]
-    assert sorted(w["rkey"].tolist()) == [70, 71] and len(reg.new_mrs) == 2
+    assert sorted(w.view(WRITE)["rkey"].tolist()) == [70, 71] and len(reg.new_mrs) == 2
     w, _ = reg.on_answers(answer(0, 3, 73))            # (0, 2) is registered on the way
     assert calls == [1, 1, 2] and reg.to_register == []
-    assert w["rkey"].tolist() == [73]
+    assert w.view(WRITE)["rkey"].tolist() == [73]
     w, _ = reg.on_answers(answer(0, 2, 72))
-    assert calls == [1, 1, 2] and w["rkey"].tolist() == [72]
+    assert calls == [1, 1, 2] and w.view(WRITE)["rkey"].tolist() == [72]
