@@ -69,11 +69,12 @@ from stages.pagehash import ROUND_SECTION, ROUND_SID, pack_round, table_digests
 from stages.records import (
     ANSWER,
     COMMAND,
-    REQ_COMPRESS,
-    REQ_DRAINED,
-    REQ_REGISTER,
-    REQ_UNREGISTER,
+    COMPRESS_REQUEST,
+    DRAINED_REQUEST,
+    REGISTER_REQUEST,
+    UNREGISTER_REQUEST,
     Command,
+    Request,
     records,
 )
 from stages.registrar import ALL_CHUNKS
@@ -310,24 +311,24 @@ class SourceMigration:
         if self.page_hash:
             self._round_pages(w, r)
         secs = time.monotonic() - t0
-        rdma = int(drained["offset"])
+        rdma = int(drained["bytes_written"])
         st = self.stats
         zero = int(drained["zero_pages"])
         fig = st.stages
-        fig.pages_scanned += int(drained["pages"])
+        fig.pages_scanned += int(drained["dirty_pages"])
         fig.zero_pages += zero
-        fig.scanner_busy_s = int(drained["busy_ns"]) / 1e9
+        fig.scanner_busy_s = int(drained["scan_ns"]) / 1e9
         fig.poster_busy_s = int(drained["post_ns"]) / 1e9
         fig.registrar_busy_s = int(drained["reg_ns"]) / 1e9
-        fig.writes_posted += int(drained["length"])
+        fig.writes_posted += int(drained["writes_posted"])
         fig.bytes_written += rdma
         sent = rdma + self.link.bytes_sent - ctrl0
         st.rounds.append({"round": r, "start": round(t0 - st.start_time, 4),
                           "seconds": round(secs, 4), "bytes": sent,
-                          "pages": int(drained["pages"]), "zero-pages": zero, "remaining": 0})
+                          "pages": int(drained["dirty_pages"]), "zero-pages": zero, "remaining": 0})
         st.update(round=r, rdma_bytes=st.rdma_bytes + rdma, control_bytes=self.link.bytes_sent,
                   duplicate_pages=st.duplicate_pages + zero,
-                  normal_pages=st.normal_pages + int(drained["pages"]) - zero,
+                  normal_pages=st.normal_pages + int(drained["dirty_pages"]) - zero,
                   mbps=sent * 8 / 1e6 / secs if secs > 0 else 0.0)
         return sent, secs
 
@@ -343,25 +344,26 @@ class SourceMigration:
                     j += 1
                 batch = reqs[i:j]
                 op = int(ops[i])
-                if op == REQ_REGISTER:
-                    self._register(batch)
-                elif op == REQ_COMPRESS:
-                    for q in batch:
+                if op == Request.REGISTER:
+                    self._register(batch.view(REGISTER_REQUEST))
+                elif op == Request.COMPRESS:
+                    for q in batch.view(COMPRESS_REQUEST):
                         d = self.dest_blocks[int(q["block"])]
                         self.link.send(CompressMessage(Compress(
                             int(q["block"]), d.offset + int(q["offset"]), int(q["length"]))))
                     self.stats.stages.compress_sent += len(batch)
-                elif op == REQ_UNREGISTER:
-                    recs = tuple(Register(int(q["chunk"]), int(q["block"])) for q in batch)
+                elif op == Request.UNREGISTER:
+                    recs = tuple(Register(int(q["chunk"]), int(q["block"]))
+                                 for q in batch.view(UNREGISTER_REQUEST))
                     for k in range(0, len(recs), 1 if not self.multi else MAX_REGISTER_BATCH):
                         part = recs[k:k + (1 if not self.multi else MAX_REGISTER_BATCH)]
                         self.link.request(UnregisterRequestMessage(part))
                     self.stats.stages.chunks_unregistered += len(batch)
-                elif op == REQ_DRAINED:
+                elif op == Request.DRAINED:
                     if int(batch[0]["round"]) != r:
                         raise MigrationError(f"round {int(batch[0]['round'])} drained during "
                                              f"round {r}")
-                    return batch[0]
+                    return batch.view(DRAINED_REQUEST)[0]
                 i = j
 
     def _register(self, batch: np.ndarray) -> None:

@@ -24,7 +24,7 @@ from stages.records import (
     ANSWER,
     COMMAND,
     COMPLETION_RING,
-    REQUEST_DTYPE,
+    REQUEST_RING,
     RUN_RING,
     SYNC_REPLY,
     WRITE_RING,
@@ -39,7 +39,7 @@ RINGS = {  # name: (dtype, capacity, coordinator's role)
     "runs": (RUN_RING, 1 << 15, None),
     "writes": (WRITE_RING, 1 << 15, None),
     "completions": (COMPLETION_RING, 1 << 14, None),
-    "requests": (REQUEST_DTYPE, 1 << 14, CONSUMER),
+    "requests": (REQUEST_RING, 1 << 14, CONSUMER),
     "answers": (ANSWER, 1 << 14, PRODUCER),
 }
 

@@ -9,11 +9,11 @@ A ring carries one record size, never a pickle. A ring that carries several kind
 (data and, in the same stream, the markers that close a round) is created with a ring dtype
 that names only what every kind has (``op``, and ``round`` where every kind has one); the op
 code says the kind, and each kind is a dtype of its own over the same bytes, with fields named
-for what they hold. A reader filters by op and views (free: no copy):
-``recs[recs["op"] == WriteOp.END].view(WRITE_END)["dirty_pages"]``; a producer builds a kind
-with ``records`` and puts kinds on a ring with ``concat`` (or ``.view(ring)``). A stage
-forwards a round's END marker only after every data record of that round, so order on a ring
-is the round barrier.
+for what they hold. A reader filters by op and views (free: no copy), as
+``select(recs, WRITE_END)`` does (``recs[recs["op"] == WriteOp.END].view(WRITE_END)``); a
+producer builds a kind with ``records`` and puts kinds on a ring with ``concat`` (or
+``.view(ring)``). A stage forwards a round's END marker only after every data record of that
+round, so order on a ring is the round barrier.
 
 Invariants (checked by tests/stages/test_records.py): every kind of a ring has the ring's
 itemsize and its fields at the ring dtype's offsets; no dtype leaves a byte without a field
@@ -243,6 +243,12 @@ def records(kind: np.dtype, n: int = 1, **fields) -> np.ndarray:
     for name, value in fields.items():
         out[name] = value
     return out
+
+
+def select(recs: np.ndarray, kind: np.dtype) -> np.ndarray:
+    """The records of ``kind`` (a kind with one op code) among ``recs``, in order, viewed as
+    ``kind``."""
+    return recs[recs["op"] == kind.metadata["op"]].view(kind)
 
 
 def concat(ring: np.dtype, parts: list[np.ndarray]) -> np.ndarray:

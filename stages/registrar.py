@@ -35,26 +35,25 @@ from stages.records import (
     ANSWER,
     CHUNK_DONE,
     COMPLETION_RING,
+    COMPRESS_REQUEST,
+    DRAINED_REQUEST,
     MR_IMPORT,
     MR_RELEASE,
     MR_RELEASED,
-    REQ_COMPRESS,
-    REQ_DRAINED,
-    REQ_REGISTER,
-    REQ_UNREGISTER,
-    REQUEST_DTYPE,
+    REGISTER_REQUEST,
+    REQUEST_RING,
     ROUND_DRAINED,
     RUN,
     RUN_RING,
     SCAN_END,
+    UNREGISTER_REQUEST,
     WRITE,
     WRITE_END,
     WRITE_RING,
     AnswerStatus,
-    CompletionOp,
-    RunOp,
     concat,
     records,
+    select,
 )
 
 PAGE = 4096
@@ -127,14 +126,14 @@ class Registrar:
         """Handle scanner records (``RUN_RING``); returns (writes, requests)."""
         t0 = time.perf_counter_ns()
         writes, reqs = [], []
-        data = runs[runs["op"] == RunOp.RUN].view(RUN)
+        data = select(runs, RUN)
         if len(data):
             self._route(data, writes, reqs)
-        for end in runs[runs["op"] == RunOp.END].view(SCAN_END):
+        for end in select(runs, SCAN_END):
             self.ends[int(end["round"])] = end
         writes.append(self._ready_ends())
         self.busy_ns += time.perf_counter_ns() - t0
-        return concat(WRITE_RING, writes), _cat(reqs, REQUEST_DTYPE)
+        return concat(WRITE_RING, writes), concat(REQUEST_RING, reqs)
 
     def on_answers(self, answers: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Handle REGISTER answers (and pin-all block keys); returns (writes, requests)."""
@@ -161,34 +160,34 @@ class Registrar:
                 self.parked.append(parked[~ready])
         writes.append(self._ready_ends())
         self.busy_ns += time.perf_counter_ns() - t0
-        return concat(WRITE_RING, writes), _cat([], REQUEST_DTYPE)
+        return concat(WRITE_RING, writes), records(REQUEST_RING, 0)
 
     def on_completions(self, comps: np.ndarray) -> np.ndarray:
         """Handle poster completions (``COMPLETION_RING``); returns requests (DRAINED forwarded
         to the coordinator)."""
         reqs = []
-        ops = comps["op"]
-        for lkey in comps[ops == CompletionOp.RELEASED].view(MR_RELEASED)["lkey"].tolist():
+        for lkey in select(comps, MR_RELEASED)["lkey"].tolist():
             mr = self.releasing.pop(lkey, None)
             if mr is not None:
                 mr.close()
-        done = comps[ops == CompletionOp.CHUNK].view(CHUNK_DONE)
+        done = select(comps, CHUNK_DONE)
         for b in np.unique(done["block"]):
             sel = done[done["block"] == b]
             np.subtract.at(self.inflight[b], sel["chunk"].astype(np.int64),
                            sel["writes"].astype(np.int64))
-        for end in comps[ops == CompletionOp.DRAINED].view(ROUND_DRAINED):
+        for end in select(comps, ROUND_DRAINED):
             r = int(end["round"])
             scan = self.ends.pop(r, None)
-            req = records(REQUEST_DTYPE, op=REQ_DRAINED, round=r, offset=end["bytes"],
-                          length=end["writes"], compressed=self.round_compressed.pop(r, 0),
+            req = records(DRAINED_REQUEST, round=r, bytes_written=end["bytes"],
+                          writes_posted=end["writes"],
+                          compressed_pages=self.round_compressed.pop(r, 0),
                           post_ns=end["post_ns"], reg_ns=self.busy_ns)
             if scan is not None:
-                req["pages"] = scan["dirty_pages"]
+                req["dirty_pages"] = scan["dirty_pages"]
                 req["zero_pages"] = scan["zero_pages"]
-                req["busy_ns"] = scan["scan_ns"]
+                req["scan_ns"] = scan["scan_ns"]
             reqs.append(req)
-        return _cat(reqs, REQUEST_DTYPE)
+        return concat(REQUEST_RING, reqs)
 
     # -- internals -----------------------------------------------------------------------
     def _chunks(self, runs: np.ndarray) -> np.ndarray:
@@ -243,8 +242,7 @@ class Registrar:
         self.registered_now += len(new)
         self.chunks_registered += len(new)
         if new:
-            reqs.append(records(REQUEST_DTYPE, len(new), op=REQ_REGISTER,
-                                round=int(park["round"][0]),
+            reqs.append(records(REGISTER_REQUEST, len(new), round=int(park["round"][0]),
                                 block=[b for b, _ in new], chunk=[c for _, c in new],
                                 n_chunks=1))
 
@@ -260,8 +258,7 @@ class Registrar:
         starts = np.flatnonzero(np.concatenate([[True], ~joins]))
         pages = np.add.reduceat(n, starts)
         zs = z[starts]
-        reqs.append(records(REQUEST_DTYPE, len(zs), op=REQ_COMPRESS,
-                            round=zs["round"], block=zs["block"],
+        reqs.append(records(COMPRESS_REQUEST, len(zs), round=zs["round"], block=zs["block"],
                             chunk=self._chunks(zs), offset=zs["first_page"] * PAGE,
                             length=pages.astype(np.uint64) * PAGE, pages=pages))
         self.compress_sent += len(zs)
@@ -308,7 +305,7 @@ class Registrar:
     def _evict(self, incoming: int, round_no: int) -> np.ndarray:
         """UNREGISTER requests for LRU idle chunks so that ``incoming`` more fit the budget."""
         if not self.budget_chunks or self.registered_now + incoming <= self.budget_chunks:
-            return records(REQUEST_DTYPE, 0)
+            return records(UNREGISTER_REQUEST, 0)
         need = self.registered_now + incoming - self.budget_chunks
         cands = []
         for b in range(len(self.blocks)):
@@ -326,7 +323,7 @@ class Registrar:
             out.append((b, c))
         self.registered_now -= len(out)
         self.chunks_unregistered += len(out)
-        return records(REQUEST_DTYPE, len(out), op=REQ_UNREGISTER, round=round_no,
+        return records(UNREGISTER_REQUEST, len(out), round=round_no,
                        block=[b for b, _ in out], chunk=[c for _, c in out], n_chunks=1)
 
     def _writes(self, runs: np.ndarray) -> np.ndarray:
@@ -371,14 +368,6 @@ class Registrar:
                                zero_pages=end["zero_pages"],
                                compressed_pages=self.round_compressed.get(r, 0)))
         return concat(WRITE_RING, out)
-
-
-
-def _cat(parts: list[np.ndarray], dtype: np.dtype) -> np.ndarray:
-    parts = [p for p in parts if len(p)]
-    if not parts:
-        return np.zeros(0, dtype=dtype)
-    return np.concatenate(parts) if len(parts) > 1 else parts[0]
 
 
 
@@ -437,7 +426,7 @@ def registrar_main(config: dict, link) -> int:
         answers_in = ring("answers", ANSWER, CONSUMER)
         comps_in = ring("completions", COMPLETION_RING, CONSUMER)
         writes_out = ring("writes", WRITE_RING, PRODUCER)
-        requests_out = ring("requests", REQUEST_DTYPE, PRODUCER)
+        requests_out = ring("requests", REQUEST_RING, PRODUCER)
         ctx = stack.enter_context(open_provider(config["transport"]).open_device())
         pd = ctx.alloc_pd()
         blocks = [BlockInfo(b.address, b.length) for b in region.blocks]
@@ -470,7 +459,7 @@ def registrar_main(config: dict, link) -> int:
                 requests_out.push(reqs)
 
         if reg.pin_all:
-            flush(records(WRITE_RING, 0), records(REQUEST_DTYPE, 0))
+            flush(records(WRITE_RING, 0), records(REQUEST_RING, 0))
         inbox = Inbox()
         stack.callback(inbox.close)     # threads end before the rings close
         inbox.watch("runs", runs_in)
@@ -483,7 +472,7 @@ def registrar_main(config: dict, link) -> int:
             item = inbox.get_nowait() if reg.to_register else inbox.get()
             if item is None:
                 reg.register_pending(LOCAL_SLICE)
-                flush(records(WRITE_RING, 0), records(REQUEST_DTYPE, 0))
+                flush(records(WRITE_RING, 0), records(REQUEST_RING, 0))
                 continue
             name, recs = item
             if isinstance(recs, BaseException):

@@ -5,20 +5,22 @@ from stages.records import (
     ANSWER,
     CHUNK_DONE,
     COMPLETION_RING,
+    COMPRESS_REQUEST,
+    DRAINED_REQUEST,
     MR_RELEASED,
-    REQ_COMPRESS,
-    REQ_DRAINED,
-    REQ_REGISTER,
-    REQ_UNREGISTER,
+    REGISTER_REQUEST,
     ROUND_DRAINED,
     RUN,
     RUN_RING,
     SCAN_END,
+    UNREGISTER_REQUEST,
     WRITE,
     WRITE_END,
     AnswerStatus,
+    Request,
     WriteOp,
     records,
+    select,
 )
 from stages.registrar import ALL_CHUNKS, BlockInfo, Registrar
 
@@ -65,9 +67,9 @@ def test_unregistered_runs_park_until_answered_then_write():
     w, q = reg.on_runs(np.concatenate([runs((0, 3, 2, 0), (0, CP + 1, 1, 1), (1, 0, 4, 0)),
                                        end(1, 7, 1)]))
     assert len(w) == 0                                   # nothing registered yet, END held
-    assert q[q["op"] == REQ_COMPRESS][["block", "offset", "length"]].tolist() == [
+    assert select(q, COMPRESS_REQUEST)[["block", "offset", "length"]].tolist() == [
         (0, (CP + 1) * 4096, 4096)]
-    regs = q[q["op"] == REQ_REGISTER]
+    regs = select(q, REGISTER_REQUEST)
     assert sorted(regs[["block", "chunk"]].tolist()) == [(0, 0), (1, 0)]
     w, q = reg.on_answers(answer(0, 0, 7))
     assert w["op"].tolist() == [WriteOp.WRITE]
@@ -90,7 +92,8 @@ def test_registered_chunks_write_small_zero_runs_and_compress_big_ones():
     assert w["op"].tolist() == [WriteOp.WRITE, WriteOp.WRITE, WriteOp.END]
     assert w[:2].view(WRITE)[["pages", "zero_pages"]].tolist() == [(1, 0), (3, 3)]   # written
     assert w[2].view(WRITE_END)["compressed_pages"] == 64
-    assert q[["op", "offset", "length"]].tolist() == [(REQ_COMPRESS, 100 * 4096, 64 * 4096)]
+    assert q["op"].tolist() == [Request.COMPRESS]
+    assert q.view(COMPRESS_REQUEST)[["offset", "length"]].tolist() == [(100 * 4096, 64 * 4096)]
 
 
 def test_pin_all_registers_nothing_and_compresses_zero_runs():
@@ -99,7 +102,8 @@ def test_pin_all_registers_nothing_and_compresses_zero_runs():
     reg.on_answers(np.concatenate([answer(0, ALL_CHUNKS, 11), answer(1, ALL_CHUNKS, 12)]))
     w, q = reg.on_runs(np.concatenate([runs((0, 0, CP, 1), (0, 3 * CP, 2, 0), (1, 1, 1, 0)),
                                        end(1)]))
-    assert q["op"].tolist() == [REQ_COMPRESS] and q[0]["length"] == CP * 4096
+    assert q["op"].tolist() == [Request.COMPRESS]
+    assert q[0].view(COMPRESS_REQUEST)["length"] == CP * 4096
     assert w["op"].tolist() == [WriteOp.WRITE] * 2 + [WriteOp.END]
     assert w[:2].view(WRITE)["rkey"].tolist() == [11, 12]
 
@@ -109,8 +113,9 @@ def test_drained_forwarded_with_round_figures():
     reg.on_runs(np.concatenate([runs((0, 0, 1, 1)), end(1, dirty=1, zero=1)]))
     comps = records(ROUND_DRAINED, round=1, bytes=0, writes=0).view(COMPLETION_RING)
     q = reg.on_completions(comps)
-    assert q["op"].tolist() == [REQ_DRAINED]
-    assert q[0]["pages"] == 1 and q[0]["zero_pages"] == 1 and q[0]["compressed"] == 1
+    assert q["op"].tolist() == [Request.DRAINED]
+    assert q.view(DRAINED_REQUEST)[["dirty_pages", "zero_pages", "compressed_pages"]].tolist() == [
+        (1, 1, 1)]
 
 
 def test_pin_budget_unregisters_idle_lru_chunks_only():
@@ -122,7 +127,7 @@ def test_pin_budget_unregisters_idle_lru_chunks_only():
     reg.on_completions(records(CHUNK_DONE, round=1, block=0, chunk=0, writes=1,
                                bytes=4096).view(COMPLETION_RING))
     _, q = reg.on_runs(runs((0, 2 * CP, 1, 0), round_no=2))
-    un = q[q["op"] == REQ_UNREGISTER]
+    un = select(q, UNREGISTER_REQUEST)
     assert un[["block", "chunk"]].tolist() == [(0, 0)]
     assert reg.state[0][0] == 0 and reg.chunks_unregistered == 1
     (mr,) = reg.to_release
@@ -144,7 +149,7 @@ def test_adjacent_zero_runs_merge_into_one_compress_across_chunks():
     reg = make()
     _, q = reg.on_runs(runs((0, CP - 2, 2, 1), (0, CP, CP, 1), (0, 2 * CP, 3, 1),
                             (0, 3 * CP + 5, 1, 1)))
-    c = q[q["op"] == REQ_COMPRESS]
+    c = select(q, COMPRESS_REQUEST)
     assert c[["offset", "length"]].tolist() == [((CP - 2) * 4096, (CP + 5) * 4096),
                                                 ((3 * CP + 5) * 4096, 4096)]
     assert reg.compress_sent == 2 and reg.round_compressed[1] == CP + 6
@@ -160,7 +165,7 @@ def test_chunks_requested_together_are_registered_with_one_call_in_request_order
     blocks = [BlockInfo(0x10000000, 4 * CHUNK), BlockInfo(0x20000000, CHUNK // 4)]
     reg = Registrar(blocks, CHUNK, pin_all=False, reg_mr=FakeMR, reg_mrs=reg_mrs)
     _, q = reg.on_runs(runs((0, 2 * CP, 1, 0), (0, 0, 1, 0), (0, CP, 1, 0), (1, 0, 2, 0)))
-    asked = q[q["op"] == REQ_REGISTER]
+    asked = select(q, REGISTER_REQUEST)
     reg.register_pending()
     reg.register_pending()                              # nothing left: no second call
     assert calls == [[(0x10000000, CHUNK), (0x10000000 + CHUNK, CHUNK),
