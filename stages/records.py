@@ -31,8 +31,8 @@ from enum import IntEnum
 import numpy as np
 
 
-def _layout(itemsize: int, fields: list[tuple[str, str, int]], op: IntEnum | None = None,
-            ) -> np.dtype:
+def _layout(itemsize: int, fields: list[tuple[str, str, int]],
+            op: IntEnum | None = None) -> np.dtype:
     """A dtype of ``itemsize`` bytes with ``fields`` (name, format, offset) and every other
     byte in an opaque field ``_<offset>``; ``op``: the op code of this kind (see ``records``)."""
     filled, at = [], 0
@@ -72,6 +72,8 @@ SYNC_REPLY = _layout(16, [
 
 # -- scanner -> registrar --------------------------------------------------------------------
 class RunOp(IntEnum):
+    """What a record on the runs ring is."""
+
     RUN = 0        # a run of dirty pages (RUN)
     END = 1        # the round's last record (SCAN_END): its pages are hashed and tagged
 
@@ -96,6 +98,8 @@ SCAN_END = _layout(32, [
 
 # -- registrar -> poster ---------------------------------------------------------------------
 class WriteOp(IntEnum):
+    """What a record on the writes ring is."""
+
     WRITE = 0      # one RDMA WRITE (WRITE)
     END = 1        # the round's last record (WRITE_END)
     IMPORT = 2     # an MR the poster imports before a write uses it (MR_IMPORT)
@@ -140,6 +144,8 @@ MR_RELEASE = _layout(56, [("op", "<u1", 0), ("lkey", "<u4", 40)], WriteOp.RELEAS
 
 # -- poster -> registrar ---------------------------------------------------------------------
 class CompletionOp(IntEnum):
+    """What a record on the completions ring is."""
+
     CHUNK = 0      # writes of one chunk completed (CHUNK_DONE)
     DRAINED = 1    # no write of the round (or before) is outstanding (ROUND_DRAINED)
     RELEASED = 4   # an MR un-imported, as MR_RELEASE asked (MR_RELEASED)
@@ -166,6 +172,8 @@ MR_RELEASED = _layout(40, [("op", "<u1", 0), ("lkey", "<u4", 20)], CompletionOp.
 
 # -- registrar -> coordinator ----------------------------------------------------------------
 class Request(IntEnum):
+    """What the registrar asks of the coordinator (the op of a record on the requests ring)."""
+
     REGISTER = 1     # register chunks at the destination (REGISTER_REQUEST)
     COMPRESS = 2     # have the destination zero-fill a range (COMPRESS_REQUEST)
     UNREGISTER = 3   # unregister chunks at the destination (UNREGISTER_REQUEST)
@@ -207,6 +215,8 @@ DRAINED_REQUEST = _layout(88, [
 
 # -- coordinator -> registrar: the answer to Request.REGISTER ------------------------------------
 class AnswerStatus(IntEnum):
+    """How the destination answered a REGISTER."""
+
     OK = 0
     REFUSED = 1    # the registrar fails the migration on it
 
