@@ -61,8 +61,8 @@ BASELINE = {"write-1m": "tcp-1m", "poster-1m": "tcp-1m", "poster-4k": "tcp-4k",
 
 def write_records(kind: str, size: int, count: int, local: int, lkey: int, remote: int,
                   rkey: int) -> np.ndarray:
-    """The WRITE records (and END markers) a case feeds the Poster."""
-    from stages.records import OP_END, OP_RUN, WRITE_DTYPE, records
+    """The WRITE records (and END markers) a case feeds the Poster, as ``WRITE_RING``."""
+    from stages.records import WRITE, WRITE_END, WRITE_RING, concat, records
 
     if kind == "poster":       # one round, one write after the other through the target
         per_target = transport.TARGET // size
@@ -75,15 +75,15 @@ def write_records(kind: str, size: int, count: int, local: int, lkey: int, remot
                  for _ in range(ROUNDS)]
         offsets = np.concatenate(pages).astype(np.uint64) * np.uint64(PAGE_SIZE)
         rounds = np.repeat(np.arange(1, ROUNDS + 1, dtype=np.uint32), per_round)
-    body = records(WRITE_DTYPE, len(offsets), op=OP_RUN, round=rounds, length=size, pages=1,
+    body = records(WRITE, len(offsets), round=rounds, length=size, pages=1,
                    lkey=lkey, rkey=rkey, chunk=offsets // np.uint64(MiB),
                    local_addr=np.uint64(local) + offsets, remote_addr=np.uint64(remote) + offsets)
     ends = np.flatnonzero(np.diff(rounds)).tolist() + [len(body) - 1]
     parts, start = [], 0
     for i in ends:             # an END after each round's last write
-        parts += [body[start:i + 1], records(WRITE_DTYPE, op=OP_END, round=rounds[i])]
+        parts += [body[start:i + 1], records(WRITE_END, round=rounds[i])]
         start = i + 1
-    return np.concatenate(parts)
+    return concat(WRITE_RING, parts)
 
 
 POST_NS = [0]           # time inside the provider's post calls, summed
@@ -105,18 +105,18 @@ def make_poster(post_writes):
 def drive(poster, writes: np.ndarray, completions) -> None:
     """Feed ``writes`` in inbox-sized batches and retire ``completions()`` until every round
     is drained."""
-    from stages.records import OP_END
+    from stages.records import CompletionOp, WriteOp
 
-    rounds = int((writes["op"] == OP_END).sum())
+    rounds = int((writes["op"] == WriteOp.END).sum())
     batches = [writes[i:i + INBOX_BATCH] for i in range(0, len(writes), INBOX_BATCH)]
     comps = poster.on_writes(batches.pop(0), time.monotonic())[0]
-    drained = int((comps["op"] == OP_END).sum())
+    drained = int((comps["op"] == CompletionOp.DRAINED).sum())
     while drained < rounds:
         comps, _ = poster.on_completions(completions(), time.monotonic())
-        drained += int((comps["op"] == OP_END).sum())
+        drained += int((comps["op"] == CompletionOp.DRAINED).sum())
         while batches and not poster.backlog:
             comps, _ = poster.on_writes(batches.pop(0), time.monotonic())
-            drained += int((comps["op"] == OP_END).sum())
+            drained += int((comps["op"] == CompletionOp.DRAINED).sum())
 
 
 def _poster(kind: str, size: int, count: int) -> tuple[float, object]:

@@ -76,6 +76,7 @@ def scan_case(share: float, content: str) -> dict:
     from shm import DirtyLog, RamBlockSpec, RamRegion, dirty_runs, naming
     from shm.memory import WORDS_PER_PAGE
     from stages.pagehash import PageTable
+    from stages.records import SCAN_END
     from stages.scanner import Scanner
 
     run_id = naming.new_run_id()
@@ -103,7 +104,7 @@ def scan_case(share: float, content: str) -> dict:
                 start = time.perf_counter()
                 out = scanner.scan(1)
                 times.append(time.perf_counter() - start)
-                dirty, n_runs = int(out[-1]["n_pages"]), len(out) - 1
+                dirty, n_runs = int(out[-1].view(SCAN_END)["dirty_pages"]), len(out) - 1
             conn.send("stop")
             proc.join(30)
         finally:

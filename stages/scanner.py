@@ -27,15 +27,12 @@ import numpy as np
 from shm.memory import THREADS, WORDS_PER_PAGE, map_in, pool, resident
 from stages import pagehash
 from stages.records import (
-    CMD_FINAL,
-    CMD_ROUND,
-    CMD_STOP,
-    CMD_SYNC,
-    COMMAND_DTYPE,
-    OP_END,
-    OP_RUN,
-    RUN_DTYPE,
-    SYNC_DTYPE,
+    COMMAND,
+    RUN,
+    RUN_RING,
+    SCAN_END,
+    SYNC_REPLY,
+    Command,
     records,
 )
 
@@ -122,12 +119,14 @@ class Scanner:
         return total
 
     def scan(self, round_no: int) -> np.ndarray:
-        """RUN records of every pending page plus an END marker; clears ``pending``."""
+        """RUN records of every pending page plus a SCAN_END marker (a ``RUN_RING`` array);
+        clears ``pending``."""
         return np.concatenate(list(self.scan_stretches(round_no)))
 
     def scan_stretches(self, round_no: int) -> Iterator[np.ndarray]:
         """The round's RUN records a stretch of RAM at a time, each once its pages are hashed
-        into the table and tagged, then the END marker alone; clears ``pending`` first.
+        into the table and tagged, then the SCAN_END marker alone (``RUN_RING`` arrays); clears
+        ``pending`` first.
         ``busy_ns`` counts the scanner's work, not the time the caller holds a stretch."""
         self.sync()
         t0 = time.perf_counter_ns()
@@ -145,7 +144,7 @@ class Scanner:
         cuts = np.flatnonzero(key[1:] != key[:-1]) + 1
         dirty = zero = 0
         for part in np.split(runs, cuts) if len(runs) else ():
-            body = records(RUN_DTYPE, len(part), op=OP_RUN, round=round_no,
+            body = records(RUN, len(part), round=round_no,
                            block=part["block"], first_page=part["first_page"],
                            n_pages=part["n_pages"])
             pages, starts = expand_runs(body["first_page"], body["n_pages"])
@@ -156,13 +155,13 @@ class Scanner:
             if len(body) > 1:
                 body = merge_runs(body, self.chunk_pages)
             self.busy_ns += time.perf_counter_ns() - t0
-            yield body
+            yield body.view(RUN_RING)
             t0 = time.perf_counter_ns()
         self.pages_scanned += dirty
         self.zero_pages += zero
         self.busy_ns += time.perf_counter_ns() - t0
-        yield records(RUN_DTYPE, op=OP_END, round=round_no, n_pages=dirty, first_page=zero,
-                      scan_ns=self.busy_ns)
+        yield records(SCAN_END, round=round_no, dirty_pages=dirty, zero_pages=zero,
+                      scan_ns=self.busy_ns).view(RUN_RING)
 
     def _hash_and_test(self, b: int, pages: np.ndarray) -> np.ndarray:
         """Hash ``pages`` (sorted, one stretch of block ``b``) into the table; which are
@@ -213,9 +212,9 @@ def scanner_main(config: dict, link) -> int:
 
     with RamRegion.attach(config["region"]) as region, \
             scanner_source(config, region) as source, \
-            Ring.attach(config["commands"], COMMAND_DTYPE) as commands, \
-            Ring.attach(config["runs"], RUN_DTYPE) as runs_out, \
-            Ring.attach(config["syncs"], SYNC_DTYPE) as syncs:
+            Ring.attach(config["commands"], COMMAND) as commands, \
+            Ring.attach(config["runs"], RUN_RING) as runs_out, \
+            Ring.attach(config["syncs"], SYNC_REPLY) as syncs:
         views = [blk.view.view(np.uint64).reshape(-1, WORDS_PER_PAGE) for blk in region.blocks]
         table = None
         if config.get("pagehash"):
@@ -234,13 +233,13 @@ def scanner_main(config: dict, link) -> int:
                 break                        # the coordinator closed the ring
             for cmd in cmds:
                 op = int(cmd["op"])
-                if op == CMD_STOP:
+                if op == Command.STOP:
                     runs_out.close_write()
                     return 0
-                if op == CMD_SYNC:
+                if op == Command.SYNC:
                     n = scanner.sync()
-                    syncs.push(records(SYNC_DTYPE, round=cmd["round"], dirty_pages=n))
-                elif op in (CMD_ROUND, CMD_FINAL):
+                    syncs.push(records(SYNC_REPLY, round=cmd["round"], dirty_pages=n))
+                elif op in (Command.ROUND, Command.FINAL):
                     mapper.join()
                     # each stretch's runs leave while the next stretch is hashed; the END
                     # comes last: the round's hashes are in the table

@@ -33,8 +33,7 @@ try:  # the stages' record types, when that layer is there
 except ImportError:  # pragma: no cover
     _records = None
 if _records is not None:
-    DTYPES.update({name: value for name, value in vars(_records).items()
-                   if name.endswith("_DTYPE") and isinstance(value, np.dtype)})
+    DTYPES.update({f"stages{i}": ring for i, ring in enumerate(_records.RING_KINDS)})
 
 # batch sizes from 1 to 10,000; the ring holds 1000 so big batches wrap and split
 BATCHES = [1, 2, 3, 10, 64, 999, 1000, 1001, 4096, 10000, 1, 7, 333]
