@@ -15,7 +15,6 @@ the JSON lines with ``--json``. ``python -m bench.bench_dirty_sources [--size-mi
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import os
 import resource
@@ -26,8 +25,8 @@ import time
 
 import numpy as np
 
-PAGE = 4096
-MADV_POPULATE_WRITE = 23
+from shm.memory import PAGE_SIZE, Madv, madvise
+
 REPEATS = 3
 RATE_SECONDS = 2.0
 FETCH_EVERY = 0.1
@@ -35,11 +34,9 @@ FETCH_EVERY = 0.1
 
 def _populate(region) -> None:
     """Fault the whole region in once (first touch costs several µs a page on this machine)."""
-    libc = ctypes.CDLL(None, use_errno=True)
     for b in region.blocks:
-        if libc.madvise(ctypes.c_void_p(b.address), ctypes.c_size_t(b.length),
-                        MADV_POPULATE_WRITE):
-            b.view[::PAGE] = 0  # older kernel: touch instead
+        if not madvise(b.address, b.length, Madv.POPULATE_WRITE):
+            b.view[::PAGE_SIZE] = 0  # older kernel: touch instead
 
 
 def _region(size: int, kind: str = "ram"):
@@ -144,7 +141,7 @@ def uffd_fetch(size: int, level: str) -> dict:
     from shm.uffd import PagemapHarvester, arm
     with _region(size) as region:
         b = region.blocks[0]
-        pages = b.view.reshape(-1, PAGE)
+        pages = b.view.reshape(-1, PAGE_SIZE)
         with arm(b.address, b.length), \
                 PagemapHarvester(os.getpid(), [(b.address, b.length)]) as harvester:
             times, n = [], 0
@@ -159,7 +156,7 @@ def uffd_fetch(size: int, level: str) -> dict:
 def soft_fetch(size: int, level: str) -> dict:
     from shm.dirtylog import DirtyLog
     with _region(size) as region:
-        pages = region.blocks[0].view.reshape(-1, PAGE)
+        pages = region.blocks[0].view.reshape(-1, PAGE_SIZE)
         log = DirtyLog.create(region.name.split("-")[1], region)
         try:
             times, n = [], 0
@@ -184,7 +181,7 @@ def writer_rate(size: int, tracking: str) -> dict:
     from shm.uffd import PagemapHarvester, arm
     with _region(size) as region:
         b = region.blocks[0]
-        pages = b.view.reshape(-1, PAGE)
+        pages = b.view.reshape(-1, PAGE_SIZE)
         step = 16384
         wp = harvester = log = None
         if tracking == "uffd":

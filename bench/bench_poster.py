@@ -39,9 +39,9 @@ from bench.common import (
     rates,
 )
 from bench.common import usage as _usage
+from shm.memory import PAGE_SIZE
 
 MiB = 1 << 20
-PAGE = 4096
 ROUNDS = 20             # rounds of the scattered cases
 INBOX_BATCH = 4096      # records per ring pop in the stage (Inbox.watch)
 DEPTH = 256             # the stage's default max_outstanding
@@ -49,11 +49,11 @@ CASES = {   # name: (kind, write size, writes)
     "tcp-1m": ("tcp", MiB, 4096),
     "write-1m": ("write", MiB, 4096),
     "poster-1m": ("poster", MiB, 4096),
-    "tcp-4k": ("tcp", PAGE, 200_000),
-    "poster-4k": ("poster", PAGE, 200_000),
-    "poster-4k-scattered": ("scattered", PAGE, 200_000),
-    "sansio-4k-scattered": ("sansio", PAGE, 200_000),
-    "sansio-4k-trickle": ("sansio-trickle", PAGE, 200_000),
+    "tcp-4k": ("tcp", PAGE_SIZE, 200_000),
+    "poster-4k": ("poster", PAGE_SIZE, 200_000),
+    "poster-4k-scattered": ("scattered", PAGE_SIZE, 200_000),
+    "sansio-4k-scattered": ("sansio", PAGE_SIZE, 200_000),
+    "sansio-4k-trickle": ("sansio-trickle", PAGE_SIZE, 200_000),
 }
 BASELINE = {"write-1m": "tcp-1m", "poster-1m": "tcp-1m", "poster-4k": "tcp-4k",
             "poster-4k-scattered": "tcp-4k"}
@@ -61,8 +61,8 @@ BASELINE = {"write-1m": "tcp-1m", "poster-1m": "tcp-1m", "poster-4k": "tcp-4k",
 
 def write_records(kind: str, size: int, count: int, local: int, lkey: int, remote: int,
                   rkey: int) -> np.ndarray:
-    """The WRITE records (and END markers) a case feeds the Poster."""
-    from stages.records import OP_END, OP_RUN, WRITE_DTYPE, records
+    """The WRITE records (and END markers) a case feeds the Poster, as ``WRITE_RING``."""
+    from stages.records import WRITE, WRITE_END, WRITE_RING, concat, records
 
     if kind == "poster":       # one round, one write after the other through the target
         per_target = transport.TARGET // size
@@ -71,19 +71,19 @@ def write_records(kind: str, size: int, count: int, local: int, lkey: int, remot
     else:                      # scattered pages, ROUNDS rounds of count / ROUNDS writes
         rng = np.random.default_rng(7)
         per_round = count // ROUNDS
-        pages = [np.sort(rng.choice(transport.TARGET // PAGE, per_round, replace=False))
+        pages = [np.sort(rng.choice(transport.TARGET // PAGE_SIZE, per_round, replace=False))
                  for _ in range(ROUNDS)]
-        offsets = np.concatenate(pages).astype(np.uint64) * np.uint64(PAGE)
+        offsets = np.concatenate(pages).astype(np.uint64) * np.uint64(PAGE_SIZE)
         rounds = np.repeat(np.arange(1, ROUNDS + 1, dtype=np.uint32), per_round)
-    body = records(WRITE_DTYPE, len(offsets), op=OP_RUN, round=rounds, length=size, pages=1,
+    body = records(WRITE, len(offsets), round=rounds, length=size, pages=1,
                    lkey=lkey, rkey=rkey, chunk=offsets // np.uint64(MiB),
                    local_addr=np.uint64(local) + offsets, remote_addr=np.uint64(remote) + offsets)
     ends = np.flatnonzero(np.diff(rounds)).tolist() + [len(body) - 1]
     parts, start = [], 0
     for i in ends:             # an END after each round's last write
-        parts += [body[start:i + 1], records(WRITE_DTYPE, op=OP_END, round=rounds[i])]
+        parts += [body[start:i + 1], records(WRITE_END, round=rounds[i])]
         start = i + 1
-    return np.concatenate(parts)
+    return concat(WRITE_RING, parts)
 
 
 POST_NS = [0]           # time inside the provider's post calls, summed
@@ -105,18 +105,18 @@ def make_poster(post_writes):
 def drive(poster, writes: np.ndarray, completions) -> None:
     """Feed ``writes`` in inbox-sized batches and retire ``completions()`` until every round
     is drained."""
-    from stages.records import OP_END
+    from stages.records import CompletionOp, WriteOp
 
-    rounds = int((writes["op"] == OP_END).sum())
+    rounds = int((writes["op"] == WriteOp.END).sum())
     batches = [writes[i:i + INBOX_BATCH] for i in range(0, len(writes), INBOX_BATCH)]
     comps = poster.on_writes(batches.pop(0), time.monotonic())[0]
-    drained = int((comps["op"] == OP_END).sum())
+    drained = int((comps["op"] == CompletionOp.DRAINED).sum())
     while drained < rounds:
         comps, _ = poster.on_completions(completions(), time.monotonic())
-        drained += int((comps["op"] == OP_END).sum())
+        drained += int((comps["op"] == CompletionOp.DRAINED).sum())
         while batches and not poster.backlog:
             comps, _ = poster.on_writes(batches.pop(0), time.monotonic())
-            drained += int((comps["op"] == OP_END).sum())
+            drained += int((comps["op"] == CompletionOp.DRAINED).sum())
 
 
 def _poster(kind: str, size: int, count: int) -> tuple[float, object]:

@@ -41,9 +41,9 @@ def run_case(name: str, ram_mib: int, dirty_mb: float, parameters: list[str]) ->
     """One migration of case ``name`` in this process; the JSON row."""
     from pipeline.api import run_local
     from pipeline.config import MigrationConfig
-    from pipeline.errors import MigrationError
     from pipeline.guest.factory import GuestSpec
     from pipeline.guest.synthetic import GuestState
+    from shm.errors import MigrationError
 
     kind, tracking = CASES[name]
     row = {"case": name, "guest": kind, "tracking": tracking, "ram_mib": ram_mib,

@@ -26,6 +26,7 @@ from bench.common import (
     rates,
 )
 from bench.common import usage as _usage
+from shm.memory import Madv, libc, madvise
 
 SIZE = 1 << 30
 MiB = 1 << 20
@@ -47,25 +48,16 @@ BASELINE = {n: n.replace("register", "mlock").removesuffix("-batch")
 METRIC = "chunks_per_s"
 
 
-def _libc():
-    libc = ctypes.CDLL(None, use_errno=True)
-    for fn in (libc.mlock, libc.munlock):
-        fn.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
-    libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-    return libc
-
-
 def run_case(case: str) -> dict:
     from shm import RamBlockSpec, RamRegion, naming
 
     kind, chunk, memory = CASES[case]
-    libc = _libc()
     n = SIZE // chunk
     with RamRegion.create(naming.new_run_id(), [RamBlockSpec("pc.ram", SIZE)]) as region:
         try:
             base = region.blocks[0].address
             if memory == "touched":
-                libc.madvise(base, SIZE, 23)       # MADV_POPULATE_WRITE
+                madvise(base, SIZE, Madv.POPULATE_WRITE)
             if kind == "mlock":
                 t0 = time.perf_counter()
                 for c in range(n):

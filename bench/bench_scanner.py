@@ -16,7 +16,6 @@ reads all of RAM costs at best.
 
 from __future__ import annotations
 
-import ctypes
 import multiprocessing as mp
 import sys
 import time
@@ -27,6 +26,7 @@ from bench.common import (
     rates,
 )
 from bench.common import usage as _usage
+from shm.memory import PAGE_SIZE, Madv, madvise
 
 GUEST = 2 << 30
 ROUNDS = 5
@@ -45,10 +45,8 @@ BASELINE = {name: "memcpy" for name in CASES if name != "memcpy"}
 
 
 def _populate(view: np.ndarray, value: int) -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-    if libc.madvise(view.ctypes.data, view.nbytes, 23):    # MADV_POPULATE_WRITE
-        view[::4096] = 0
+    if not madvise(view.ctypes.data, view.nbytes, Madv.POPULATE_WRITE):
+        view[::PAGE_SIZE] = 0                              # older kernel: touch instead
     if value:
         for p0 in range(0, view.nbytes, SLICE):
             view[p0:p0 + SLICE].view(np.uint64)[:] = value
@@ -76,8 +74,10 @@ def memcpy_case() -> dict:
 
 def scan_case(share: float, content: str) -> dict:
     from shm import DirtyLog, RamBlockSpec, RamRegion, dirty_runs, naming
+    from shm.memory import WORDS_PER_PAGE
     from stages.pagehash import PageTable
-    from stages.scanner import WORDS, Scanner
+    from stages.records import SCAN_END
+    from stages.scanner import Scanner
 
     run_id = naming.new_run_id()
     ctx = mp.get_context("spawn")
@@ -92,7 +92,7 @@ def scan_case(share: float, content: str) -> dict:
             proc = ctx.Process(target=writer, args=(log.name, share, GUEST >> 12, child_conn))
             proc.start()
             assert conn.recv() == "ready"
-            views = [b.view.view(np.uint64).reshape(-1, WORDS) for b in region.blocks]
+            views = [b.view.view(np.uint64).reshape(-1, WORDS_PER_PAGE) for b in region.blocks]
             times, dirty, n_runs = [], 0, 0
             for _ in range(ROUNDS):
                 scanner = Scanner(views, CHUNK_PAGES, lambda: log.fetch(timeout=10), dirty_runs,
@@ -104,7 +104,7 @@ def scan_case(share: float, content: str) -> dict:
                 start = time.perf_counter()
                 out = scanner.scan(1)
                 times.append(time.perf_counter() - start)
-                dirty, n_runs = int(out[-1]["n_pages"]), len(out) - 1
+                dirty, n_runs = int(out[-1].view(SCAN_END)["dirty_pages"]), len(out) - 1
             conn.send("stop")
             proc.join(30)
         finally:

@@ -16,7 +16,6 @@ link's ceiling); otherwise the receiver faults its fresh memory in, in bulk, ins
 
 from __future__ import annotations
 
-import ctypes
 import multiprocessing as mp
 import os
 import socket
@@ -25,9 +24,10 @@ import time
 
 import numpy as np
 
+from shm.memory import PAGE_SIZE, Madv, madvise
+
 MiB = 1 << 20
 PIECE = MiB
-MADV_POPULATE_WRITE = 23
 _SPAWN = mp.get_context("spawn")
 
 
@@ -173,10 +173,8 @@ class _Null:
 
 # -- the raw TCP baseline ----------------------------------------------------------------------
 def _populate(buf: np.ndarray) -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-    if libc.madvise(buf.ctypes.data, buf.nbytes, MADV_POPULATE_WRITE):
-        buf[::4096] = 0
+    if not madvise(buf.ctypes.data, buf.nbytes, Madv.POPULATE_WRITE):
+        buf[::PAGE_SIZE] = 0                              # older kernel: touch instead
 
 
 def _receiver(conn, size: int, warm: bool) -> None:

@@ -11,7 +11,7 @@ import os
 for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
 
-from pipeline.errors import (  # noqa: E402, F401
+from shm.errors import (  # noqa: E402, F401
     GuestError,
     LocalProtocolError,
     MigrationCancelled,

@@ -33,12 +33,12 @@ import weakref
 from collections.abc import Callable
 
 from pipeline.config import MigrationConfig
-from pipeline.errors import MigrationError, StageFailed
 from pipeline.guest.factory import GuestSpec
 from pipeline.guest.synthetic import GuestState, SyntheticGuest
 from pipeline.stats import MigrationStats
 from pipeline.uri import URI, parse_uri
 from shm import naming  # noqa: F401 - see _cancel_running_at_exit
+from shm.errors import MigrationError, StageFailed
 
 __all__ = ["Migration", "start_outgoing", "start_incoming", "run_local", "LocalRun",
            "MigrationConfig", "SyntheticGuest", "GuestState", "GuestSpec", "save_to_file",

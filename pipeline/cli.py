@@ -13,7 +13,7 @@ import importlib
 import sys
 
 from pipeline import __version__
-from pipeline.errors import MigrationError
+from shm.errors import MigrationError
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {

@@ -6,6 +6,7 @@ import json
 import sys
 
 from pipeline.config import MigrationConfig, parse_size
+from shm.memory import PAGE_SIZE
 
 
 def add_migration_options(p, *, source: bool) -> None:
@@ -52,7 +53,7 @@ def build_config(args) -> MigrationConfig:
                           trace_control=getattr(args, "trace_control", None))
     cfg = cfg.with_options(args.capability, args.parameter)
     if cfg.transport == "verbs":
-        from pipeline.errors import TransportUnsupported
+        from shm.errors import TransportUnsupported
         from stages.verbs.rdmacore import probe
 
         reason = probe()
@@ -96,7 +97,7 @@ def progress_line(st: dict) -> str:
     ram = st["ram"]
     return (f"{st['status']:<9} round {st['round']:<3} transferred {mib(ram['transferred'])}"
             f"  remaining {mib(ram['remaining'])}  throughput {ram['mbps']:.0f} Mbps"
-            f"  dirty {ram['dirty-pages-rate'] * 4096 / 1e6:.0f} MB/s"
+            f"  dirty {ram['dirty-pages-rate'] * PAGE_SIZE / 1e6:.0f} MB/s"
             f"  expected downtime {st['expected-downtime']:.0f} ms")
 
 

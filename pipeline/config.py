@@ -12,7 +12,8 @@ import dataclasses
 import re
 from dataclasses import dataclass, field
 
-PAGE_SIZE = 4096
+from shm.memory import PAGE_SIZE  # noqa: F401 - also for users: pipeline.config.PAGE_SIZE
+
 MIB = 1 << 20
 
 CAPABILITIES = ("rdma-pin-all",)

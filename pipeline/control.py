@@ -15,9 +15,9 @@ import json
 import mmap
 import time
 
-from pipeline.errors import RemoteProtocolError, TransportError
 from pipeline.protocol.channel import NEEDS_CREDIT, ControlChannel, Role, Slot
 from pipeline.protocol.messages import CONTROL_MAX_BUFFER, ErrorMessage
+from shm.errors import RemoteProtocolError, TransportError
 from stages.verbs.base import Access, SendOpcode
 
 WRID_SEND = 2000

@@ -71,7 +71,7 @@ def _decode_one(text: str, capabilities: bool) -> dict:
 
 
 def main(args: argparse.Namespace) -> int:
-    from pipeline.errors import ProtocolError
+    from shm.errors import ProtocolError
 
     if args.capabilities is not None:
         inputs = [("--capabilities", args.capabilities)]

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import hashlib
 
-DIGEST_SECTION = "rdp-ram-digest"
+from shm.memory import PAGE_SIZE, WORDS_PER_PAGE, resident
+
 SIZE = 32
 
 
@@ -53,15 +54,13 @@ def chunk_digests(region, threads: int = 2, chunk_size: int | None = None) -> by
 
     import numpy as np
 
-    from stages.scanner import resident
-
     ranges = _ranges(region, chunk_size)
     views = {blk.index: memoryview(blk.view) for blk in region.blocks}
     absent = {}
     for blk in region.blocks:
-        res = resident(blk.view.view(np.uint64).reshape(-1, 512))
+        res = resident(blk.view.view(np.uint64).reshape(-1, WORDS_PER_PAGE))
         if res is not None:
-            chunk_pages = (chunk_size or blk.chunk_size) // 4096
+            chunk_pages = (chunk_size or blk.chunk_size) // PAGE_SIZE
             pad = (-len(res)) % chunk_pages
             per_chunk = np.concatenate([res, np.zeros(pad, bool)]).reshape(-1, chunk_pages)
             absent[blk.index] = ~per_chunk.any(axis=1)

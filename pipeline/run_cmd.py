@@ -28,6 +28,7 @@ def add_arguments(p) -> None:
 def main(args) -> int:
     from pipeline.api import run_local
     from pipeline.config import parse_size
+    from shm.memory import PAGE_SIZE
 
     try:
         config = build_config(args)
@@ -36,7 +37,7 @@ def main(args) -> int:
         scheme = args.uri.partition(":")[0]
         if scheme not in ("rdma", "tcp"):
             raise ValueError(f"--uri {args.uri}: use rdma: or tcp:")
-        if ram <= 0 or ram % 4096:
+        if ram <= 0 or ram % PAGE_SIZE:
             raise ValueError(f"--ram {args.ram}: must be a positive multiple of 4K")
     except ValueError as exc:
         print(f"rdma-pipeline run: {exc}", file=sys.stderr)

@@ -8,6 +8,11 @@
                 (id ROUND_SID + r - 1, FULL, framed): which pages the round sent
     EOF, then VMDESCRIPTION describing every device section written, field by field
 
+The names and ids of our device sections are defined here and nowhere else (the guests, the
+digest and ``stages.pagehash``'s round bitmap only make the bodies); QEMU's own ``ram``
+section is the protocol's (``pipeline.protocol.records.RAM_IDSTR``). Every device section body
+is framed: be32 length, then the bytes (``frame``, ``device_codec``).
+
 ``DeviceSections`` writes the device sections and remembers how to describe them; ``end()``
 writes EOF and the VMDESCRIPTION. ``device_codecs()`` is what a destination's parser needs to
 find where each of our device sections ends.
@@ -15,9 +20,6 @@ find where each of our device sections ends.
 
 from __future__ import annotations
 
-from pipeline.digest import DIGEST_SECTION
-from pipeline.guest.factory import GUEST_SECTIONS
-from pipeline.guest.synthetic import device_codec, frame
 from pipeline.protocol.records import (
     Configuration,
     DeviceState,
@@ -29,9 +31,26 @@ from pipeline.protocol.records import (
 )
 from pipeline.protocol.vmdesc import DeviceDescription, framed_fields, vm_description
 
-RAM_SID, GUEST_SID, DIGEST_SID = 2, 3, 4
 MACHINE = "rdma-pipeline"
 DEVICE_VERSION = 1
+RAM_SID, GUEST_SID, DIGEST_SID, ROUND_SID = 2, 3, 4, 5   # ROUND_SID + r - 1 for round r
+SYNTHETIC_SECTION = "rdp-synthetic-guest"     # the synthetic guest's state
+KVM_SECTION = "rdp-kvm-guest"                 # the KVM guest's device state
+GUEST_SECTIONS = {SYNTHETIC_SECTION: "synthetic", KVM_SECTION: "kvm"}   # section -> guest kind
+DIGEST_SECTION = "rdp-ram-digest"             # SHA-256 per chunk (pipeline.digest)
+ROUND_SECTION = "rdp-round-pages"             # a round's pages (stages.pagehash.pack_round)
+
+
+def frame(data: bytes) -> bytes:
+    """``data`` as a length-prefixed device section body."""
+    return len(data).to_bytes(4, "big") + data
+
+
+def device_codec(data: bytes, version: int) -> int | None:
+    """Length of a length-prefixed device section (be32 length, then that many bytes)."""
+    if len(data) < 4:
+        return None
+    return 4 + int.from_bytes(data[:4], "big")
 
 
 def write_header(writer) -> None:

@@ -16,32 +16,32 @@ from collections import deque
 import numpy as np
 
 from pipeline.config import MigrationConfig
-from pipeline.errors import StageFailed
+from pipeline.protocol.capabilities import DataConnect
+from shm.errors import StageFailed
 from shm.naming import segment_name
 from shm.ring import CONSUMER, PRODUCER, Ring
 from stages.harness import Inbox, StageProcess, sweep_pids
 from stages.records import (
-    ANSWER_DTYPE,
-    CMD_STOP,
-    CMD_SYNC,
-    COMMAND_DTYPE,
-    COMPLETION_DTYPE,
-    REQUEST_DTYPE,
-    RUN_DTYPE,
-    SYNC_DTYPE,
-    WRITE_DTYPE,
+    ANSWER,
+    COMMAND,
+    COMPLETION_RING,
+    REQUEST_RING,
+    RUN_RING,
+    SYNC_REPLY,
+    WRITE_RING,
+    Command,
     records,
 )
 
 SLICE = 0.1
 RINGS = {  # name: (dtype, capacity, coordinator's role)
-    "commands": (COMMAND_DTYPE, 64, PRODUCER),
-    "syncs": (SYNC_DTYPE, 64, CONSUMER),
-    "runs": (RUN_DTYPE, 1 << 15, None),
-    "writes": (WRITE_DTYPE, 1 << 15, None),
-    "completions": (COMPLETION_DTYPE, 1 << 14, None),
-    "requests": (REQUEST_DTYPE, 1 << 14, CONSUMER),
-    "answers": (ANSWER_DTYPE, 1 << 14, PRODUCER),
+    "commands": (COMMAND, 64, PRODUCER),
+    "syncs": (SYNC_REPLY, 64, CONSUMER),
+    "runs": (RUN_RING, 1 << 15, None),
+    "writes": (WRITE_RING, 1 << 15, None),
+    "completions": (COMPLETION_RING, 1 << 14, None),
+    "requests": (REQUEST_RING, 1 << 14, CONSUMER),
+    "answers": (ANSWER, 1 << 14, PRODUCER),
 }
 
 
@@ -105,7 +105,8 @@ class SourcePipeline:
 
     def connect_poster(self, host: str, port: int, token: int, timeout: float = 15.0) -> None:
         info = self.registrar.info
-        self.poster.send("connect", info["pd"], info["path"], host, port, token, 0)
+        self.poster.send("connect", info["pd"], info["path"], host, port,
+                         DataConnect(token, 0).encode())
         msg = self.poster.recv(timeout, what="data connection")
         if msg[0] != "connected":
             raise StageFailed("poster", None, f"unexpected message {msg[0]}")
@@ -152,7 +153,7 @@ class SourcePipeline:
 
     def sync(self, r: int, check) -> int:
         """Dirty pages not yet sent, after a dirty-log sync."""
-        self.commands.push(records(COMMAND_DTYPE, op=CMD_SYNC, round=r))
+        self.commands.push(records(COMMAND, op=Command.SYNC, round=r))
         while not self._syncs:
             name, recs = self._next(check)
             if name == "syncs":
@@ -165,7 +166,7 @@ class SourcePipeline:
     def finish(self, timeout: float) -> None:
         """Stop the stages in order (scanner, registrar, poster all drain) within ``timeout``."""
         self.finishing = True
-        self.commands.push(records(COMMAND_DTYPE, op=CMD_STOP))
+        self.commands.push(records(COMMAND, op=Command.STOP))
         self.commands.close_write()
         self.answers.close_write()
         deadline = time.monotonic() + timeout

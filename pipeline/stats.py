@@ -21,7 +21,7 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass, field
 
-from pipeline.config import PAGE_SIZE
+from shm.memory import PAGE_SIZE
 
 
 @dataclass

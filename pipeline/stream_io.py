@@ -23,7 +23,6 @@ import time
 
 import numpy as np
 
-from pipeline.errors import MigrationError, TransportError
 from pipeline.protocol.return_path import (
     SHUT_FAILED,
     SHUT_OK,
@@ -32,6 +31,7 @@ from pipeline.protocol.return_path import (
     error_text,
     shut,
 )
+from shm.errors import MigrationError, TransportError
 
 SLICE = 0.1
 STALL = 30.0

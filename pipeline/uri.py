@@ -3,7 +3,7 @@
 ``rdma:HOST:PORT`` (QEMU's form, ``inet_parse`` rules: IPv6 in brackets, an optional
 ``%iface`` scope on link-local addresses, the port required), plus ``tcp:HOST:PORT`` and
 ``file:PATH`` for later transports. A malformed URI raises :class:`InvalidURI`, which is both a
-:class:`~pipeline.errors.MigrationError` (the CLI prints it on one line with a hint showing the
+:class:`~shm.errors.MigrationError` (the CLI prints it on one line with a hint showing the
 right form) and a ``ValueError`` (for library callers who treat it as bad input).
 """
 
@@ -14,7 +14,7 @@ import re
 import socket
 from dataclasses import dataclass
 
-from pipeline.errors import MigrationError
+from shm.errors import MigrationError
 
 SCHEMES = ("rdma", "tcp", "file")
 _FORMS = "rdma:HOST:PORT, rdma:[IPV6]:PORT, tcp:HOST:PORT or file:PATH"

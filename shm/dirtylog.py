@@ -29,9 +29,10 @@ from collections.abc import Callable
 import numpy as np
 import posix_ipc
 
-from pipeline.errors import ShmError
+from shm.errors import ShmError
+from shm.memory import PAGE_SIZE
 from shm.naming import pid_alive, segment_name
-from shm.region import PAGE_SIZE, RamRegion
+from shm.region import RamRegion
 from shm.runs import RUN_DTYPE, dirty_pages, dirty_runs, expand_runs  # noqa: F401 (re-export)
 from shm.segment import PeerGone, Segment, ShmTimeout
 from shm.semaphores import (

@@ -20,12 +20,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from pipeline.errors import ShmError
+from shm.errors import ShmError
+from shm.memory import PAGE_SHIFT, PAGE_SIZE
 from shm.naming import segment_name
 from shm.segment import Segment
 
-PAGE_SIZE = 4096
-PAGE_SHIFT = 12
 DEFAULT_CHUNK_SIZE = 1 << 20
 MIN_CHUNK_SIZE = 1 << 20
 MAX_CHUNK_SIZE = 1 << 30

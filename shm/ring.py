@@ -38,7 +38,7 @@ import zlib
 import numpy as np
 import posix_ipc
 
-from pipeline.errors import ShmError
+from shm.errors import ShmError
 from shm.naming import pid_alive
 from shm.segment import PeerGone, Segment, ShmTimeout
 from shm.semaphores import (

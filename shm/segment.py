@@ -30,12 +30,13 @@ import struct
 import numpy as np
 import posix_ipc
 
-from pipeline.errors import ShmError
+from shm.errors import ShmError
+from shm.memory import PAGE_SIZE
 from shm.naming import SHM_DIR
 
 MAGIC = b"RDPSHM\x00\x01"
 LAYOUT_VERSION = 1
-HEADER_SIZE = 4096
+HEADER_SIZE = PAGE_SIZE      # so that the payload is page-aligned
 _FIXED = struct.Struct("<8sII16sQQI4x")
 MAX_GEOMETRY = (HEADER_SIZE - _FIXED.size) // 8
 

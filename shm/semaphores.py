@@ -13,7 +13,7 @@ from typing import ClassVar
 
 import posix_ipc
 
-from pipeline.errors import ShmError
+from shm.errors import ShmError
 
 
 def semaphore_names(segment: str, suffixes: Sequence[str]) -> list[str]:

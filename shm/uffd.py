@@ -29,11 +29,9 @@ import os
 
 import numpy as np
 
-from pipeline.errors import ShmError
+from shm.errors import ShmError
+from shm.memory import PAGE_SHIFT, PAGE_SIZE, libc
 from shm.segment import PeerGone
-
-PAGE_SIZE = 4096
-PAGE_SHIFT = 12
 
 SYS_USERFAULTFD = 323          # x86_64
 UFFD_API = 0xAA
@@ -57,8 +55,6 @@ PAGE_IS_PRESENT = 1 << 3
 VECTOR_REGIONS = 8192          # page_region slots per PAGEMAP_SCAN call (192 KiB)
 
 _u64 = ctypes.c_uint64
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.syscall.restype = ctypes.c_long
 
 
 class UffdApi(ctypes.Structure):
@@ -84,10 +80,10 @@ REGION_DTYPE = np.dtype([("start", "<u8"), ("end", "<u8"), ("categories", "<u8")
 
 
 def _userfaultfd() -> int:
-    fd = _libc.syscall(SYS_USERFAULTFD, os.O_CLOEXEC | os.O_NONBLOCK)
+    fd = libc.syscall(SYS_USERFAULTFD, os.O_CLOEXEC | os.O_NONBLOCK)
     if fd < 0 and ctypes.get_errno() == errno.EPERM:
         # vm.unprivileged_userfaultfd=0 and no CAP_SYS_PTRACE: user-mode faults only.
-        fd = _libc.syscall(SYS_USERFAULTFD, os.O_CLOEXEC | os.O_NONBLOCK | UFFD_USER_MODE_ONLY)
+        fd = libc.syscall(SYS_USERFAULTFD, os.O_CLOEXEC | os.O_NONBLOCK | UFFD_USER_MODE_ONLY)
     if fd < 0:
         err = ctypes.get_errno()
         raise ShmError(f"userfaultfd() failed: {os.strerror(err)}",

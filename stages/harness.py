@@ -26,7 +26,8 @@ import time
 import traceback
 from typing import Any
 
-from pipeline.errors import MigrationError, StageFailed
+from shm.errors import MigrationError, StageFailed
+from shm.memory import libc
 
 EXIT_OK, EXIT_ERROR = 0, 2
 POLL = 0.2     # seconds an Inbox thread blocks on a ring before it looks at its stop flag
@@ -352,7 +353,6 @@ def limit_memlock(limit: int) -> None:
     import resource
 
     resource.setrlimit(resource.RLIMIT_MEMLOCK, (limit, limit))
-    libc = ctypes.CDLL(None, use_errno=True)
 
     class Header(ctypes.Structure):
         _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]

@@ -30,12 +30,12 @@ import threading
 
 import numpy as np
 
-WORDS = 512
-ROUND_SECTION, ROUND_SID = "rdp-round-pages", 5   # the stream section carrying pack_round()
+from shm.memory import WORDS_PER_PAGE, in_halves, resident
+
 WINDOW = 2048                      # pages hashed per numpy call (8 MiB)
 STRETCH = 1 << 18                  # pages of a round bitmap unpacked at a time (1 GiB of RAM)
 KEYS = np.random.default_rng(0x9A6E_4A54).integers(
-    0, 1 << 64, WORDS, dtype=np.uint64, endpoint=False) | np.uint64(1)
+    0, 1 << 64, WORDS_PER_PAGE, dtype=np.uint64, endpoint=False) | np.uint64(1)
 
 
 def hash_rows(rows: np.ndarray) -> np.ndarray:
@@ -51,7 +51,7 @@ def hash_pages(view: np.ndarray, pages: np.ndarray, table: np.ndarray,
     if not len(pages):
         return
     if scratch is None:
-        scratch = np.empty((WINDOW, WORDS), np.uint64)
+        scratch = np.empty((WINDOW, WORDS_PER_PAGE), np.uint64)
     first = int(pages[0]) // WINDOW
     last = int(pages[-1]) // WINDOW
     cuts = np.searchsorted(pages, np.arange(first + 1, last + 1) * WINDOW)
@@ -100,7 +100,7 @@ def hash_and_test(view: np.ndarray, pages: np.ndarray, table: np.ndarray,
                   scratch: np.ndarray | None = None) -> np.ndarray:
     """``table[pages] = hash`` of those pages of ``view`` (uint64, (n_pages, 512)), and per
     page whether it is non-zero, reading each page once. ``pages`` sorted. ``held`` (per page
-    of ``view``, as ``stages.scanner.resident`` gives it) marks the pages in memory: the others
+    of ``view``, as ``shm.memory.resident`` gives it) marks the pages in memory: the others
     are zero, hash to 0 and are not read (reading a hole of shared memory allocates it).
     Windows of TEST_WINDOW pages that are dense enough are read in place (clean pages
     between dirty ones too, if in memory); the other pages are gathered into ``scratch``
@@ -116,7 +116,7 @@ def hash_and_test(view: np.ndarray, pages: np.ndarray, table: np.ndarray,
             nonzero[idx] = hash_and_test(view, pages[idx], table, held, scratch)
             return nonzero
     if scratch is None:
-        scratch = np.empty((TEST_WINDOW, WORDS), np.uint64)
+        scratch = np.empty((TEST_WINDOW, WORDS_PER_PAGE), np.uint64)
     window = pages // TEST_WINDOW
     starts = np.flatnonzero(np.diff(window, prepend=-1))       # each window's first page
     ends = np.append(starts[1:], len(pages))
@@ -157,7 +157,8 @@ def table_digests(tables: list[np.ndarray], chunk_pages: int) -> bytes:
 
 
 def pack_round(bitmaps: list[np.ndarray]) -> bytes:
-    """The packed per-block bitmaps of a round's pages, as stream bytes (zlib)."""
+    """The packed per-block bitmaps of a round's pages, as stream bytes (zlib): the body of the
+    stream's round section (its name and id are ``pipeline.sections``')."""
     import zlib
 
     return zlib.compress(b"".join(np.asarray(b, np.uint8).tobytes() for b in bitmaps), 1)
@@ -200,7 +201,7 @@ class PageHasher:
         self._queue.put(pages)
 
     def _loop(self) -> None:
-        scratch = [np.empty((WINDOW, WORDS), np.uint64) for _ in range(2)]
+        scratch = [np.empty((WINDOW, WORDS_PER_PAGE), np.uint64) for _ in range(2)]
         while (job := self._queue.get()) is not None:
             try:
                 if isinstance(job, bytes):          # a round section's body
@@ -234,8 +235,6 @@ class PageHasher:
               scratch: list[np.ndarray]) -> None:
         """Hash ``pages`` of ``view`` into ``table``, on two threads when there are many (the
         final round's pages are hashed inside the downtime)."""
-        from stages.scanner import in_halves, resident
-
         if not len(pages):
             return
         res = resident(view)

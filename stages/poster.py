@@ -35,8 +35,18 @@ from collections.abc import Callable
 
 import numpy as np
 
-from pipeline.errors import TransportError
-from stages.records import COMPLETION_DTYPE, OP_END, OP_RUN, WRITE_DTYPE, records
+from shm.errors import TransportError
+from stages.records import (
+    CHUNK_DONE,
+    COMPLETION_RING,
+    ROUND_DRAINED,
+    WRITE,
+    WRITE_END,
+    WRITE_RING,
+    WriteOp,
+    concat,
+    records,
+)
 from stages.verbs.base import WRITE_WR_DTYPE
 
 # Send-queue depth: writes in flight. One-page writes of a busy guest need thousands in flight to
@@ -44,7 +54,7 @@ from stages.verbs.base import WRITE_WR_DTYPE
 # idle a quarter of the time and a guest dirtying 586 MB/s took 7-12 rounds; at 4096, 3-4.
 DEPTH = 4096
 WINDOW = 0.01     # seconds of bandwidth budget
-NO_COMPLETIONS = np.zeros(0, COMPLETION_DTYPE)
+NO_COMPLETIONS = np.zeros(0, COMPLETION_RING)
 NO_COMPLETIONS.flags.writeable = False
 
 # What the poster remembers of a posted write until its completion.
@@ -88,22 +98,24 @@ class Poster:
         return not self.backlog and not self.n_outstanding
 
     def on_writes(self, writes: np.ndarray, now: float) -> tuple[np.ndarray, float]:
-        """Queue WRITE records (OP_RUN and OP_END, in order) and post what fits; returns
-        (completion records, seconds to wait)."""
+        """Queue ``WRITE_RING`` records (WRITE and END, in order) and post what fits; returns
+        (``COMPLETION_RING`` records, seconds to wait)."""
         t0 = time.perf_counter_ns()
         if len(writes):
-            is_end = writes["op"] == OP_END
+            is_end = writes["op"] == WriteOp.END
             if not is_end.any():
-                self.backlog.append(writes)
+                self.backlog.append(writes.view(WRITE))
             else:
+                ends = np.flatnonzero(is_end)
+                rounds = writes[ends].view(WRITE_END)["round"].tolist()
                 start = 0
-                for i in np.flatnonzero(is_end).tolist():     # one step per END marker
+                for i, r in zip(ends.tolist(), rounds, strict=True):   # a step per END marker
                     if i > start:
-                        self.backlog.append(writes[start:i])
-                    self.backlog.append(int(writes["round"][i]))
+                        self.backlog.append(writes[start:i].view(WRITE))
+                    self.backlog.append(r)
                     start = i + 1
                 if start < len(writes):
-                    self.backlog.append(writes[start:])
+                    self.backlog.append(writes[start:].view(WRITE))
         self.busy_ns += time.perf_counter_ns() - t0
         return self.pump(now)
 
@@ -135,7 +147,7 @@ class Poster:
 
     def on_completions(self, wr_ids, now: float) -> tuple[np.ndarray, float]:
         """Retire every write up to the highest completed wr_id; returns (completion records:
-        OP_RUN per (round, block, chunk) in order, then DRAINED, seconds to wait)."""
+        CHUNK_DONE per (round, block, chunk) in order, then ROUND_DRAINED, seconds to wait)."""
         t0 = time.perf_counter_ns()
         out = NO_COMPLETIONS
         if len(wr_ids):
@@ -256,22 +268,21 @@ class Poster:
         oldest = int(self.outstanding[0]["round"][0]) if self.outstanding else None
         while self.ends and (oldest is None or oldest > self.ends[0]):
             r = self.ends.popleft()
-            out.append(records(COMPLETION_DTYPE, op=OP_END, round=r,
-                               writes=self.round_writes.pop(r, 0),
+            out.append(records(ROUND_DRAINED, round=r, writes=self.round_writes.pop(r, 0),
                                bytes=self.round_bytes.pop(r, 0), post_ns=self.busy_ns))
         if not out:
             return NO_COMPLETIONS
-        return out[0] if len(out) == 1 else np.concatenate(out)
+        return concat(COMPLETION_RING, out)
 
 
 def _per_chunk(done: np.ndarray) -> np.ndarray:
-    """One OP_RUN completion record per (round, block, chunk) of ``done``, with its writes and
-    bytes, in the order each key first appears."""
+    """One CHUNK_DONE record per (round, block, chunk) of ``done``, with its writes and bytes,
+    in the order each key first appears (as ``COMPLETION_RING``)."""
     r, b, c = done["round"], done["block"], done["chunk"]
     if (r[0] == r[-1] and b[0] == b[-1] and c[0] == c[-1]
             and (r == r[0]).all() and (b == b[0]).all() and (c == c[0]).all()):
-        return records(COMPLETION_DTYPE, op=OP_RUN, round=r[0], block=b[0], chunk=c[0],
-                       writes=len(done), bytes=done["length"].sum())   # one chunk: common
+        return records(CHUNK_DONE, round=r[0], block=b[0], chunk=c[0], writes=len(done),
+                       bytes=done["length"].sum()).view(COMPLETION_RING)   # one chunk: common
     order = np.lexsort((c, b, r))        # stable: within a key, completion order is kept
     rs, bs, cs = r[order], b[order], c[order]
     new = np.ones(len(done), bool)
@@ -281,8 +292,8 @@ def _per_chunk(done: np.ndarray) -> np.ndarray:
     first = starts[seq]
     counts = np.diff(np.append(starts, len(done)))[seq]
     nbytes = np.add.reduceat(done["length"][order], starts)[seq]
-    return records(COMPLETION_DTYPE, len(first), op=OP_RUN, round=rs[first], block=bs[first],
-                   chunk=cs[first], writes=counts, bytes=nbytes)
+    return records(CHUNK_DONE, len(first), round=rs[first], block=bs[first], chunk=cs[first],
+                   writes=counts, bytes=nbytes).view(COMPLETION_RING)
 
 
 def check_completions(wcs) -> list[int]:
@@ -297,50 +308,51 @@ def check_completions(wcs) -> list[int]:
     return ids
 
 
-__all__ = ["Poster", "check_completions", "WRITE_DTYPE"]
+__all__ = ["Poster", "check_completions"]
 
 
 def _segments(recs: np.ndarray):
-    """Consecutive stretches of ``recs`` of one kind, in order: OP_IMPORT, OP_RELEASE, or
-    writes (OP_RUN and OP_END together, which ``Poster.on_writes`` takes as they come)."""
+    """Consecutive stretches of ``recs`` (``WRITE_RING``) of one kind, in order, with their
+    op: IMPORT, RELEASE, or WRITE for writes and END markers together (``Poster.on_writes``
+    takes them as they come)."""
     if not len(recs):
         return
-    kind = np.where(recs["op"] == OP_END, OP_RUN, recs["op"])
+    kind = np.where(recs["op"] == WriteOp.END, WriteOp.WRITE, recs["op"])
     cuts = np.flatnonzero(np.diff(kind)).tolist()
     start = 0
     for end in [c + 1 for c in cuts] + [len(recs)]:
-        yield int(kind[start]), recs[start:end]
+        yield WriteOp(int(kind[start])), recs[start:end]
         start = end
 
 
 def poster_main(config: dict, link) -> int:
-    """Process: waits for ("connect", pd_handle, region_path, host, port, token, index) on its
-    pipe, imports the registrar's PD, connects its own data QP, then posts writes."""
+    """Process: waits for ("connect", pd_handle, region_path, host, port, private_data) on its
+    pipe, imports the registrar's PD, connects its own data QP with the coordinator's
+    ``private_data`` (the data-connection hello, bytes), then posts writes."""
     import select
     from contextlib import ExitStack
 
-    from pipeline.protocol.capabilities import DataConnect
     from shm.ring import CONSUMER, PRODUCER, Ring
     from stages.harness import Inbox
-    from stages.records import OP_IMPORT, OP_RELEASE, OP_RELEASED
+    from stages.records import MR_IMPORT, MR_RELEASE, MR_RELEASED
     from stages.verbs import open_provider
     from stages.verbs.base import MRHandle
 
     depth = int(config.get("max_outstanding", DEPTH))
     with ExitStack() as stack:
-        writes_in = stack.enter_context(Ring.attach(config["writes"], WRITE_DTYPE,
+        writes_in = stack.enter_context(Ring.attach(config["writes"], WRITE_RING,
                                                     role=CONSUMER))
-        comps_out = stack.enter_context(Ring.attach(config["completions"], COMPLETION_DTYPE,
+        comps_out = stack.enter_context(Ring.attach(config["completions"], COMPLETION_RING,
                                                     role=PRODUCER))
         ctx = stack.enter_context(open_provider(config["transport"]).open_device())
         link.ready()
-        op, pd_handle, path, host, port, token, index = link.recv()
+        op, pd_handle, path, host, port, private_data = link.recv()
         if op != "connect":
             raise ValueError(f"poster expected connect, got {op}")
         pd = ctx.import_pd(pd_handle)
         cq = ctx.create_cq(2 * depth + 16)
         qp = pd.create_qp(cq, cq, max_send_wr=depth, max_recv_wr=1)
-        ctx.connect(qp, host, port, DataConnect(token, index).encode(), timeout=10.0)
+        ctx.connect(qp, host, port, private_data, timeout=10.0)
         link.send("connected")
         imported: dict[int, object] = {}
 
@@ -373,19 +385,19 @@ def poster_main(config: dict, link) -> int:
                     writes_done = True
                     continue
                 for op_code, seg in _segments(recs):
-                    if op_code == OP_IMPORT:
-                        for r in seg:
+                    if op_code == WriteOp.IMPORT:
+                        for r in seg.view(MR_IMPORT):
                             h = MRHandle(pd_handle.provider, pd_handle.name, int(r["lkey"]),
-                                         int(r["rkey"]), int(r["local_addr"]),
-                                         int(r["length"]), int(r["pages"]),
-                                         slot=int(r["zero_pages"]), path=path,
-                                         file_offset=int(r["remote_addr"]))
+                                         int(r["rkey"]), int(r["addr"]), int(r["length"]),
+                                         int(r["access"]), slot=int(r["pd_slot"]), path=path,
+                                         file_offset=int(r["file_offset"]))
                             imported[h.lkey] = pd.import_mr(h)
-                    elif op_code == OP_RELEASE:
-                        for r in seg:
-                            imported.pop(int(r["lkey"])).close()
-                        out.append(records(COMPLETION_DTYPE, len(seg), op=OP_RELEASED,
-                                           lkey=seg["lkey"]))
+                    elif op_code == WriteOp.RELEASE:
+                        lkeys = seg.view(MR_RELEASE)["lkey"]
+                        for lkey in lkeys.tolist():
+                            imported.pop(lkey).close()
+                        out.append(records(MR_RELEASED, len(seg),
+                                           lkey=lkeys).view(COMPLETION_RING))
                     else:
                         comps, wait = poster.on_writes(seg, now)
                         out.append(comps)

@@ -31,27 +31,34 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from shm.memory import PAGE_SIZE
 from stages.records import (
-    ANSWER_DTYPE,
-    COMPLETION_DTYPE,
-    OP_END,
-    OP_IMPORT,
-    OP_RELEASE,
-    OP_RELEASED,
-    OP_RUN,
-    REQ_COMPRESS,
-    REQ_DRAINED,
-    REQ_REGISTER,
-    REQ_UNREGISTER,
-    REQUEST_DTYPE,
-    RUN_DTYPE,
-    WRITE_DTYPE,
+    ALL_CHUNKS,
+    ANSWER,
+    CHUNK_DONE,
+    COMPLETION_RING,
+    COMPRESS_REQUEST,
+    DRAINED_REQUEST,
+    MR_IMPORT,
+    MR_RELEASE,
+    MR_RELEASED,
+    REGISTER_REQUEST,
+    REQUEST_RING,
+    ROUND_DRAINED,
+    RUN,
+    RUN_RING,
+    SCAN_END,
+    UNREGISTER_REQUEST,
+    WRITE,
+    WRITE_END,
+    WRITE_RING,
+    AnswerStatus,
+    concat,
     records,
+    select,
 )
 
-PAGE = 4096
 NONE, REQUESTED, REGISTERED = 0, 1, 2
-ALL_CHUNKS = 0xFFFFFFFF      # an ANSWER for a whole block (pin-all)
 BIG_ZERO_PAGES = 64          # a zero run this long always goes as COMPRESS (256 KiB)
 LOCAL_SLICE = 16             # chunks registered locally between looks at the inputs
 
@@ -75,7 +82,7 @@ class Registrar:
                  reg_mrs: Callable[[list[tuple[int, int]]], list] | None = None) -> None:
         self.blocks = blocks
         self.chunk_size = chunk_size
-        self.chunk_pages = chunk_size // PAGE
+        self.chunk_pages = chunk_size // PAGE_SIZE
         self.pin_all = pin_all
         self._reg_mr = reg_mr
         # one MR per (address, length), in one go (adjacent chunks pinned by one call)
@@ -116,17 +123,17 @@ class Registrar:
 
     # -- inputs --------------------------------------------------------------------------
     def on_runs(self, runs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Handle scanner records; returns (writes, requests)."""
+        """Handle scanner records (``RUN_RING``); returns (writes, requests)."""
         t0 = time.perf_counter_ns()
         writes, reqs = [], []
-        data = runs[runs["op"] == OP_RUN]
+        data = select(runs, RUN)
         if len(data):
             self._route(data, writes, reqs)
-        for end in runs[runs["op"] == OP_END]:
+        for end in select(runs, SCAN_END):
             self.ends[int(end["round"])] = end
         writes.append(self._ready_ends())
         self.busy_ns += time.perf_counter_ns() - t0
-        return _cat(writes, WRITE_DTYPE), _cat(reqs, REQUEST_DTYPE)
+        return concat(WRITE_RING, writes), concat(REQUEST_RING, reqs)
 
     def on_answers(self, answers: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Handle REGISTER answers (and pin-all block keys); returns (writes, requests)."""
@@ -134,7 +141,7 @@ class Registrar:
         t0 = time.perf_counter_ns()
         for a in answers:
             b, c = int(a["block"]), int(a["chunk"])
-            if int(a["status"]) != 0:
+            if int(a["status"]) != AnswerStatus.OK:
                 raise RuntimeError(f"destination refused to register block {b} chunk {c}")
             self.remote_base[b] = a["remote_base"]
             if c == ALL_CHUNKS:
@@ -153,32 +160,34 @@ class Registrar:
                 self.parked.append(parked[~ready])
         writes.append(self._ready_ends())
         self.busy_ns += time.perf_counter_ns() - t0
-        return _cat(writes, WRITE_DTYPE), _cat([], REQUEST_DTYPE)
+        return concat(WRITE_RING, writes), records(REQUEST_RING, 0)
 
     def on_completions(self, comps: np.ndarray) -> np.ndarray:
-        """Handle poster completions; returns requests (DRAINED forwarded to the coordinator)."""
+        """Handle poster completions (``COMPLETION_RING``); returns requests (DRAINED forwarded
+        to the coordinator)."""
         reqs = []
-        for rel in comps[comps["op"] == OP_RELEASED]:
-            mr = self.releasing.pop(int(rel["lkey"]), None)
+        for lkey in select(comps, MR_RELEASED)["lkey"].tolist():
+            mr = self.releasing.pop(lkey, None)
             if mr is not None:
                 mr.close()
-        done = comps[comps["op"] == OP_RUN]
+        done = select(comps, CHUNK_DONE)
         for b in np.unique(done["block"]):
             sel = done[done["block"] == b]
             np.subtract.at(self.inflight[b], sel["chunk"].astype(np.int64),
                            sel["writes"].astype(np.int64))
-        for end in comps[comps["op"] == OP_END]:
+        for end in select(comps, ROUND_DRAINED):
             r = int(end["round"])
             scan = self.ends.pop(r, None)
-            req = records(REQUEST_DTYPE, op=REQ_DRAINED, round=r, offset=end["bytes"],
-                          length=end["writes"], compressed=self.round_compressed.pop(r, 0),
+            req = records(DRAINED_REQUEST, round=r, bytes_written=end["bytes"],
+                          writes_posted=end["writes"],
+                          compressed_pages=self.round_compressed.pop(r, 0),
                           post_ns=end["post_ns"], reg_ns=self.busy_ns)
             if scan is not None:
-                req["pages"] = scan["n_pages"]
-                req["zero_pages"] = scan["first_page"]
-                req["busy_ns"] = scan["scan_ns"]
+                req["dirty_pages"] = scan["dirty_pages"]
+                req["zero_pages"] = scan["zero_pages"]
+                req["scan_ns"] = scan["scan_ns"]
             reqs.append(req)
-        return _cat(reqs, REQUEST_DTYPE)
+        return concat(REQUEST_RING, reqs)
 
     # -- internals -----------------------------------------------------------------------
     def _chunks(self, runs: np.ndarray) -> np.ndarray:
@@ -233,8 +242,7 @@ class Registrar:
         self.registered_now += len(new)
         self.chunks_registered += len(new)
         if new:
-            reqs.append(records(REQUEST_DTYPE, len(new), op=REQ_REGISTER,
-                                round=int(park["round"][0]),
+            reqs.append(records(REGISTER_REQUEST, len(new), round=int(park["round"][0]),
                                 block=[b for b, _ in new], chunk=[c for _, c in new],
                                 n_chunks=1))
 
@@ -250,10 +258,9 @@ class Registrar:
         starts = np.flatnonzero(np.concatenate([[True], ~joins]))
         pages = np.add.reduceat(n, starts)
         zs = z[starts]
-        reqs.append(records(REQUEST_DTYPE, len(zs), op=REQ_COMPRESS,
-                            round=zs["round"], block=zs["block"],
-                            chunk=self._chunks(zs), offset=zs["first_page"] * PAGE,
-                            length=pages.astype(np.uint64) * PAGE, pages=pages))
+        reqs.append(records(COMPRESS_REQUEST, len(zs), round=zs["round"], block=zs["block"],
+                            chunk=self._chunks(zs), offset=zs["first_page"] * PAGE_SIZE,
+                            length=pages.astype(np.uint64) * PAGE_SIZE, pages=pages))
         self.compress_sent += len(zs)
         for r in np.unique(z["round"]):
             self.round_compressed[int(r)] = self.round_compressed.get(int(r), 0) + int(
@@ -298,7 +305,7 @@ class Registrar:
     def _evict(self, incoming: int, round_no: int) -> np.ndarray:
         """UNREGISTER requests for LRU idle chunks so that ``incoming`` more fit the budget."""
         if not self.budget_chunks or self.registered_now + incoming <= self.budget_chunks:
-            return records(REQUEST_DTYPE, 0)
+            return records(UNREGISTER_REQUEST, 0)
         need = self.registered_now + incoming - self.budget_chunks
         cands = []
         for b in range(len(self.blocks)):
@@ -316,22 +323,21 @@ class Registrar:
             out.append((b, c))
         self.registered_now -= len(out)
         self.chunks_unregistered += len(out)
-        return records(REQUEST_DTYPE, len(out), op=REQ_UNREGISTER, round=round_no,
+        return records(UNREGISTER_REQUEST, len(out), round=round_no,
                        block=[b for b, _ in out], chunk=[c for _, c in out], n_chunks=1)
 
     def _writes(self, runs: np.ndarray) -> np.ndarray:
         n = len(runs)
-        out = records(WRITE_DTYPE, n)
+        out = records(WRITE, n)
         if not n:
             return out
         chunks = self._chunks(runs)
         blocks = runs["block"].astype(np.int64)
-        offset = runs["first_page"].astype(np.uint64) * np.uint64(PAGE)
-        out["op"] = OP_RUN
+        offset = runs["first_page"].astype(np.uint64) * np.uint64(PAGE_SIZE)
         out["round"] = runs["round"]
         out["block"] = blocks
         out["chunk"] = chunks
-        out["length"] = runs["n_pages"].astype(np.uint64) * np.uint64(PAGE)
+        out["length"] = runs["n_pages"].astype(np.uint64) * np.uint64(PAGE_SIZE)
         out["pages"] = runs["n_pages"]
         out["zero_pages"] = np.where(runs["zero"] != 0, runs["n_pages"], 0)
         for b in np.unique(blocks):
@@ -358,18 +364,10 @@ class Registrar:
             if r in waiting or r in self._sent_ends:
                 continue
             self._sent_ends.add(r)
-            out.append(records(WRITE_DTYPE, op=OP_END, round=r, local_addr=end["n_pages"],
-                               length=end["first_page"],
-                               pages=self.round_compressed.get(r, 0)))
-        return _cat(out, WRITE_DTYPE)
-
-
-
-def _cat(parts: list[np.ndarray], dtype: np.dtype) -> np.ndarray:
-    parts = [p for p in parts if len(p)]
-    if not parts:
-        return np.zeros(0, dtype=dtype)
-    return np.concatenate(parts) if len(parts) > 1 else parts[0]
+            out.append(records(WRITE_END, round=r, dirty_pages=end["dirty_pages"],
+                               zero_pages=end["zero_pages"],
+                               compressed_pages=self.round_compressed.get(r, 0)))
+        return concat(WRITE_RING, out)
 
 
 
@@ -378,7 +376,7 @@ def _export(mrs: list, attempts: int = 5) -> list:
     the soft provider), retried: the soft provider reads /proc/self/maps to find the backing
     file, and that read can miss a mapping while another thread of ours maps memory (a numpy
     allocation in an Inbox thread), which makes it fail now and then."""
-    from pipeline.errors import TransportError
+    from shm.errors import TransportError
 
     for attempt in range(attempts):
         try:
@@ -390,18 +388,18 @@ def _export(mrs: list, attempts: int = 5) -> list:
 
 
 def import_records(mrs: list) -> np.ndarray:
-    """OP_IMPORT records telling the poster how to import each of ``mrs`` (exported here)."""
-    out = records(WRITE_DTYPE, len(mrs), op=OP_IMPORT)
+    """MR_IMPORT records telling the poster how to import each of ``mrs`` (exported here)."""
+    out = records(MR_IMPORT, len(mrs))
     if not mrs:
         return out
     handles = _export(mrs)
     out["lkey"] = [h.lkey for h in handles]
     out["rkey"] = [h.rkey for h in handles]
-    out["local_addr"] = [h.addr for h in handles]
+    out["addr"] = [h.addr for h in handles]
     out["length"] = [h.length for h in handles]
-    out["remote_addr"] = [h.file_offset for h in handles]
-    out["pages"] = [h.access for h in handles]
-    out["zero_pages"] = [h.slot for h in handles]
+    out["file_offset"] = [h.file_offset for h in handles]
+    out["access"] = [h.access for h in handles]
+    out["pd_slot"] = [h.slot for h in handles]
     return out
 
 
@@ -424,11 +422,11 @@ def registrar_main(config: dict, link) -> int:
         region = stack.enter_context(RamRegion.attach(config["region"]))
         ring = lambda key, dtype, role: stack.enter_context(  # noqa: E731
             Ring.attach(config[key], dtype, role=role))
-        runs_in = ring("runs", RUN_DTYPE, CONSUMER)
-        answers_in = ring("answers", ANSWER_DTYPE, CONSUMER)
-        comps_in = ring("completions", COMPLETION_DTYPE, CONSUMER)
-        writes_out = ring("writes", WRITE_DTYPE, PRODUCER)
-        requests_out = ring("requests", REQUEST_DTYPE, PRODUCER)
+        runs_in = ring("runs", RUN_RING, CONSUMER)
+        answers_in = ring("answers", ANSWER, CONSUMER)
+        comps_in = ring("completions", COMPLETION_RING, CONSUMER)
+        writes_out = ring("writes", WRITE_RING, PRODUCER)
+        requests_out = ring("requests", REQUEST_RING, PRODUCER)
         ctx = stack.enter_context(open_provider(config["transport"]).open_device())
         pd = ctx.alloc_pd()
         blocks = [BlockInfo(b.address, b.length) for b in region.blocks]
@@ -449,19 +447,19 @@ def registrar_main(config: dict, link) -> int:
                 requests_out.push(reqs)     # first: the coordinator starts the exchange now
                 reqs = reqs[:0]
             if reg.new_mrs:
-                writes_out.push(import_records(reg.new_mrs))
+                writes_out.push(import_records(reg.new_mrs).view(WRITE_RING))
                 reg.new_mrs.clear()
             if len(writes):
                 writes_out.push(writes)
             if reg.to_release:
-                writes_out.push(records(WRITE_DTYPE, len(reg.to_release), op=OP_RELEASE,
-                                        lkey=[m.lkey for m in reg.to_release]))
+                writes_out.push(records(MR_RELEASE, len(reg.to_release),
+                                        lkey=[m.lkey for m in reg.to_release]).view(WRITE_RING))
                 reg.to_release.clear()
             if len(reqs):
                 requests_out.push(reqs)
 
         if reg.pin_all:
-            flush(records(WRITE_DTYPE, 0), records(REQUEST_DTYPE, 0))
+            flush(records(WRITE_RING, 0), records(REQUEST_RING, 0))
         inbox = Inbox()
         stack.callback(inbox.close)     # threads end before the rings close
         inbox.watch("runs", runs_in)
@@ -474,7 +472,7 @@ def registrar_main(config: dict, link) -> int:
             item = inbox.get_nowait() if reg.to_register else inbox.get()
             if item is None:
                 reg.register_pending(LOCAL_SLICE)
-                flush(records(WRITE_DTYPE, 0), records(REQUEST_DTYPE, 0))
+                flush(records(WRITE_RING, 0), records(REQUEST_RING, 0))
                 continue
             name, recs = item
             if isinstance(recs, BaseException):
@@ -489,7 +487,7 @@ def registrar_main(config: dict, link) -> int:
             elif name == "answers":
                 flush(*reg.on_answers(recs))
             else:
-                flush(records(WRITE_DTYPE, 0), reg.on_completions(recs))
+                flush(records(WRITE_RING, 0), reg.on_completions(recs))
         requests_out.close_write()
         link.send("figures", {"chunks_registered": reg.chunks_registered,
                               "chunks_unregistered": reg.chunks_unregistered,

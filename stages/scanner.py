@@ -24,21 +24,17 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 
+from shm.memory import THREADS, WORDS_PER_PAGE, map_in, pool, resident
+from stages import pagehash
 from stages.records import (
-    CMD_FINAL,
-    CMD_ROUND,
-    CMD_STOP,
-    CMD_SYNC,
-    COMMAND_DTYPE,
-    OP_END,
-    OP_RUN,
-    RUN_DTYPE,
-    SYNC_DTYPE,
+    COMMAND,
+    RUN,
+    RUN_RING,
+    SCAN_END,
+    SYNC_REPLY,
+    Command,
     records,
 )
-
-WORDS = 512   # uint64 words per 4 KiB page
-FULL_SCAN_SHARE = 8   # zero-test the whole block when more than 1/8 of it is dirty
 
 
 def expand_runs(first: np.ndarray, n: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -55,114 +51,6 @@ def expand_runs(first: np.ndarray, n: np.ndarray) -> tuple[np.ndarray, np.ndarra
     pages = np.arange(total, dtype=kind)
     pages -= np.repeat((starts - first.astype(np.int64)).astype(kind), n)
     return pages, starts
-
-
-_libc = None
-SLICE_PAGES = 2048   # 8 MiB: the unit of the resident / non-resident split
-
-
-def resident(view: np.ndarray) -> np.ndarray | None:
-    """Per page of ``view`` (page-aligned), whether it is in memory (mincore); None if unknown.
-
-    A page of a shared-memory segment that is not resident was never written (there is no
-    swap of our segments in practice), so it reads as zero, and reading it would allocate it:
-    the zero test skips such pages instead of faulting in RAM nobody used."""
-    import ctypes
-
-    global _libc
-    if _libc is None:
-        _libc = ctypes.CDLL(None, use_errno=True)
-        _libc.mincore.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p)
-    n = len(view)
-    vec = np.zeros(n, np.uint8)
-    if _libc.mincore(view.ctypes.data, n * 4096, vec.ctypes.data) != 0:
-        return None
-    return (vec & 1).astype(bool)
-
-
-def nonzero_pages(view: np.ndarray, pages: np.ndarray) -> np.ndarray:
-    """For each page number, whether the page (a row of ``view``, uint64 (pages, 512)) is
-    non-zero. Pages not resident are zero without being read; few dirty pages are read one by
-    one (fancy indexing), many are read a slice of the block at a time."""
-    res = resident(view)
-    if len(pages) * FULL_SCAN_SHARE <= len(view):
-        out = np.zeros(len(pages), bool)
-        sel = pages if res is None else pages[res[pages]]
-        if len(sel):
-            hit = view[sel].any(axis=1)
-            if res is None:
-                return hit
-            out[res[pages]] = hit
-        return out
-    whole = np.zeros(len(view), bool)
-
-    def part(lo: int, hi: int) -> None:
-        for p0 in range(lo, hi, SLICE_PAGES):
-            p1 = min(hi, p0 + SLICE_PAGES)
-            r = None if res is None else res[p0:p1]
-            if r is not None and not r.any():
-                continue
-            if r is None or r.all():
-                whole[p0:p1] = view[p0:p1].any(axis=1)
-            else:
-                idx = np.flatnonzero(r) + p0
-                whole[idx] = view[idx].any(axis=1)
-
-    in_halves(part, len(view))
-    return whole[pages]
-
-
-THREADS = 2           # numpy and madvise release the GIL: a big pass runs on two cores
-_pool = None
-
-
-def in_halves(work: Callable[[int, int], None], n: int) -> None:
-    """``work(lo, hi)`` over [0, n), split across THREADS threads when n is large."""
-    global _pool
-    if THREADS < 2 or n < 16 * SLICE_PAGES:
-        work(0, n)
-        return
-    if _pool is None:
-        from concurrent.futures import ThreadPoolExecutor
-
-        _pool = ThreadPoolExecutor(THREADS, thread_name_prefix="scan")
-    step = -(-n // THREADS // SLICE_PAGES) * SLICE_PAGES
-    futures = [_pool.submit(work, lo, min(n, lo + step)) for lo in range(0, n, step)]
-    for f in futures:
-        f.result()
-
-
-def map_in(view: np.ndarray, piece: int = 1 << 14) -> None:
-    """Map this process's page tables onto the pages of ``view`` already in memory
-    (MADV_POPULATE_READ, in bulk): the scanner's first pass over RAM another process wrote
-    would otherwise take a page fault per 64 KiB, 0.1 s per GiB here. Pages not in memory are
-    left alone: mapping them would allocate them."""
-    import ctypes
-
-    res = resident(view)
-    if res is None or not res.any():
-        return
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-    edges = np.flatnonzero(np.diff(np.concatenate([[False], res, [False]]).astype(np.int8)))
-    base = view.ctypes.data
-    pieces = [(p0, min(piece, int(hi) - p0)) for lo, hi in zip(edges[::2], edges[1::2],
-                                                                  strict=True)
-              for p0 in range(int(lo), int(hi), piece)]
-
-    def part(lo: int, hi: int) -> None:
-        for p0, n in pieces[lo:hi]:
-            if libc.madvise(base + p0 * 4096, n * 4096, 22):      # MADV_POPULATE_READ
-                return                                           # older kernel: faults do it
-
-    if len(pieces) > 1:
-        from concurrent.futures import ThreadPoolExecutor
-
-        with ThreadPoolExecutor(THREADS) as pool:
-            half = -(-len(pieces) // THREADS)
-            list(pool.map(lambda i: part(i, i + half), range(0, len(pieces), half)))
-    else:
-        part(0, len(pieces))
 
 
 GAP_PAGES = 2     # clean pages a write may carry to save a write (a write costs about 8 KiB more)
@@ -231,12 +119,14 @@ class Scanner:
         return total
 
     def scan(self, round_no: int) -> np.ndarray:
-        """RUN records of every pending page plus an END marker; clears ``pending``."""
+        """RUN records of every pending page plus a SCAN_END marker (a ``RUN_RING`` array);
+        clears ``pending``."""
         return np.concatenate(list(self.scan_stretches(round_no)))
 
     def scan_stretches(self, round_no: int) -> Iterator[np.ndarray]:
         """The round's RUN records a stretch of RAM at a time, each once its pages are hashed
-        into the table and tagged, then the END marker alone; clears ``pending`` first.
+        into the table and tagged, then the SCAN_END marker alone (``RUN_RING`` arrays); clears
+        ``pending`` first.
         ``busy_ns`` counts the scanner's work, not the time the caller holds a stretch."""
         self.sync()
         t0 = time.perf_counter_ns()
@@ -254,7 +144,7 @@ class Scanner:
         cuts = np.flatnonzero(key[1:] != key[:-1]) + 1
         dirty = zero = 0
         for part in np.split(runs, cuts) if len(runs) else ():
-            body = records(RUN_DTYPE, len(part), op=OP_RUN, round=round_no,
+            body = records(RUN, len(part), round=round_no,
                            block=part["block"], first_page=part["first_page"],
                            n_pages=part["n_pages"])
             pages, starts = expand_runs(body["first_page"], body["n_pages"])
@@ -265,20 +155,18 @@ class Scanner:
             if len(body) > 1:
                 body = merge_runs(body, self.chunk_pages)
             self.busy_ns += time.perf_counter_ns() - t0
-            yield body
+            yield body.view(RUN_RING)
             t0 = time.perf_counter_ns()
         self.pages_scanned += dirty
         self.zero_pages += zero
         self.busy_ns += time.perf_counter_ns() - t0
-        yield records(RUN_DTYPE, op=OP_END, round=round_no, n_pages=dirty, first_page=zero,
-                      scan_ns=self.busy_ns)
+        yield records(SCAN_END, round=round_no, dirty_pages=dirty, zero_pages=zero,
+                      scan_ns=self.busy_ns).view(RUN_RING)
 
     def _hash_and_test(self, b: int, pages: np.ndarray) -> np.ndarray:
         """Hash ``pages`` (sorted, one stretch of block ``b``) into the table; which are
         non-zero. Only the span they cover is asked about residency, and a big stretch is
         split between THREADS threads (numpy releases the GIL while it hashes)."""
-        from stages.pagehash import TEST_WINDOW, hash_and_test
-
         lo, hi = int(pages[0]), int(pages[-1]) + 1
         view = self.views[b][lo:hi]
         local = pages - lo
@@ -293,34 +181,25 @@ class Scanner:
             held = None
         ways = THREADS if len(pages) >= THREAD_PAGES else 1
         while len(self._scratch) < ways:
-            self._scratch.append(np.empty((TEST_WINDOW, WORDS), np.uint64))
+            self._scratch.append(np.empty((pagehash.TEST_WINDOW, WORDS_PER_PAGE), np.uint64))
         if ways == 1:
-            return hash_and_test(view, local, table, held, self._scratch[0])
+            return pagehash.hash_and_test(view, local, table, held, self._scratch[0])
         # cut at a window boundary near each share of the pages, so no window is split
-        marks = [int(local[len(local) * i // ways]) // TEST_WINDOW * TEST_WINDOW
+        window = pagehash.TEST_WINDOW
+        marks = [int(local[len(local) * i // ways]) // window * window
                  for i in range(1, ways)]
         edges = [0, *np.searchsorted(local, marks).tolist(), len(local)]
         out = np.empty(len(local), bool)
 
         def work(i: int) -> None:
             sel = slice(edges[i], edges[i + 1])
-            out[sel] = hash_and_test(view, local[sel], table, held, self._scratch[i])
+            out[sel] = pagehash.hash_and_test(view, local[sel], table, held, self._scratch[i])
 
-        futures = [_executor().submit(work, i) for i in range(1, ways)]
+        futures = [pool().submit(work, i) for i in range(1, ways)]
         work(0)
         for f in futures:
             f.result()
         return out
-
-
-def _executor():
-    """The threads that share big stretches with the scanner's own."""
-    global _pool
-    if _pool is None:
-        from concurrent.futures import ThreadPoolExecutor
-
-        _pool = ThreadPoolExecutor(THREADS, thread_name_prefix="scan")
-    return _pool
 
 
 def scanner_main(config: dict, link) -> int:
@@ -333,15 +212,13 @@ def scanner_main(config: dict, link) -> int:
 
     with RamRegion.attach(config["region"]) as region, \
             scanner_source(config, region) as source, \
-            Ring.attach(config["commands"], COMMAND_DTYPE) as commands, \
-            Ring.attach(config["runs"], RUN_DTYPE) as runs_out, \
-            Ring.attach(config["syncs"], SYNC_DTYPE) as syncs:
-        views = [blk.view.view(np.uint64).reshape(-1, WORDS) for blk in region.blocks]
+            Ring.attach(config["commands"], COMMAND) as commands, \
+            Ring.attach(config["runs"], RUN_RING) as runs_out, \
+            Ring.attach(config["syncs"], SYNC_REPLY) as syncs:
+        views = [blk.view.view(np.uint64).reshape(-1, WORDS_PER_PAGE) for blk in region.blocks]
         table = None
         if config.get("pagehash"):
-            from stages.pagehash import PageTable
-
-            table = PageTable.attach(config["pagehash"])
+            table = pagehash.PageTable.attach(config["pagehash"])
         scanner = Scanner(views, config["chunk_pages"], source.fetch, dirty_runs, table)
         import threading
 
@@ -356,13 +233,13 @@ def scanner_main(config: dict, link) -> int:
                 break                        # the coordinator closed the ring
             for cmd in cmds:
                 op = int(cmd["op"])
-                if op == CMD_STOP:
+                if op == Command.STOP:
                     runs_out.close_write()
                     return 0
-                if op == CMD_SYNC:
+                if op == Command.SYNC:
                     n = scanner.sync()
-                    syncs.push(records(SYNC_DTYPE, round=cmd["round"], dirty_pages=n))
-                elif op in (CMD_ROUND, CMD_FINAL):
+                    syncs.push(records(SYNC_REPLY, round=cmd["round"], dirty_pages=n))
+                elif op in (Command.ROUND, Command.FINAL):
                     mapper.join()
                     # each stretch's runs leave while the next stretch is hashed; the END
                     # comes last: the round's hashes are in the table

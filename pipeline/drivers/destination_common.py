@@ -13,7 +13,6 @@ completed (the summary) or not (it raises: the driver's own error, or the sessio
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import threading
 import time
 from collections import deque
@@ -22,15 +21,15 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from pipeline.config import PAGE_SIZE, MigrationConfig
+from pipeline.config import MigrationConfig
 from pipeline.drivers.source_common import one_line
-from pipeline.errors import MigrationCancelled, MigrationError
 from pipeline.session import destination_events as de
 from pipeline.session.destination import DestinationSession
 from pipeline.session.states import DestinationState
 from pipeline.stats import MigrationStats
+from shm.errors import MigrationCancelled, MigrationError
+from shm.memory import PAGE_SIZE, WORDS_PER_PAGE, Madv, madvise, nonzero_pages
 
-MADV_POPULATE_WRITE = 23
 GUEST_ENTRY = "pipeline.guest.factory:incoming_guest_main"
 GUEST_TIMEOUT_S = 30.0
 
@@ -53,10 +52,8 @@ def create_region(run_id: str, blocks, chunk_size: int, *, prealloc: bool = Fals
 
 
 def preallocate(region) -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
     for blk in region.blocks:
-        if libc.madvise(blk.address, blk.length, MADV_POPULATE_WRITE):
+        if not madvise(blk.address, blk.length, Madv.POPULATE_WRITE):
             blk.view[::PAGE_SIZE] = 0                       # older kernel: touch
 
 
@@ -67,9 +64,8 @@ def region_blocks(region) -> tuple[de.RegionBlock, ...]:
 def zero_range(region, name: str, start: int, length: int) -> None:
     """Zero the pages of a range that hold data; pages not in memory are zero already and
     reading them would allocate them."""
-    from stages.scanner import nonzero_pages
-
-    pages = region.block(name).view[start:start + length].view(np.uint64).reshape(-1, 512)
+    pages = region.block(name).view[start:start + length].view(np.uint64).reshape(
+        -1, WORDS_PER_PAGE)
     nonzero = nonzero_pages(pages, np.arange(len(pages)))
     if nonzero.any():
         pages[nonzero] = 0
@@ -249,7 +245,7 @@ class DestinationDriver:
             self._stack.callback(self._stop_guest)
             self.guest.start()
 
-    def _stop_guest(self) -> None:
+    def _stop_guest(self, a: de.StopGuest | None = None) -> None:
         if self.guest is None or self._kept():
             return
         guest, self.guest = self.guest, None
@@ -272,7 +268,7 @@ class DestinationDriver:
 
             self._hash_names = tuple(names)
             self.hasher = PageHasher([self.region.block(n).view.view(np.uint64)
-                                      .reshape(-1, 512) for n in names])
+                                      .reshape(-1, WORDS_PER_PAGE) for n in names])
             self._stack.callback(self._close_hasher)
         return self.hasher
 
@@ -305,6 +301,7 @@ class DestinationDriver:
 
     CARRY: dict = {
         de.StateChanged: _state_changed, de.CreateRegion: _create_region,
-        de.StartGuest: _start_guest, de.LoadGuest: _load_guest, de.ZeroRange: _zero_range,
+        de.StartGuest: _start_guest, de.StopGuest: _stop_guest, de.LoadGuest: _load_guest,
+        de.ZeroRange: _zero_range,
         de.HashRound: _hash_round, de.SettleHashes: _settle_hashes, de.HashRam: _hash_ram,
     }

@@ -19,11 +19,11 @@ import time
 
 from pipeline.control import ControlLink
 from pipeline.drivers.destination_common import DestinationDriver
-from pipeline.errors import RemoteProtocolError, TransportError
 from pipeline.protocol.capabilities import DataConnect, decode_connect
 from pipeline.protocol.channel import Role
 from pipeline.session import destination_events as de
 from pipeline.session.destination import DestinationSession
+from shm.errors import RemoteProtocolError, TransportError
 from stages.verbs.base import Access
 
 RW = Access.LOCAL_WRITE | Access.REMOTE_WRITE

@@ -13,13 +13,13 @@ import time
 
 from pipeline.control import ControlLink, ControlTrace
 from pipeline.drivers.source_common import SourceDriver, one_line
-from pipeline.errors import StageFailed
 from pipeline.protocol.channel import Role
 from pipeline.session import actions as act
 from pipeline.session import events as ev
 from pipeline.source_pipeline import SourcePipeline
+from shm.errors import StageFailed
 from stages.pagehash import pack_round, table_digests
-from stages.records import CMD_FINAL, CMD_ROUND, COMMAND_DTYPE, records
+from stages.records import COMMAND, Command, records
 
 CONNECT_TIMEOUT_S = 10.0
 
@@ -95,8 +95,8 @@ class RdmaSource(SourceDriver):
         self.pipeline.answers.push(action.records)
 
     def _command(self, action: act.CommandScanner) -> None:
-        op = CMD_FINAL if action.final else CMD_ROUND
-        self.pipeline.commands.push(records(COMMAND_DTYPE, op=op, round=action.round))
+        op = Command.FINAL if action.final else Command.ROUND
+        self.pipeline.commands.push(records(COMMAND, op=op, round=action.round))
 
     def _await_stage(self, action: act.AwaitStage) -> ev.StageRecords:
         return ev.StageRecords(self.pipeline.next_requests(self.check))

@@ -20,11 +20,11 @@ from collections import deque
 from collections.abc import Callable
 from contextlib import ExitStack
 
-from pipeline.errors import MigrationCancelled, MigrationError
 from pipeline.session import actions as act
 from pipeline.session import events as ev
 from pipeline.session.source import SourceSession
 from pipeline.stats import MigrationStats
+from shm.errors import MigrationCancelled, MigrationError
 
 
 def one_line(exc: BaseException) -> str:

@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.config import PAGE_SIZE
 from pipeline.drivers.destination_common import DestinationDriver
-from pipeline.errors import RemoteProtocolError
 from pipeline.protocol.parser import NEED_DATA, StreamParser
 from pipeline.protocol.ram_batch import PageBatch, ZeroBatch, page_dtype
 from pipeline.protocol.records import Page, ZeroPage
@@ -26,6 +24,8 @@ from pipeline.sections import device_codecs
 from pipeline.session import destination_events as de
 from pipeline.session.destination import DestinationSession
 from pipeline.stream_io import open_source
+from shm.errors import RemoteProtocolError
+from shm.memory import PAGE_SIZE, WORDS_PER_PAGE, nonzero_pages
 
 READ_SIZE = 4 << 20
 ROW = page_dtype(PAGE_SIZE).itemsize
@@ -122,11 +122,9 @@ class StreamDestination(DestinationDriver):
         self.stats.add(normal_pages=len(idx))
 
     def _zeros(self, block: str, offsets: np.ndarray, at: int, stride: int) -> None:
-        from stages.scanner import nonzero_pages
-
         blk = self._block(block)
         idx = (offsets // PAGE_SIZE).astype(np.int64)
-        pages = blk.view.view(np.uint64).reshape(-1, 512)
+        pages = blk.view.view(np.uint64).reshape(-1, WORDS_PER_PAGE)
         held = nonzero_pages(pages, idx)      # pages not in memory are zero already
         if held.any():
             pages[idx[held]] = 0

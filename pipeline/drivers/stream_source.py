@@ -21,14 +21,14 @@ import time
 
 import numpy as np
 
-from pipeline.config import PAGE_SIZE
 from pipeline.drivers.source_common import SourceDriver
 from pipeline.protocol.ram_batch import page_dtype, page_records, zero_records
 from pipeline.session import actions as act
 from pipeline.session import events as ev
 from pipeline.stream_io import open_sink
+from shm.memory import PAGE_SIZE, WORDS_PER_PAGE, nonzero_pages
 from stages.pagehash import hash_rows, table_digests
-from stages.scanner import WORDS, Scanner, nonzero_pages
+from stages.scanner import Scanner
 
 PAGE_BATCH = 2048          # pages gathered per write: 8 MiB
 ZERO_BATCH = 1 << 16       # zero records per write: 576 KiB
@@ -78,7 +78,7 @@ class StreamSource(SourceDriver):
         self.sink.open()
         source = open_dirty_source(self.guest.dirty_source(), region)
         self.stack.callback(source.close)
-        views = [blk.view.view(np.uint64).reshape(-1, WORDS) for blk in region.blocks]
+        views = [blk.view.view(np.uint64).reshape(-1, WORDS_PER_PAGE) for blk in region.blocks]
         self.scanner = PageScanner(views, region.chunk_pages, source.fetch, dirty_runs)
         self._paced_from = time.monotonic()
         return ev.Connected()

@@ -14,8 +14,8 @@ guest, and only a VM has a KVM dirty log. ``GuestSpec`` checks the pair on const
 (``ValueError``); ``create`` says in one line (``GuestError``) when this machine lacks what the
 pair needs (/dev/kvm, userfaultfd WP_ASYNC with PAGEMAP_SCAN), before any segment exists.
 
-Both guests carry their state across as one device section; ``GUEST_SECTIONS`` maps section
-names to kinds, for the destination, which learns the kind from the stream.
+Both guests carry their state across as one device section; ``pipeline.sections.GUEST_SECTIONS``
+maps section names to kinds, for the destination, which learns the kind from the stream.
 
 The destination's guest process (``incoming_guest_main``) starts early, at MEM_SIZE, so that
 starting a Python process is not part of the downtime, before the stream has said which guest
@@ -35,16 +35,14 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 
-from pipeline.errors import GuestError
-from pipeline.guest.synthetic import DEVICE_SECTION as SYNTHETIC_SECTION
 from pipeline.guest.synthetic import GuestState
+from pipeline.sections import GUEST_SECTIONS
+from shm.errors import GuestError
 
 GUESTS = ("synthetic", "kvm")
 TRACKINGS = ("soft", "uffd", "kvm")
 ALLOWED = {"synthetic": ("soft", "uffd"), "kvm": ("kvm", "uffd")}
 DEFAULT_TRACKING = {"synthetic": "soft", "kvm": "kvm"}
-KVM_SECTION = "rdp-kvm-guest"          # pipeline.guest.kvm.guest.DEVICE_SECTION
-GUEST_SECTIONS = {SYNTHETIC_SECTION: "synthetic", KVM_SECTION: "kvm"}
 
 
 def resolve_tracking(kind: str, tracking: str | None) -> str:

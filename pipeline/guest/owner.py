@@ -10,7 +10,7 @@ when the guest keeps one, the shared dirty log, runs the guest as a stage proces
 
 from __future__ import annotations
 
-from pipeline.errors import GuestError, StageFailed
+from shm.errors import GuestError, StageFailed
 
 
 class GuestProcess:

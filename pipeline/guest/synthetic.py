@@ -26,13 +26,12 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from pipeline.guest.owner import GuestProcess
+from pipeline.sections import SYNTHETIC_SECTION
+from shm.memory import PAGE_SIZE, WORDS_PER_PAGE
 
-PAGE = 4096
-WORDS = PAGE // 8
 PATTERNS = ("uniform", "hotspot", "sequential")
 TICK = 0.01                  # seconds between batches at a non-zero rate
 MAX_BATCH_PAGES = 16384      # 64 MiB per batch at most
-DEVICE_SECTION = "rdp-synthetic-guest"
 
 
 @dataclass
@@ -148,7 +147,7 @@ def guest_main(config: dict, link) -> int:
         if log is not None:
             log.start_service()   # answer the scanner's fetches even while paused
         try:
-            views = [blk.view.view(np.uint64).reshape(-1, WORDS) for blk in region.blocks]
+            views = [blk.view.view(np.uint64).reshape(-1, WORDS_PER_PAGE) for blk in region.blocks]
             if config.get("state") is None:
                 # A destination guest, started early: it gets its state at resume time.
                 link.ready(pid=__import__("os").getpid())
@@ -181,7 +180,7 @@ def guest_main(config: dict, link) -> int:
 
 def _run(work: Workload, views, mark, link, state: GuestState) -> None:
     paused = False
-    rate_pages = state.dirty_rate / PAGE
+    rate_pages = state.dirty_rate / PAGE_SIZE
     t0 = time.monotonic()
     done_at_t0 = state.pages_written
     while True:
@@ -218,7 +217,7 @@ class SyntheticGuest(GuestProcess):
     "uffd" (no log; the kernel tracks the guest's writes)."""
 
     kind = "synthetic"
-    device_section = DEVICE_SECTION
+    device_section = SYNTHETIC_SECTION
 
     def __init__(self, ram: int, *, run_id: str, state: GuestState | None = None,
                  fill: float = 0.5, chunk_size: int = 1 << 20, dirty_log: bool = True,
@@ -246,15 +245,3 @@ class SyntheticGuest(GuestProcess):
 
     def query(self, timeout: float = 10.0) -> GuestState:
         return GuestState(**self.request("state", timeout)[1])
-
-
-def device_codec(data: bytes, version: int) -> int | None:
-    """Length of a length-prefixed device section (be32 length, then that many bytes)."""
-    if len(data) < 4:
-        return None
-    return 4 + int.from_bytes(data[:4], "big")
-
-
-def frame(data: bytes) -> bytes:
-    """``data`` as a length-prefixed device section body."""
-    return len(data).to_bytes(4, "big") + data

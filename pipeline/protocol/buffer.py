@@ -8,7 +8,7 @@ Invariants:
 - ``push_*`` writes at the cursor and grows the buffer when it must, so an encoder may size it
   exactly (``Buffer(capacity=n)``) or not at all.
 
-``BufferReadError`` is a :class:`~pipeline.errors.RemoteProtocolError`: bytes that end too soon
+``BufferReadError`` is a :class:`~shm.errors.RemoteProtocolError`: bytes that end too soon
 came from a peer (or a capture), and the codec lets no other exception out.
 """
 
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import struct
 
-from pipeline.errors import RemoteProtocolError
+from shm.errors import RemoteProtocolError
 
 __all__ = ["Buffer", "BufferReadError", "U8", "U16", "U32", "U64"]
 

@@ -31,7 +31,7 @@ import struct
 from dataclasses import dataclass
 from enum import IntEnum, IntFlag
 
-from pipeline.errors import RemoteProtocolError
+from shm.errors import RemoteProtocolError
 
 __all__ = [
     "Capability", "Digest", "Capabilities", "Agreement", "DataConnect", "negotiate",

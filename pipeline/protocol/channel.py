@@ -61,7 +61,6 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from enum import Enum, IntEnum
 
-from pipeline.errors import LocalProtocolError, ProtocolError, RemoteProtocolError
 from pipeline.protocol.capabilities import Agreement, Capabilities, accept_reply, negotiate
 from pipeline.protocol.codec import decode, encode
 from pipeline.protocol.messages import (
@@ -76,6 +75,7 @@ from pipeline.protocol.messages import (
     UnregisterFinishedMessage,
 )
 from pipeline.protocol.records import HOOK_RECORD
+from shm.errors import LocalProtocolError, ProtocolError, RemoteProtocolError
 
 __all__ = ["Role", "Slot", "State", "ControlChannel", "HOOK_RECORD"]
 

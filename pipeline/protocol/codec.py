@@ -26,7 +26,6 @@ from __future__ import annotations
 import struct
 from collections.abc import Callable
 
-from pipeline.errors import RemoteProtocolError
 from pipeline.protocol.buffer import Buffer
 from pipeline.protocol.messages import (
     COMPRESS_SIZE,
@@ -56,6 +55,7 @@ from pipeline.protocol.messages import (
     UnregisterFinishedMessage,
     UnregisterRequestMessage,
 )
+from shm.errors import RemoteProtocolError
 
 __all__ = ["encode", "decode", "decode_header", "header_of", "describe"]
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 
-from pipeline.errors import RemoteProtocolError
 from pipeline.protocol.buffer import Buffer, BufferReadError
 from pipeline.protocol.ram_batch import batch_from, count_records
 from pipeline.protocol.records import (
@@ -56,6 +55,7 @@ from pipeline.protocol.records import (
     VmDescription,
     ZeroPage,
 )
+from shm.errors import RemoteProtocolError
 
 __all__ = ["StreamParser", "NEED_DATA", "DeviceCodec"]
 

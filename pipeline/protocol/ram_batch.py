@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.protocol.records import PAGE_SIZE, U8, U64, RamFlag, idstr_bytes
+from pipeline.protocol.records import PAGE_SIZE, U8, U64, BatchEvent, RamFlag, idstr_bytes
 
 __all__ = ["PageBatch", "ZeroBatch", "page_dtype", "ZERO_DTYPE", "page_records",
            "zero_records", "count_records"]
@@ -44,7 +44,7 @@ def page_dtype(page_size: int = PAGE_SIZE) -> np.dtype:
 
 
 @dataclass(frozen=True, slots=True, eq=False)
-class PageBatch:
+class PageBatch(BatchEvent):
     """Consecutive PAGE records of ``block``, all with CONTINUE: ``offsets`` (uint64, offsets
     in the block) and ``data`` (uint8, one row of page_size bytes per page)."""
 
@@ -63,7 +63,7 @@ class PageBatch:
 
 
 @dataclass(frozen=True, slots=True, eq=False)
-class ZeroBatch:
+class ZeroBatch(BatchEvent):
     """Consecutive ZERO records (fill 0) of ``block``, all with CONTINUE."""
 
     block: str

@@ -29,14 +29,14 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import IntEnum, IntFlag
 
-from pipeline.errors import RemoteProtocolError
+from shm.errors import RemoteProtocolError
 
 __all__ = [
     "FILE_MAGIC", "FILE_VERSION", "PAGE_SIZE", "RAM_IDSTR", "RAM_VERSION", "SectionType",
     "RamFlag", "FileHeader", "Subsection", "Configuration", "SectionHeader", "SectionFooter",
     "RamBlockInfo",
     "MemSize", "Hook", "EndOfSection", "Page", "ZeroPage", "DeviceState", "Command", "Eof",
-    "VmDescription", "Event", "encode_event", "HOOK_RECORD", "EOS_RECORD",
+    "VmDescription", "BatchEvent", "Event", "encode_event", "HOOK_RECORD", "EOS_RECORD",
 ]
 
 FILE_MAGIC = 0x5145564D        # QEMU_VM_FILE_MAGIC, "QEVM"
@@ -237,8 +237,20 @@ class VmDescription:
         return value
 
 
+class BatchEvent:
+    """Records of one kind by the thousand, as a bulk parser yields them (``ram_batch``'s
+    ``PageBatch`` and ``ZeroBatch``): each knows its own bytes, so ``encode_event`` needs no
+    numpy and this module nothing of ``ram_batch``."""
+
+    __slots__ = ()
+
+    def encode(self, page_size: int = PAGE_SIZE) -> bytes:
+        raise NotImplementedError
+
+
 Event = (FileHeader | Configuration | SectionHeader | SectionFooter | MemSize | Hook
-         | EndOfSection | Page | ZeroPage | DeviceState | Command | Eof | VmDescription)
+         | EndOfSection | Page | ZeroPage | DeviceState | Command | Eof | VmDescription
+         | BatchEvent)
 
 
 # -- encoders -----------------------------------------------------------------------------------
@@ -303,8 +315,6 @@ def encode_event(event: Event, page_size: int = PAGE_SIZE) -> bytes:
             return U8.pack(SectionType.EOF)
         case VmDescription(raw):
             return U8.pack(SectionType.VMDESCRIPTION) + U32.pack(len(raw)) + raw
-    from pipeline.protocol.ram_batch import PageBatch, ZeroBatch  # it imports this module
-
-    if isinstance(event, PageBatch | ZeroBatch):
+    if isinstance(event, BatchEvent):
         return event.encode(page_size)
     raise TypeError(f"not a stream event: {event!r}")

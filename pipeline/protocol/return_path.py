@@ -15,7 +15,7 @@ import struct
 from dataclasses import dataclass
 from enum import IntEnum
 
-from pipeline.errors import RemoteProtocolError
+from shm.errors import RemoteProtocolError
 
 __all__ = ["RpMessageType", "RpMessage", "shut", "error_text", "ReturnPathReader", "SHUT_OK",
            "SHUT_FAILED"]

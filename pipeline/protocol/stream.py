@@ -19,7 +19,6 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Iterator, Mapping
 
-from pipeline.errors import LocalProtocolError, RemoteProtocolError
 from pipeline.protocol.messages import QEMU_FILE_MAX
 from pipeline.protocol.parser import NEED_DATA, DeviceCodec, StreamParser
 from pipeline.protocol.records import (
@@ -31,6 +30,7 @@ from pipeline.protocol.records import (
     ZeroPage,
     encode_event,
 )
+from shm.errors import LocalProtocolError, RemoteProtocolError
 
 __all__ = ["StreamWriter", "StreamReader"]
 

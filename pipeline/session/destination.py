@@ -26,16 +26,8 @@ from __future__ import annotations
 
 import zlib
 
-from pipeline.config import PAGE_SIZE, MigrationConfig
-from pipeline.digest import DIGEST_SECTION, SIZE, chunk_size_for, differing
-from pipeline.errors import (
-    LocalProtocolError,
-    MigrationCancelled,
-    MigrationError,
-    RemoteProtocolError,
-)
-from pipeline.guest.factory import GUEST_SECTIONS
-from pipeline.guest.synthetic import device_codec
+from pipeline.config import MigrationConfig
+from pipeline.digest import SIZE, chunk_size_for, differing
 from pipeline.protocol.capabilities import Digest
 from pipeline.protocol.messages import (
     CompressMessage,
@@ -52,6 +44,7 @@ from pipeline.protocol.messages import (
 )
 from pipeline.protocol.parser import NEED_DATA
 from pipeline.protocol.records import (
+    PAGE_SIZE,
     DeviceState,
     EndOfSection,
     Eof,
@@ -60,12 +53,23 @@ from pipeline.protocol.records import (
     VmDescription,
 )
 from pipeline.protocol.stream import StreamReader
-from pipeline.sections import device_codecs
+from pipeline.sections import (
+    DIGEST_SECTION,
+    GUEST_SECTIONS,
+    ROUND_SECTION,
+    device_codec,
+    device_codecs,
+)
 from pipeline.session import destination_events as de
 from pipeline.session.policy import STREAM_POLICY, PeerPolicy
 from pipeline.session.states import DESTINATION_TRANSITIONS, DestinationState, StateMachine
 from pipeline.stats import MigrationStats
-from stages.pagehash import ROUND_SECTION
+from shm.errors import (
+    LocalProtocolError,
+    MigrationCancelled,
+    MigrationError,
+    RemoteProtocolError,
+)
 
 D = DestinationState
 CARRIERS = ("rdma", "tcp", "file")
@@ -110,6 +114,7 @@ class DestinationSession:
         self.digests: bytes | None = None
         self.description: dict | None = None  # VMDESCRIPTION, once seen
         self.verified: bool | None = None
+        self.resumed = False                  # the guest runs here (not yet confirmed)
         self.error: MigrationError | None = None
         self._expect = None                   # the event(s) the last asking action produces
         self._mem_size: MemSize | None = None  # waiting for its region
@@ -185,7 +190,9 @@ class DestinationSession:
         self._expect = None
         reason = str(error).splitlines()[0] if str(error) else "failed"
         state = D.CANCELLED if cancelled else D.FAILED
-        return [de.AbortPeer()] + self._to(state, now, reason)
+        # Resumed but not confirmed: the source will resume its guest, so this one stops.
+        out: list = [de.StopGuest()] if self.resumed else []
+        return out + [de.AbortPeer()] + self._to(state, now, reason)
 
     # -- setup ---------------------------------------------------------------------------
     def _accept(self) -> list:
@@ -483,6 +490,7 @@ class DestinationSession:
         return self._ask(de.LoadGuest(*self.guest_device))
 
     def _on_resumed(self, event: de.GuestResumed, now: float) -> list:
+        self.resumed = True
         self.stats.update(resume_time=now)
         return self._ask(de.Confirm())
 

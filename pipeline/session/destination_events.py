@@ -24,8 +24,8 @@ __all__ = [
     "BlocksPinned", "RamHashed", "Located", "GuestResumed", "ConfirmSent",
     "ControlReceived", "Cancel", "Failed",
     # orders
-    "StateChanged", "AbortPeer", "StartGuest", "OpenWindow", "Reply", "DeregisterChunks",
-    "ZeroRange", "HashRound", "HashLanded", "SettleHashes",
+    "StateChanged", "AbortPeer", "StartGuest", "StopGuest", "OpenWindow", "Reply",
+    "DeregisterChunks", "ZeroRange", "HashRound", "HashLanded", "SettleHashes",
     # asking actions
     "CreateRegion", "Accept", "AwaitMessage", "ReadStream", "RegisterChunks", "PinBlocks",
     "HashRam", "LocateChunk", "LoadGuest", "Confirm", "ASKING", "ANSWERS",
@@ -120,6 +120,12 @@ class ConfirmSent:
 class StartGuest:
     """Start the guest process now, idle until ``LoadGuest`` (so that starting a process is
     not part of the downtime)."""
+
+
+@dataclass(frozen=True, slots=True)
+class StopGuest:
+    """The migration failed after the guest resumed but before the source was told: stop
+    it, for the source resumes its own."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -26,8 +26,7 @@ from collections import deque
 
 import numpy as np
 
-from pipeline.config import PAGE_SIZE, MigrationConfig
-from pipeline.errors import LocalProtocolError, MigrationError, RemoteProtocolError
+from pipeline.config import MigrationConfig
 from pipeline.protocol.messages import (
     Compress,
     CompressMessage,
@@ -42,6 +41,7 @@ from pipeline.protocol.messages import (
     UnregisterRequestMessage,
 )
 from pipeline.protocol.records import (
+    PAGE_SIZE,
     RAM_IDSTR,
     RAM_VERSION,
     EndOfSection,
@@ -52,23 +52,24 @@ from pipeline.protocol.records import (
     SectionType,
 )
 from pipeline.protocol.stream import StreamWriter
-from pipeline.sections import RAM_SID, DeviceSections, write_header
+from pipeline.sections import RAM_SID, ROUND_SECTION, ROUND_SID, DeviceSections, write_header
 from pipeline.session import actions as act
 from pipeline.session import events as ev
 from pipeline.session.convergence import Convergence, Decision, RoundResult
 from pipeline.session.policy import STREAM_POLICY, PeerPolicy
 from pipeline.session.states import SOURCE_TRANSITIONS, SourceState, StateMachine
 from pipeline.stats import MigrationStats
-from stages.pagehash import ROUND_SECTION, ROUND_SID
+from shm.errors import LocalProtocolError, MigrationError, RemoteProtocolError
 from stages.records import (
-    ANSWER_DTYPE,
-    REQ_COMPRESS,
-    REQ_DRAINED,
-    REQ_REGISTER,
-    REQ_UNREGISTER,
+    ALL_CHUNKS,
+    ANSWER,
+    COMPRESS_REQUEST,
+    DRAINED_REQUEST,
+    REGISTER_REQUEST,
+    UNREGISTER_REQUEST,
+    Request,
     records,
 )
-from stages.registrar import ALL_CHUNKS
 
 FIRST_REGISTER_BATCH = 16     # then doubled up to the policy's register_batch
 SWITCHOVER_S = 0.1            # a switchover with nothing left to send: 26-41 ms idle, more busy
@@ -258,7 +259,7 @@ class SourceSession:
         out: list = []
         if self.policy.pin_all:
             out.append(act.PushAnswers(records(
-                ANSWER_DTYPE, len(dest), block=np.arange(len(dest)), chunk=ALL_CHUNKS,
+                ANSWER, len(dest), block=np.arange(len(dest)), chunk=ALL_CHUNKS,
                 rkey=[d.remote_rkey for d in dest],
                 remote_base=[d.remote_host_addr for d in dest])))
         out.append(act.SendControl(RegisterFinishedMessage()))
@@ -306,24 +307,24 @@ class SourceSession:
             same = np.flatnonzero(reqs["op"] != op)
             n = int(same[0]) if len(same) else len(reqs)
             batch = reqs[:n]
-            if op != REQ_REGISTER:
+            if op != Request.REGISTER:
                 self._register_step = 0
-            if op == REQ_COMPRESS:
+            if op == Request.COMPRESS:
                 self._consume(n)
                 out += [act.SendControl(CompressMessage(Compress(
                     int(q["block"]), self.dest_blocks[int(q["block"])].offset + int(q["offset"]),
-                    int(q["length"])))) for q in batch]
+                    int(q["length"])))) for q in batch.view(COMPRESS_REQUEST)]
                 self.stats.add_stage(compress_sent=n)
-            elif op == REQ_REGISTER:
-                return out + self._request_registration(batch)
-            elif op == REQ_UNREGISTER:
-                part = batch[:self.policy.register_batch]
+            elif op == Request.REGISTER:
+                return out + self._request_registration(batch.view(REGISTER_REQUEST))
+            elif op == Request.UNREGISTER:
+                part = batch[:self.policy.register_batch].view(UNREGISTER_REQUEST)
                 self._consume(len(part))
                 self._reply = ("unregister", part)
                 out.append(act.SendControl(UnregisterRequestMessage(tuple(
                     Register(int(q["chunk"]), int(q["block"])) for q in part))))
                 return out + self._ask(act.ReceiveControl())
-            elif op == REQ_DRAINED:
+            elif op == Request.DRAINED:
                 if int(batch[0]["round"]) != self.round:
                     raise LocalProtocolError(f"round {int(batch[0]['round'])} drained during "
                                              f"round {self.round}")
@@ -331,7 +332,7 @@ class SourceSession:
                 if self._work:
                     raise LocalProtocolError("the registrar sent requests after its round "
                                              "drained")
-                return out + self._on_drained(batch[0], now)
+                return out + self._on_drained(batch.view(DRAINED_REQUEST)[0], now)
             else:
                 raise LocalProtocolError(f"the registrar sent request op {op}")
         return out + self._ask(act.AwaitStage())
@@ -369,7 +370,7 @@ class SourceSession:
                 raise RemoteProtocolError(f"REGISTER RESULT holds {len(results)} results for "
                                           f"a {len(part)}-record request")
             out.append(act.PushAnswers(records(
-                ANSWER_DTYPE, len(part), block=part["block"], chunk=part["chunk"],
+                ANSWER, len(part), block=part["block"], chunk=part["chunk"],
                 rkey=[x.rkey for x in results], remote_base=[x.host_addr for x in results])))
             self.stats.add_stage(chunks_registered=len(part))
         else:
@@ -382,13 +383,13 @@ class SourceSession:
     def _on_drained(self, drained: np.void, now: float) -> list:
         out = [act.SendControl(RegisterFinishedMessage())]
         self._end_section()
-        rdma = int(drained["offset"])
+        rdma = int(drained["bytes_written"])
         zero = int(drained["zero_pages"])
-        pages = int(drained["pages"])
+        pages = int(drained["dirty_pages"])
         st = self.stats
-        st.add_stage(pages_scanned=pages, zero_pages=zero, writes_posted=int(drained["length"]),
-                     bytes_written=rdma)
-        st.set_stage(scanner_busy_s=int(drained["busy_ns"]) / 1e9,
+        st.add_stage(pages_scanned=pages, zero_pages=zero, bytes_written=rdma,
+                     writes_posted=int(drained["writes_posted"]))
+        st.set_stage(scanner_busy_s=int(drained["scan_ns"]) / 1e9,
                      poster_busy_s=int(drained["post_ns"]) / 1e9,
                      registrar_busy_s=int(drained["reg_ns"]) / 1e9)
         st.add(rdma_bytes=rdma, duplicate_pages=zero, normal_pages=pages - zero)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import enum
 
-from pipeline.errors import LocalProtocolError
+from shm.errors import LocalProtocolError
 
 
 class SourceState(enum.StrEnum):

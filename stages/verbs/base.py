@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.errors import TransportError
+from shm.errors import TransportError
 
 # librdmacm's limits for RDMA_PS_TCP; the soft provider enforces them too so that code that
 # works on one provider works on the other. On real hardware the peer may see padded data.

@@ -4,7 +4,8 @@ pyverbs is imported only when a device is listed or opened, so ``import stages.v
 without it. QPs are created unconnected on the caller's PD and CQs and connected through
 librdmacm as *external* QPs (``rdma_init_qp_attr`` for each state change, as rdma-core's
 ``tests/base_rdmacm.py`` does), which is what lets a RECV be posted before connecting. The
-connection manager lives in ``rdmacore_cm``.
+connection manager lives in ``rdmacore_cm``; what both use (loading pyverbs, turning its errors
+into TransportError, finding a new channel's fd) in ``rdmacore_base``.
 
 pyverbs exposes neither a completion channel's fd nor an event channel's fd; both are found as
 the descriptor that appeared in /proc/self/fd while the object was created (under a lock, and
@@ -22,12 +23,10 @@ import ctypes
 import errno
 import os
 import select
-import threading
 import time
-from contextlib import contextmanager
-from types import SimpleNamespace
 
-from pipeline.errors import TransportError, TransportUnsupported
+from shm.errors import TransportError, TransportUnsupported
+from shm.memory import libc
 from stages.verbs import base
 from stages.verbs.base import (
     WRITE_WR_DTYPE,
@@ -41,27 +40,12 @@ from stages.verbs.base import (
     WorkCompletion,
     closed_error,
 )
+from stages.verbs.rdmacore_base import HINT, errors, load, new_fd
+from stages.verbs.rdmacore_cm import VerbsListener, connect
 from stages.verbs.soft.memory import pin_error
 
 PROVIDER = "verbs"
-HINT = "use --transport soft (userspace verbs over TCP) on machines without RDMA"
-_fd_lock = threading.Lock()
 _SYS_pidfd_getfd = 438
-
-
-def load():
-    """The pyverbs modules, or TransportUnsupported saying how to get them."""
-    try:
-        import pyverbs.cm_enums as cm_enums
-        import pyverbs.enums as enums
-        from pyverbs import cmid, cq, device, mr, pd, qp, wr
-        from pyverbs.pyverbs_error import PyverbsError, PyverbsRDMAError
-    except ImportError as exc:
-        raise TransportUnsupported(f"the verbs transport needs pyverbs, which cannot be "
-                                   f"imported ({exc})",
-                                   hint="install python3-pyverbs, or " + HINT) from None
-    return SimpleNamespace(cm=cmid, cq=cq, device=device, mr=mr, pd=pd, qp=qp, wr=wr, e=enums,
-                           ce=cm_enums, Error=PyverbsError, RDMAError=PyverbsRDMAError)
 
 
 def no_device_message(exc: Exception) -> str:
@@ -69,44 +53,6 @@ def no_device_message(exc: Exception) -> str:
         return (f"no RDMA device: this kernel has no InfiniBand/RDMA support (libibverbs: "
                 f"{exc}, ENOSYS)")
     return f"no RDMA device: libibverbs cannot list devices ({exc})"
-
-
-@contextmanager
-def errors(what: str):
-    v = load()
-    try:
-        yield
-    except v.Error as exc:
-        code = abs(getattr(exc, "error_code", 0) or 0) or None
-        raise TransportError(f"{what}: {exc}", errno=code) from None
-
-
-def _fd_links() -> dict[int, str]:
-    links = {}
-    for entry in os.listdir("/proc/self/fd"):
-        try:
-            links[int(entry)] = os.readlink(f"/proc/self/fd/{entry}")
-        except OSError:
-            continue  # the directory listing's own descriptor, already closed
-    return links
-
-
-def new_fd(create, marker: str):
-    """Create an object with ``create()`` and find the fd it opened, whose link has ``marker``.
-
-    Descriptors are compared by number *and* target: the new one may reuse the number that the
-    listing itself held a moment before.
-    """
-    with _fd_lock:
-        before = _fd_links()
-        obj = create()
-        found = [fd for fd, link in _fd_links().items()
-                 if marker in link and before.get(fd) != link]
-    if len(found) != 1:
-        obj.close()
-        raise TransportError(f"cannot find the descriptor of a new {marker} channel",
-                             errno=errno.ENOTSUP)
-    return obj, found[0]
 
 
 class VerbsMR(base.MR):
@@ -372,7 +318,6 @@ class VerbsContext(base.Context):
         if self._children:
             raise TransportError("import the PD before creating anything else on this context",
                                  errno=errno.EBUSY)
-        libc = ctypes.CDLL(None, use_errno=True)
         pidfd = os.pidfd_open(handle.owner_pid)
         try:
             fd = libc.syscall(_SYS_pidfd_getfd, pidfd, handle.cmd_fd, 0)
@@ -391,14 +336,10 @@ class VerbsContext(base.Context):
         return self._adopt(VerbsPD(self, pd, imported=True, handle=handle))
 
     def listen(self, host: str, port: int, backlog: int = 5):
-        from stages.verbs.rdmacore_cm import VerbsListener
-
         return self._adopt(VerbsListener(self, host, port, backlog))
 
     def connect(self, qp: VerbsQP, host: str, port: int, private_data: bytes = b"",
                 timeout: float = 10.0) -> bytes:
-        from stages.verbs.rdmacore_cm import connect
-
         return connect(self, qp, host, port, private_data, timeout)
 
     def close(self) -> None:

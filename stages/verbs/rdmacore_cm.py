@@ -13,10 +13,10 @@ from __future__ import annotations
 import errno
 import select
 
-from pipeline.errors import TransportError
+from shm.errors import TransportError
 from stages.verbs import base
 from stages.verbs.base import MAX_ACCEPT_PRIVATE_DATA, MAX_CONNECT_PRIVATE_DATA, check_private_data
-from stages.verbs.rdmacore import errors, new_fd
+from stages.verbs.rdmacore_base import errors, new_fd
 
 
 def wait_cm_event(v, channel, fd: int, expected: int, timeout: float):

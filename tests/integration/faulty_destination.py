@@ -19,9 +19,9 @@ import numpy as np
 from pipeline.drivers.incoming_main import incoming_main
 from pipeline.drivers.rdma_destination import RdmaDestination
 from pipeline.drivers.stream_destination import StreamDestination
-from pipeline.errors import MigrationError
 from pipeline.protocol.records import RAM_IDSTR, SectionHeader
 from pipeline.session import destination_events as de
+from shm.errors import MigrationError
 
 FAULTY = "faulty_destination:faulty_main"
 FAULT_WAIT_S = 30.0

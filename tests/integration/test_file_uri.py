@@ -9,8 +9,8 @@ import pytest
 from qemu_stream_reader import END, FULL, PART, START, read_stream
 
 from pipeline.api import restore_from_file, save_to_file
-from pipeline.errors import MigrationError
 from pipeline.guest.synthetic import GuestState, SyntheticGuest
+from shm.errors import MigrationError
 from shm.naming import new_run_id
 
 pytestmark = pytest.mark.slow

@@ -12,13 +12,13 @@ from shm.region import RamBlockSpec, RamRegion
 from shm.ring import CONSUMER, PRODUCER, Ring
 from stages.harness import StageProcess
 from stages.records import (
-    CMD_ROUND,
-    CMD_STOP,
-    CMD_SYNC,
-    COMMAND_DTYPE,
-    OP_END,
-    RUN_DTYPE,
-    SYNC_DTYPE,
+    COMMAND,
+    RUN,
+    RUN_RING,
+    SCAN_END,
+    SYNC_REPLY,
+    Command,
+    RunOp,
     records,
 )
 
@@ -31,7 +31,7 @@ def drain_round(ring):
     while True:
         recs = ring.pop(4096, timeout=10)
         out.append(recs)
-        if len(recs) and recs[-1]["op"] == OP_END:
+        if len(recs) and recs[-1]["op"] == RunOp.END:
             return np.concatenate(out)
 
 
@@ -40,10 +40,10 @@ def test_guest_and_scanner_processes():
     with RamRegion.create(run_id, [RamBlockSpec("pc.ram", 8 * MIB),
                                    RamBlockSpec("vga.vram", MIB // 4)]) as region, \
             DirtyLog.create(run_id, region) as log, \
-            Ring.create(segment_name(run_id, "cmd"), COMMAND_DTYPE, 16,
+            Ring.create(segment_name(run_id, "cmd"), COMMAND, 16,
                         role=PRODUCER) as cmds, \
-            Ring.create(segment_name(run_id, "runs"), RUN_DTYPE, 4096, role=CONSUMER) as runs, \
-            Ring.create(segment_name(run_id, "sync"), SYNC_DTYPE, 16, role=CONSUMER) as syncs:
+            Ring.create(segment_name(run_id, "runs"), RUN_RING, 4096, role=CONSUMER) as runs, \
+            Ring.create(segment_name(run_id, "sync"), SYNC_REPLY, 16, role=CONSUMER) as syncs:
         state = GuestState(seed=3, dirty_rate=20 * MIB, zero_share=0.25)
         guest = StageProcess("guest", "pipeline.guest.synthetic:guest_main",
                              {"region": region.name, "dirtylog": log.name,
@@ -55,26 +55,27 @@ def test_guest_and_scanner_processes():
         try:
             guest.wait_ready(30)
             scanner.wait_ready(30)
-            cmds.push(records(COMMAND_DTYPE, op=CMD_ROUND, round=1))
+            cmds.push(records(COMMAND, op=Command.ROUND, round=1))
             first = drain_round(runs)
-            assert first[-1]["n_pages"] == region.total_length // 4096    # all of RAM
-            assert first[:-1]["n_pages"].sum() == first[-1]["n_pages"]
+            dirty = first[-1].view(SCAN_END)["dirty_pages"]
+            assert dirty == region.total_length // 4096                     # all of RAM
+            assert first[:-1].view(RUN)["n_pages"].sum() == dirty
             time.sleep(0.2)
-            cmds.push(records(COMMAND_DTYPE, op=CMD_SYNC, round=1))
+            cmds.push(records(COMMAND, op=Command.SYNC, round=1))
             assert syncs.pop(1, timeout=10)[0]["dirty_pages"] > 0          # the guest writes
             guest.send("pause")
             paused = guest.recv(10)
             assert paused[0] == "paused"
-            cmds.push(records(COMMAND_DTYPE, op=CMD_ROUND, round=2))
+            cmds.push(records(COMMAND, op=Command.ROUND, round=2))
             drain_round(runs)
-            cmds.push(records(COMMAND_DTYPE, op=CMD_ROUND, round=3))
-            assert drain_round(runs)[-1]["n_pages"] == 0                   # paused: quiet
+            cmds.push(records(COMMAND, op=Command.ROUND, round=3))
+            assert drain_round(runs)[-1].view(SCAN_END)["dirty_pages"] == 0  # paused: quiet
             guest.send("resume")
             assert guest.recv(10)[0] == "resumed"
             guest.send("state")
             st = guest.recv(10)[1]
             assert st["pages_written"] >= paused[1]["pages_written"]
-            cmds.push(records(COMMAND_DTYPE, op=CMD_STOP))
+            cmds.push(records(COMMAND, op=Command.STOP))
             assert len(runs.pop(10, timeout=10)) == 0                      # end of stream
             guest.send("stop")
             assert guest.recv(10)[0] == "stopped"

@@ -2,8 +2,8 @@ import socket
 
 import pytest
 
-from pipeline.errors import MigrationError
 from pipeline.uri import URI, InvalidURI, parse_uri
+from shm.errors import MigrationError
 
 
 @pytest.mark.parametrize(

@@ -9,9 +9,9 @@ import time
 import numpy as np
 import pytest
 
-from pipeline.errors import ShmError
 from shm import naming
 from shm.dirtylog import _WRITER_PID, DirtyLog
+from shm.errors import ShmError
 from shm.region import RamBlockSpec, RamRegion
 from shm.runs import dirty_pages, dirty_runs
 from shm.segment import PeerGone, ShmTimeout

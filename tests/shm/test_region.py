@@ -7,9 +7,10 @@ import os
 import numpy as np
 import pytest
 
-from pipeline.errors import ShmError
 from shm import naming
-from shm.region import PAGE_SIZE, RamBlockSpec, RamRegion
+from shm.errors import ShmError
+from shm.memory import PAGE_SIZE
+from shm.region import RamBlockSpec, RamRegion
 from shm.segment import Segment
 
 GiB, MiB = 1 << 30, 1 << 20

@@ -14,8 +14,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.errors import ShmError
 from shm import naming
+from shm.errors import ShmError
 from shm.ring import _PRODUCER_PID, Ring, RingTimeout
 from shm.runs import RUN_DTYPE
 from shm.segment import PeerGone, Segment
@@ -33,8 +33,7 @@ try:  # the stages' record types, when that layer is there
 except ImportError:  # pragma: no cover
     _records = None
 if _records is not None:
-    DTYPES.update({name: value for name, value in vars(_records).items()
-                   if name.endswith("_DTYPE") and isinstance(value, np.dtype)})
+    DTYPES.update({f"stages{i}": ring for i, ring in enumerate(_records.RING_KINDS)})
 
 # batch sizes from 1 to 10,000; the ring holds 1000 so big batches wrap and split
 BATCHES = [1, 2, 3, 10, 64, 999, 1000, 1001, 4096, 10000, 1, 7, 333]

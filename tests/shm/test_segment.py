@@ -11,9 +11,9 @@ import numpy as np
 import posix_ipc
 import pytest
 
-from pipeline.errors import ShmError
 from shm import naming
 from shm.dirtylog import DirtyLog
+from shm.errors import ShmError
 from shm.region import RamBlockSpec, RamRegion
 from shm.ring import Ring
 from shm.runs import RUN_DTYPE

@@ -1,6 +1,6 @@
 import pytest
 
-from pipeline.errors import ShmError
+from shm.errors import ShmError
 from shm.naming import new_run_id, segment_name
 from shm.semaphores import (
     attach_semaphores,

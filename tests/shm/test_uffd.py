@@ -8,8 +8,9 @@ import os
 import numpy as np
 import pytest
 
+from shm.memory import PAGE_SIZE
 from shm.naming import new_run_id
-from shm.region import PAGE_SIZE, RamBlockSpec, RamRegion
+from shm.region import RamBlockSpec, RamRegion
 from shm.segment import PeerGone
 from shm.uffd import PagemapHarvester, arm, runs_to_bitmap, uffd_unavailable_reason
 

@@ -2,7 +2,7 @@
 
 import time
 
-from pipeline.errors import ShmError
+from shm.errors import ShmError
 
 
 def ok_main(config, link):

@@ -3,7 +3,7 @@ import os
 import numpy as np
 import pytest
 
-from pipeline.errors import StageFailed
+from shm.errors import StageFailed
 from stages.harness import Inbox, StageProcess
 
 pytestmark = pytest.mark.slow

@@ -5,25 +5,43 @@ import pytest
 
 from stages.poster import Poster, _segments
 from stages.records import (
-    COMPLETION_DTYPE,
-    OP_END,
-    OP_IMPORT,
-    OP_RELEASE,
-    OP_RUN,
-    WRITE_DTYPE,
+    CHUNK_DONE,
+    COMPLETION_RING,
+    MR_IMPORT,
+    MR_RELEASE,
+    ROUND_DRAINED,
+    WRITE,
+    WRITE_END,
+    WRITE_RING,
+    CompletionOp,
+    WriteOp,
+    concat,
     records,
 )
 from stages.verbs.base import WRITE_WR_DTYPE
 
+CHUNK, DRAINED = CompletionOp.CHUNK, CompletionOp.DRAINED
+
 
 def writes(n, round_no=1, chunk=0, length=4096, block=0):
-    return records(WRITE_DTYPE, n, op=OP_RUN, round=round_no, block=block, chunk=chunk,
-                   length=length, local_addr=np.arange(n) * length, remote_addr=7, lkey=1,
-                   rkey=2)
+    """WRITE records as the ring carries them (``.view(WRITE)`` to change one)."""
+    return records(WRITE, n, round=round_no, block=block, chunk=chunk, length=length,
+                   local_addr=np.arange(n) * length, remote_addr=7, lkey=1,
+                   rkey=2).view(WRITE_RING)
 
 
 def end(round_no):
-    return records(WRITE_DTYPE, op=OP_END, round=round_no)
+    return records(WRITE_END, round=round_no).view(WRITE_RING)
+
+
+def chunks(comps):
+    """The CHUNK_DONE records among ``comps``."""
+    return comps[comps["op"] == CHUNK].view(CHUNK_DONE)
+
+
+def drained(comps):
+    """The ROUND_DRAINED records among ``comps``."""
+    return comps[comps["op"] == DRAINED].view(ROUND_DRAINED)
 
 
 class Recorder:
@@ -57,10 +75,10 @@ def test_signals_every_n_and_the_tail_then_drains_round():
     assert set(rec.wrs["lkey"]) == {1} and set(rec.wrs["rkey"]) == {2}
     assert set(rec.wrs["length"]) == {4096} and set(rec.wrs["remote_addr"]) == {7}
     comps, _ = p.on_completions([3], 0.0)
-    assert comps["op"].tolist() == [OP_RUN] and comps[0]["writes"] == 4
+    assert comps["op"].tolist() == [CHUNK] and chunks(comps)["writes"].tolist() == [4]
     comps, _ = p.on_completions([7, 9], 0.0)
-    assert comps["op"].tolist() == [OP_RUN, OP_END]
-    assert comps[-1]["bytes"] == 10 * 4096 and comps[-1]["writes"] == 10
+    assert comps["op"].tolist() == [CHUNK, DRAINED]
+    assert drained(comps)[["bytes", "writes"]].tolist() == [(10 * 4096, 10)]
     assert p.idle and p.writes_posted == 10 and p.bytes_posted == 10 * 4096
 
 
@@ -68,8 +86,8 @@ def test_empty_round_drains_at_once():
     rec = Recorder()
     p = Poster(rec)
     comps, _ = p.on_writes(end(5), 0.0)
-    assert comps["op"].tolist() == [OP_END] and comps[0]["round"] == 5
-    assert comps[0]["writes"] == 0 and not rec.calls
+    assert comps["op"].tolist() == [DRAINED]
+    assert drained(comps)[["round", "writes"]].tolist() == [(5, 0)] and not rec.calls
 
 
 def test_send_queue_depth_is_respected():
@@ -99,6 +117,7 @@ def test_completion_retires_part_of_a_batch():
     batch = np.concatenate([writes(3, chunk=0), writes(4, chunk=1), writes(3, chunk=2)])
     p.on_writes(batch, 0.0)
     comps, _ = p.on_completions([4], 0.0)               # ids 0..4: chunk 0 whole, 2 of chunk 1
+    comps = chunks(comps)
     assert comps["chunk"].tolist() == [0, 1] and comps["writes"].tolist() == [3, 2]
     assert comps["bytes"].tolist() == [3 * 4096, 2 * 4096]
     assert p.n_outstanding == 5 and p.outstanding[0]["wr_id"][0] == 5
@@ -106,7 +125,7 @@ def test_completion_retires_part_of_a_batch():
     assert len(comps) == 0 and p.n_outstanding == 5
     comps, _ = p.on_completions([], 0.0)
     assert len(comps) == 0
-    comps, _ = p.on_completions([9], 0.0)
+    comps = chunks(p.on_completions([9], 0.0)[0])
     assert comps["chunk"].tolist() == [1, 2] and comps["writes"].tolist() == [2, 3]
     assert p.idle
 
@@ -118,7 +137,7 @@ def test_completion_retires_across_posted_batches():
     p.on_writes(writes(4, chunk=1), 0.0)
     p.on_completions([1], 0.0)                           # room for 2: a batch of 2
     assert [len(c) for c in rec.calls] == [4, 2]
-    comps, _ = p.on_completions([4], 0.0)                # the rest of batch 1, part of batch 2
+    comps = chunks(p.on_completions([4], 0.0)[0])       # the rest of batch 1, part of batch 2
     assert comps["chunk"].tolist() == [0, 1] and comps["writes"].tolist() == [2, 1]
     assert [o["wr_id"].tolist() for o in p.outstanding] == [[5], [6, 7]]   # 6, 7 just posted
     assert p.n_outstanding == 3 and [len(c) for c in rec.calls] == [4, 2, 2]
@@ -128,12 +147,13 @@ def test_chunks_interleaved_are_aggregated_in_first_seen_order():
     rec = Recorder()
     p = Poster(rec)
     batch = writes(6)
-    batch["chunk"] = [5, 3, 5, 3, 9, 5]
-    batch["block"] = [0, 0, 0, 0, 0, 1]
-    batch["length"] = [1, 2, 4, 8, 16, 32]
+    batch.view(WRITE)["chunk"] = [5, 3, 5, 3, 9, 5]
+    batch.view(WRITE)["block"] = [0, 0, 0, 0, 0, 1]
+    batch.view(WRITE)["length"] = [1, 2, 4, 8, 16, 32]
     p.on_writes(batch, 0.0)
     comps, _ = p.on_completions([5], 0.0)
-    assert comps["op"].tolist() == [OP_RUN] * 4
+    assert comps["op"].tolist() == [CHUNK] * 4
+    comps = comps.view(CHUNK_DONE)
     assert list(zip(comps["block"].tolist(), comps["chunk"].tolist(),
                     comps["writes"].tolist(), comps["bytes"].tolist(), strict=True)) == [
         (0, 5, 2, 5), (0, 3, 2, 10), (0, 9, 1, 16), (1, 5, 1, 32)]
@@ -149,15 +169,16 @@ def test_end_markers_split_stretches_and_rounds_drain_in_turn():
     assert all(c["signaled"][-1] for c in rec.calls)     # each stretch ends signaled
     assert rec.signals.count(True) == 3
     comps, _ = p.on_completions([2], 0.0)                # round 1 is done
-    assert comps["op"].tolist() == [OP_RUN, OP_END] and comps[-1]["round"] == 1
-    assert comps[-1]["writes"] == 3 and comps[-1]["bytes"] == 3 * 4096
+    assert comps["op"].tolist() == [CHUNK, DRAINED]
+    assert drained(comps)[["round", "writes", "bytes"]].tolist() == [(1, 3, 3 * 4096)]
     comps, _ = p.on_completions([4], 0.0)                # round 2, then empty round 3
-    assert comps["op"].tolist() == [OP_RUN, OP_END, OP_END]
-    assert comps["round"].tolist() == [2, 2, 3] and comps[2]["writes"] == 0
+    assert comps["op"].tolist() == [CHUNK, DRAINED, DRAINED]
+    assert chunks(comps)["round"].tolist() == [2]
+    assert drained(comps)[["round", "writes"]].tolist() == [(2, 2), (3, 0)]
     comps, _ = p.on_completions([6], 0.0)                # round 4 has no END yet
-    assert comps["op"].tolist() == [OP_RUN]
+    assert comps["op"].tolist() == [CHUNK]
     comps, _ = p.on_writes(end(4), 0.0)
-    assert comps["op"].tolist() == [OP_END] and comps[0]["writes"] == 2
+    assert drained(comps)[["round", "writes"]].tolist() == [(4, 2)] and len(comps) == 1
 
 
 def test_end_waits_behind_a_full_send_queue():
@@ -166,12 +187,12 @@ def test_end_waits_behind_a_full_send_queue():
     p.on_writes(np.concatenate([writes(3, 1), end(1), writes(1, 2), end(2)]), 0.0)
     assert len(rec.wrs) == 2 and not p.ends              # END 1 waits in the backlog
     comps, _ = p.on_completions([1], 0.0)                # write 2, then round 2's in its own call
-    assert comps["op"].tolist() == [OP_RUN]
+    assert comps["op"].tolist() == [CHUNK]
     assert [len(c) for c in rec.calls] == [2, 1, 1] and list(p.ends) == [1, 2]
     comps, _ = p.on_completions([2], 0.0)
-    assert comps["op"].tolist() == [OP_RUN, OP_END] and comps[-1]["round"] == 1
+    assert comps["op"].tolist() == [CHUNK, DRAINED] and drained(comps)["round"].tolist() == [1]
     comps, _ = p.on_completions([3], 0.0)
-    assert comps["op"].tolist() == [OP_RUN, OP_END] and comps[-1]["round"] == 2
+    assert comps["op"].tolist() == [CHUNK, DRAINED] and drained(comps)["round"].tolist() == [2]
 
 
 def test_queued_arrays_without_end_are_posted_in_one_call():
@@ -203,7 +224,7 @@ def test_bandwidth_cap_counts_bytes_not_writes():
     rec = Recorder()
     p = Poster(rec, max_bandwidth=1000 * 100)     # 1000 bytes per window
     batch = writes(5)
-    batch["length"] = [600, 300, 100, 1, 5000]
+    batch.view(WRITE)["length"] = [600, 300, 100, 1, 5000]
     p.on_writes(batch, 0.0)
     assert rec.wrs["length"].tolist() == [600, 300, 100]      # exactly the budget
     p.pump(0.01)
@@ -225,10 +246,11 @@ def test_failed_post_changes_nothing():
 
 
 def test_segments_keep_writes_and_ends_together():
-    recs = np.concatenate([records(WRITE_DTYPE, 2, op=OP_IMPORT), writes(2), end(1),
-                           writes(1, 2), records(WRITE_DTYPE, op=OP_RELEASE), end(2)])
+    recs = concat(WRITE_RING, [records(MR_IMPORT, 2), writes(2), end(1), writes(1, 2),
+                               records(MR_RELEASE), end(2)])
     kinds = [(op, len(seg)) for op, seg in _segments(recs)]
-    assert kinds == [(OP_IMPORT, 2), (OP_RUN, 4), (OP_RELEASE, 1), (OP_RUN, 1)]
+    assert kinds == [(WriteOp.IMPORT, 2), (WriteOp.WRITE, 4), (WriteOp.RELEASE, 1),
+                     (WriteOp.WRITE, 1)]
 
 
 class FakeQP:
@@ -262,11 +284,11 @@ def test_large_batches_of_one_page_writes_across_chunks_and_rounds():
     batches, stream = [], []
     for r in range(1, rounds + 1):
         pages = np.sort(rng.choice(1 << 16, per_round, replace=False))    # scattered pages
-        w = records(WRITE_DTYPE, per_round, op=OP_RUN, round=r, length=4096, lkey=3, rkey=4,
+        w = records(WRITE, per_round, round=r, length=4096, lkey=3, rkey=4,
                     block=pages >> 14, chunk=(pages >> 8) & 63,
                     local_addr=pages * 4096, remote_addr=(pages + 1) * 4096)
         stream.append(w)
-        batches.extend(np.array_split(np.concatenate([w, end(r)]), 7))   # as rings deliver
+        batches.extend(np.array_split(concat(WRITE_RING, [w, end(r)]), 7))   # as rings deliver
     stream = np.concatenate(stream)
     qp = FakeQP(2)
     p = Poster(qp, max_outstanding=256, signal_every=16)
@@ -281,7 +303,7 @@ def test_large_batches_of_one_page_writes_across_chunks_and_rounds():
             out.append(p.on_completions(qp.poll(), 0.0)[0])
     assert p.idle and not qp.signaled
     comps = np.concatenate(out)
-    assert comps.dtype == COMPLETION_DTYPE
+    assert comps.dtype == COMPLETION_RING
 
     posted = qp.rec.wrs          # every write posted once, in order
     assert posted["wr_id"].tolist() == list(range(len(stream)))
@@ -291,7 +313,7 @@ def test_large_batches_of_one_page_writes_across_chunks_and_rounds():
     assert len(qp.rec.calls) < len(stream) / 50          # per batch, not per write
     assert p.writes_posted == len(stream) and p.bytes_posted == 4096 * len(stream)
 
-    runs = comps[comps["op"] == OP_RUN]
+    runs = chunks(comps)
     got = Counter()
     for r, b, c, n, nb in zip(runs["round"].tolist(), runs["block"].tolist(),
                               runs["chunk"].tolist(), runs["writes"].tolist(),
@@ -302,15 +324,15 @@ def test_large_batches_of_one_page_writes_across_chunks_and_rounds():
                        stream["chunk"].tolist(), strict=True))
     assert got == want                                   # aggregated exactly
 
-    ends = np.flatnonzero(comps["op"] == OP_END)
-    assert comps["round"][ends].tolist() == list(range(1, rounds + 1))
-    assert set(comps["writes"][ends]) == {per_round}
-    assert set(comps["bytes"][ends]) == {per_round * 4096}
-    for i in ends:      # DRAINED comes after every completion of its round
-        r = comps["round"][i]
-        assert not ((comps["op"][i + 1:] == OP_RUN) & (comps["round"][i + 1:] <= r)).any()
+    ends = drained(comps)
+    assert ends["round"].tolist() == list(range(1, rounds + 1))
+    assert set(ends["writes"]) == {per_round}
+    assert set(ends["bytes"]) == {per_round * 4096}
+    for i in np.flatnonzero(comps["op"] == DRAINED):   # after every completion of its round
+        r = comps[i].view(ROUND_DRAINED)["round"]
+        assert not (chunks(comps[i + 1:])["round"] <= r).any()
     assert not p.round_writes and not p.round_bytes
-    assert comps["post_ns"][ends[-1]] <= p.busy_ns
+    assert ends["post_ns"][-1] <= p.busy_ns
 
 
 def test_a_stretch_that_ends_where_the_queue_fills_is_signaled():
@@ -333,7 +355,7 @@ def test_nothing_is_left_unsignaled_at_rest(depth, every):
     rng = np.random.default_rng(depth * 100 + every)
     qp = FakeQP(depth + every)
     p = Poster(qp, max_outstanding=depth, signal_every=every)
-    total, drained, feeds = 0, [], []
+    total, feeds = 0, []
     for r in range(1, 6):
         for _ in range(int(rng.integers(0, 4))):
             n = int(rng.integers(1, 3 * depth + 2))
@@ -349,7 +371,6 @@ def test_nothing_is_left_unsignaled_at_rest(depth, every):
             out.append(p.on_completions(qp.poll(), 0.0)[0])
         assert p.n_outstanding <= depth
     comps = np.concatenate(out)
-    drained = comps[comps["op"] == OP_END]
-    assert drained["round"].tolist() == [1, 2, 3, 4, 5]
-    assert comps[comps["op"] == OP_RUN]["writes"].sum() == total == p.writes_posted
+    assert drained(comps)["round"].tolist() == [1, 2, 3, 4, 5]
+    assert chunks(comps)["writes"].sum() == total == p.writes_posted
     assert qp.rec.wrs["wr_id"].tolist() == list(range(total))

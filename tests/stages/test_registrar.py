@@ -2,19 +2,28 @@ import numpy as np
 import pytest
 
 from stages.records import (
-    ANSWER_DTYPE,
-    COMPLETION_DTYPE,
-    OP_END,
-    OP_RELEASED,
-    OP_RUN,
-    REQ_COMPRESS,
-    REQ_DRAINED,
-    REQ_REGISTER,
-    REQ_UNREGISTER,
-    RUN_DTYPE,
+    ALL_CHUNKS,
+    ANSWER,
+    CHUNK_DONE,
+    COMPLETION_RING,
+    COMPRESS_REQUEST,
+    DRAINED_REQUEST,
+    MR_RELEASED,
+    REGISTER_REQUEST,
+    ROUND_DRAINED,
+    RUN,
+    RUN_RING,
+    SCAN_END,
+    UNREGISTER_REQUEST,
+    WRITE,
+    WRITE_END,
+    AnswerStatus,
+    Request,
+    WriteOp,
     records,
+    select,
 )
-from stages.registrar import ALL_CHUNKS, BlockInfo, Registrar
+from stages.registrar import BlockInfo, Registrar
 
 CHUNK = 1 << 20
 CP = CHUNK // 4096
@@ -35,18 +44,18 @@ class FakeMR:
 
 def runs(*items, round_no=1):
     """items: (block, first_page, n_pages, zero)."""
-    out = records(RUN_DTYPE, len(items), op=OP_RUN, round=round_no)
+    out = records(RUN, len(items), round=round_no)
     for i, (b, f, n, z) in enumerate(items):
         out[i]["block"], out[i]["first_page"], out[i]["n_pages"], out[i]["zero"] = b, f, n, z
-    return out
+    return out.view(RUN_RING)
 
 
 def end(round_no, dirty=0, zero=0):
-    return records(RUN_DTYPE, op=OP_END, round=round_no, n_pages=dirty, first_page=zero)
+    return records(SCAN_END, round=round_no, dirty_pages=dirty, zero_pages=zero).view(RUN_RING)
 
 
 def answer(block, chunk, rkey, base=0x7F0000000000):
-    return records(ANSWER_DTYPE, block=block, chunk=chunk, rkey=rkey, remote_base=base)
+    return records(ANSWER, block=block, chunk=chunk, rkey=rkey, remote_base=base)
 
 
 def make(**kw):
@@ -59,17 +68,20 @@ def test_unregistered_runs_park_until_answered_then_write():
     w, q = reg.on_runs(np.concatenate([runs((0, 3, 2, 0), (0, CP + 1, 1, 1), (1, 0, 4, 0)),
                                        end(1, 7, 1)]))
     assert len(w) == 0                                   # nothing registered yet, END held
-    assert q[q["op"] == REQ_COMPRESS][["block", "offset", "length"]].tolist() == [
+    assert select(q, COMPRESS_REQUEST)[["block", "offset", "length"]].tolist() == [
         (0, (CP + 1) * 4096, 4096)]
-    regs = q[q["op"] == REQ_REGISTER]
+    regs = select(q, REGISTER_REQUEST)
     assert sorted(regs[["block", "chunk"]].tolist()) == [(0, 0), (1, 0)]
     w, q = reg.on_answers(answer(0, 0, 7))
-    assert w["op"].tolist() == [OP_RUN] and w["remote_addr"][0] == 0x7F0000000000 + 3 * 4096
+    assert w["op"].tolist() == [WriteOp.WRITE]
+    w = w.view(WRITE)
+    assert w["remote_addr"][0] == 0x7F0000000000 + 3 * 4096
     assert w["local_addr"][0] == 0x10000000 + 3 * 4096 and w["rkey"][0] == 7
     assert w["length"][0] == 2 * 4096 and w["lkey"][0] == reg.lkey[0][0]
     w, q = reg.on_answers(answer(1, 0, 9, base=0x5000))
-    assert w["op"].tolist() == [OP_RUN, OP_END]           # END follows the last parked write
-    assert w[0]["remote_addr"] == 0x5000 and w[1]["round"] == 1
+    assert w["op"].tolist() == [WriteOp.WRITE, WriteOp.END]   # END follows the last parked write
+    assert w[0].view(WRITE)["remote_addr"] == 0x5000
+    assert w[1].view(WRITE_END)[["round", "dirty_pages", "zero_pages"]].tolist() == (1, 7, 1)
 
 
 def test_registered_chunks_write_small_zero_runs_and_compress_big_ones():
@@ -78,9 +90,11 @@ def test_registered_chunks_write_small_zero_runs_and_compress_big_ones():
     reg.on_answers(answer(0, 0, 7))
     w, q = reg.on_runs(np.concatenate([runs((0, 1, 1, 0), (0, 5, 3, 1), (0, 100, 64, 1),
                                             round_no=2), end(2)]))
-    assert w["op"].tolist() == [OP_RUN, OP_RUN, OP_END]
-    assert w[["pages", "zero_pages"]].tolist()[:2] == [(1, 0), (3, 3)]   # zeros written
-    assert q[["op", "offset", "length"]].tolist() == [(REQ_COMPRESS, 100 * 4096, 64 * 4096)]
+    assert w["op"].tolist() == [WriteOp.WRITE, WriteOp.WRITE, WriteOp.END]
+    assert w[:2].view(WRITE)[["pages", "zero_pages"]].tolist() == [(1, 0), (3, 3)]   # written
+    assert w[2].view(WRITE_END)["compressed_pages"] == 64
+    assert q["op"].tolist() == [Request.COMPRESS]
+    assert q.view(COMPRESS_REQUEST)[["offset", "length"]].tolist() == [(100 * 4096, 64 * 4096)]
 
 
 def test_pin_all_registers_nothing_and_compresses_zero_runs():
@@ -89,18 +103,20 @@ def test_pin_all_registers_nothing_and_compresses_zero_runs():
     reg.on_answers(np.concatenate([answer(0, ALL_CHUNKS, 11), answer(1, ALL_CHUNKS, 12)]))
     w, q = reg.on_runs(np.concatenate([runs((0, 0, CP, 1), (0, 3 * CP, 2, 0), (1, 1, 1, 0)),
                                        end(1)]))
-    assert q["op"].tolist() == [REQ_COMPRESS] and q[0]["length"] == CP * 4096
-    assert w["rkey"].tolist() == [11, 12, 0]
-    assert w["op"].tolist() == [OP_RUN] * 2 + [OP_END]
+    assert q["op"].tolist() == [Request.COMPRESS]
+    assert q[0].view(COMPRESS_REQUEST)["length"] == CP * 4096
+    assert w["op"].tolist() == [WriteOp.WRITE] * 2 + [WriteOp.END]
+    assert w[:2].view(WRITE)["rkey"].tolist() == [11, 12]
 
 
 def test_drained_forwarded_with_round_figures():
     reg = make()
     reg.on_runs(np.concatenate([runs((0, 0, 1, 1)), end(1, dirty=1, zero=1)]))
-    comps = records(COMPLETION_DTYPE, op=OP_END, round=1, bytes=0, writes=0)
+    comps = records(ROUND_DRAINED, round=1, bytes=0, writes=0).view(COMPLETION_RING)
     q = reg.on_completions(comps)
-    assert q["op"].tolist() == [REQ_DRAINED]
-    assert q[0]["pages"] == 1 and q[0]["zero_pages"] == 1 and q[0]["compressed"] == 1
+    assert q["op"].tolist() == [Request.DRAINED]
+    assert q.view(DRAINED_REQUEST)[["dirty_pages", "zero_pages", "compressed_pages"]].tolist() == [
+        (1, 1, 1)]
 
 
 def test_pin_budget_unregisters_idle_lru_chunks_only():
@@ -109,15 +125,15 @@ def test_pin_budget_unregisters_idle_lru_chunks_only():
     w, _ = reg.on_answers(np.concatenate([answer(0, 0, 1), answer(0, 1, 2)]))
     assert len(w) == 2
     # chunk 0 completes, chunk 1 still in flight
-    reg.on_completions(records(COMPLETION_DTYPE, op=OP_RUN, round=1, block=0, chunk=0,
-                               writes=1, bytes=4096))
+    reg.on_completions(records(CHUNK_DONE, round=1, block=0, chunk=0, writes=1,
+                               bytes=4096).view(COMPLETION_RING))
     _, q = reg.on_runs(runs((0, 2 * CP, 1, 0), round_no=2))
-    un = q[q["op"] == REQ_UNREGISTER]
+    un = select(q, UNREGISTER_REQUEST)
     assert un[["block", "chunk"]].tolist() == [(0, 0)]
     assert reg.state[0][0] == 0 and reg.chunks_unregistered == 1
     (mr,) = reg.to_release
     assert not mr.closed                      # the poster still holds an import
-    reg.on_completions(records(COMPLETION_DTYPE, op=OP_RELEASED, lkey=mr.lkey))
+    reg.on_completions(records(MR_RELEASED, lkey=mr.lkey).view(COMPLETION_RING))
     assert mr.closed
 
 
@@ -125,7 +141,7 @@ def test_refused_registration_raises():
     reg = make()
     reg.on_runs(runs((0, 0, 1, 0)))
     bad = answer(0, 0, 0)
-    bad["status"] = 1
+    bad["status"] = AnswerStatus.REFUSED
     with pytest.raises(RuntimeError):
         reg.on_answers(bad)
 
@@ -134,7 +150,7 @@ def test_adjacent_zero_runs_merge_into_one_compress_across_chunks():
     reg = make()
     _, q = reg.on_runs(runs((0, CP - 2, 2, 1), (0, CP, CP, 1), (0, 2 * CP, 3, 1),
                             (0, 3 * CP + 5, 1, 1)))
-    c = q[q["op"] == REQ_COMPRESS]
+    c = select(q, COMPRESS_REQUEST)
     assert c[["offset", "length"]].tolist() == [((CP - 2) * 4096, (CP + 5) * 4096),
                                                 ((3 * CP + 5) * 4096, 4096)]
     assert reg.compress_sent == 2 and reg.round_compressed[1] == CP + 6
@@ -150,7 +166,7 @@ def test_chunks_requested_together_are_registered_with_one_call_in_request_order
     blocks = [BlockInfo(0x10000000, 4 * CHUNK), BlockInfo(0x20000000, CHUNK // 4)]
     reg = Registrar(blocks, CHUNK, pin_all=False, reg_mr=FakeMR, reg_mrs=reg_mrs)
     _, q = reg.on_runs(runs((0, 2 * CP, 1, 0), (0, 0, 1, 0), (0, CP, 1, 0), (1, 0, 2, 0)))
-    asked = q[q["op"] == REQ_REGISTER]
+    asked = select(q, REGISTER_REQUEST)
     reg.register_pending()
     reg.register_pending()                              # nothing left: no second call
     assert calls == [[(0x10000000, CHUNK), (0x10000000 + CHUNK, CHUNK),
@@ -162,7 +178,7 @@ def test_chunks_requested_together_are_registered_with_one_call_in_request_order
                                                     [(0, 0), (0, 1), (0, 2), (1, 0)]]
     w, _ = reg.on_answers(np.concatenate([answer(0, c, 50 + c) for c in range(3)]
                                          + [answer(1, 0, 60)]))
-    assert sorted(w["rkey"].tolist()) == [50, 51, 52, 60]
+    assert sorted(w.view(WRITE)["rkey"].tolist()) == [50, 51, 52, 60]
     assert calls[1:] == []
 
 
@@ -187,9 +203,9 @@ def test_an_answer_registers_locally_only_up_to_the_chunks_it_answers():
     reg.register_pending(1)                            # a slice while nothing else waits
     w, _ = reg.on_answers(np.concatenate([answer(0, 0, 70), answer(0, 1, 71)]))
     assert calls == [1, 1] and reg.to_register == [(0, 2), (0, 3)]
-    assert sorted(w["rkey"].tolist()) == [70, 71] and len(reg.new_mrs) == 2
+    assert sorted(w.view(WRITE)["rkey"].tolist()) == [70, 71] and len(reg.new_mrs) == 2
     w, _ = reg.on_answers(answer(0, 3, 73))            # (0, 2) is registered on the way
     assert calls == [1, 1, 2] and reg.to_register == []
-    assert w["rkey"].tolist() == [73]
+    assert w.view(WRITE)["rkey"].tolist() == [73]
     w, _ = reg.on_answers(answer(0, 2, 72))
-    assert calls == [1, 1, 2] and w["rkey"].tolist() == [72]
+    assert calls == [1, 1, 2] and w.view(WRITE)["rkey"].tolist() == [72]

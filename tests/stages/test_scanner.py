@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from stages.records import OP_END, OP_RUN
+from stages.records import RUN, SCAN_END, RunOp
 from stages.scanner import Scanner, expand_runs
 
 
@@ -51,14 +51,14 @@ def test_first_round_sends_everything_and_tags_zero_runs():
     views, log, sc = make()
     views[0][9] = 7          # chunk 1 of block 0 has data
     out = sc.scan(1)
-    runs, end = out[:-1], out[-1]
-    assert (runs["op"] == OP_RUN).all() and end["op"] == OP_END
-    assert runs["n_pages"].sum() == 80 == end["n_pages"]
+    assert (out["op"][:-1] == RunOp.RUN).all() and out["op"][-1] == RunOp.END
+    runs, end = out[:-1].view(RUN), out[-1].view(SCAN_END)
+    assert runs["n_pages"].sum() == 80 == end["dirty_pages"]
     assert len(runs) == 8 + 2            # cut at every 8-page chunk boundary
     nonzero = runs[runs["zero"] == 0]
     assert nonzero["block"].tolist() == [0] and nonzero["first_page"].tolist() == [8]
-    assert end["first_page"] == 79       # zero pages
-    assert sc.scan(2)["n_pages"].tolist() == [0]   # nothing dirty: only the END marker
+    assert end["zero_pages"] == 79
+    assert sc.scan(2).view(SCAN_END)["dirty_pages"].tolist() == [0]   # nothing dirty: END only
 
 
 def test_sync_accumulates_without_losing_bits():
@@ -69,7 +69,7 @@ def test_sync_accumulates_without_losing_bits():
     log.mark(1, np.array([5]))
     views[1][5] = 1
     out = sc.scan(2)
-    runs = out[:-1]
+    runs = out[:-1].view(RUN)
     assert [(r["block"], r["first_page"], r["n_pages"], r["zero"]) for r in runs] == [
         (0, 1, 3, 1), (0, 20, 1, 1), (1, 5, 1, 0)]
     assert sc.sync() == 0
@@ -80,16 +80,15 @@ def test_zero_tag_uses_whole_block_scan_when_many_dirty():
     sc.scan(1)
     log.mark(0, np.arange(0, 64))
     views[0][63, 5] = 1
-    runs = sc.scan(2)[:-1]
+    runs = sc.scan(2)[:-1].view(RUN)
     assert runs["zero"].tolist() == [1] * 7 + [0]
 
 
 def test_nearby_data_runs_in_a_chunk_merge_and_zero_runs_stay_apart():
-    from stages.records import RUN_DTYPE
     from stages.scanner import merge_runs
 
     def body(*rows):
-        out = np.zeros(len(rows), RUN_DTYPE)
+        out = np.zeros(len(rows), RUN)
         for i, (b, f, n, z) in enumerate(rows):
             out[i]["block"], out[i]["first_page"], out[i]["n_pages"], out[i]["zero"] = b, f, n, z
         return out
@@ -131,11 +130,10 @@ def guest(pages, seed):
 
 def direct_records(views, bitmaps, chunk_pages, round_no):
     """What a round's records must be: runs, zero tags by a plain zero test, merged."""
-    from stages.records import RUN_DTYPE
     from stages.scanner import merge_runs
 
     runs = reference_runs(bitmaps, chunk_pages)
-    body = np.zeros(len(runs), RUN_DTYPE)
+    body = np.zeros(len(runs), RUN)
     for name in ("block", "first_page", "n_pages"):
         body[name] = runs[name]
     body["round"] = round_no
@@ -145,7 +143,7 @@ def direct_records(views, bitmaps, chunk_pages, round_no):
 
 
 def fields(out):
-    return out[["op", "zero", "round", "block", "n_pages", "first_page"]].tolist()
+    return out.view(RUN)[["op", "zero", "round", "block", "n_pages", "first_page"]].tolist()
 
 
 def scanner_over(views, chunk_pages, table=None):
@@ -181,7 +179,7 @@ def test_rounds_in_stretches_make_the_records_of_one_direct_pass(monkeypatch, st
         got.append(scanner.scan(r))
     for e, g in zip(expect, got, strict=True):
         assert fields(g[:-1]) == fields(e)
-        assert g[-1]["op"] == OP_END
+        assert g[-1]["op"] == RunOp.END
 
 
 def test_stretches_arrive_one_by_one_and_end_comes_alone_with_the_counts(monkeypatch):
@@ -192,14 +190,16 @@ def test_stretches_arrive_one_by_one_and_end_comes_alone_with_the_counts(monkeyp
     log, scanner = scanner_over(views, chunk_pages=8)
     parts = list(scanner.scan_stretches(1))
     end = parts.pop()
-    assert len(end) == 1 and end["op"][0] == OP_END
+    assert len(end) == 1 and end["op"][0] == RunOp.END
+    end = end.view(SCAN_END)
     assert len(parts) == 5                             # pages 0-23, 24-47, ... 96-99
     for i, part in enumerate(parts):
-        assert (part["op"] == OP_RUN).all()
+        assert (part["op"] == RunOp.RUN).all()
+        part = part.view(RUN)
         assert (part["first_page"] // 24 == i).all()
         assert ((part["first_page"] + part["n_pages"] - 1) // 24 == i).all()
-    assert end["n_pages"][0] == 100
-    assert end["first_page"][0] == 100 - np.count_nonzero(views[0].any(axis=1))
+    assert end["dirty_pages"][0] == 100
+    assert end["zero_pages"][0] == 100 - np.count_nonzero(views[0].any(axis=1))
     assert end["scan_ns"][0] == scanner.busy_ns > 0
 
 
@@ -233,7 +233,7 @@ def test_page_table_holds_the_hashes_of_the_final_contents(monkeypatch):
 
 def test_pages_not_in_memory_stay_untouched(monkeypatch):
     from shm import RamBlockSpec, RamRegion, naming
-    from stages.scanner import resident
+    from shm.memory import resident
 
     monkeypatch.setattr(__import__("stages.scanner").scanner, "STRETCH_PAGES", 256)
     monkeypatch.setattr(__import__("stages.scanner").scanner, "THREAD_PAGES", 64)
@@ -250,14 +250,14 @@ def test_pages_not_in_memory_stay_untouched(monkeypatch):
             log, scanner = scanner_over([view], chunk_pages=256)
             out = scanner.scan(1)
             assert (resident(view) == held).all()        # nothing faulted in
-            assert out[-1]["n_pages"] == 1024
-            assert out[-1]["first_page"] == 1024 - 1 - 200 - 1
-            assert out[:-1][["first_page", "n_pages", "zero"]].tolist() == [
+            assert out[-1].view(SCAN_END)["dirty_pages"] == 1024
+            assert out[-1].view(SCAN_END)["zero_pages"] == 1024 - 1 - 200 - 1
+            assert out[:-1].view(RUN)[["first_page", "n_pages", "zero"]].tolist() == [
                 (0, 256, 0), (256, 256, 1), (512, 256, 0), (768, 256, 0)]
             log.mark(0, np.array([3, 4, 50, 51, 699, 700, 1000, 1001]))
             out = scanner.scan(2)
             assert (resident(view) == held).all()
-            assert out[:-1][["first_page", "n_pages", "zero"]].tolist() == [
+            assert out[:-1].view(RUN)[["first_page", "n_pages", "zero"]].tolist() == [
                 (3, 2, 0), (50, 2, 1), (699, 2, 0), (1000, 2, 0)]
         finally:
             region.unlink()

@@ -19,14 +19,14 @@ import threading
 
 import numpy as np
 
-from pipeline.errors import GuestError
 from pipeline.guest.kvm import ioctls as k
 from pipeline.guest.kvm import program, state
 from pipeline.guest.kvm.dirty import KvmDirtySource
 from pipeline.guest.kvm.vm import Kvm
+from shm.errors import GuestError
+from shm.memory import PAGE_SIZE
 
 DEVICE_MAGIC = b"RDPKVMG\x01"
-DEVICE_SECTION = "rdp-kvm-guest"
 
 
 class KvmGuest:
@@ -123,7 +123,7 @@ class KvmGuest:
         """Remember a page the VMM (not the vCPU) wrote: KVM logs only the vCPU's writes, so
         ``fetch_dirty`` adds these, as QEMU marks its own writes to guest RAM."""
         with self._host_lock:
-            self._host_dirty.add(gpa // program.PAGE)
+            self._host_dirty.add(gpa // PAGE_SIZE)
 
     def passes(self) -> int:
         """The pass counter in guest memory (readable while running)."""
@@ -156,10 +156,10 @@ class KvmGuest:
             host, self._host_dirty = self._host_dirty, set()
         bitmaps = self.dirty.fetch()
         for page in host:  # a handful at most: the control page
-            gpa = page * program.PAGE
+            gpa = page * PAGE_SIZE
             for b, blk in enumerate(self.blocks):
                 if blk.offset <= gpa < blk.offset + blk.length:
-                    i = (gpa - blk.offset) // program.PAGE
+                    i = (gpa - blk.offset) // PAGE_SIZE
                     bitmaps[b][i >> 3] |= 1 << (i & 7)
         return bitmaps
 

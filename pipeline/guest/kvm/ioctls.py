@@ -12,7 +12,7 @@ import errno
 import fcntl
 import os
 
-from pipeline.errors import GuestError
+from shm.errors import GuestError
 
 KVM_API_VERSION = 12
 

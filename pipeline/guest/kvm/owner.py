@@ -15,10 +15,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pipeline.errors import GuestError
-from pipeline.guest.kvm.guest import DEVICE_SECTION
 from pipeline.guest.kvm.vm import kvm_unavailable_reason
 from pipeline.guest.owner import GuestProcess
+from pipeline.sections import KVM_SECTION
+from shm.errors import GuestError
 
 TARGET = "pipeline.guest.kvm.process:kvm_guest_main"
 TRACKINGS = ("kvm", "uffd")
@@ -51,7 +51,7 @@ class KvmGuestProcess(GuestProcess):
     ``pause`` returns a ``KvmPaused``, ``query`` a ``KvmStatus``."""
 
     kind = "kvm"
-    device_section = DEVICE_SECTION
+    device_section = KVM_SECTION
     STOP_TIMEOUT = 5.0
 
     def __init__(self, ram: int, *, run_id: str, dirty_rate: float | None = 0,

@@ -51,8 +51,8 @@ import time
 
 from pipeline.guest.kvm import program
 from pipeline.guest.kvm.guest import KvmGuest
+from shm.memory import PAGE_SIZE
 
-PAGE = 4096
 TICK = 0.1                 # seconds between looks at the pipe when no rate is held
 STEP = 0.1                 # seconds between controller adjustments
 START_NS_PER_LOOP = 0.5    # first guess of one delay-loop iteration (measured 0.4-0.5)
@@ -160,7 +160,7 @@ def kvm_guest_main(config: dict, link) -> int:
             try:
                 rate = None
                 if config.get("dirty_rate") is not None:
-                    rate = RateController(guest, float(config["dirty_rate"]) / PAGE)
+                    rate = RateController(guest, float(config["dirty_rate"]) / PAGE_SIZE)
                 if tracking == "uffd":
                     first, last = blocks[0], blocks[-1]
                     wp = arm(first.address, last.address + last.length - first.address)

@@ -29,9 +29,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.errors import GuestError
+from shm.errors import GuestError
+from shm.memory import PAGE_SIZE, WORDS_PER_PAGE, resident
 
-PAGE = 4096
 HUGE = 2 << 20
 GIB = 1 << 30
 SYSTEM_BYTES = 1 << 20          # page tables, code and control pages live here, in block 0
@@ -39,8 +39,8 @@ PML4_GPA = 0x0000
 PDPT_GPA = 0x1000
 PD_GPA = 0x2000                 # one PD page per GiB mapped
 MAX_PDS = 248                   # PD pages fit below CODE_GPA
-CODE_GPA = SYSTEM_BYTES - 2 * PAGE
-CTRL_GPA = SYSTEM_BYTES - PAGE
+CODE_GPA = SYSTEM_BYTES - 2 * PAGE_SIZE
+CTRL_GPA = SYSTEM_BYTES - PAGE_SIZE
 DATA_GPA = SYSTEM_BYTES
 
 # Control page: u64 words.
@@ -106,12 +106,13 @@ class Layout:
     stride: int = 1
 
     def page_gpas(self) -> np.ndarray:
-        return DATA_GPA + np.arange(self.n_pages, dtype=np.uint64) * np.uint64(self.stride * PAGE)
+        return DATA_GPA + np.arange(self.n_pages, dtype=np.uint64) * np.uint64(
+            self.stride * PAGE_SIZE)
 
 
 def max_data_pages(total_bytes: int, stride: int = 1) -> int:
     """How many data pages fit in guest RAM of ``total_bytes`` at ``stride``."""
-    return max(0, (total_bytes - DATA_GPA - PAGE) // (stride * PAGE) + 1)
+    return max(0, (total_bytes - DATA_GPA - PAGE_SIZE) // (stride * PAGE_SIZE) + 1)
 
 
 class GuestMemory:
@@ -165,13 +166,11 @@ class GuestMemory:
 
     @staticmethod
     def _resident_words(words: np.ndarray, idx: np.ndarray) -> np.ndarray:
-        from stages.scanner import resident
-
-        n_pages = len(words) * 8 // PAGE
-        res = resident(words[:n_pages * PAGE // 8].reshape(n_pages, PAGE // 8))
+        n_pages = len(words) * 8 // PAGE_SIZE
+        res = resident(words[:n_pages * WORDS_PER_PAGE].reshape(n_pages, WORDS_PER_PAGE))
         if res is None:
             return np.ones(len(idx), bool)
-        return res[(idx * 8 // PAGE).astype(np.int64)]
+        return res[(idx * 8 // PAGE_SIZE).astype(np.int64)]
 
 
 def page_tables(total_bytes: int) -> dict[int, bytes]:
@@ -183,11 +182,11 @@ def page_tables(total_bytes: int) -> dict[int, bytes]:
     pml4 = np.zeros(512, np.uint64)
     pml4[0] = PDPT_GPA | user
     pdpt = np.zeros(512, np.uint64)
-    pdpt[:n_pd] = PD_GPA + PAGE * np.arange(n_pd, dtype=np.uint64) | np.uint64(user)
+    pdpt[:n_pd] = PD_GPA + PAGE_SIZE * np.arange(n_pd, dtype=np.uint64) | np.uint64(user)
     pds = np.arange(n_pd * 512, dtype=np.uint64) * np.uint64(HUGE) | np.uint64(user | PTE_PS)
     pages = {PML4_GPA: pml4.tobytes(), PDPT_GPA: pdpt.tobytes()}
     for i in range(n_pd):
-        pages[PD_GPA + i * PAGE] = pds[i * 512:(i + 1) * 512].tobytes()
+        pages[PD_GPA + i * PAGE_SIZE] = pds[i * 512:(i + 1) * 512].tobytes()
     return pages
 
 
@@ -195,8 +194,8 @@ def install(mem: GuestMemory, layout: Layout, delay: int = 0) -> None:
     """Write page tables, code and control page into guest RAM (the source's first boot)."""
     if layout.n_pages < 1 or layout.stride < 1:
         raise ValueError("the program needs at least one data page and a stride >= 1")
-    last = DATA_GPA + (layout.n_pages - 1) * layout.stride * PAGE
-    if last + PAGE > mem.total:
+    last = DATA_GPA + (layout.n_pages - 1) * layout.stride * PAGE_SIZE
+    if last + PAGE_SIZE > mem.total:
         raise ValueError(f"{layout.n_pages} pages at stride {layout.stride} do not fit in RAM")
     for gpa, data in page_tables(mem.total).items():
         mem.write(gpa, data)
@@ -205,9 +204,9 @@ def install(mem: GuestMemory, layout: Layout, delay: int = 0) -> None:
     dirty = gpas[mem.gather_u64(gpas) != 0]   # RAM reused from an earlier guest starts clean;
     if len(dirty):                            # fresh RAM is left alone (not allocated)
         mem.scatter_u64(dirty, 0)
-    ctrl = np.zeros(PAGE // 8, np.uint64)
+    ctrl = np.zeros(WORDS_PER_PAGE, np.uint64)
     ctrl[[CTRL_NPAGES, CTRL_STRIDE, CTRL_DELAY, CTRL_DATA, CTRL_MAGIC]] = [
-        layout.n_pages, layout.stride * PAGE, delay, DATA_GPA, CTRL_MAGIC_VALUE]
+        layout.n_pages, layout.stride * PAGE_SIZE, delay, DATA_GPA, CTRL_MAGIC_VALUE]
     mem.write(CTRL_GPA, ctrl.tobytes())
 
 
@@ -216,7 +215,7 @@ def read_layout(mem: GuestMemory) -> Layout:
     ctrl = mem.u64s(CTRL_GPA, 8)
     if int(ctrl[CTRL_MAGIC]) != CTRL_MAGIC_VALUE:
         raise GuestError("guest RAM holds no KVM guest program (control page magic missing)")
-    return Layout(int(ctrl[CTRL_NPAGES]), int(ctrl[CTRL_STRIDE]) // PAGE)
+    return Layout(int(ctrl[CTRL_NPAGES]), int(ctrl[CTRL_STRIDE]) // PAGE_SIZE)
 
 
 def set_delay(mem: GuestMemory, loops: int) -> None:
@@ -228,7 +227,7 @@ def initial_regs(layout: Layout) -> dict[str, int]:
     """Registers at first boot: pass 0, 'page n of pass 0 done' so the state is canonical."""
     return {"rip": CODE_GPA + LABELS["top"], "rflags": RFLAGS_RESERVED | RFLAGS_IF,
             "r12": 0, "r13": layout.n_pages, "r14": layout.n_pages, "r15": CTRL_GPA,
-            "rbx": DATA_GPA, "rbp": layout.stride * PAGE, "rsi": DATA_GPA, "rsp": 0}
+            "rbx": DATA_GPA, "rbp": layout.stride * PAGE_SIZE, "rsi": DATA_GPA, "rsp": 0}
 
 
 def configure_sregs(sregs) -> None:

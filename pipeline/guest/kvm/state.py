@@ -14,8 +14,8 @@ import fcntl
 import struct
 from dataclasses import dataclass
 
-from pipeline.errors import GuestError
 from pipeline.guest.kvm import ioctls as k
+from shm.errors import GuestError
 
 MAGIC = b"KVMVCPU\x01"
 SECTIONS = ("cpuid", "sregs", "msrs", "xcrs", "xsave", "regs", "events")  # restore order

@@ -18,8 +18,9 @@ import signal
 import threading
 from dataclasses import dataclass
 
-from pipeline.errors import GuestError
 from pipeline.guest.kvm import ioctls as k
+from shm.errors import GuestError
+from shm.memory import PAGE_SIZE
 
 KVM_PATH = "/dev/kvm"
 PAUSE_SIGNAL = signal.SIGUSR1
@@ -115,7 +116,7 @@ class Memslot:
 
     @property
     def nb_pages(self) -> int:
-        return self.size // mmap.PAGESIZE
+        return self.size // PAGE_SIZE
 
 
 class Vm:
@@ -143,7 +144,7 @@ class Vm:
 
     def add_memslot(self, gpa: int, size: int, address: int, *, log_dirty: bool = True) -> Memslot:
         """Map host memory at ``address`` into the guest at ``gpa``."""
-        if gpa % mmap.PAGESIZE or size % mmap.PAGESIZE or address % mmap.PAGESIZE:
+        if gpa % PAGE_SIZE or size % PAGE_SIZE or address % PAGE_SIZE:
             raise ValueError("memslot gpa, size and address must be page-aligned")
         slot = Memslot(len(self.memslots), gpa, size, address, log_dirty)
         self._set_region(slot, k.KVM_MEM_LOG_DIRTY_PAGES if log_dirty else 0)

@@ -15,7 +15,7 @@ import select
 import socket
 import time
 
-from pipeline.errors import TransportError
+from shm.errors import TransportError
 from stages.verbs import base
 from stages.verbs.base import (
     MAX_ACCEPT_PRIVATE_DATA,

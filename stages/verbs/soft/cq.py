@@ -17,7 +17,7 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING
 
-from pipeline.errors import TransportError
+from shm.errors import TransportError
 from stages.verbs.base import CQ, WorkCompletion, closed_error
 
 if TYPE_CHECKING:

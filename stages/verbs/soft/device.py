@@ -14,7 +14,7 @@ import errno
 import secrets
 import threading
 
-from pipeline.errors import TransportError
+from shm.errors import TransportError
 from stages.verbs import base
 from stages.verbs.base import Access, MRHandle, PDHandle, closed_error
 from stages.verbs.soft import faulting, memory

@@ -20,22 +20,11 @@ import os
 import resource
 import threading
 
-from pipeline.errors import TransportError
+from shm.errors import TransportError
+from shm.memory import PAGE_SIZE, Madv, libc, madvise
 
-PAGE = mmap.PAGESIZE
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.mlock.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
-_libc.munlock.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
-_libc.mmap.restype = ctypes.c_void_p
-_libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
-                       ctypes.c_int, ctypes.c_long)
-_libc.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
-_libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-_mlock2 = getattr(_libc, "mlock2", None)
-if _mlock2 is not None:
-    _mlock2.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint)
+_mlock2 = getattr(libc, "mlock2", None)
 MLOCK_ONFAULT = 1
-MADV_POPULATE_WRITE = 23
 _MAP_FAILED = ctypes.c_void_p(-1).value
 
 
@@ -97,8 +86,8 @@ class PinSet:
 
     @staticmethod
     def _pages(address: int, length: int) -> tuple[int, int]:
-        start = address - address % PAGE
-        end = -(-(address + length) // PAGE) * PAGE
+        start = address - address % PAGE_SIZE
+        end = -(-(address + length) // PAGE_SIZE) * PAGE_SIZE
         return start, end
 
     @staticmethod
@@ -107,7 +96,7 @@ class PinSet:
         if on_demand and _mlock2 is not None:
             failed = _mlock2(start, end - start, MLOCK_ONFAULT) != 0
         else:
-            failed = _libc.mlock(start, end - start) != 0
+            failed = libc.mlock(start, end - start) != 0
         return ctypes.get_errno() if failed else 0
 
     def pin(self, address: int, length: int, *, on_demand: bool = False) -> None:
@@ -173,7 +162,7 @@ class PinSet:
             if not pieces:
                 return
         for p_start, p_end in pieces:
-            _libc.munlock(p_start, p_end - p_start)
+            libc.munlock(p_start, p_end - p_start)
 
     def covered(self) -> list[tuple[int, int]]:
         with self._lock:
@@ -198,8 +187,8 @@ def populate(address: int, length: int) -> None:
     """Fault ``[address, address+length)`` in for writing, in one call (best effort): what an
     ODP device's page-fault handler does for the range a write targets. In bulk this costs a
     quarter of what faulting page by page inside a socket receive does."""
-    start = address - address % PAGE
-    _libc.madvise(start, address + length - start, MADV_POPULATE_WRITE)
+    start = address - address % PAGE_SIZE
+    madvise(start, address + length - start, Madv.POPULATE_WRITE)
 
 
 class BackingCache:
@@ -314,11 +303,11 @@ class FileMapping:
     """A shared mapping of ``length`` bytes of ``path`` from ``offset``; ``address`` is local."""
 
     def __init__(self, path: str, offset: int, length: int) -> None:
-        aligned = offset - offset % PAGE
+        aligned = offset - offset % PAGE_SIZE
         self._size = length + (offset - aligned)
         fd = os.open(path, os.O_RDWR)
         try:
-            base = _libc.mmap(None, self._size, mmap.PROT_READ | mmap.PROT_WRITE,
+            base = libc.mmap(None, self._size, mmap.PROT_READ | mmap.PROT_WRITE,
                               mmap.MAP_SHARED, fd, aligned)
             if base in (None, _MAP_FAILED):
                 err = ctypes.get_errno()
@@ -330,5 +319,5 @@ class FileMapping:
 
     def close(self) -> None:
         if self._base is not None:
-            _libc.munmap(self._base, self._size)
+            libc.munmap(self._base, self._size)
             self._base = None

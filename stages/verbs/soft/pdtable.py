@@ -22,7 +22,7 @@ import threading
 
 import numpy as np
 
-from pipeline.errors import TransportError
+from shm.errors import TransportError
 from shm.naming import SHM_DIR, new_run_id, segment_name
 from stages.verbs.soft.memory import FileMapping, view
 

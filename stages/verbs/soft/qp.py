@@ -29,7 +29,7 @@ from collections import deque
 
 import numpy as np
 
-from pipeline.errors import TransportError
+from shm.errors import TransportError
 from stages.verbs import base
 from stages.verbs.base import (
     SEND_WC_OPCODE,

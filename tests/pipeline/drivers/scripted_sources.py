@@ -19,7 +19,6 @@ import time
 import numpy as np
 
 from pipeline.control import ControlLink
-from pipeline.guest.synthetic import DEVICE_SECTION
 from pipeline.protocol.capabilities import DataConnect
 from pipeline.protocol.channel import Role
 from pipeline.protocol.messages import (
@@ -45,9 +44,10 @@ from pipeline.protocol.records import (
 )
 from pipeline.protocol.return_path import SHUT_OK, shut
 from pipeline.protocol.stream import StreamWriter
-from pipeline.sections import RAM_SID, DeviceSections, write_header
+from pipeline.sections import RAM_SID, ROUND_SECTION, ROUND_SID, DeviceSections, write_header
+from pipeline.sections import SYNTHETIC_SECTION as DEVICE_SECTION
 from pipeline.session.policy import PeerPolicy
-from stages.pagehash import ROUND_SECTION, ROUND_SID, pack_round, table_digests
+from stages.pagehash import pack_round, table_digests
 
 MIB = 1 << 20
 BLOCKS = (("pc.ram", 2 * MIB), ("vga.vram", 256 * 1024))
@@ -99,7 +99,7 @@ def _end(w: StreamWriter, digest: bytes) -> None:
 
 def _connect(self: Scripted, ctx, qp, port: int, private: bytes) -> bytes:
     """Connect once the destination listens."""
-    from pipeline.errors import TransportError
+    from shm.errors import TransportError
 
     deadline = time.monotonic() + TIMEOUT_S
     while True:

@@ -14,9 +14,9 @@ import pytest
 
 from pipeline.api import free_port
 from pipeline.config import MigrationConfig
-from pipeline.errors import TransportError
 from pipeline.guest.synthetic import GuestState, SyntheticGuest
 from pipeline.uri import URI
+from shm.errors import TransportError
 from shm.naming import new_run_id
 
 MIB = 1 << 20

@@ -6,10 +6,11 @@ import pytest
 import pipeline.guest.kvm.vm as kvm_vm
 import shm.uffd
 from pipeline.cli import main
-from pipeline.errors import GuestError
-from pipeline.guest.factory import GUEST_SECTIONS, GuestSpec, resolve_tracking
-from pipeline.guest.kvm.guest import DEVICE_SECTION as KVM_SECTION
-from pipeline.guest.synthetic import DEVICE_SECTION as SYNTHETIC_SECTION
+from pipeline.guest.factory import GuestSpec, resolve_tracking
+from pipeline.guest.kvm.owner import KvmGuestProcess
+from pipeline.guest.synthetic import SyntheticGuest
+from pipeline.sections import GUEST_SECTIONS
+from shm.errors import GuestError
 
 
 @pytest.mark.parametrize(("kind", "tracking", "want"), [
@@ -31,7 +32,8 @@ def test_pairs_that_do_not_fit_are_refused(kind, tracking, words):
 
 
 def test_both_guest_sections_are_known_to_the_destination():
-    assert GUEST_SECTIONS == {SYNTHETIC_SECTION: "synthetic", KVM_SECTION: "kvm"}
+    assert GUEST_SECTIONS == {SyntheticGuest.device_section: SyntheticGuest.kind,
+                              KvmGuestProcess.device_section: KvmGuestProcess.kind}
 
 
 def test_no_kvm_is_one_line_before_anything_starts(monkeypatch, capsys):

@@ -9,6 +9,7 @@ import pytest
 
 from pipeline.guest.kvm import kvm_unavailable_reason, program
 from pipeline.guest.kvm.guest import KvmGuest
+from shm.memory import PAGE_SIZE
 from shm.naming import new_run_id
 from shm.region import RamBlockSpec, RamRegion
 
@@ -37,7 +38,7 @@ def unpack(region: RamRegion, bitmaps: list[np.ndarray]) -> np.ndarray:
 
 def data_pages(guest: KvmGuest) -> np.ndarray:
     """Region page numbers of the program's data pages."""
-    return (program.read_layout(guest.mem).page_gpas() // program.PAGE).astype(np.int64)
+    return (program.read_layout(guest.mem).page_gpas() // PAGE_SIZE).astype(np.int64)
 
 
 def counters(guest: KvmGuest) -> np.ndarray:
@@ -68,8 +69,8 @@ def test_every_written_page_is_reported(region):
         # Beyond the data pages only the system area (page tables, control page) may show.
         others = np.flatnonzero(dirty)
         others = others[~np.isin(others, written)]
-        assert (others < program.SYSTEM_BYTES // program.PAGE).all()
-        assert dirty[program.CTRL_GPA // program.PAGE]
+        assert (others < program.SYSTEM_BYTES // PAGE_SIZE).all()
+        assert dirty[program.CTRL_GPA // PAGE_SIZE]
 
 
 def test_fetch_right_after_fetch_is_empty(region):

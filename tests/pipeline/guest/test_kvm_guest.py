@@ -6,9 +6,9 @@ import time
 
 import pytest
 
-from pipeline.errors import GuestError
 from pipeline.guest.kvm import kvm_unavailable_reason, program, state
 from pipeline.guest.kvm.guest import KvmGuest, parse_device_state
+from shm.errors import GuestError
 from shm.naming import new_run_id
 from shm.region import RamBlockSpec, RamRegion
 

@@ -10,6 +10,7 @@ import pytest
 
 from pipeline.guest.kvm import kvm_unavailable_reason, program
 from shm.dirtylog import DirtyLog
+from shm.memory import PAGE_SIZE
 from shm.naming import new_run_id
 from shm.region import RamBlockSpec, RamRegion
 from shm.uffd import PagemapHarvester, uffd_unavailable_reason
@@ -30,7 +31,7 @@ def resource_tracker():
 
 def data_pages(region: RamRegion) -> np.ndarray:
     mem = program.GuestMemory(region.blocks)
-    return (program.read_layout(mem).page_gpas() // program.PAGE).astype(np.int64)
+    return (program.read_layout(mem).page_gpas() // PAGE_SIZE).astype(np.int64)
 
 
 def wait_for_pass(proc: StageProcess, passes: int, timeout: float = 10.0) -> None:

@@ -10,8 +10,9 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from pipeline.errors import GuestError
 from pipeline.guest.kvm import program
+from shm.errors import GuestError
+from shm.memory import PAGE_SIZE
 
 SOURCE = """
 top: xor %r13d,%r13d
@@ -43,7 +44,7 @@ def test_code_matches_the_assembler(tmp_path):
 
 
 def make_memory(n_pages: int, stride: int = 1) -> program.GuestMemory:
-    length = program.DATA_GPA + n_pages * stride * program.PAGE
+    length = program.DATA_GPA + n_pages * stride * PAGE_SIZE
     block = SimpleNamespace(offset=0, length=length, view=np.zeros(length, np.uint8))
     mem = program.GuestMemory([block])
     program.install(mem, program.Layout(n_pages, stride), delay=1)

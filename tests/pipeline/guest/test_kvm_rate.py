@@ -12,6 +12,7 @@ from pipeline.guest.kvm import kvm_unavailable_reason, program
 from pipeline.guest.kvm.guest import KvmGuest
 from pipeline.guest.kvm.process import RateController, pages_written_now
 from shm.dirtylog import DirtyLog
+from shm.memory import PAGE_SIZE
 from shm.naming import new_run_id
 from shm.region import RamBlockSpec, RamRegion
 from stages.harness import StageProcess
@@ -40,7 +41,7 @@ def test_the_controller_writes_the_knob_and_marks_its_page():
             KvmGuest.boot(region.blocks) as guest:
         guest.fetch_dirty()
         rate = RateController(guest, 1000.0)
-        ctrl = program.CTRL_GPA // program.PAGE
+        ctrl = program.CTRL_GPA // PAGE_SIZE
         assert int(guest.mem.u64s(program.CTRL_GPA, 8)[program.CTRL_DELAY]) == rate.delay > 0
         bits = np.unpackbits(guest.fetch_dirty()[0], bitorder="little")
         assert np.flatnonzero(bits).tolist() == [ctrl]       # the VMM's write, and only it
@@ -84,8 +85,8 @@ def test_copying_what_the_log_reports_reproduces_ram_with_the_rate_knob_moving()
 
 
 def test_the_resume_point_check_agrees_with_the_full_check_and_catches_a_break():
-    from pipeline.errors import GuestError
     from pipeline.guest.kvm import state
+    from shm.errors import GuestError
 
     with RamRegion.create(new_run_id(), [RamBlockSpec("pc.ram", 4 * MiB)]) as region, \
             KvmGuest.boot(region.blocks, delay=100) as guest:

@@ -55,8 +55,8 @@ def test_bad_pattern():
 
 
 def test_a_guest_that_fails_to_start_leaves_nothing():
-    from pipeline.errors import StageFailed
     from pipeline.guest.synthetic import SyntheticGuest
+    from shm.errors import StageFailed
     from shm.naming import new_run_id
 
     guest = SyntheticGuest(4 << 20, run_id=new_run_id())

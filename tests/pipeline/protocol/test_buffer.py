@@ -1,7 +1,7 @@
 import pytest
 
-from pipeline.errors import RemoteProtocolError
 from pipeline.protocol.buffer import U32, Buffer, BufferReadError
+from shm.errors import RemoteProtocolError
 
 
 def test_push_then_pull_round_trips_in_network_order():

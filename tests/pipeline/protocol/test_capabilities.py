@@ -2,7 +2,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.errors import ProtocolError, RemoteProtocolError
 from pipeline.protocol.capabilities import (
     EXTENDED_SIZE,
     KNOWN_FLAGS,
@@ -15,6 +14,7 @@ from pipeline.protocol.capabilities import (
     decode_connect,
     negotiate,
 )
+from shm.errors import ProtocolError, RemoteProtocolError
 
 PIN_ALL, MULTI, QPS = Capability.PIN_ALL, Capability.MULTI_REGISTER, Capability.DATA_QPS
 EVERYTHING = Capabilities(flags=KNOWN_FLAGS, data_qps=4, session_token=0xC0FFEE,

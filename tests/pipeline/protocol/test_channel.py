@@ -4,7 +4,6 @@ from collections import deque
 
 import pytest
 
-from pipeline.errors import LocalProtocolError, ProtocolError, RemoteProtocolError
 from pipeline.protocol.capabilities import KNOWN_FLAGS, Capabilities, Capability
 from pipeline.protocol.channel import ControlChannel, Role, Slot, State
 from pipeline.protocol.codec import encode
@@ -40,6 +39,7 @@ from pipeline.protocol.records import (
     VmDescription,
 )
 from pipeline.protocol.stream import StreamReader, StreamWriter
+from shm.errors import LocalProtocolError, ProtocolError, RemoteProtocolError
 
 T = MessageType
 MiB = 1 << 20

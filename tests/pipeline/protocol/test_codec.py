@@ -5,7 +5,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from protocol_strategies import messages
 
-from pipeline.errors import ProtocolError, RemoteProtocolError
 from pipeline.protocol.codec import decode, decode_header, describe, encode, header_of
 from pipeline.protocol.messages import (
     MAX_PAYLOAD,
@@ -27,6 +26,7 @@ from pipeline.protocol.messages import (
     UnregisterFinishedMessage,
     UnregisterRequestMessage,
 )
+from shm.errors import ProtocolError, RemoteProtocolError
 
 # protocol.md §12 B-H, byte for byte.
 VECTORS = {

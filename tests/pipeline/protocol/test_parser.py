@@ -5,9 +5,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from stream_samples import DEVICES, EVENTS, STREAM
 
-from pipeline.errors import ProtocolError, RemoteProtocolError
 from pipeline.protocol.parser import NEED_DATA, StreamParser
 from pipeline.protocol.records import encode_event
+from shm.errors import ProtocolError, RemoteProtocolError
 
 HEADER = bytes.fromhex("5145564d 00000003")
 RAM_START = bytes.fromhex("01 00000000 03 72616d 00000000 00000004")

@@ -8,7 +8,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.errors import RemoteProtocolError
 from pipeline.protocol.parser import StreamParser
 from pipeline.protocol.ram_batch import (
     PageBatch,
@@ -31,6 +30,7 @@ from pipeline.protocol.records import (
     ZeroPage,
     encode_event,
 )
+from shm.errors import RemoteProtocolError
 
 PAGES = 64
 BLOCK = RamBlockInfo("pc.ram", PAGES * 4096)

@@ -1,7 +1,6 @@
 import pytest
 from stream_samples import EVENTS, STREAM
 
-from pipeline.errors import RemoteProtocolError
 from pipeline.protocol.records import (
     EOS_RECORD,
     HOOK_RECORD,
@@ -21,6 +20,7 @@ from pipeline.protocol.records import (
     encode_event,
     mem_size,
 )
+from shm.errors import RemoteProtocolError
 
 
 @pytest.mark.parametrize("event, hexed", [

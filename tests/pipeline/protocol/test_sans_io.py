@@ -10,6 +10,8 @@ import pipeline.protocol
 FORBIDDEN = {"socket", "select", "selectors", "multiprocessing", "time", "pyverbs", "shm",
              "stages", "threading", "asyncio", "subprocess", "os"}
 PACKAGE = pathlib.Path(pipeline.protocol.__file__).parent
+# The exception tree lives in the bottom layer and does no I/O: the one shm module allowed.
+ALLOWED = {"shm", "shm.errors"}
 
 
 def imported_modules(path):
@@ -26,14 +28,15 @@ def test_no_module_imports_io():
     assert len(modules) >= 8
     for path in modules:
         for name in imported_modules(path):
-            assert name.split(".")[0] not in FORBIDDEN, f"{path.name} imports {name}"
+            assert name in ALLOWED or name.split(".")[0] not in FORBIDDEN, \
+                f"{path.name} imports {name}"
 
 
 def test_importing_the_package_loads_no_io_module():
     code = ("import sys; before = set(sys.modules); import pipeline.protocol.channel, "
             "pipeline.protocol.stream, pipeline.protocol.codec; "
             "print(sorted(m for m in set(sys.modules) - before if m.split('.')[0] in "
-            f"{sorted(FORBIDDEN)!r}))")
+            f"{sorted(FORBIDDEN)!r} and m not in {sorted(ALLOWED)!r}))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, timeout=60).stdout.strip()
     assert out == "[]"

@@ -3,7 +3,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from stream_samples import DEVICES, EVENTS, STREAM
 
-from pipeline.errors import LocalProtocolError, RemoteProtocolError
 from pipeline.protocol.messages import QEMU_FILE_MAX
 from pipeline.protocol.records import (
     HOOK_RECORD,
@@ -15,6 +14,7 @@ from pipeline.protocol.records import (
     encode_event,
 )
 from pipeline.protocol.stream import StreamReader, StreamWriter
+from shm.errors import LocalProtocolError, RemoteProtocolError
 
 
 def written(events):

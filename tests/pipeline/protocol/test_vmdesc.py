@@ -4,10 +4,10 @@ import json
 
 import pytest
 
-from pipeline.errors import RemoteProtocolError
 from pipeline.protocol.records import SectionType, encode_event
 from pipeline.protocol.return_path import ReturnPathReader, error_text, shut
 from pipeline.protocol.vmdesc import DeviceDescription, Field, framed_fields, vm_description
+from shm.errors import RemoteProtocolError
 
 
 def test_description_lists_devices_with_vmstate_fields():

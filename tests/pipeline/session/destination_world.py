@@ -16,7 +16,6 @@ import json
 from collections import deque
 
 from pipeline.config import MigrationConfig
-from pipeline.guest.synthetic import DEVICE_SECTION, frame
 from pipeline.protocol.capabilities import negotiate
 from pipeline.protocol.messages import QemuFileMessage
 from pipeline.protocol.records import (
@@ -31,11 +30,20 @@ from pipeline.protocol.records import (
     SectionType,
 )
 from pipeline.protocol.stream import StreamWriter
-from pipeline.sections import GUEST_SID, RAM_SID, DeviceSections, write_header
+from pipeline.sections import (
+    DIGEST_SECTION,
+    GUEST_SID,
+    RAM_SID,
+    ROUND_SECTION,
+    ROUND_SID,
+    DeviceSections,
+    frame,
+    write_header,
+)
+from pipeline.sections import SYNTHETIC_SECTION as DEVICE_SECTION
 from pipeline.session import destination_events as de
 from pipeline.session.destination import DestinationSession
 from pipeline.session.policy import PeerPolicy
-from stages.pagehash import ROUND_SECTION, ROUND_SID
 
 MIB = 1 << 20
 BLOCKS = (("pc.ram", 4 * MIB), ("vga.vram", 256 * 1024))
@@ -242,7 +250,6 @@ class Rounds:
     def end(self, *, guest: bool = True, digest: bytes | None = DIGEST) -> list:
         """The final round's section end, the guest, the digest, EOF, VMDESCRIPTION."""
         if self.records:
-            from pipeline.digest import DIGEST_SECTION
             from pipeline.protocol.records import Eof, VmDescription
 
             self.end_section()

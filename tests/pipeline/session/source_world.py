@@ -33,11 +33,12 @@ from pipeline.session import actions as act
 from pipeline.session import events as ev
 from pipeline.session.source import SourceSession
 from stages.records import (
-    REQ_COMPRESS,
-    REQ_DRAINED,
-    REQ_REGISTER,
-    REQ_UNREGISTER,
-    REQUEST_DTYPE,
+    COMPRESS_REQUEST,
+    DRAINED_REQUEST,
+    REGISTER_REQUEST,
+    REQUEST_RING,
+    UNREGISTER_REQUEST,
+    concat,
     records,
 )
 
@@ -148,17 +149,17 @@ class SourceWorld:
         out = []
         for block, chunk in chunks:
             if (block, chunk) in self.zero_chunks and (block, chunk) not in self.registered:
-                out.append(records(REQUEST_DTYPE, op=REQ_COMPRESS, round=r, block=block,
+                out.append(records(COMPRESS_REQUEST, round=r, block=block,
                                    offset=chunk * MIB, length=MIB, pages=256))
             elif (block, chunk) not in self.registered and not self.session.policy.pin_all:
                 self.registered.add((block, chunk))
-                out.append(records(REQUEST_DTYPE, op=REQ_REGISTER, round=r, block=block,
-                                   chunk=chunk, n_chunks=1))
+                out.append(records(REGISTER_REQUEST, round=r, block=block, chunk=chunk,
+                                   n_chunks=1))
         if self.unregister_after and r == self.unregister_after:
-            out.append(records(REQUEST_DTYPE, op=REQ_UNREGISTER, round=r, block=0, chunk=0))
-        out.append(records(REQUEST_DTYPE, op=REQ_DRAINED, round=r, offset=len(chunks) * MIB,
-                           length=len(chunks), pages=256 * len(chunks)))
-        return np.concatenate(out)
+            out.append(records(UNREGISTER_REQUEST, round=r, block=0, chunk=0))
+        out.append(records(DRAINED_REQUEST, round=r, bytes_written=len(chunks) * MIB,
+                           writes_posted=len(chunks), dirty_pages=256 * len(chunks)))
+        return concat(REQUEST_RING, out)
 
     def answer(self, msg):
         return self.peer(msg) if self.peer is not None else self.destination(msg)

@@ -6,7 +6,6 @@ import pytest
 from source_world import BLOCKS, SourceWorld, granted
 
 from pipeline.config import MigrationConfig
-from pipeline.errors import LocalProtocolError
 from pipeline.protocol.messages import (
     CompressMessage,
     RegisterFinishedMessage,
@@ -19,6 +18,7 @@ from pipeline.session import actions as act
 from pipeline.session import events as ev
 from pipeline.session.source import SourceSession
 from pipeline.session.states import SOURCE_TRANSITIONS, SourceState
+from shm.errors import LocalProtocolError
 
 FINAL = ("completed", "failed", "cancelled")
 

@@ -11,7 +11,8 @@ import pytest
 from verbs_helpers import shm_ram
 from verbs_peer import drop_ipc_lock, run_in_child
 
-from pipeline.errors import TransportError
+from shm.errors import TransportError
+from shm.memory import PAGE_SIZE
 from stages.verbs import Access, open_provider
 from stages.verbs.soft import memory
 from stages.verbs.soft.pdtable import CAPACITY, FREE, LIVE, PDTable
@@ -25,8 +26,8 @@ def _locked() -> int:
 
 
 def _aligned(n: int) -> tuple[np.ndarray, int]:
-    buf = np.ones(n + memory.PAGE, np.uint8)
-    return buf, buf.ctypes.data - buf.ctypes.data % memory.PAGE + memory.PAGE
+    buf = np.ones(n + PAGE_SIZE, np.uint8)
+    return buf, buf.ctypes.data - buf.ctypes.data % PAGE_SIZE + PAGE_SIZE
 
 
 @pytest.fixture

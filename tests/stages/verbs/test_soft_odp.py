@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-import ctypes
 import threading
 
 import numpy as np
 import pytest
 from verbs_helpers import shm_ram, wait_for
 
+from shm.memory import mincore
 from shm.naming import SHM_DIR
 from stages.verbs import Access, SendOpcode, WCStatus, open_provider
 from stages.verbs.soft import memory
 
 MiB = 1 << 20
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.mincore.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p)
 
 
 @pytest.fixture
@@ -26,9 +24,9 @@ def fresh_ram():
 
 
 def resident_pages(ram: np.ndarray) -> int:
-    vec = np.zeros(len(ram) // 4096, np.uint8)
-    assert _libc.mincore(ram.ctypes.data, len(ram), vec.ctypes.data) == 0
-    return int(np.count_nonzero(vec & 1))
+    res = mincore(ram.ctypes.data, len(ram))
+    assert res is not None
+    return int(np.count_nonzero(res))
 
 
 def test_on_demand_registration_faults_nothing_in_and_writes_land(fresh_ram):

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from verbs_helpers import address, port, wait_wcs
 
-from pipeline.errors import TransportError
 from pipeline.uri import InvalidURI, parse_uri
+from shm.errors import TransportError
 from stages.verbs import Access, QPState, SendOpcode, WCStatus, open_provider
 
 

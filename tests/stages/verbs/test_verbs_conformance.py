@@ -14,7 +14,7 @@ import pytest
 from verbs_helpers import address, port, wait_for, wait_wcs
 from verbs_peer import Peer, writer_to
 
-from pipeline.errors import TransportError
+from shm.errors import TransportError
 from stages.verbs import Access, QPState, SendOpcode, WCOpcode, WCStatus, open_provider
 
 MiB = 1 << 20

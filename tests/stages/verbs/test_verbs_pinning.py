@@ -7,6 +7,7 @@ import errno
 import numpy as np
 from verbs_peer import register_over_limit, run_in_child
 
+from shm.memory import PAGE_SIZE
 from stages.verbs import Access, open_provider
 from stages.verbs.soft import memory
 
@@ -32,7 +33,7 @@ def test_mlock_limit_exceeded_says_how_much_and_how_to_raise_it(provider):
 
 def test_soft_registration_pins_and_deregistration_unpins():
     region = np.ones(4 * MiB, np.uint8)
-    base = region.ctypes.data - region.ctypes.data % memory.PAGE + memory.PAGE  # page-aligned
+    base = region.ctypes.data - region.ctypes.data % PAGE_SIZE + PAGE_SIZE  # page-aligned
     before = _locked()
     with open_provider("soft").open_device() as ctx:
         pd = ctx.alloc_pd()
@@ -44,7 +45,7 @@ def test_soft_registration_pins_and_deregistration_unpins():
 
 def test_soft_overlapping_registrations_keep_shared_pages_pinned():
     region = np.ones(4 * MiB, np.uint8)
-    base = region.ctypes.data - region.ctypes.data % memory.PAGE + memory.PAGE
+    base = region.ctypes.data - region.ctypes.data % PAGE_SIZE + PAGE_SIZE
     before = _locked()
     with open_provider("soft").open_device() as ctx:
         pd = ctx.alloc_pd()
@@ -60,7 +61,7 @@ def test_soft_overlapping_registrations_keep_shared_pages_pinned():
 def test_soft_unpin_subtracts_every_other_range():
     pins = memory.PinSet()
     region = np.ones(8 * MiB, np.uint8)
-    base = region.ctypes.data - region.ctypes.data % memory.PAGE + memory.PAGE
+    base = region.ctypes.data - region.ctypes.data % PAGE_SIZE + PAGE_SIZE
     before = _locked()
     pins.pin(base + MiB, MiB)
     pins.pin(base + 3 * MiB, MiB)

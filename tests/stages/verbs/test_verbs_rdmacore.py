@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from pipeline.errors import TransportError, TransportUnsupported
+from shm.errors import TransportError, TransportUnsupported
 from stages.verbs import open_provider
 from stages.verbs.rdmacore import load, probe
 
@@ -63,7 +63,7 @@ def test_unknown_provider_is_api_misuse():
 def test_new_fd_finds_the_descriptor_a_constructor_opened():
     import os
 
-    from stages.verbs.rdmacore import new_fd
+    from stages.verbs.rdmacore_base import new_fd
 
     class Channel:  # stands in for a CompChannel, whose fd pyverbs does not expose
         def __init__(self):
@@ -83,7 +83,7 @@ def test_new_fd_finds_the_descriptor_a_constructor_opened():
 
 def test_pyverbs_errors_become_transport_errors_with_errno():
     pyverbs_error = pytest.importorskip("pyverbs.pyverbs_error")
-    from stages.verbs.rdmacore import errors
+    from stages.verbs.rdmacore_base import errors
 
     with pytest.raises(TransportError) as info:
         with errors("cannot post send"):

@@ -11,7 +11,7 @@ import pytest
 from verbs_helpers import address, port, shm_ram, wait_wcs
 from verbs_peer import SPAWN, Peer, import_and_die
 
-from pipeline.errors import TransportError
+from shm.errors import TransportError
 from shm.naming import SHM_DIR, parse_segment_name
 from stages.verbs import Access, SendOpcode, WCStatus, open_provider
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from verbs_helpers import Pair, wait_wcs
 
-from pipeline.errors import TransportError
+from shm.errors import TransportError
 from stages.verbs import Access, QPState, WCStatus, open_provider
 from stages.verbs.soft import wire
 

@@ -190,7 +190,8 @@ def drop_ipc_lock() -> None:
         _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
                     ("inheritable", ctypes.c_uint32)]
 
-    libc = ctypes.CDLL(None, use_errno=True)
+    from shm.memory import libc
+
     header, data = Header(0x20080522, 0), (Data * 2)()  # _LINUX_CAPABILITY_VERSION_3
     if libc.capget(ctypes.byref(header), data) != 0:
         raise OSError(ctypes.get_errno(), "capget")
@@ -207,7 +208,7 @@ def register_over_limit(conn, provider: str, limit: int, size: int) -> None:
     """Child: lower RLIMIT_MEMLOCK to ``limit``, drop CAP_IPC_LOCK, register ``size`` bytes."""
     import resource
 
-    from pipeline.errors import TransportError
+    from shm.errors import TransportError
 
     drop_ipc_lock()
     resource.setrlimit(resource.RLIMIT_MEMLOCK, (limit, limit))
