@@ -137,8 +137,9 @@ class StreamDestination(DestinationDriver):
         self.where[block][idx] = at + stride * np.arange(len(idx), dtype=np.int64)
         self.landed[block][idx] = True
         self.unhashed += len(idx)
-        if self.unhashed >= HASH_EVERY and self.hasher is not None:
-            self._submit_landed(self._hash_names)
+        if self.unhashed >= HASH_EVERY:       # from the first round on, in MEM_SIZE order
+            self._submit_landed(self._hash_names or
+                                tuple(b.idstr for b in self.session.order))
 
     def _hash_landed(self, a: de.HashLanded):
         self._submit_landed(a.blocks)
