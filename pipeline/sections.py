@@ -13,23 +13,12 @@ digest and ``stages.pagehash``'s round bitmap only make the bodies); QEMU's own 
 section is the protocol's (``pipeline.protocol.records.RAM_IDSTR``). Every device section body
 is framed: be32 length, then the bytes (``frame``, ``device_codec``).
 
-``DeviceSections`` writes the device sections and remembers how to describe them; ``end()``
-writes EOF and the VMDESCRIPTION. ``device_codecs()`` is what a destination's parser needs to
-find where each of our device sections ends.
+``device_codecs()`` is what a destination's parser needs to find where each of our device
+sections ends; ``pipeline.section_writer`` writes them. This module imports nothing, so a guest
+process that only names its section loads no protocol code.
 """
 
 from __future__ import annotations
-
-from pipeline.protocol.records import (
-    Configuration,
-    DeviceState,
-    Eof,
-    FileHeader,
-    SectionFooter,
-    SectionHeader,
-    SectionType,
-)
-from pipeline.protocol.vmdesc import DeviceDescription, framed_fields, vm_description
 
 MACHINE = "rdma-pipeline"
 DEVICE_VERSION = 1
@@ -53,44 +42,6 @@ def device_codec(data: bytes, version: int) -> int | None:
     return 4 + int.from_bytes(data[:4], "big")
 
 
-def write_header(writer) -> None:
-    """File magic, version and the configuration section."""
-    writer.write_event(FileHeader())
-    writer.write_event(Configuration(MACHINE))
-
-
 def device_codecs() -> dict:
     """Section idstr -> parser codec for every device section we write (all framed)."""
     return dict.fromkeys([*GUEST_SECTIONS, DIGEST_SECTION], device_codec)
-
-
-class DeviceSections:
-    """Device sections written to one stream, and their VMDESCRIPTION."""
-
-    def __init__(self) -> None:
-        self.described: list[DeviceDescription] = []
-
-    def write(self, writer, sid: int, idstr: str, payload: str, body: bytes,
-              instance_id: int = 0) -> None:
-        """One FULL section holding ``body`` framed; ``payload`` names the body's field. A
-        section written more than once (a per-round one) takes a new ``instance_id`` and
-        ``sid`` each time: VMDESCRIPTION describes one (name, instance) by one layout."""
-        writer.write_event(SectionHeader(SectionType.SECTION_FULL, sid, idstr, instance_id,
-                                         DEVICE_VERSION))
-        writer.write_event(DeviceState(sid, idstr, frame(body)))
-        writer.write_event(SectionFooter(sid))
-        self.described.append(DeviceDescription(idstr, instance_id, DEVICE_VERSION,
-                                                framed_fields(payload, len(body))))
-
-    def guest(self, writer, idstr: str, state: bytes) -> None:
-        """The guest's device state (``idstr``: the synthetic or the KVM guest's section)."""
-        self.write(writer, GUEST_SID, idstr, "state", state)
-
-    def digest(self, writer, digests: bytes) -> None:
-        """The RAM digest section: SHA-256 of every chunk."""
-        self.write(writer, DIGEST_SID, DIGEST_SECTION, "sha256", digests)
-
-    def end(self, writer) -> None:
-        """QEMU_VM_EOF, then the VMDESCRIPTION of the sections written."""
-        writer.write_event(Eof())
-        writer.write_event(vm_description(self.described, machine=MACHINE))

@@ -52,7 +52,8 @@ from pipeline.protocol.records import (
     SectionType,
 )
 from pipeline.protocol.stream import StreamWriter
-from pipeline.sections import RAM_SID, ROUND_SECTION, ROUND_SID, DeviceSections, write_header
+from pipeline.section_writer import DeviceSections, write_header
+from pipeline.sections import RAM_SID, ROUND_SECTION, ROUND_SID
 from pipeline.session import actions as act
 from pipeline.session import events as ev
 from pipeline.session.convergence import Convergence, Decision, RoundResult

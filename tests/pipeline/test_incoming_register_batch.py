@@ -20,7 +20,8 @@ from pipeline.protocol.messages import (
 )
 from pipeline.protocol.records import MemSize, RamBlockInfo, SectionHeader, SectionType
 from pipeline.protocol.stream import StreamWriter
-from pipeline.sections import RAM_SID, write_header
+from pipeline.section_writer import write_header
+from pipeline.sections import RAM_SID
 from pipeline.session import destination_events as de
 from pipeline.session.policy import PeerPolicy
 from pipeline.session.states import DestinationState

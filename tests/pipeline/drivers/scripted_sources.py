@@ -44,7 +44,8 @@ from pipeline.protocol.records import (
 )
 from pipeline.protocol.return_path import SHUT_OK, shut
 from pipeline.protocol.stream import StreamWriter
-from pipeline.sections import RAM_SID, ROUND_SECTION, ROUND_SID, DeviceSections, write_header
+from pipeline.section_writer import DeviceSections, write_header
+from pipeline.sections import RAM_SID, ROUND_SECTION, ROUND_SID
 from pipeline.sections import SYNTHETIC_SECTION as DEVICE_SECTION
 from pipeline.session.policy import PeerPolicy
 from stages.pagehash import pack_round, table_digests

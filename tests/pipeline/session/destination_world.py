@@ -30,15 +30,14 @@ from pipeline.protocol.records import (
     SectionType,
 )
 from pipeline.protocol.stream import StreamWriter
+from pipeline.section_writer import DeviceSections, write_header
 from pipeline.sections import (
     DIGEST_SECTION,
     GUEST_SID,
     RAM_SID,
     ROUND_SECTION,
     ROUND_SID,
-    DeviceSections,
     frame,
-    write_header,
 )
 from pipeline.sections import SYNTHETIC_SECTION as DEVICE_SECTION
 from pipeline.session import destination_events as de

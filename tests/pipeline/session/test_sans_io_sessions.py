@@ -20,8 +20,9 @@ SESSION = ROOT / "pipeline" / "session"
 BANNED = {"socket", "select", "selectors", "threading", "multiprocessing", "subprocess",
           "time", "signal", "posix_ipc", "mmap", "ctypes", "queue", "concurrent", "asyncio",
           "os", "pyverbs"}
-OURS_ALLOWED = ("pipeline.protocol", "pipeline.session", "pipeline.sections", "pipeline.config",
-                "pipeline.stats", "pipeline.digest", "shm.errors", "stages.records")
+OURS_ALLOWED = ("pipeline.protocol", "pipeline.session", "pipeline.sections",
+                "pipeline.section_writer", "pipeline.config", "pipeline.stats", "pipeline.digest",
+                "shm.errors", "stages.records")
 
 
 def imports(path: pathlib.Path) -> list[str]:

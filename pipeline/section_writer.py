@@ -1,0 +1,58 @@
+"""Writing our sections into a migration stream (the table they follow is ``pipeline.sections``).
+
+``write_header`` writes the file magic, version and CONFIGURATION; ``DeviceSections`` writes
+the device sections and remembers how to describe them, and its ``end()`` writes EOF and the
+VMDESCRIPTION of every section written.
+"""
+
+from __future__ import annotations
+
+from pipeline.protocol.records import (
+    Configuration,
+    DeviceState,
+    Eof,
+    FileHeader,
+    SectionFooter,
+    SectionHeader,
+    SectionType,
+)
+from pipeline.protocol.vmdesc import DeviceDescription, framed_fields, vm_description
+from pipeline.sections import DEVICE_VERSION, DIGEST_SECTION, DIGEST_SID, GUEST_SID, MACHINE, frame
+
+
+def write_header(writer) -> None:
+    """File magic, version and the configuration section."""
+    writer.write_event(FileHeader())
+    writer.write_event(Configuration(MACHINE))
+
+
+class DeviceSections:
+    """Device sections written to one stream, and their VMDESCRIPTION."""
+
+    def __init__(self) -> None:
+        self.described: list[DeviceDescription] = []
+
+    def write(self, writer, sid: int, idstr: str, payload: str, body: bytes,
+              instance_id: int = 0) -> None:
+        """One FULL section holding ``body`` framed; ``payload`` names the body's field. A
+        section written more than once (a per-round one) takes a new ``instance_id`` and
+        ``sid`` each time: VMDESCRIPTION describes one (name, instance) by one layout."""
+        writer.write_event(SectionHeader(SectionType.SECTION_FULL, sid, idstr, instance_id,
+                                         DEVICE_VERSION))
+        writer.write_event(DeviceState(sid, idstr, frame(body)))
+        writer.write_event(SectionFooter(sid))
+        self.described.append(DeviceDescription(idstr, instance_id, DEVICE_VERSION,
+                                                framed_fields(payload, len(body))))
+
+    def guest(self, writer, idstr: str, state: bytes) -> None:
+        """The guest's device state (``idstr``: the synthetic or the KVM guest's section)."""
+        self.write(writer, GUEST_SID, idstr, "state", state)
+
+    def digest(self, writer, digests: bytes) -> None:
+        """The RAM digest section: SHA-256 of every chunk."""
+        self.write(writer, DIGEST_SID, DIGEST_SECTION, "sha256", digests)
+
+    def end(self, writer) -> None:
+        """QEMU_VM_EOF, then the VMDESCRIPTION of the sections written."""
+        writer.write_event(Eof())
+        writer.write_event(vm_description(self.described, machine=MACHINE))
