@@ -14,10 +14,11 @@ import time
 from pipeline.control import ControlLink, ControlTrace
 from pipeline.drivers.source_common import SourceDriver, one_line
 from pipeline.protocol.channel import Role
+from pipeline.protocol.messages import ReadyMessage
 from pipeline.session import actions as act
 from pipeline.session import events as ev
 from pipeline.source_pipeline import SourcePipeline
-from shm.errors import StageFailed
+from shm.errors import RemoteProtocolError, StageFailed
 from stages.pagehash import pack_round, table_digests
 from stages.records import COMMAND, Command, records
 
@@ -32,7 +33,7 @@ class RdmaSource(SourceDriver):
 
     def check(self) -> None:
         super().check()
-        if self.pipeline is not None:
+        if self.pipeline is not None and not self.confirming:
             self.pipeline.check()
 
     def reason(self, exc: BaseException) -> str:
@@ -86,6 +87,15 @@ class RdmaSource(SourceDriver):
         self.link.wait_credit(action.timeout)
         return ev.CreditGranted()
 
+    def _await_confirmation(self, action: act.AwaitConfirmation) -> ev.Confirmed:
+        """Our extension: the destination grants one more READY once it has verified the
+        RAM and resumed the guest (an ERROR if it refused)."""
+        self.confirming = True
+        msg = self.link.receive(action.timeout)
+        if not isinstance(msg, ReadyMessage):
+            raise RemoteProtocolError(f"expected READY after EOF, got {type(msg).__name__}")
+        return ev.Confirmed()
+
     def _abort(self, action: act.AbortPeer) -> None:
         if self.link is not None:
             self.link.abort()
@@ -130,6 +140,7 @@ class RdmaSource(SourceDriver):
         act.Connect: _connect, act.ConnectDataPath: _connect_data,
         act.SendStream: _send_stream, act.SendControl: _send_control,
         act.ReceiveControl: _receive, act.AwaitCredit: _await_credit, act.AbortPeer: _abort,
+        act.AwaitConfirmation: _await_confirmation,
         act.PushAnswers: _push_answers, act.CommandScanner: _command,
         act.AwaitStage: _await_stage, act.SyncDirtyLog: _sync,
         act.ReadRoundPages: _round_pages, act.ComputeDigest: _digest,

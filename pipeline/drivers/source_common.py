@@ -50,6 +50,7 @@ class SourceDriver:
         self.on_state = on_state or (lambda state, reason: None)
         self.cancel = cancel or threading.Event()
         self.stack = ExitStack()
+        self.confirming = False
         self.session = SourceSession(
             config, [(b.idstr, b.length) for b in guest.region.blocks], inline=self.inline,
             snapshot=uri.scheme == "file", stats=self.stats)
@@ -95,7 +96,10 @@ class SourceDriver:
         return one_line(exc)
 
     def check(self) -> None:
-        """Raise if cancelled, or if the guest died (subclasses add their stages)."""
+        """Raise if cancelled, or if the guest died (subclasses add their stages); nothing
+        of that matters once the whole stream is out and the destination decides."""
+        if self.confirming:
+            return
         if self.cancel.is_set():
             raise MigrationCancelled("migration cancelled")
         self.guest.check()

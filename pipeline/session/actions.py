@@ -140,7 +140,9 @@ class ComputeDigest:
 
 @dataclass(frozen=True, slots=True)
 class AwaitConfirmation:
-    """A stream carrier waits for the destination's verdict (tcp: SHUT) -> Confirmed."""
+    """Wait for the destination's verdict on a complete stream (READY after EOF on rdma:,
+    SHUT(0) on tcp:, the file closed whole) -> Confirmed. Everything has been sent: a stage
+    or the paused guest ending meanwhile changes nothing, and a cancel is too late."""
 
     timeout: float
 

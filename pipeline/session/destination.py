@@ -166,12 +166,7 @@ class DestinationSession:
     # -- states --------------------------------------------------------------------------
     def _to(self, state: DestinationState, now: float, reason: str = "") -> list:
         self.sm.to(state, now, reason)
-        changes: dict = {"status": state.value}
-        if self.sm.final:
-            changes["end_time"] = now
-        if reason:
-            changes["error"] = reason
-        self.stats.update(**changes)
+        self.stats.update(**self.sm.figures(now))
         return [de.StateChanged(state.value, reason)]
 
     def _ask(self, action) -> list:

@@ -32,7 +32,6 @@ from pipeline.protocol.messages import (
     CompressMessage,
     RamBlocksRequestMessage,
     RamBlocksResultMessage,
-    ReadyMessage,
     Register,
     RegisterFinishedMessage,
     RegisterRequestMessage,
@@ -117,6 +116,7 @@ class SourceSession:
         self.final_round = False
         self.paused = False
         self.committed = False
+        self.confirming = False               # EOF sent: waiting for the destination's verdict
         self.device: tuple[str, bytes] | None = None
         self._expect: type | None = None       # the event the last asking action produces
         self._work: deque[np.ndarray] = deque()   # registrar requests not yet served
@@ -150,6 +150,8 @@ class SourceSession:
             return []
         try:
             if isinstance(event, ev.Cancel):
+                if self.confirming:     # too late: the destination may run the guest already
+                    return []
                 return self._cancel(now)
             if isinstance(event, ev.Failed):
                 return self._fail(event.reason, now)
@@ -167,12 +169,7 @@ class SourceSession:
     # -- states --------------------------------------------------------------------------
     def _to(self, state: SourceState, now: float, reason: str = "") -> list:
         self.sm.to(state, now, reason)
-        changes: dict = {"status": state.value}
-        if self.sm.final:
-            changes["end_time"] = now
-        if reason:
-            changes["error"] = reason
-        self.stats.update(**changes)
+        self.stats.update(**self.sm.figures(now))
         return [act.StateChanged(state.value, reason)]
 
     def _ask(self, action) -> list:
@@ -490,14 +487,14 @@ class SourceSession:
         self.sections.end(self.writer)   # EOF and VMDESCRIPTION: small, one QEMU FILE message
         out.append(self._flush())
         self.stats.update(remaining_bytes=0)
-        if self.inline:
+        if self.inline or self.policy.ready_after_eof:
+            self.confirming = True
             return out + self._ask(act.AwaitConfirmation(CONFIRM_TIMEOUT_S))
-        if self.policy.ready_after_eof:
-            return out + self._ask(act.ReceiveControl(CONFIRM_TIMEOUT_S))
         return out + self._commit(now, verified=False)
 
     def _on_confirmed(self, event: ev.Confirmed, now: float) -> list:
-        # A file is verified when it is restored; tcp:'s SHUT(0) says the RAM verified.
+        # A file is verified when it is restored; the destination's confirmation (SHUT(0),
+        # READY after EOF) says the RAM verified.
         return self._commit(now, verified=None if self.snapshot else True)
 
     def _commit(self, now: float, *, verified: bool | None) -> list:
@@ -514,8 +511,6 @@ class SourceSession:
             return self._on_reply(msg, now)
         if isinstance(msg, RamBlocksResultMessage) and not self.dest_blocks:
             return self._on_ram_blocks(msg, now)
-        if isinstance(msg, ReadyMessage) and self.final_round:
-            return self._commit(now, verified=True)
         raise RemoteProtocolError(f"unexpected {type(msg).__name__} in state "
                                   f"{self.state.value}")
 

@@ -83,3 +83,12 @@ class StateMachine:
     @property
     def final(self) -> bool:
         return self.state in FINAL
+
+    def figures(self, now: float) -> dict:
+        """What the statistics say of the current state: status, and how and when it ended."""
+        out: dict = {"status": self.state.value}
+        if self.final:
+            out["end_time"] = now
+        if self.reason and self.state in (S.FAILED, S.CANCELLED, D.FAILED, D.CANCELLED):
+            out["error"] = self.reason
+        return out

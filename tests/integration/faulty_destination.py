@@ -7,6 +7,8 @@ destination process (spawned children import this module through the sys.path th
                                                n (tcp:, 1 = START): "disconnect" cuts the
                                                connection, "malformed" sends bytes no
                                                destination sends; then it waits to be stopped
+    {"slow_confirm": s}                        rdma: wait s seconds between resuming the guest
+                                               and its READY after EOF (the commit point)
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ class _Faulty:
     def __init__(self, uri, config, *, options: dict, **kw) -> None:
         self.corrupt = tuple(options["corrupt"]) if options.get("corrupt") else None
         self.fault = options.get("fault") or {}
+        self.slow_confirm = float(options.get("slow_confirm", 0))
         super().__init__(uri, config, **kw)
 
     def _damage(self) -> tuple[str, int] | None:
@@ -68,7 +71,12 @@ class FaultyRdma(_Faulty, RdmaDestination):
                 self.link.transmit(b"\x00\x00\x00\x05\x00\x00\x00\x02bad")   # READY, len 5
             self._misbehave(self.fault["kind"])
 
-    CARRY = {**RdmaDestination.CARRY, de.HashRam: _hash_ram, de.OpenWindow: _open_window}
+    def _confirm(self, a: de.Confirm):
+        self.cancel.wait(self.slow_confirm)
+        return super()._confirm(a)
+
+    CARRY = {**RdmaDestination.CARRY, de.HashRam: _hash_ram, de.OpenWindow: _open_window,
+             de.Confirm: _confirm}
 
 
 class FaultyStream(_Faulty, StreamDestination):

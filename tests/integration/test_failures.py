@@ -105,3 +105,23 @@ def test_guest_faster_than_the_link_never_converges():
     assert s["status"] == "failed"
     assert "did not converge after 3 rounds" in s["error-desc"]
     assert s["round"] == 3
+
+
+@pytest.mark.parametrize("stage", ["scanner", "registrar", "poster"])
+def test_a_stage_killed_while_the_confirmation_is_on_its_way_changes_nothing(stage):
+    """Everything is sent and the destination resumed the guest: a stage dying then must not
+    make the source resume its own (two guests: 11 of 11 trials before the commit point)."""
+    with LocalRun(16 * MIB, MigrationConfig(), state=GuestState(dirty_rate=2 * MIB),
+                  dest_entry=FAULTY, dest_options={"slow_confirm": 2.0}) as lr:
+        mig = lr.start()
+        deadline = time.monotonic() + 30
+        while not mig.source.confirming and not mig.done and time.monotonic() < deadline:
+            mig.finished(0.01)
+        assert mig.source.confirming, mig.stats().get("error-desc")
+        os.kill(getattr(mig.source.pipeline, stage).pid, signal.SIGKILL)
+        summary = lr.finish()
+        source_runs = lr.guest_running()
+    assert summary["status"] == "completed", summary.get("error-desc")
+    assert summary["destination"]["status"] == "completed"
+    assert not source_runs                       # the destination runs the guest, alone
+    assert "warning" in summary                  # the stopped stage, after completion

@@ -21,7 +21,7 @@ from collections import deque
 from source_world import MIB, SourceWorld
 
 from pipeline.protocol.channel import NEEDS_CREDIT, ControlChannel, Role
-from pipeline.protocol.messages import ErrorMessage, QemuFileMessage
+from pipeline.protocol.messages import ErrorMessage, QemuFileMessage, ReadyMessage
 from pipeline.session import actions as act
 from pipeline.session import destination_events as de
 from pipeline.session import events as ev
@@ -86,16 +86,20 @@ class BackToBack:
             log.append(action)
             self.moves += 1
             self.now += 0.001
-            who, at, event = self.interrupt or (None, -1, None)
-            if who == name and at == n:
-                queue.clear()
-            else:
-                try:
-                    event = yield from carry(action)
-                except MigrationError as exc:
-                    queue.clear()
-                    event = ev.Failed(str(exc))
+            who, at, interrupt = self.interrupt or (None, -1, None)
             n += 1
+            if (who, at) == (name, n - 1):
+                answer = session.handle(interrupt, self.now)
+                if answer or session.final:   # it ended the migration: what was asked is void
+                    queue.clear()
+                    queue.extend(answer)
+                    continue
+                # ignored (a cancel too late to matter): the action goes on
+            try:
+                event = yield from carry(action)
+            except MigrationError as exc:
+                queue.clear()
+                event = ev.Failed(str(exc))
             if event is not None:
                 queue.extend(session.handle(event, self.now))
 
@@ -144,6 +148,11 @@ class BackToBack:
             return None
         if kind is act.ReceiveControl:
             return ev.ControlReceived((yield from self._receive(ch, self.to_src)))
+        if kind is act.AwaitConfirmation:
+            msg = yield from self._receive(ch, self.to_src)
+            if not isinstance(msg, ReadyMessage):
+                raise RemoteProtocolError(f"expected READY after EOF, got {msg!r}")
+            return ev.Confirmed()
         if kind is act.AwaitCredit:
             while ch.credit == 0:
                 yield from self._receive(ch, self.to_src)

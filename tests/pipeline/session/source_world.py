@@ -84,20 +84,22 @@ class SourceWorld:
 
     # -- running -------------------------------------------------------------------------
     def run(self, interrupt=None, at: int = -1) -> list:
-        """Carry out everything; with ``interrupt`` (an event), feed it instead of carrying
-        out action number ``at``. Returns every action, in order."""
+        """Carry out everything; with ``interrupt`` (an event), feed it in place of action
+        number ``at`` (which still runs if the session ignores it). Returns every action."""
         queue = deque(self.session.start(self.now))
         n = 0
         while queue:
             action = queue.popleft()
             self.log.append(action)
             self.now += 0.01
-            if n == at and interrupt is not None:
-                queue.clear()               # what the session asked before is void now
-                queue.extend(self.session.handle(interrupt, self.now))
-                n += 1
-                continue
             n += 1
+            if n - 1 == at and interrupt is not None:
+                answer = self.session.handle(interrupt, self.now)
+                if answer or self.session.final:   # what the session asked before is void
+                    queue.clear()
+                    queue.extend(answer)
+                    continue
+                # ignored (a cancel too late to matter): the action goes on
             event = self.carry_out(action)
             if event is not None:
                 queue.extend(self.session.handle(event, self.now))

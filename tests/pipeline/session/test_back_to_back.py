@@ -61,14 +61,16 @@ def full_length(side: str, **kw) -> int:
     return len(b.src.log if side == "source" else b.dst_log)
 
 
-# The one place a failure on the source can leave two guests: after the destination has
-# confirmed (it verified and resumed) and before that READY reaches the source. Issue 13
-# (the commit point) closes it; here it is pinned down to exactly that one action.
+# The one place a failure on the source can still leave two guests: the connection breaks
+# after the destination confirmed (it verified and resumed) and before that READY reaches the
+# source. A stage dying or a cancel there changes nothing (the drivers stop checking them
+# while confirming); a broken connection is the two generals' problem, pinned down here to
+# exactly that one action.
 def confirmation_in_flight(b: BackToBack, side: str, at: int) -> bool:
     if side != "source":
         return False
     action = b.src.log[at]
-    return isinstance(action, act.ReceiveControl) and b.dst_states()[-1] == "completed"
+    return isinstance(action, act.AwaitConfirmation) and b.dst_states()[-1] == "completed"
 
 
 INTERRUPTS = {
