@@ -16,6 +16,22 @@ from shm.memory import PAGE_SIZE, WORDS_PER_PAGE, resident
 SIZE = 32
 
 
+class DeviceDigest:
+    """SHA-256 over device sections in stream order: each one's name (length-prefixed) and
+    its framed body, exactly as the stream carries them."""
+
+    def __init__(self) -> None:
+        self._h = hashlib.sha256()
+
+    def add(self, idstr: str, framed: bytes) -> None:
+        name = idstr.encode()
+        self._h.update(len(name).to_bytes(1, "big") + name)
+        self._h.update(framed)
+
+    def digest(self) -> bytes:
+        return self._h.digest()
+
+
 def _ranges(region, chunk_size: int | None = None) -> list[tuple[int, int, int, int]]:
     out = []
     for blk in region.blocks:

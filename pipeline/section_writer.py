@@ -7,6 +7,7 @@ VMDESCRIPTION of every section written.
 
 from __future__ import annotations
 
+from pipeline.digest import DeviceDigest
 from pipeline.protocol.records import (
     Configuration,
     DeviceState,
@@ -17,7 +18,16 @@ from pipeline.protocol.records import (
     SectionType,
 )
 from pipeline.protocol.vmdesc import DeviceDescription, framed_fields, vm_description
-from pipeline.sections import DEVICE_VERSION, DIGEST_SECTION, DIGEST_SID, GUEST_SID, MACHINE, frame
+from pipeline.sections import (
+    DEVICE_VERSION,
+    DEVICES_SECTION,
+    DEVICES_SID,
+    DIGEST_SECTION,
+    DIGEST_SID,
+    GUEST_SID,
+    MACHINE,
+    frame,
+)
 
 
 def write_header(writer) -> None:
@@ -31,6 +41,7 @@ class DeviceSections:
 
     def __init__(self) -> None:
         self.described: list[DeviceDescription] = []
+        self.devices = DeviceDigest()          # every device section written so far
 
     def write(self, writer, sid: int, idstr: str, payload: str, body: bytes,
               instance_id: int = 0) -> None:
@@ -39,7 +50,9 @@ class DeviceSections:
         ``sid`` each time: VMDESCRIPTION describes one (name, instance) by one layout."""
         writer.write_event(SectionHeader(SectionType.SECTION_FULL, sid, idstr, instance_id,
                                          DEVICE_VERSION))
-        writer.write_event(DeviceState(sid, idstr, frame(body)))
+        framed = frame(body)
+        writer.write_event(DeviceState(sid, idstr, framed))
+        self.devices.add(idstr, framed)
         writer.write_event(SectionFooter(sid))
         self.described.append(DeviceDescription(idstr, instance_id, DEVICE_VERSION,
                                                 framed_fields(payload, len(body))))
@@ -51,6 +64,10 @@ class DeviceSections:
     def digest(self, writer, digests: bytes) -> None:
         """The RAM digest section: SHA-256 of every chunk."""
         self.write(writer, DIGEST_SID, DIGEST_SECTION, "sha256", digests)
+
+    def device_digest(self, writer) -> None:
+        """The digest of every device section written so far (the guest's state included)."""
+        self.write(writer, DEVICES_SID, DEVICES_SECTION, "sha256", self.devices.digest())
 
     def end(self, writer) -> None:
         """QEMU_VM_EOF, then the VMDESCRIPTION of the sections written."""

@@ -6,6 +6,9 @@
     digest      id DIGEST_SID: ``rdp-ram-digest``, SHA-256 per chunk (FULL), framed
     rounds      ``rdma:`` with page hashes: after round r, ``rdp-round-pages`` instance r
                 (id ROUND_SID + r - 1, FULL, framed): which pages the round sent
+    devices     id DEVICES_SID: ``rdp-device-digest``, SHA-256 over every device section
+                before it (name and framed body, in stream order), so that an edited device
+                state is refused as an edited page is
     EOF, then VMDESCRIPTION describing every device section written, field by field
 
 The names and ids of our device sections are defined here and nowhere else (the guests, the
@@ -22,12 +25,13 @@ from __future__ import annotations
 
 MACHINE = "rdma-pipeline"
 DEVICE_VERSION = 1
-RAM_SID, GUEST_SID, DIGEST_SID, ROUND_SID = 2, 3, 4, 5   # ROUND_SID + r - 1 for round r
+DEVICES_SID, RAM_SID, GUEST_SID, DIGEST_SID, ROUND_SID = 1, 2, 3, 4, 5   # ROUND_SID + r - 1
 SYNTHETIC_SECTION = "rdp-synthetic-guest"     # the synthetic guest's state
 KVM_SECTION = "rdp-kvm-guest"                 # the KVM guest's device state
 GUEST_SECTIONS = {SYNTHETIC_SECTION: "synthetic", KVM_SECTION: "kvm"}   # section -> guest kind
 DIGEST_SECTION = "rdp-ram-digest"             # SHA-256 per chunk (pipeline.digest)
 ROUND_SECTION = "rdp-round-pages"             # a round's pages (stages.pagehash.pack_round)
+DEVICES_SECTION = "rdp-device-digest"         # SHA-256 of the device sections before it
 
 
 def frame(data: bytes) -> bytes:
@@ -44,4 +48,4 @@ def device_codec(data: bytes, version: int) -> int | None:
 
 def device_codecs() -> dict:
     """Section idstr -> parser codec for every device section we write (all framed)."""
-    return dict.fromkeys([*GUEST_SECTIONS, DIGEST_SECTION], device_codec)
+    return dict.fromkeys([*GUEST_SECTIONS, DIGEST_SECTION, DEVICES_SECTION], device_codec)

@@ -27,7 +27,7 @@ from __future__ import annotations
 import zlib
 
 from pipeline.config import MigrationConfig
-from pipeline.digest import SIZE, chunk_size_for, differing
+from pipeline.digest import SIZE, DeviceDigest, chunk_size_for, differing
 from pipeline.protocol.capabilities import Digest
 from pipeline.protocol.messages import (
     CompressMessage,
@@ -54,6 +54,7 @@ from pipeline.protocol.records import (
 )
 from pipeline.protocol.stream import StreamReader
 from pipeline.sections import (
+    DEVICES_SECTION,
     DIGEST_SECTION,
     GUEST_SECTIONS,
     ROUND_SECTION,
@@ -112,6 +113,8 @@ class DestinationSession:
         self.guest_started = False
         self.guest_device: tuple[str, bytes] | None = None
         self.digests: bytes | None = None
+        self.devices = DeviceDigest()         # every device section received so far
+        self.device_check: tuple[bytes, bytes] | None = None   # (the source's, ours)
         self.description: dict | None = None  # VMDESCRIPTION, once seen
         self.verified: bool | None = None
         self.resumed = False                  # the guest runs here (not yet confirmed)
@@ -301,8 +304,13 @@ class DestinationSession:
         return []
 
     def _on_device_state(self, rec: DeviceState) -> list:
-        """Keep the guest's state and the RAM digest (framed: be32 length, then the body)."""
+        """Keep the guest's state and the RAM digest (framed: be32 length, then the body);
+        every section before the device digest is folded into ours."""
         body = bytes(rec.data[4:])
+        if rec.idstr == DEVICES_SECTION:
+            self.device_check = (body, self.devices.digest())
+            return []
+        self.devices.add(rec.idstr, bytes(rec.data))
         if rec.idstr == ROUND_SECTION:
             return self._on_round_pages(body)
         if rec.idstr in GUEST_SECTIONS:
@@ -481,6 +489,16 @@ class DestinationSession:
     def _resume(self) -> list:
         if self.guest_device is None:
             raise RemoteProtocolError("the stream carried no guest device state")
+        if self.device_check is None:
+            what = "stream carried" if self.inline else "source sent"
+            raise RemoteProtocolError(f"the {what} no device-state digest: cannot verify the "
+                                      "guest's state", hint=UNCHECKED)
+        theirs, ours = self.device_check
+        if theirs != ours:
+            self.verified = False
+            self.stats.update(verified=False)
+            raise MigrationError("device state verification failed: the device sections "
+                                 "differ from what the source sent; the guest was not resumed")
         self.guest_started = True
         return self._ask(de.LoadGuest(*self.guest_device))
 

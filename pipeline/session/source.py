@@ -483,6 +483,8 @@ class SourceSession:
         return self._end_stream(now)
 
     def _end_stream(self, now: float) -> list:
+        if self.policy.verified:
+            self.sections.device_digest(self.writer)
         out = [self._flush()]
         self.sections.end(self.writer)   # EOF and VMDESCRIPTION: small, one QEMU FILE message
         out.append(self._flush())

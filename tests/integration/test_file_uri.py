@@ -43,7 +43,8 @@ def test_independent_reader_rebuilds_both_blocks_and_prints_the_device(snapshot)
         assert bytes(mem) == ram[name], f"block {name} differs"
     shape = [(s.kind, s.name) for s in dump.sections]
     assert shape == [(START, "ram"), (PART, "ram"), (END, "ram"),
-                     (FULL, "rdp-synthetic-guest"), (FULL, "rdp-ram-digest")]
+                     (FULL, "rdp-synthetic-guest"), (FULL, "rdp-ram-digest"),
+                     (FULL, "rdp-device-digest")]
     start, part, end = dump.sections[:3]
     assert start.records[0][0] == "mem_size" and start.records[-1] == ("eos",)
     kinds = {r[0] for r in part.records[:-1]}
@@ -57,6 +58,7 @@ def test_independent_reader_rebuilds_both_blocks_and_prints_the_device(snapshot)
     assert guest.fields["size"] == len(guest.fields["state"])
     assert json.loads(guest.fields["state"]) == json.loads(saved.to_bytes())
     assert len(dump.sections[4].fields["sha256"]) == 32 * (8 + 1)   # one per 1 MiB chunk
+    assert len(dump.sections[5].fields["sha256"]) == 32             # the device sections
     assert summary["ram"]["transferred"] == len(data)
 
 
@@ -105,6 +107,18 @@ def test_a_flipped_byte_in_a_page_is_refused_saying_where(snapshot, tmp_path):
     assert "RAM verification failed" in msg and "not resumed" in msg and "\n" not in msg
     lo, hi = msg.split("stream bytes ")[1].split(" ")[0].split("..")
     assert int(lo) <= flip < int(hi), msg
+
+
+def test_a_guest_state_edited_to_the_same_length_is_refused(snapshot, tmp_path):
+    data = bytearray(snapshot[0].read_bytes())
+    at = data.find(b'"seed": 5')
+    assert at > 0 and data.find(b'"seed": 5', at + 1) < 0
+    data[at + len(b'"seed": ')] = ord("6")         # a valid state, of another guest
+    bad = tmp_path / "edited.qemu"
+    bad.write_bytes(bytes(data))
+    with pytest.raises(MigrationError, match="device state verification failed") as info:
+        restore_from_file(str(bad))
+    assert "not resumed" in str(info.value) and "\n" not in str(info.value)
 
 
 def test_cli_save_restore_and_refusal(tmp_path):

@@ -91,10 +91,13 @@ def _end_section(w: StreamWriter) -> None:
     w.write_event(SectionFooter(RAM_SID))
 
 
-def _end(w: StreamWriter, digest: bytes) -> None:
-    sections = DeviceSections()
+def _end(w: StreamWriter, digest: bytes, sections: DeviceSections | None = None) -> None:
+    """The guest, the RAM digest and the device digest (over ``sections`` written before,
+    as our source keeps them), EOF and VMDESCRIPTION."""
+    sections = sections or DeviceSections()
     sections.guest(w, DEVICE_SECTION, GUEST_STATE)
     sections.digest(w, digest)
+    sections.device_digest(w)
     sections.end(w)
 
 
@@ -145,14 +148,15 @@ def _rdma(self: Scripted, port: int) -> None:
         link.send(RegisterFinishedMessage())
         _end_section(w)
         body = pack_round([np.zeros(-(-n // 4096 // 8), np.uint8) for _, n in BLOCKS])
-        DeviceSections().write(w, ROUND_SID, ROUND_SECTION, "pages", body, instance_id=1)
+        sections = DeviceSections()
+        sections.write(w, ROUND_SID, ROUND_SECTION, "pages", body, instance_id=1)
         link.send_stream(w.flush())                 # alone: its READY waits for the hashes
         w.write_event(SectionHeader(SectionType.SECTION_END, RAM_SID, RAM_IDSTR))
         w.hook()
         link.send_stream(w.flush())
         link.send(RegisterFinishedMessage())
         _end_section(w)
-        _end(w, zero_digest())
+        _end(w, zero_digest(), sections)
         link.send_stream(w.flush())
         link.wait_credit(TIMEOUT_S * 4)               # the READY after EOF: confirmed
         self.confirmed = True

@@ -16,6 +16,7 @@ import json
 from collections import deque
 
 from pipeline.config import MigrationConfig
+from pipeline.digest import DeviceDigest
 from pipeline.protocol.capabilities import negotiate
 from pipeline.protocol.messages import QemuFileMessage
 from pipeline.protocol.records import (
@@ -32,7 +33,10 @@ from pipeline.protocol.records import (
 from pipeline.protocol.stream import StreamWriter
 from pipeline.section_writer import DeviceSections, write_header
 from pipeline.sections import (
+    DEVICES_SECTION,
+    DEVICES_SID,
     DIGEST_SECTION,
+    DIGEST_SID,
     GUEST_SID,
     RAM_SID,
     ROUND_SECTION,
@@ -185,6 +189,7 @@ class Rounds:
         self.blocks = tuple(RamBlockInfo(n, length) for n, length in blocks)
         self.w = StreamWriter()
         self.sections = DeviceSections()
+        self.devices = DeviceDigest()        # the records path's device sections so far
         self.records = records
         self.log: list = []
         self.n = 0
@@ -239,30 +244,36 @@ class Rounds:
         """After a round's REGISTER FINISHED: its section end and page bitmap."""
         self.n += 1
         self.end_section()
-        self._event(SectionHeader(FULL, ROUND_SID + self.n - 1, ROUND_SECTION, self.n, 1))
-        self._event(DeviceState(ROUND_SID + self.n - 1, ROUND_SECTION, frame(body)))
-        self._event(SectionFooter(ROUND_SID + self.n - 1))
+        self._device(ROUND_SID + self.n - 1, ROUND_SECTION, body, self.n)
+
+    def _device(self, sid: int, idstr: str, body: bytes, instance: int = 0) -> None:
+        """One device section, as our source writes it (records: its DeviceState alone)."""
+        if self.records:
+            self.devices.add(idstr, frame(body))
+            self._event(DeviceState(sid, idstr, frame(body)))
+        else:
+            self.sections.write(self.w, sid, idstr, "body", body, instance_id=instance)
 
     def flush(self) -> list:
         return self._flush()
 
-    def end(self, *, guest: bool = True, digest: bytes | None = DIGEST) -> list:
-        """The final round's section end, the guest, the digest, EOF, VMDESCRIPTION."""
+    def end(self, *, guest: bool = True, digest: bytes | None = DIGEST,
+            devices: bytes | None = b"") -> list:
+        """The final round's section end, the guest, the digest, the device digest (b"": of
+        what came before, as our source writes it; None: none), EOF, VMDESCRIPTION."""
+        self.end_section()
+        if guest:
+            self._device(GUEST_SID, DEVICE_SECTION, GUEST_STATE)
+        if digest is not None:
+            self._device(DIGEST_SID, DIGEST_SECTION, digest)
+        if devices is not None:
+            mine = self.devices if self.records else self.sections.devices
+            self._device(DEVICES_SID, DEVICES_SECTION, devices or mine.digest())
         if self.records:
             from pipeline.protocol.records import Eof, VmDescription
 
-            self.end_section()
-            if guest:
-                self._event(DeviceState(GUEST_SID, DEVICE_SECTION, frame(GUEST_STATE)))
-            if digest is not None:
-                self._event(DeviceState(4, DIGEST_SECTION, frame(digest)))
             self._event(Eof())
             self._event(VmDescription(b"{}"))
-            return self._flush()
-        self.end_section()
-        if guest:
-            self.sections.guest(self.w, DEVICE_SECTION, GUEST_STATE)
-        if digest is not None:
-            self.sections.digest(self.w, digest)
-        self.sections.end(self.w)
+        else:
+            self.sections.end(self.w)
         return self._flush()

@@ -269,6 +269,19 @@ def test_missing_guest_state_refuses_to_resume():
     assert world.session.verified is True
 
 
+def test_an_edited_guest_state_is_refused_by_the_device_digest():
+    world, src = opened()
+    finish(world, src, devices=bytes(32))      # what the source hashed differs from this
+    assert_refused(world, "device state verification failed: the device sections differ")
+    assert world.session.verified is False
+
+
+def test_a_stream_without_the_device_digest_is_refused():
+    world, src = opened()
+    finish(world, src, devices=None)
+    assert_refused(world, "no device-state digest: cannot verify the guest's state")
+
+
 def test_mismatch_names_the_chunks_and_never_resumes():
     world, src = opened()
     world.mine = DIGEST[:32] + bytes(32) + DIGEST[64:128] + bytes(32)
