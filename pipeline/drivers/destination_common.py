@@ -13,16 +13,16 @@ completed (the summary) or not (it raises: the driver's own error, or the sessio
 from __future__ import annotations
 
 import contextlib
+import math
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
 from types import SimpleNamespace
 
 import numpy as np
 
 from pipeline.config import MigrationConfig
-from pipeline.drivers.source_common import one_line
+from pipeline.drivers.loop import one_line, run_session
 from pipeline.session import destination_events as de
 from pipeline.session.destination import DestinationSession
 from pipeline.session.states import DestinationState
@@ -120,7 +120,7 @@ class DestinationDriver:
                  on_state: Callable[[str, str], None] | None = None,
                  on_listening: Callable[[int], None] | None = None,
                  cancel: threading.Event | None = None, keep_guest: bool = False,
-                 accept_timeout: float = 60.0, guest_watch: float = 0.0,
+                 accept_timeout: float = math.inf, guest_watch: float = 0.0,
                  prealloc: bool = False) -> None:
         self.uri = uri
         self.config = config
@@ -195,18 +195,8 @@ class DestinationDriver:
         return self.summary()
 
     def _loop(self) -> None:
-        actions = deque(self.session.start(time.monotonic()))
-        while actions:
-            action = actions.popleft()
-            try:
-                event = self.CARRY[type(action)](self, action)
-            except BaseException as exc:  # noqa: BLE001 - handed to the session, re-raised
-                if self.session.final:    # an order after the end (best effort): go on
-                    continue
-                actions.clear()
-                event = self._failure(exc)
-            if event is not None:
-                actions.extend(self.session.handle(event, time.monotonic()))
+        run_session(self.session, lambda action: self.CARRY[type(action)](self, action),
+                    self._failure)
 
     def _failure(self, exc: BaseException):
         if isinstance(exc, MigrationCancelled | KeyboardInterrupt):

@@ -12,7 +12,8 @@ from __future__ import annotations
 import time
 
 from pipeline.control import ControlLink, ControlTrace
-from pipeline.drivers.source_common import SourceDriver, one_line
+from pipeline.drivers.loop import one_line
+from pipeline.drivers.source_common import SourceDriver
 from pipeline.protocol.channel import Role
 from pipeline.protocol.messages import ReadyMessage
 from pipeline.session import actions as act

@@ -1,36 +1,29 @@
 """What both source drivers do the same way: run a ``SourceSession`` to its end.
 
-``SourceDriver.run()`` is the loop of ``pipeline.session.actions``: carry out each action in
-order, hand the session the event an asking action produced, and turn anything that raises
-into the session's ``Cancel`` (Ctrl-C, ``cancel``) or ``Failed`` (one line). The session
+``SourceDriver.run()`` runs the loop of ``pipeline.drivers.loop``: anything that raises
+becomes the session's ``Cancel`` (Ctrl-C, ``cancel``) or ``Failed`` (one line). The session
 answers a failure with AbortPeer / ResumeGuest / the final state, which the driver carries out
 best-effort. After the commit point a failure while tearing down is a ``warning`` in the
 summary: the destination runs the guest, so the source never resumes it.
 
-A carrier subclass opens its resources in ``open()`` on ``self.stack`` (an ``ExitStack``,
-closed by ``close()`` whatever happened) and maps each of its actions to a method in
-``HANDLERS``.
+A carrier subclass opens its resources as its Connect action runs, on ``self.stack`` (an
+``ExitStack``, closed by ``close()`` whatever happened) and maps each of its actions to a
+method in ``HANDLERS``.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
 from contextlib import ExitStack
 
+from pipeline.drivers.loop import one_line, run_session
 from pipeline.session import actions as act
 from pipeline.session import events as ev
 from pipeline.session.source import SourceSession
 from pipeline.stats import MigrationStats
 from shm.errors import MigrationCancelled, MigrationError
-
-
-def one_line(exc: BaseException) -> str:
-    """A person's line for ``exc``: our errors say it themselves, others name their type."""
-    text = str(exc) if isinstance(exc, MigrationError) else f"{type(exc).__name__}: {exc}"
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 class SourceDriver:
@@ -51,6 +44,7 @@ class SourceDriver:
         self.cancel = cancel or threading.Event()
         self.stack = ExitStack()
         self.confirming = False
+        self.interrupted: BaseException | None = None
         self.session = SourceSession(
             config, [(b.idstr, b.length) for b in guest.region.blocks], inline=self.inline,
             snapshot=uri.scheme == "file", stats=self.stats)
@@ -59,24 +53,12 @@ class SourceDriver:
     def run(self) -> dict:
         self.stats.update(guest=getattr(self.guest, "kind", ""),
                           dirty_tracking=getattr(self.guest, "tracking", ""))
-        interrupted: BaseException | None = None
         with self:
-            actions = deque(self.session.start(time.monotonic()))
-            while actions:
-                action = actions.popleft()
-                try:
-                    event = self.carry_out(action)
-                except BaseException as exc:  # noqa: BLE001 - the session decides what follows
-                    if not isinstance(exc, Exception):
-                        interrupted = exc
-                    actions.clear()     # what the session asked for before is void now
-                    event = self.failure(exc)
-                if event is not None:
-                    actions.extend(self.session.handle(event, time.monotonic()))
+            run_session(self.session, self.carry_out, self.failure)
             if self.session.state == "completed":
                 self.finish()
-        if interrupted is not None:
-            raise interrupted
+        if self.interrupted is not None:
+            raise self.interrupted
         return self.stats.snapshot(time.monotonic())
 
     @property
@@ -88,6 +70,8 @@ class SourceDriver:
         return self.HANDLERS[type(action)](self, action)
 
     def failure(self, exc: BaseException) -> ev.Cancel | ev.Failed:
+        if not isinstance(exc, Exception):
+            self.interrupted = exc          # Ctrl-C: re-raised once everything is released
         if isinstance(exc, MigrationCancelled | KeyboardInterrupt):
             return ev.Cancel()
         return ev.Failed(self.reason(exc))
