@@ -16,7 +16,7 @@ from shm.memory import PAGE_SIZE  # noqa: F401 - also for users: pipeline.config
 
 MIB = 1 << 20
 
-CAPABILITIES = ("rdma-pin-all",)
+CAPABILITIES = ("rdma-pin-all", "x-odp")
 PARAMETERS = ("downtime-limit", "max-bandwidth", "x-max-rounds", "x-keep-going", "x-pin-budget",
               "x-memlock-limit")
 
@@ -52,14 +52,18 @@ def _split(item: str, kind: str) -> tuple[str, str]:
 
 @dataclass(frozen=True)
 class MigrationConfig:
-    """Everything that shapes one migration; both ends must agree on chunk size and pin-all."""
+    """Everything that shapes one migration; both ends must agree on chunk size and pin-all.
+    ``odp`` and ``pin_budget`` are each side's own choice (nothing on the wire): with x-odp off
+    a side pins every guest-RAM registration, as QEMU does, and keeps within its budget."""
 
     pin_all: bool = False                 # capability rdma-pin-all
+    odp: bool = True                      # capability x-odp: register guest RAM on demand
     downtime_limit_ms: int = 300          # parameter downtime-limit (ms)
     max_bandwidth: int = 0                # parameter max-bandwidth (bytes/s), 0 = unlimited
     max_rounds: int = 30                  # rounds without convergence before giving up
     keep_going: bool = False              # keep iterating past max_rounds instead of failing
-    pin_budget: int = 0                   # source bytes of chunks pinned at once, 0 = unlimited
+    pin_budget: int = 0                   # bytes of guest RAM pinned at once by each side;
+                                          # 0 = RLIMIT_MEMLOCK's room with x-odp off, else none
     chunk_size: int = MIB
     transport: str = "soft"
     trace_control: str | None = None      # path of a JSON-lines control trace
@@ -90,6 +94,8 @@ class MigrationConfig:
             name, value = _split(item, "capability")
             if name == "rdma-pin-all":
                 changes["pin_all"] = _parse_bool(name, value)
+            elif name == "x-odp":
+                changes["odp"] = _parse_bool(name, value)
             else:
                 raise ValueError(f"unknown capability {name!r} (known: {', '.join(CAPABILITIES)})")
         for item in parameters:

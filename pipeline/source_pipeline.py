@@ -17,6 +17,7 @@ import numpy as np
 
 from pipeline.config import MigrationConfig
 from pipeline.protocol.capabilities import DataConnect
+from pipeline.protocol.messages import CONTROL_MAX_BUFFER
 from shm.errors import StageFailed
 from shm.naming import segment_name
 from shm.ring import CONSUMER, PRODUCER, Ring
@@ -34,6 +35,10 @@ from stages.records import (
 )
 
 SLICE = 0.1
+# What an rdma-pipeline destination pins beside its chunks (its control link's three slots):
+# the source's default pin budget leaves it out, so that a destination with the same
+# RLIMIT_MEMLOCK can hold every chunk the source registers at once.
+PEER_CONTROL_PINNED = 3 * CONTROL_MAX_BUFFER
 RINGS = {  # name: (dtype, capacity, coordinator's role)
     "commands": (COMMAND, 64, PRODUCER),
     "syncs": (SYNC_REPLY, 64, CONSUMER),
@@ -75,6 +80,7 @@ class SourcePipeline:
         self.registrar = StageProcess("registrar", "stages.registrar:registrar_main", {
             "region": region, "transport": config.transport, "pin_all": config.pin_all,
             "pin_budget": config.pin_budget, "memlock_limit": config.memlock_limit,
+            "odp": config.odp, "pin_reserve": PEER_CONTROL_PINNED,
             "runs": n["runs"], "answers": n["answers"],
             "completions": n["completions"], "writes": n["writes"],
             "requests": n["requests"]})

@@ -16,9 +16,15 @@ one local MR object per registered chunk. A batch of runs is handled whole:
 
 A round's END marker goes on to the poster only after every parked run of that round has left;
 the poster's DRAINED for the round comes back through ``on_completions`` and is forwarded to the
-coordinator with the round's figures. With a pin budget, chunks past it are unregistered
-(UNREGISTER request plus local deregistration), least recently used first, and only when no
-write of theirs is in flight.
+coordinator with the round's figures.
+
+With a pin budget (``x-pin-budget``, or RLIMIT_MEMLOCK when registrations pin: ``x-odp=off``)
+at most ``budget_chunks`` chunks are pinned here at once, counting those asked for and those
+whose MR the poster has not released yet. A chunk that does not fit waits (its runs stay
+parked) while chunks least recently written, with no write in flight, are unregistered
+(UNREGISTER request, then local deregistration once the poster let go of its import); the
+waiting chunk is asked for when a release leaves room. That holds from round 1 on, so RAM many
+times the budget migrates through it.
 
 ``registrar_main`` is the process shell around it.
 """
@@ -58,7 +64,7 @@ from stages.records import (
     select,
 )
 
-NONE, REQUESTED, REGISTERED = 0, 1, 2
+NONE, REQUESTED, REGISTERED, WAITING = 0, 1, 2, 3   # WAITING: wanted, no room in the budget
 BIG_ZERO_PAGES = 64          # a zero run this long always goes as COMPRESS (256 KiB)
 LOCAL_SLICE = 16             # chunks registered locally between looks at the inputs
 
@@ -79,7 +85,8 @@ class Registrar:
 
     def __init__(self, blocks: list[BlockInfo], chunk_size: int, *, pin_all: bool,
                  reg_mr: Callable[[int, int], object], pin_budget: int = 0,
-                 reg_mrs: Callable[[list[tuple[int, int]]], list] | None = None) -> None:
+                 reg_mrs: Callable[[list[tuple[int, int]]], list] | None = None,
+                 local_budget: int = 0) -> None:
         self.blocks = blocks
         self.chunk_size = chunk_size
         self.chunk_pages = chunk_size // PAGE_SIZE
@@ -88,12 +95,18 @@ class Registrar:
         # one MR per (address, length), in one go (adjacent chunks pinned by one call)
         self._reg_mrs = reg_mrs or (lambda ranges: [reg_mr(a, n) for a, n in ranges])
         self.budget_chunks = pin_budget // chunk_size if pin_budget else 0
+        # Chunks pinned here may also count those unregistered at the destination whose MR
+        # the poster has not released yet: room past the budget (the limit's own, beside a
+        # budget that leaves some for the peer) keeps requests going meanwhile.
+        self.local_chunks = max(self.budget_chunks, local_budget // chunk_size)
         n = [b.nb_chunks(chunk_size) for b in blocks]
         self.state = [np.zeros(k, np.uint8) for k in n]
         self.lkey = [np.zeros(k, np.uint32) for k in n]
         self.rkey = [np.zeros(k, np.uint32) for k in n]
         self.inflight = [np.zeros(k, np.int64) for k in n]
-        self.last_used = [np.zeros(k, np.int64) for k in n]
+        self.last_used = [np.zeros(k, np.int64) for k in n]   # the batch of writes, not round
+        self._tick = 0                 # batches of writes made so far (the LRU clock)
+        self.waiting: list[tuple[int, int, int]] = []   # (block, chunk, round) past the budget
         self.remote_base = np.zeros(len(blocks), np.uint64)
         self.mrs: dict[tuple[int, int], object] = {}
         self.new_mrs: list = []        # registered since the shell last looked (to export)
@@ -175,6 +188,8 @@ class Registrar:
             sel = done[done["block"] == b]
             np.subtract.at(self.inflight[b], sel["chunk"].astype(np.int64),
                            sel["writes"].astype(np.int64))
+        if self.waiting:               # room freed, or chunks idle to make room with
+            self._request_waiting(reqs)
         for end in select(comps, ROUND_DRAINED):
             r = int(end["round"])
             scan = self.ends.pop(r, None)
@@ -234,17 +249,37 @@ class Registrar:
         pb = park["block"].astype(np.int64)
         key = np.unique(pb * (1 << 32) + pc)
         new = [(int(k >> 32), int(k & 0xFFFFFFFF)) for k in key]
-        new = [(b, c) for b, c in new if self.state[b][c] == NONE]
-        reqs.append(self._evict(len(new), int(park["round"][0])))
+        round_no = int(park["round"][0])
         for b, c in new:
+            if self.state[b][c] == NONE:
+                self.state[b][c] = WAITING
+                self.waiting.append((b, c, round_no))
+        self._request_waiting(reqs)
+
+    def _request_waiting(self, reqs: list) -> None:
+        """REGISTER requests for the waiting chunks that fit the budget, after UNREGISTER
+        requests for idle chunks that make room for the rest (room they leave once the
+        poster has released them: ``on_completions`` asks again then)."""
+        if not self.waiting:
+            return
+        fit = len(self.waiting)
+        if self.budget_chunks:
+            short = fit - (self.budget_chunks - self.registered_now)
+            if short > 0:
+                reqs.append(self._evict(short, self.waiting[0][2]))
+            fit = max(0, min(fit, self.budget_chunks - self.registered_now,
+                             self.local_chunks - self.registered_now - len(self.releasing)))
+        if not fit:
+            return
+        new, self.waiting = self.waiting[:fit], self.waiting[fit:]
+        for b, c, _ in new:
             self.state[b][c] = REQUESTED
-        self.to_register.extend(new)
+        self.to_register.extend((b, c) for b, c, _ in new)
         self.registered_now += len(new)
         self.chunks_registered += len(new)
-        if new:
-            reqs.append(records(REGISTER_REQUEST, len(new), round=int(park["round"][0]),
-                                block=[b for b, _ in new], chunk=[c for _, c in new],
-                                n_chunks=1))
+        reqs.append(records(REGISTER_REQUEST, len(new), round=[r for _, _, r in new],
+                            block=[b for b, _, _ in new], chunk=[c for _, c, _ in new],
+                            n_chunks=1))
 
     def _compress(self, z: np.ndarray, reqs: list) -> None:
         """COMPRESS requests for all-zero runs, registered chunk or not, pin-all or not: a
@@ -302,16 +337,15 @@ class Registrar:
         if last >= 0:
             self.register_pending(last + 1)
 
-    def _evict(self, incoming: int, round_no: int) -> np.ndarray:
-        """UNREGISTER requests for LRU idle chunks so that ``incoming`` more fit the budget."""
-        if not self.budget_chunks or self.registered_now + incoming <= self.budget_chunks:
-            return records(UNREGISTER_REQUEST, 0)
-        need = self.registered_now + incoming - self.budget_chunks
+    def _evict(self, need: int, round_no: int) -> np.ndarray:
+        """UNREGISTER requests for up to ``need`` chunks, least recently written first, of
+        those registered with no write in flight (this round's too: the budget may be far
+        smaller than RAM)."""
         cands = []
         for b in range(len(self.blocks)):
-            idle = np.flatnonzero((self.state[b] == REGISTERED) & (self.inflight[b] == 0)
-                                  & (self.last_used[b] < round_no))
-            cands.extend((int(self.last_used[b][c]), b, int(c)) for c in idle)
+            idle = np.flatnonzero((self.state[b] == REGISTERED) & (self.inflight[b] == 0))
+            cands.extend(zip(self.last_used[b][idle].tolist(), [b] * len(idle),
+                             idle.tolist(), strict=True))
         cands.sort()
         out = []
         for _, b, c in cands[:need]:
@@ -340,6 +374,7 @@ class Registrar:
         out["length"] = runs["n_pages"].astype(np.uint64) * np.uint64(PAGE_SIZE)
         out["pages"] = runs["n_pages"]
         out["zero_pages"] = np.where(runs["zero"] != 0, runs["n_pages"], 0)
+        self._tick += 1
         for b in np.unique(blocks):
             sel = blocks == b
             c = chunks[sel]
@@ -348,7 +383,7 @@ class Registrar:
             out["lkey"][sel] = self.lkey[b][c]
             out["rkey"][sel] = self.rkey[b][c]
             np.add.at(self.inflight[b], c, 1)
-            self.last_used[b][c] = runs["round"][sel]
+            self.last_used[b][c] = self._tick
         for r in np.unique(out["round"]):
             self.round_writes[int(r)] = self.round_writes.get(int(r), 0) + int(
                 np.count_nonzero(out["round"] == r))
@@ -411,6 +446,7 @@ def registrar_main(config: dict, link) -> int:
     from shm.region import RamRegion
     from shm.ring import CONSUMER, PRODUCER, Ring
     from stages.harness import Inbox
+    from stages.pinbudget import check_fits, human, pin_budget
     from stages.verbs import open_provider
     from stages.verbs.base import Access
 
@@ -418,6 +454,14 @@ def registrar_main(config: dict, link) -> int:
         from stages.harness import limit_memlock
 
         limit_memlock(config["memlock_limit"])
+    odp = config.get("odp", True)
+    # On demand (ODP), a whole block with pin-all as a chunk without it, nothing is pinned
+    # (the soft provider; a device without ODP pins instead). Without ODP (x-odp=off) every
+    # chunk is pinned, as QEMU's are, and what is pinned at once keeps inside the budget.
+    access = Access.ON_DEMAND if odp else Access.NONE
+    budget, why = pin_budget(config.get("pin_budget", 0), pins=not odp,
+                             reserve=config.get("pin_reserve", 0))
+    local_budget = pin_budget(0, pins=not odp)[0]     # what this process itself may pin
     with ExitStack() as stack:
         region = stack.enter_context(RamRegion.attach(config["region"]))
         ring = lambda key, dtype, role: stack.enter_context(  # noqa: E731
@@ -430,14 +474,18 @@ def registrar_main(config: dict, link) -> int:
         ctx = stack.enter_context(open_provider(config["transport"]).open_device())
         pd = ctx.alloc_pd()
         blocks = [BlockInfo(b.address, b.length) for b in region.blocks]
+        # Before ready, so before anything moves: a budget that cannot hold what must be
+        # pinned fails setup in one line.
+        if config["pin_all"]:
+            check_fits("source", budget, why, sum(b.length for b in blocks),
+                       "all RAM blocks for rdma-pin-all")
+        else:
+            check_fits("source", budget, why, region.chunk_size,
+                       f"one {human(region.chunk_size)} chunk")
         reg = Registrar(blocks, region.chunk_size, pin_all=config["pin_all"],
-                        # On demand (ODP), a whole block with pin-all as a chunk without it: the
-                        # pages present are locked at once, the rest as they are first touched.
-                        # Locking present pages with mlock fills this process's page tables,
-                        # 0.1 s per GiB, for a mapping the poster's reads never use.
-                        reg_mr=lambda a, n: pd.reg_mr(a, n, Access.ON_DEMAND),
-                        reg_mrs=lambda ranges: pd.reg_mrs(ranges, Access.ON_DEMAND),
-                        pin_budget=config.get("pin_budget", 0))
+                        reg_mr=lambda a, n: pd.reg_mr(a, n, access),
+                        reg_mrs=lambda ranges: pd.reg_mrs(ranges, access),
+                        pin_budget=budget, local_budget=local_budget)
         if reg.pin_all:
             reg.pin_blocks()      # before ready: a pin that fails (RLIMIT_MEMLOCK) fails setup
         link.ready(pd=pd.export(), path=region.segment.path)

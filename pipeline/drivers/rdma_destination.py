@@ -164,29 +164,66 @@ class RdmaDestination(DestinationDriver):
             self.link.abort()
 
     # -- memory --------------------------------------------------------------------------
+    def _ram_access(self, need: int, what: str):
+        """The access of a guest-RAM registration of ``need`` bytes, once it is known to fit
+        the pin budget (x-odp off: each registration pins, as QEMU's do; the budget is
+        x-pin-budget or what RLIMIT_MEMLOCK leaves, read at the first registration, after the
+        control link's buffers are pinned). TransportError, in one line, past it."""
+        if self.config.odp:
+            return RW | Access.ON_DEMAND
+        if not hasattr(self, "_pin_budget"):
+            from stages.pinbudget import pin_budget
+
+            if self.config.memlock_limit:
+                from stages.harness import limit_memlock
+
+                limit_memlock(self.config.memlock_limit)
+            self._pin_budget = pin_budget(self.config.pin_budget, pins=True)
+            self._pinned = 0
+        from stages.pinbudget import check_fits
+
+        budget, why = self._pin_budget
+        check_fits("destination", budget, why, need, what, self._pinned)
+        self._pinned += need
+        return RW
+
     def _register_chunks(self, a: de.RegisterChunks):
         """One ``reg_mrs`` call for every new chunk (adjacent chunks pinned together), each
         with its own MR and rkey."""
-        mrs = self.pd.reg_mrs([(addr, length) for _key, addr, length in a.ranges],
-                              RW | Access.ON_DEMAND)
+        need = sum(length for _key, _addr, length in a.ranges)
+        access = self._ram_access(need, f"the {len(a.ranges)} chunk(s) of a REGISTER request "
+                                        "(the source's pin budget is larger: lower its "
+                                        "x-pin-budget)")
+        try:
+            mrs = self.pd.reg_mrs([(addr, length) for _key, addr, length in a.ranges], access)
+        except BaseException:
+            self._unpinned(need)
+            raise
         for (key, _addr, _length), mr in zip(a.ranges, mrs, strict=True):
             self.chunk_mrs[key] = mr
             self._populate_ahead(mr)
         return de.ChunksRegistered(tuple(mr.rkey for mr in mrs))
+
+    def _unpinned(self, length: int) -> None:
+        if not self.config.odp:
+            self._pinned -= length
 
     def _deregister_chunks(self, a: de.DeregisterChunks):
         for key in a.keys:
             mr = self.chunk_mrs.pop(key, None)
             if mr is not None:
                 mr.close()
+                self._unpinned(mr.length)
 
     def _pin_blocks(self, a: de.PinBlocks):
         # On demand (ODP): pinning all of RAM up front would fault in every page, 0.6 s per
         # GiB here, even the pages that stay zero and are never written; each write's
         # target range is faulted in, in bulk, when it arrives.
+        access = self._ram_access(sum(length for _addr, length in a.ranges),
+                                  "all RAM blocks for rdma-pin-all")
         rkeys = []
         for addr, length in a.ranges:
-            mr = self.pd.reg_mr(addr, length, RW | Access.ON_DEMAND)
+            mr = self.pd.reg_mr(addr, length, access)
             self.block_mrs.append(mr)
             rkeys.append(mr.rkey)
         return de.BlocksPinned(tuple(rkeys))

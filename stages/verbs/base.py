@@ -85,7 +85,7 @@ class Access(IntFlag):
     LOCAL_WRITE = 1
     REMOTE_WRITE = 2
     REMOTE_READ = 4
-    ON_DEMAND = 64      # IBV_ACCESS_ON_DEMAND (ODP): pages are pinned as they are first touched
+    ON_DEMAND = 64      # IBV_ACCESS_ON_DEMAND (ODP): nothing pinned, pages faulted in when used
 
 
 class QPState(IntEnum):

@@ -209,3 +209,57 @@ def test_an_answer_registers_locally_only_up_to_the_chunks_it_answers():
     assert w.view(WRITE)["rkey"].tolist() == [73]
     w, _ = reg.on_answers(answer(0, 2, 72))
     assert calls == [1, 1, 2] and w.view(WRITE)["rkey"].tolist() == [72]
+
+
+def _done(block, chunk, writes=1, round_no=1):
+    return records(CHUNK_DONE, round=round_no, block=block, chunk=chunk, writes=writes,
+                   bytes=4096 * writes).view(COMPLETION_RING)
+
+
+def test_pin_budget_cycles_round_1_through_lru_chunks_never_past_the_budget():
+    reg = make(pin_budget=2 * CHUNK)
+    _, q = reg.on_runs(runs(*[(0, k * CP, 1, 0) for k in range(4)]))
+    asked = select(q, REGISTER_REQUEST)["chunk"].tolist()
+    assert asked == [0, 1] and not len(select(q, UNREGISTER_REQUEST))   # 2 wait for room
+    reg.register_pending()
+    w, _ = reg.on_answers(np.concatenate([answer(0, 0, 1), answer(0, 1, 2)]))
+    assert select(w, WRITE)["chunk"].tolist() == [0, 1]
+    # chunk 1 completes first: it is the one unregistered (idle), though written this round
+    q = reg.on_completions(_done(0, 1))
+    assert select(q, UNREGISTER_REQUEST)["chunk"].tolist() == [1]
+    assert not len(select(q, REGISTER_REQUEST))       # its MR is not released yet
+    (mr,) = reg.to_release
+    reg.to_release.clear()
+    q = reg.on_completions(records(MR_RELEASED, lkey=mr.lkey).view(COMPLETION_RING))
+    assert select(q, REGISTER_REQUEST)["chunk"].tolist() == [2]
+    assert reg.registered_now + len(reg.releasing) <= 2
+    # chunk 0 completes: evicted, then chunk 3 asked for once released
+    q = reg.on_completions(_done(0, 0))
+    assert select(q, UNREGISTER_REQUEST)["chunk"].tolist() == [0]
+    (mr,) = reg.to_release
+    q = reg.on_completions(records(MR_RELEASED, lkey=mr.lkey).view(COMPLETION_RING))
+    assert select(q, REGISTER_REQUEST)["chunk"].tolist() == [3] and reg.waiting == []
+
+
+def test_pin_budget_evicts_least_recently_written_first():
+    reg = make(pin_budget=2 * CHUNK)
+    reg.on_runs(runs((0, 0, 1, 0), (0, CP, 1, 0)))
+    reg.register_pending()
+    reg.on_answers(np.concatenate([answer(0, 0, 1), answer(0, 1, 2)]))
+    reg.on_completions(np.concatenate([_done(0, 0), _done(0, 1)]))
+    reg.on_runs(runs((0, 5, 1, 0), round_no=2))          # chunk 0 written again: newest
+    reg.on_completions(_done(0, 0, round_no=2))
+    _, q = reg.on_runs(runs((0, 2 * CP, 1, 0), round_no=2))
+    assert select(q, UNREGISTER_REQUEST)["chunk"].tolist() == [1]
+
+
+def test_local_room_past_the_budget_keeps_requests_going_during_releases():
+    reg = make(pin_budget=CHUNK, local_budget=2 * CHUNK)
+    reg.on_runs(runs((0, 0, 1, 0), (0, CP, 1, 0), (0, 2 * CP, 1, 0)))
+    reg.register_pending()
+    reg.on_answers(answer(0, 0, 1))
+    q = reg.on_completions(_done(0, 0))
+    # chunk 0 unregistered at the destination: chunk 1 may be asked for before the release
+    assert select(q, UNREGISTER_REQUEST)["chunk"].tolist() == [0]
+    assert select(q, REGISTER_REQUEST)["chunk"].tolist() == [1]
+    assert reg.registered_now == 1 and len(reg.releasing) == 1

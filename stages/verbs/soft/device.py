@@ -26,7 +26,8 @@ DEVICE = "soft0"
 
 
 class SoftMR(base.MR):
-    """A registered (pinned) region, or an import of one registered in another process."""
+    """A registered region (pinned unless ON_DEMAND), or an import of one registered in
+    another process."""
 
     def __init__(self, pd: SoftPD, key: int, addr: int, length: int, access: Access, *,
                  local_address: int, mapping: memory.FileMapping | None = None,
@@ -75,7 +76,7 @@ class SoftMR(base.MR):
         if self._closed or not self.on_demand:
             return
         memory.populate(self.local_address, self.length)
-        self.on_demand = False       # every page is in memory (and locked: MLOCK_ONFAULT)
+        self.on_demand = False       # every page is in memory
 
     def export(self) -> MRHandle:
         if self._closed:
@@ -110,7 +111,8 @@ class SoftMR(base.MR):
         else:
             if self._backing_held:
                 memory.BACKINGS.release(self.local_address, self.length)
-            memory.PINS.unpin(self.addr, self.length)
+            if not self.access & Access.ON_DEMAND:
+                memory.PINS.unpin(self.addr, self.length)
 
 
 class SoftPD(base.PD):
@@ -149,7 +151,9 @@ class SoftPD(base.PD):
 
     def reg_mrs(self, ranges: list[tuple[int, int]], access: Access) -> list[SoftMR]:
         """One MR per ``(address, length)`` of ``ranges``, as ``reg_mr`` would make each, all
-        or none; adjacent ranges are pinned with one mlock call (a REGISTER batch's chunks)."""
+        or none; adjacent ranges are pinned with one mlock call (a REGISTER batch's chunks).
+        ON_DEMAND (ODP) pins nothing and is not charged to RLIMIT_MEMLOCK: writes fault their
+        target in when they land (``faulting``), as an ODP NIC's page faults do."""
         access = Access(access)
         for address, length in ranges:
             if length <= 0:
@@ -160,7 +164,8 @@ class SoftPD(base.PD):
             raise TransportError("REMOTE_WRITE access requires LOCAL_WRITE", errno=errno.EINVAL)
         with self._lock:
             self._check()
-            memory.PINS.pin_many(ranges, on_demand=bool(access & Access.ON_DEMAND))
+            if not access & Access.ON_DEMAND:
+                memory.PINS.pin_many(ranges)
             out = []
             for address, length in ranges:
                 key = self._new_key()

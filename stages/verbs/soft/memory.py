@@ -1,7 +1,9 @@
 """Raw memory for the soft provider: views over integer addresses, pinning, shared backings.
 
-Registration pins with mlock(2), so it meets RLIMIT_MEMLOCK exactly as ibv_reg_mr does.
-mlock does not count: unlocking a range unlocks it for every region that overlaps it. The
+A registration without ON_DEMAND pins with mlock(2), so it meets RLIMIT_MEMLOCK exactly as
+ibv_reg_mr does; an ON_DEMAND one (ODP) pins nothing and is not charged to the limit, as on a
+NIC with on-demand paging (its pages are faulted in as writes reach them). mlock does not
+count: unlocking a range unlocks it for every region that overlaps it. The
 process-wide ``PINS`` therefore keeps a multiset of pinned page ranges and, on deregistration,
 unlocks only the pages no other registration still covers.
 
@@ -23,8 +25,6 @@ import threading
 from shm.errors import TransportError
 from shm.memory import PAGE_SIZE, Madv, libc, madvise
 
-_mlock2 = getattr(libc, "mlock2", None)
-MLOCK_ONFAULT = 1
 _MAP_FAILED = ctypes.c_void_p(-1).value
 
 
@@ -91,29 +91,22 @@ class PinSet:
         return start, end
 
     @staticmethod
-    def _lock_range(start: int, end: int, on_demand: bool) -> int:
-        """mlock (or mlock2 MLOCK_ONFAULT) one page range; 0 or the errno."""
-        if on_demand and _mlock2 is not None:
-            failed = _mlock2(start, end - start, MLOCK_ONFAULT) != 0
-        else:
-            failed = libc.mlock(start, end - start) != 0
+    def _lock_range(start: int, end: int) -> int:
+        """mlock one page range; 0 or the errno."""
+        failed = libc.mlock(start, end - start) != 0
         return ctypes.get_errno() if failed else 0
 
-    def pin(self, address: int, length: int, *, on_demand: bool = False) -> None:
-        """mlock the pages of ``[address, address+length)``; TransportError over the limit.
-
-        ``on_demand`` (an ODP registration) locks the pages present now and every other page
-        when it is first touched (mlock2 MLOCK_ONFAULT), without faulting the range in: memory
-        never written costs nothing. RLIMIT_MEMLOCK counts the whole range either way."""
+    def pin(self, address: int, length: int) -> None:
+        """mlock the pages of ``[address, address+length)``; TransportError over the limit."""
         start, end = self._pages(address, length)
         with self._lock:
-            err = self._lock_range(start, end, on_demand)
+            err = self._lock_range(start, end)
             if err:
                 raise pin_error(end - start, err)
             bisect.insort(self._ranges, (start, end))
             self._longest = max(self._longest, end - start)
 
-    def pin_many(self, ranges: list[tuple[int, int]], *, on_demand: bool = False) -> None:
+    def pin_many(self, ranges: list[tuple[int, int]]) -> None:
         """``pin`` each ``(address, length)`` of ``ranges``, all or none: each stretch of
         adjacent or overlapping ranges is locked with one call (mlock costs per page, plus a
         VMA split and merge per call), and each range is still counted on its own, so each
@@ -122,7 +115,7 @@ class PinSet:
         with self._lock:
             done: list[tuple[int, int]] = []
             for start, end in _stretches(pages):
-                err = self._lock_range(start, end, on_demand)
+                err = self._lock_range(start, end)
                 if err:
                     for d_start, d_end in done:      # undo, sparing pages others pinned
                         self._unlock_uncovered(d_start, d_end)

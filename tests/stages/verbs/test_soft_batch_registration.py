@@ -64,7 +64,7 @@ def test_reg_mrs_keeps_pages_other_registrations_pinned():
     before = _locked()
     with open_provider("soft").open_device() as ctx:
         pd = ctx.alloc_pd()
-        whole = pd.reg_mr(base, 4 * MiB, Access.ON_DEMAND)
+        whole = pd.reg_mr(base, 4 * MiB, Access.NONE)
         chunks = pd.reg_mrs([(base, MiB), (base + MiB, MiB)], Access.NONE)
         for mr in chunks:
             mr.close()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import errno
 
 import numpy as np
-from verbs_peer import register_over_limit, run_in_child
+from verbs_peer import drop_ipc_lock, register_over_limit, run_in_child
 
 from shm.memory import PAGE_SIZE
 from stages.verbs import Access, open_provider
@@ -71,3 +71,40 @@ def test_soft_unpin_subtracts_every_other_range():
     pins.unpin(base + MiB, MiB)
     pins.unpin(base + 3 * MiB, MiB)
     assert _locked() == before and pins.covered() == []
+
+
+def _on_demand_under_limit(conn) -> None:
+    """Child: with a 1 MiB limit, register 8 MiB ON_DEMAND, write it, then 2 MiB pinned."""
+    import resource
+
+    from shm.errors import TransportError
+
+    drop_ipc_lock()
+    resource.setrlimit(resource.RLIMIT_MEMLOCK, (MiB, MiB))
+    region = np.zeros(16 * MiB, np.uint8)
+    base = region.ctypes.data - region.ctypes.data % PAGE_SIZE + PAGE_SIZE
+    out = {}
+    with open_provider("soft").open_device() as ctx:
+        pd = ctx.alloc_pd()
+        before = _locked()
+        odp = pd.reg_mrs([(base, 4 * MiB), (base + 4 * MiB, 4 * MiB)],
+                         Access.LOCAL_WRITE | Access.REMOTE_WRITE | Access.ON_DEMAND)
+        odp[0].prefetch()
+        out["odp_locked"] = _locked() - before
+        out["covered"] = memory.PINS.covered()
+        try:
+            pd.reg_mr(base + 8 * MiB, 2 * MiB, Access.LOCAL_WRITE)
+            out["error"] = None
+        except TransportError as exc:
+            out["error"] = str(exc)
+        for mr in odp:
+            mr.close()
+        out["after"] = _locked() - before
+    conn.send(out)
+
+
+def test_soft_on_demand_pins_nothing_and_plain_registration_still_meets_the_limit():
+    exitcode, out = run_in_child(_on_demand_under_limit)
+    assert exitcode == 0
+    assert out["odp_locked"] == 0 and out["covered"] == [] and out["after"] == 0
+    assert out["error"] is not None and "RLIMIT_MEMLOCK" in out["error"]
