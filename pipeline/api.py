@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
+import math
 import multiprocessing.util  # noqa: F401 - see _cancel_running_at_exit
 import socket
 import threading
@@ -53,6 +54,14 @@ __all__ = ["Migration", "start_outgoing", "start_incoming", "run_local", "LocalR
 # this one: both are imported above, before it is registered.
 _running: weakref.WeakSet[Migration] = weakref.WeakSet()
 EXIT_DEADLINE = 15.0
+
+
+def cancel_all() -> int:
+    """Cancel every migration this process runs (a signal's handler does); how many."""
+    running = list(_running)
+    for mig in running:
+        mig.cancel()
+    return len(running)
 
 
 @atexit.register
@@ -165,10 +174,11 @@ def start_outgoing(uri: str | URI, guest: SyntheticGuest, config: MigrationConfi
 def start_incoming(uri: str | URI, config: MigrationConfig | None = None, *,
                    blocks: list[tuple[str, int]] | None = None, keep_guest: bool = False,
                    on_listening: Callable[[int], None] | None = None,
-                   guest_watch: float = 0.0) -> Migration:
+                   guest_watch: float = 0.0, accept_timeout: float = math.inf) -> Migration:
     """Listen at ``uri`` and receive one migration (the destination side); the guest, synthetic
     or KVM, is the one the stream carries. ``guest_watch``: seconds the resumed guest runs
-    before it is stopped and reported in the summary's ``guest``."""
+    before it is stopped and reported in the summary's ``guest``; ``accept_timeout``: how long
+    to wait for a source (as QEMU's -incoming, forever by default)."""
     from pipeline.drivers import destination_driver
     from shm.naming import new_run_id
 
@@ -177,7 +187,8 @@ def start_incoming(uri: str | URI, config: MigrationConfig | None = None, *,
     inc = destination_driver(target)(target, config or MigrationConfig(), run_id=new_run_id(),
                                      blocks=blocks, on_state=mig._emit,
                                      cancel=mig.cancel_event, keep_guest=keep_guest,
-                                     on_listening=on_listening, guest_watch=guest_watch)
+                                     on_listening=on_listening, guest_watch=guest_watch,
+                                     accept_timeout=accept_timeout)
     mig.incoming = inc
     return mig._start(inc.run, inc.stats)
 

@@ -3,16 +3,20 @@
 Each subcommand lives in its own module with ``add_arguments(parser)`` and ``main(args) -> int``;
 ``COMMANDS`` maps names to those modules. Command modules keep heavy imports inside ``main`` so
 that ``--help`` stays fast. Errors of the ``MigrationError`` tree print as one line and exit 2,
-unless ``--debug`` asks for the traceback.
+unless ``--debug`` asks for the traceback. SIGINT (and, for ``run``, ``migrate`` and
+``incoming``, SIGTERM and SIGHUP: ``cmd_common.StopSignals``) cancels: one line, ``cancelled:
+SIGTERM``, and the exit code a shell expects of a signal, 128 + its number.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
 
 from pipeline import __version__
+from pipeline.cmd_common import say, signal_exit_code, signal_name
 from shm.errors import MigrationError
 
 # name -> (module, one-line help)
@@ -57,6 +61,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"rdma-pipeline {args.command}: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except KeyboardInterrupt:
-        print(f"rdma-pipeline {args.command}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        # Ctrl-C, or (run, migrate, incoming) SIGTERM or SIGHUP while the command was starting:
+        # what it started is released already (its ``with`` blocks), as after a cancel.
+        signum = getattr(exc, "signum", signal.SIGINT)
+        say(f"rdma-pipeline {args.command}: cancelled: {signal_name(signum)}")
+        return signal_exit_code(signum)

@@ -1,8 +1,11 @@
-"""What ``run``, ``migrate`` and ``incoming`` share: options, config building, printing."""
+"""What ``run``, ``migrate`` and ``incoming`` share: options, config building, printing, and
+what SIGINT, SIGTERM and SIGHUP do to them (``StopSignals``)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import signal
 import sys
 
 from pipeline.config import MigrationConfig, parse_size
@@ -163,3 +166,102 @@ def guest_report_line(report: dict) -> str:
 
 def exit_code(summary: dict) -> int:
     return 0 if summary["status"] == "completed" else 1
+
+
+class Interrupted(KeyboardInterrupt):
+    """A stop signal that came while the command was starting (nothing to cancel yet)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal_name(signum))
+        self.signum = signum
+
+
+def signal_name(signum: int) -> str:
+    return signal.Signals(signum).name
+
+
+def signal_exit_code(signum: int) -> int:
+    """128 + the signal's number, as a shell reports a command a signal ended: 130 for SIGINT,
+    143 for SIGTERM, 129 for SIGHUP."""
+    return 128 + int(signum)
+
+
+class StopSignals:
+    """SIGINT, SIGTERM and SIGHUP all do what Ctrl-C does, for as long as this is entered.
+
+    While the command starts (``starting()``) and no migration runs yet, the first signal raises
+    ``Interrupted``, which unwinds what was started (the command's ``with`` blocks). Once a
+    migration runs, a signal cancels it through its normal path (``Migration.cancel``: the
+    drivers see the cancel event) and raises nothing: the command's wait sees the migration end
+    ``cancelled``, and ``report()`` turns that into one line and 128 + the signal's number. A
+    signal while the command is finishing (the migration is over) only counts for ``report()``,
+    and so do later signals: nothing may cut a release short.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+    def __init__(self, command: str) -> None:
+        self.command = command
+        self.signum: int | None = None
+        self._starting = False
+        self._raised = False
+        self._old: dict[int, object] = {}
+
+    def __enter__(self) -> StopSignals:
+        for sig in self.SIGNALS:
+            self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old = {}
+
+    @contextlib.contextmanager
+    def starting(self):
+        """The command starts its guest, processes and migration here: a signal unwinds it."""
+        self._starting = True
+        try:
+            if self.signum is not None:      # one came before: stop now
+                self._raise(self.signum)
+            yield
+        finally:
+            self._starting = False
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is None:
+            self.signum = signum
+        # Every migration of this process (the one the command waits for, and a destination's)
+        # ends through its cancel event; api keeps the set of those still running.
+        from pipeline.api import cancel_all
+
+        if not cancel_all() and self._starting:
+            self._raise(signum)
+
+    def _raise(self, signum: int) -> None:
+        if not self._raised:
+            self._raised = True
+            from shm.semaphores import raise_from_handler
+
+            raise_from_handler(Interrupted(signum))
+
+    def report(self, summary: dict | None) -> int | None:
+        """After a signal: one line on stderr and the exit code (None when no signal came).
+        A migration that completed anyway (the signal came after the commit point) exits 0."""
+        if self.signum is None:
+            return None
+        name = signal_name(self.signum)
+        if summary is not None and summary.get("status") == "completed":
+            say(f"rdma-pipeline {self.command}: {name} came after the commit point: "
+                "the migration completed")
+            return 0
+        say(f"rdma-pipeline {self.command}: cancelled: {name}")
+        return signal_exit_code(self.signum)
+
+
+def say(line: str) -> None:
+    """One line on stderr; nothing when stderr is gone (SIGHUP: the terminal closed)."""
+    try:
+        print(line, file=sys.stderr, flush=True)
+    except OSError:
+        pass

@@ -1,15 +1,23 @@
-"""``rdma-pipeline incoming rdma:HOST:PORT``: receive one migration, verify, resume."""
+"""``rdma-pipeline incoming rdma:HOST:PORT``: receive one migration, verify, resume.
+
+It waits for a source as long as QEMU's ``-incoming`` does, forever, unless ``--timeout`` says
+otherwise, and says "listening on" only once it listens (the port is the one bound, so
+``rdma:HOST:0`` reports the port the kernel chose).
+"""
 
 from __future__ import annotations
 
+import math
 import sys
 
 from pipeline.cmd_common import (
+    StopSignals,
     add_migration_options,
     add_watch_option,
     build_config,
     exit_code,
     print_summary,
+    say,
 )
 
 
@@ -19,33 +27,44 @@ def add_arguments(p) -> None:
     p.add_argument("--ram", default=None,
                    help="this side's pc.ram size; the source's must match (default: take the "
                         "block list from the source)")
+    p.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
+                   help="fail if no source connects within SECONDS (default: wait forever, as "
+                        "QEMU does)")
     add_watch_option(p, 0.0)
     add_migration_options(p, source=False)
 
 
 def main(args) -> int:
-    from pipeline.api import _uri, start_incoming
+    from pipeline.api import start_incoming
     from pipeline.config import parse_size
     from pipeline.guest.synthetic import SyntheticGuest
+    from pipeline.uri import parse_uri
 
     try:
-        uri = _uri(args.uri)
+        uri = parse_uri(args.uri)
         config = build_config(args)
         blocks = None
         if args.ram:
             blocks = [("pc.ram", parse_size(args.ram)), SyntheticGuest.SECOND_BLOCK]
+        if args.timeout is not None and not args.timeout > 0:
+            raise ValueError(f"--timeout {args.timeout:g}: must be a number of seconds > 0")
     except ValueError as exc:
         print(f"rdma-pipeline incoming: {exc}", file=sys.stderr)
         return 2
-    if not args.json and uri.scheme != "file":
-        print(f"listening on {uri}", file=sys.stderr)
-    mig = start_incoming(uri, config, blocks=blocks, guest_watch=max(0.0, args.guest_watch))
-    try:
+
+    def listening(port: int) -> None:
+        say(f"listening on {uri.scheme}:{uri.host}:{port}")
+
+    with StopSignals("incoming") as signals:
+        with signals.starting():
+            mig = start_incoming(uri, config, blocks=blocks,
+                                 guest_watch=max(0.0, args.guest_watch),
+                                 accept_timeout=math.inf if args.timeout is None
+                                 else args.timeout, on_listening=listening)
         summary = mig.wait()
-    except KeyboardInterrupt:
-        mig.cancel()
-        summary = mig.wait()
-    if uri.scheme == "file" and mig.error is not None:
-        raise mig.error        # a file refused: one line saying where and what, exit 2
-    print_summary(summary, args.json)
-    return exit_code(summary)
+        if uri.scheme == "file" and mig.error is not None and signals.signum is None:
+            raise mig.error    # a file refused: one line saying where and what, exit 2
+        print_summary(summary, args.json)
+        code = signals.report(summary)
+    return exit_code(summary) if code is None else code
+

@@ -6,6 +6,7 @@ import sys
 
 from pipeline.cmd_common import (
     Progress,
+    StopSignals,
     add_guest_options,
     add_migration_options,
     build_config,
@@ -23,12 +24,13 @@ def add_arguments(p) -> None:
 
 
 def main(args) -> int:
-    from pipeline.api import _uri, start_outgoing
+    from pipeline.api import start_outgoing
     from pipeline.config import parse_size
+    from pipeline.uri import parse_uri
     from shm.naming import new_run_id
 
     try:
-        uri = _uri(args.uri)
+        uri = parse_uri(args.uri)
         config = build_config(args)
         spec = guest_spec(args)
         ram = parse_size(args.ram)
@@ -37,18 +39,24 @@ def main(args) -> int:
         return 2
     run_id = new_run_id()
     progress = Progress(True)
-    with spec.create(ram, run_id=run_id, chunk_size=config.chunk_size) as guest:
-        guest.start()
-        mig = start_outgoing(uri, guest, config, run_id=run_id)
+    with StopSignals("migrate") as signals:
         try:
-            while not mig.done:
-                progress(mig.stats())
-                mig.finished(0.2)
-        except KeyboardInterrupt:
-            mig.cancel()
-        summary = mig.wait()
-    progress.done()
-    print_summary(summary, args.json)
+            with signals.starting():
+                guest = spec.create(ram, run_id=run_id, chunk_size=config.chunk_size)
+            with guest:
+                with signals.starting():
+                    guest.start()
+                    mig = start_outgoing(uri, guest, config, run_id=run_id)
+                while not mig.done:
+                    progress(mig.stats())
+                    mig.finished(0.2)
+                summary = mig.wait()
+        finally:
+            progress.done()
+        print_summary(summary, args.json)
+        code = signals.report(summary)
+    if code is not None:
+        return code
     if summary["status"] != "completed" and not args.json:
         print(f"rdma-pipeline migrate: migration {summary['status']}: "
               f"{summary.get('error-desc', '')}", file=sys.stderr)

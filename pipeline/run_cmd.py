@@ -5,7 +5,9 @@ from __future__ import annotations
 import sys
 
 from pipeline.cmd_common import (
+    Interrupted,
     Progress,
+    StopSignals,
     add_guest_options,
     add_migration_options,
     add_watch_option,
@@ -26,7 +28,7 @@ def add_arguments(p) -> None:
 
 
 def main(args) -> int:
-    from pipeline.api import run_local
+    from pipeline.api import LocalRun
     from pipeline.config import parse_size
     from shm.memory import PAGE_SIZE
 
@@ -43,11 +45,37 @@ def main(args) -> int:
         print(f"rdma-pipeline run: {exc}", file=sys.stderr)
         return 2
     progress = Progress(True)
-    summary = run_local(ram, config, guest=spec, on_progress=progress,
-                        guest_watch=max(0.0, args.guest_watch), scheme=scheme)
-    progress.done()
-    print_summary(summary, args.json)
+    with StopSignals("run") as signals:
+        try:
+            with LocalRun(ram, config, state=spec.state, fill=spec.fill, guest=spec,
+                          guest_watch=max(0.0, args.guest_watch), scheme=scheme) as lr:
+                try:
+                    with signals.starting():
+                        mig = lr.start()
+                except Interrupted:
+                    _cancel_destination(lr)     # it would wait for a source forever
+                    raise
+                while not mig.done:
+                    progress(mig.stats())
+                    mig.finished(0.2)
+                summary = lr.finish()
+        finally:
+            progress.done()
+        print_summary(summary, args.json)
+        code = signals.report(summary)
+    if code is not None:
+        return code
     if summary["status"] != "completed" and not args.json:
         print(f"rdma-pipeline run: migration {summary['status']}: "
               f"{summary.get('error-desc', '')}", file=sys.stderr)
     return exit_code(summary)
+
+
+def _cancel_destination(lr) -> None:
+    from shm.errors import StageFailed
+
+    if lr.dest is not None and lr.dest.pid is not None:
+        try:
+            lr.dest.send("cancel")
+        except StageFailed:
+            pass

@@ -42,6 +42,7 @@ from shm.semaphores import (
     create_semaphores,
     unlink_semaphores,
 )
+from shm.semaphores import wait as wait_semaphore
 
 KIND = b"dirty"
 POLL_INTERVAL = 0.1
@@ -240,9 +241,7 @@ class DirtyLog(SemaphoreSegment):
 
     def _serve_forever(self) -> None:
         while not self._stop:
-            try:
-                self._request.acquire(1.0)  # close() posts to wake us; the timeout is a guard
-            except (posix_ipc.BusyError, posix_ipc.SignalError):
+            if not wait_semaphore(self._request, 1.0):  # close() posts to wake us; a guard
                 continue
             if self._stop:
                 return
@@ -328,12 +327,8 @@ class DirtyLog(SemaphoreSegment):
                                      f"fetch in {timeout} s",
                                      hint="a paused writer must call service() or "
                                           "start_service()")
-            try:
-                self._ack.acquire(wait)
-            except posix_ipc.BusyError:
+            if not wait_semaphore(self._ack, wait):   # a handler's exception ends the wait
                 self._check_writer()
-            except posix_ipc.SignalError:
-                pass
         return True
 
     def _check_writer(self) -> None:

@@ -25,7 +25,8 @@ Invariants and why they hold without locks:
   cannot overflow; the sleeper then has that many wake-ups ahead, and the poll below bounds any
   delay anyway.
 - A sleeper wakes at least every POLL_INTERVAL to look at the peer's state and pid and at the
-  ring owner's pid, so a dead peer is reported within POLL_INTERVAL plus one /proc read.
+  ring owner's pid, so a dead peer is reported within POLL_INTERVAL plus one /proc read. What a
+  signal handler raises ends the wait (``shm.semaphores.wait``): no signal is swallowed.
 The semaphores are named like the segment, so ``naming.sweep`` removes them with it.
 """
 
@@ -48,6 +49,7 @@ from shm.semaphores import (
     create_semaphores,
     unlink_semaphores,
 )
+from shm.semaphores import wait as wait_semaphore
 
 KIND = b"ring"
 POLL_INTERVAL = 0.1
@@ -198,12 +200,8 @@ class Ring(SemaphoreSegment):
             if wait <= 0:
                 self._check_peer()
                 raise RingTimeout(f"timed out waiting for {what} on ring {self.name}", done=done)
-        try:
-            sem.acquire(wait)
-        except posix_ipc.BusyError:
+        if not wait_semaphore(sem, wait):   # a timeout, or a signal whose handler returned
             self._check_peer()
-        except posix_ipc.SignalError:
-            pass  # a handler that did not raise: look again
 
     @staticmethod
     def _post(sem: posix_ipc.Semaphore) -> None:

@@ -4,16 +4,51 @@ A ring and a dirty log each pair one segment with two semaphores named after it
 (``<segment>.<suffix>``, so ``sweep`` finds them as ``/dev/shm/sem.<segment>.<suffix>``). The
 segment's owner creates them exclusively and alone unlinks them; attachers open and close. A
 creation or attach that fails half-way leaves nothing behind.
+
+Every wait on one goes through ``wait``, which never swallows a signal: posix_ipc runs Python's
+signal handlers inside ``acquire`` and then replaces whatever a handler raised with
+``SignalError``, so a stage told to stop (its SIGTERM handler raises) would sleep on. A handler
+that raises through ``raise_from_handler`` leaves its exception where ``wait`` finds it and
+raises it again.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
-from typing import ClassVar
+from typing import ClassVar, NoReturn
 
 import posix_ipc
 
 from shm.errors import ShmError
+
+# (count, thread ident, exception) of the last exception a handler raised via raise_from_handler
+_raised: tuple[int, int, BaseException | None] = (0, 0, None)
+
+
+def raise_from_handler(exc: BaseException) -> NoReturn:
+    """Raise ``exc`` from a signal handler, so that a semaphore ``wait`` the signal interrupted
+    raises it too instead of posix_ipc's ``SignalError``."""
+    global _raised
+    _raised = (_raised[0] + 1, threading.get_ident(), exc)
+    raise exc
+
+
+def wait(sem: posix_ipc.Semaphore, timeout: float | None) -> bool:
+    """Take a token of ``sem`` within ``timeout`` seconds (None: no limit). True if taken; False
+    at the timeout, or after a signal whose handler returned (the caller looks again). What a
+    handler raised through ``raise_from_handler`` during the wait is raised here."""
+    before = _raised[0]
+    try:
+        sem.acquire(timeout)
+    except posix_ipc.BusyError:
+        return False
+    except posix_ipc.SignalError:
+        count, thread, exc = _raised
+        if count != before and thread == threading.get_ident() and exc is not None:
+            raise exc from None
+        return False
+    return True
 
 
 def semaphore_names(segment: str, suffixes: Sequence[str]) -> list[str]:

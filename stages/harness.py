@@ -2,16 +2,20 @@
 
 A stage is a function ``main(config: dict, link: StageLink) -> int`` named by a
 ``"module:function"`` string, run in a process started with the ``spawn`` method (nothing is
-inherited but the plain ``config`` dict and one pipe), with SIGINT ignored: Ctrl-C belongs to
-the coordinator, which stops stages itself. The child tells the parent through the pipe:
+inherited but the plain ``config`` dict and one pipe). The child tells the parent through the pipe:
 
     ("ready", info)    once its resources exist (info: a plain dict, e.g. exported handles)
     ("error", line)    just before it exits with code 2; ``line`` is one line saying why
     anything else     stage-specific messages (the guest answers pause/resume this way)
 
 Exit codes: 0 ok, 2 error. ``StageProcess.stop(deadline)`` joins, then terminates, then kills;
-``close()`` is idempotent. Every blocking wait watches the process sentinel, so a stage that dies
-is noticed at once (``StageFailed``).
+``close()`` is idempotent and unlinks what the stage owned and left (it was killed, say). Every
+blocking wait watches the process sentinel, so a stage that dies is noticed at once
+(``StageFailed``).
+
+Signals and orphans (``stages.child``): a stage ignores SIGINT from its first instruction,
+SIGTERM makes it unwind and exit 2 saying so, and a stage whose parent dies stops and unlinks
+what its dead parent owned.
 """
 
 from __future__ import annotations
@@ -24,10 +28,12 @@ import signal
 import sys
 import time
 import traceback
+from multiprocessing import resource_tracker
 from typing import Any
 
 from shm.errors import MigrationError, StageFailed
 from shm.memory import libc
+from stages import child
 
 EXIT_OK, EXIT_ERROR = 0, 2
 POLL = 0.2     # seconds an Inbox thread blocks on a ring before it looks at its stop flag
@@ -56,13 +62,8 @@ class StageLink:
         return self.conn.fileno()
 
 
-def _on_sigterm(signum, frame) -> None:
-    raise SystemExit(EXIT_ERROR)   # unwind: the stage's ``with`` blocks release what it holds
-
-
-def _entry(target: str, name: str, config: dict, conn) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, _on_sigterm)
+def _entry(target: str, name: str, config: dict, conn, parent: int | None = None) -> None:
+    child.install(parent, config)
     link = StageLink(conn)
     code = EXIT_ERROR
     try:
@@ -70,8 +71,10 @@ def _entry(target: str, name: str, config: dict, conn) -> None:
         func = getattr(importlib.import_module(module_name), func_name)
         code = int(func(config, link) or EXIT_OK)
     except BaseException as exc:  # noqa: BLE001 - every failure becomes one line and exit 2
-        if isinstance(exc, SystemExit):
-            line = "terminated"
+        if child.stop_reason():      # (whatever releasing raised after it: the cause is this)
+            line = child.stop_reason()
+        elif isinstance(exc, SystemExit):
+            line = exc.code if isinstance(exc.code, str) else "terminated"
         else:
             line = str(exc) if isinstance(exc, MigrationError) else \
                 f"{type(exc).__name__}: {exc}"
@@ -83,10 +86,12 @@ def _entry(target: str, name: str, config: dict, conn) -> None:
             pass
         code = EXIT_ERROR
     finally:
+        child.exiting()
         try:
             conn.close()
         except OSError:
             pass
+    child.release(parent, config, failed=code != EXIT_OK)
     sys.stdout.flush()
     os._exit(code)
 
@@ -98,9 +103,10 @@ class StageProcess:
         self.name = name
         self.target = target
         self.config = config
-        self.conn, child = _CTX.Pipe(duplex=True)
-        self._child_conn = child
-        self.process = _CTX.Process(target=_entry, args=(target, name, config, child),
+        self.conn, child_end = _CTX.Pipe(duplex=True)
+        self._child_conn = child_end
+        self.process = _CTX.Process(target=_entry, args=(target, name, config, child_end,
+                                                         os.getpid()),
                                     name=f"rdp-{name}", daemon=daemon)
         self.error_line = ""
         self.info: dict = {}
@@ -109,7 +115,15 @@ class StageProcess:
 
     # -- lifecycle -----------------------------------------------------------------------
     def start(self) -> StageProcess:
-        self.process.start()
+        # The child inherits this thread's signal mask through fork and exec: with SIGINT
+        # blocked, a Ctrl-C while it boots waits until it ignores SIGINT (``_entry``). The
+        # resource tracker starts first: starting it unblocks SIGINT in the calling thread.
+        resource_tracker.ensure_running()
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            self.process.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
         self._child_conn.close()
         return self
 
@@ -229,17 +243,22 @@ class StageProcess:
             self.process.join(2.0)
 
     def close(self) -> None:
+        """Kill the stage if it still runs, and unlink what it owned and left (idempotent)."""
         if self._closed:
             return
         self._closed = True
-        if self.process.pid is not None and self.process.exitcode is None:
+        pid = self.process.pid
+        if pid is not None and self.process.exitcode is None:
             self.kill()
         try:
             self.conn.close()
         except OSError:
             pass
-        if self.process.pid is not None:
+        if pid is not None:
+            dead = self.process.exitcode is not None
             self.process.close()
+            if dead:
+                sweep_pids([pid])
 
     def __enter__(self) -> StageProcess:
         return self
@@ -374,8 +393,5 @@ def limit_memlock(limit: int) -> None:
 def sweep_pids(pids) -> list[str]:
     """Unlink the shared-memory objects owned by ``pids`` once those processes are dead (a
     stage killed before it could remove its own, e.g. the registrar's exported PD table)."""
-    from shm.naming import list_entries, remove_entry
-
     pids = {p for p in pids if p}
-    return [e.path for e in list_entries()
-            if e.name.pid in pids and not e.owner_alive and remove_entry(e)]
+    return child.unlink_entries(lambda e: e.name.pid in pids and not e.owner_alive)

@@ -8,6 +8,7 @@ import time
 
 import numpy as np
 import pytest
+from signal_helpers import Stop, signal_soon
 
 from shm import naming
 from shm.dirtylog import _WRITER_PID, DirtyLog
@@ -216,3 +217,18 @@ def test_paused_writer_answers_then_dead_writer_is_peer_gone(log):
     finally:
         proc.kill()
         proc.join(30)
+
+
+def test_a_signal_handlers_exception_ends_a_fetch(log, region):
+    """A scanner told to stop while it waits for the writer's flip stops waiting."""
+    writer = DirtyLog.attach(log.name, region)
+    try:
+        writer.mark(0, np.array([1]))       # a writer that never answers a fetch
+        t0 = time.monotonic()
+        with signal_soon(raises=True), pytest.raises(Stop):
+            log.fetch(timeout=10)
+        assert time.monotonic() - t0 < 5
+        writer.start_service()              # as after a timeout, no bit is lost
+        assert as_sets(log.fetch(timeout=10))[0] == {1}
+    finally:
+        writer.close()

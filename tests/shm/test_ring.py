@@ -13,10 +13,11 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from signal_helpers import Stop, signal_soon
 
 from shm import naming
 from shm.errors import ShmError
-from shm.ring import _PRODUCER_PID, Ring, RingTimeout
+from shm.ring import _PRODUCER_PID, CONSUMER, Ring, RingTimeout
 from shm.runs import RUN_DTYPE
 from shm.segment import PeerGone, Segment
 
@@ -329,3 +330,15 @@ def test_wraparound_matches_a_queue(capacity, ops):
                 assert len(out) == min(n, len(out) + len(model))
         assert cons.readable == len(model)
         cons.close()
+
+
+def test_a_signal_handlers_exception_ends_a_wait(run_id):
+    """A stage told to stop (its SIGTERM handler raises) must not sleep on in pop or push."""
+    with Ring.create(naming.segment_name(run_id, "sig"), np.uint64, 2, role=CONSUMER) as ring:
+        t0 = time.monotonic()
+        with signal_soon(raises=True), pytest.raises(Stop):
+            ring.pop(1, timeout=10)
+        with signal_soon(raises=False):     # a handler that returns: the wait goes on
+            with pytest.raises(RingTimeout):
+                ring.pop(1, timeout=0.5)
+        assert time.monotonic() - t0 < 5

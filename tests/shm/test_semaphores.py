@@ -1,4 +1,8 @@
+import signal
+import time
+
 import pytest
+from signal_helpers import Stop, signal_soon
 
 from shm.errors import ShmError
 from shm.naming import new_run_id, segment_name
@@ -7,6 +11,7 @@ from shm.semaphores import (
     close_semaphores,
     create_semaphores,
     unlink_semaphores,
+    wait,
 )
 
 
@@ -38,3 +43,32 @@ def test_create_is_exclusive_and_a_failure_leaves_the_others_alone():
     finally:
         close_semaphores(first)
         unlink_semaphores(name, ("b",))
+
+
+@pytest.fixture
+def sem():
+    name = segment_name(new_run_id(), "sems")
+    sems = create_semaphores(name, ("a",))
+    yield sems[0]
+    close_semaphores(sems)
+    unlink_semaphores(name, ("a",))
+
+
+def test_wait_takes_a_token_or_times_out(sem):
+    sem.release()
+    assert wait(sem, 0) is True
+    assert wait(sem, 0.01) is False
+
+
+def test_wait_raises_what_a_signal_handler_raised(sem):
+    """posix_ipc turns the handler's exception into SignalError: wait() must not lose it."""
+    t0 = time.monotonic()
+    with signal_soon(raises=True), pytest.raises(Stop):
+        wait(sem, 10)
+    assert time.monotonic() - t0 < 5
+
+
+def test_wait_returns_after_a_handler_that_did_not_raise(sem):
+    with signal_soon(raises=False) as calls:
+        assert wait(sem, 10) is False        # the caller looks again
+    assert calls == [signal.SIGUSR1]

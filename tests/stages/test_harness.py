@@ -1,9 +1,13 @@
 import os
+import signal
+import time
 
 import numpy as np
 import pytest
 
 from shm.errors import StageFailed
+from shm.naming import list_entries, new_run_id, segment_name
+from shm.ring import Ring
 from stages.harness import Inbox, StageProcess
 
 pytestmark = pytest.mark.slow
@@ -57,3 +61,79 @@ def test_inbox_merges_and_ends():
     assert [len(x[1]) for x in got] == [3, 0]
     assert inbox.get(0.05) is None
     inbox.close()
+
+
+def _gone(pid, within):
+    from shm.naming import pid_alive
+
+    deadline = time.monotonic() + within
+    while pid_alive(pid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def test_a_stage_ignores_sigint_from_its_start():
+    """Ctrl-C reaches the whole process group, stages included, even while they boot: they
+    must not die of it (the coordinator stops them)."""
+    with StageProcess("sig", "stage_targets:signals_main", {}) as st:
+        st.start()
+        os.kill(st.pid, signal.SIGINT)       # still booting: the interpreter is not up yet
+        info = st.wait_ready(30)
+        os.kill(st.pid, signal.SIGINT)
+        assert info["sigint_ignored"]
+        assert signal.SIGINT not in info["blocked"]
+        assert st.alive
+        with pytest.raises(StageFailed):
+            st.recv(0.3)                     # no message, and still no death
+        assert st.alive
+
+
+def test_sigterm_ends_a_ring_wait_with_a_clear_line():
+    with Ring.create(segment_name(new_run_id(), "sigring"), "<u8", 16) as ring:
+        with StageProcess("waiter", "stage_targets:ring_wait_main", {"ring": ring.name}) as st:
+            st.start()
+            st.wait_ready(30)
+            time.sleep(0.3)                  # asleep on the ring's semaphore
+            t0 = time.monotonic()
+            os.kill(st.pid, signal.SIGTERM)
+            with pytest.raises(StageFailed) as info:
+                st.recv(10)
+            assert time.monotonic() - t0 < 5
+            assert info.value.exitcode == 2
+            assert "terminated by SIGTERM" in str(info.value)
+
+
+def test_close_unlinks_what_a_killed_stage_owned():
+    rid = new_run_id()
+    with StageProcess("owner", "stage_targets:owner_main",
+                      {"run_id": rid, "child": "stage_targets:hang_main"}, daemon=False) as st:
+        st.start()
+        info = st.wait_ready(30)
+        grandchild = info["child"]
+        assert [e for e in list_entries(rid)]
+        os.kill(st.pid, signal.SIGKILL)
+        # the grandchild sees its parent die: it exits and unlinks the dead parent's ring
+        assert _gone(grandchild, 2.0)
+        st.close()
+    assert list_entries(rid) == []
+
+
+def test_an_orphan_releases_its_dead_parents_objects_within_2_s():
+    rid = new_run_id()
+    st = StageProcess("owner", "stage_targets:owner_main",
+                      {"run_id": rid, "child": "stage_targets:hang_main"}, daemon=False)
+    st.start()
+    try:
+        info = st.wait_ready(30)
+        os.kill(st.pid, signal.SIGKILL)
+        st.process.join(5)                   # reaped here: nobody sweeps for the parent
+        t0 = time.monotonic()
+        assert _gone(info["child"], 2.0)
+        while list_entries(rid) and time.monotonic() - t0 < 2.0:
+            time.sleep(0.02)
+        assert list_entries(rid) == []
+    finally:
+        st.conn.close()
+        st._closed = True
