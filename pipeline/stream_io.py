@@ -32,6 +32,7 @@ from pipeline.protocol.return_path import (
     shut,
 )
 from shm.errors import MigrationError, TransportError
+from stages.verbs.soft.link import tune  # no Nagle; a dead peer noticed within 10 s
 
 SLICE = 0.1
 STALL = 30.0
@@ -84,7 +85,7 @@ class SocketSink:
             raise TransportError(f"cannot connect to {self.uri}: "
                                  f"{getattr(last, 'strerror', None) or last}",
                                  hint="start `rdma-pipeline incoming` there first")
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        tune(self.sock)
         self.sock.settimeout(SLICE)
 
     def write(self, buffers) -> int:
@@ -247,6 +248,7 @@ class SocketSource:
                 if time.monotonic() > deadline:
                     raise TransportError(f"no source connected within {self.accept_timeout:g} s"
                                          ) from None
+        tune(self.sock)
         self.sock.settimeout(SLICE)
         self.listener.close()
         self.listener = None

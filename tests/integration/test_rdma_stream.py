@@ -40,12 +40,13 @@ def test_rdma_stream_reads_up_to_the_hook_of_each_iteration(tmp_path):
     assert {b: len(m) for b, m in dump.blocks.items()} == {"pc.ram": 16 * MIB,
                                                            "vga.vram": 256 * 1024}
     devices = [s for s in dump.sections if s.kind == FULL]
-    assert [d.name for d in devices[-2:]] == ["rdp-synthetic-guest", "rdp-ram-digest"]
+    assert [d.name for d in devices[-3:]] == ["rdp-synthetic-guest", "rdp-ram-digest",
+                                              "rdp-device-digest"]
     # per-round sections (which pages a round sent): one instance per round, each described
-    rounds = devices[:-2]
+    rounds = devices[:-3]
     assert {d.name for d in rounds} <= {"rdp-round-pages"}
     assert [d.instance_id for d in rounds] == list(range(1, len(rounds) + 1))
     assert all(d.fields["size"] == len(d.fields["pages"]) for d in rounds)
-    state = json.loads(devices[-2].fields["state"])
-    print("device", devices[-2].name, "through VMDESCRIPTION:", state)
+    state = json.loads(devices[-3].fields["state"])
+    print("device", devices[-3].name, "through VMDESCRIPTION:", state)
     assert state["dirty_rate"] == 4 * MIB and state["pages_written"] > 0
