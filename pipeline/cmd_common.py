@@ -120,6 +120,22 @@ class Progress:
             sys.stderr.write("\n")
 
 
+def conclude(command: str, summary: dict, as_json: bool, signalled: int | None = None) -> int:
+    """How a command ends: a completed migration's summary on stdout; a failed or cancelled
+    one as one line on stderr and nothing on stdout (``--json``: the whole summary, whatever
+    the status, the reason in it, and nothing on stderr). ``signalled``: the exit code after
+    a stop signal, whose line ``StopSignals.report`` said. The exit code."""
+    status = summary["status"]
+    if as_json or status == "completed":
+        print_summary(summary, as_json)
+    if signalled is not None:
+        return signalled
+    if status != "completed" and not as_json:
+        say(f"rdma-pipeline {command}: migration {status}: "
+            f"{summary.get('error-desc') or status}")
+    return exit_code(summary)
+
+
 def print_summary(summary: dict, as_json: bool) -> None:
     if as_json:
         print(json.dumps(summary, sort_keys=True))
@@ -144,8 +160,8 @@ def print_summary(summary: dict, as_json: bool) -> None:
         lines.append(f"ram.{key}: {ram[key]}")
     for stage, figs in summary.get("stages", {}).items():
         lines.append(f"{stage}: " + ", ".join(f"{k} {v}" for k, v in figs.items()))
-    if summary.get("error-desc"):
-        lines.append(f"error: {summary['error-desc']}")
+    if summary.get("warning"):
+        lines.append(f"warning: {summary['warning']}")
     print("\n".join(lines))
 
 

@@ -15,8 +15,7 @@ from pipeline.cmd_common import (
     add_migration_options,
     add_watch_option,
     build_config,
-    exit_code,
-    print_summary,
+    conclude,
     say,
 )
 
@@ -64,7 +63,6 @@ def main(args) -> int:
         summary = mig.wait()
         if uri.scheme == "file" and mig.error is not None and signals.signum is None:
             raise mig.error    # a file refused: one line saying where and what, exit 2
-        print_summary(summary, args.json)
         code = signals.report(summary)
-    return exit_code(summary) if code is None else code
+    return conclude("incoming", summary, args.json, code)
 

@@ -10,9 +10,8 @@ from pipeline.cmd_common import (
     add_guest_options,
     add_migration_options,
     build_config,
-    exit_code,
+    conclude,
     guest_spec,
-    print_summary,
 )
 
 
@@ -53,11 +52,5 @@ def main(args) -> int:
                 summary = mig.wait()
         finally:
             progress.done()
-        print_summary(summary, args.json)
         code = signals.report(summary)
-    if code is not None:
-        return code
-    if summary["status"] != "completed" and not args.json:
-        print(f"rdma-pipeline migrate: migration {summary['status']}: "
-              f"{summary.get('error-desc', '')}", file=sys.stderr)
-    return exit_code(summary)
+    return conclude("migrate", summary, args.json, code)

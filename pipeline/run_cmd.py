@@ -12,9 +12,8 @@ from pipeline.cmd_common import (
     add_migration_options,
     add_watch_option,
     build_config,
-    exit_code,
+    conclude,
     guest_spec,
-    print_summary,
 )
 
 
@@ -61,14 +60,8 @@ def main(args) -> int:
                 summary = lr.finish()
         finally:
             progress.done()
-        print_summary(summary, args.json)
         code = signals.report(summary)
-    if code is not None:
-        return code
-    if summary["status"] != "completed" and not args.json:
-        print(f"rdma-pipeline run: migration {summary['status']}: "
-              f"{summary.get('error-desc', '')}", file=sys.stderr)
-    return exit_code(summary)
+    return conclude("run", summary, args.json, code)
 
 
 def _cancel_destination(lr) -> None:

@@ -2,6 +2,7 @@
 source guest still running and dirtying, the destination not resumed, nothing left behind (the
 suite's leak fixture checks processes and /dev/shm after each test)."""
 
+import json
 import os
 import signal
 import subprocess
@@ -127,3 +128,22 @@ def test_a_stage_killed_while_the_confirmation_is_on_its_way_changes_nothing(sta
     assert summary["destination"]["status"] == "completed"
     assert not source_runs                       # the destination runs the guest, alone
     assert "warning" in summary                  # the stopped stage, after completion
+
+
+@pytest.mark.parametrize("as_json", [False, True], ids=["text", "json"])
+def test_a_failed_run_says_why_once(as_json):
+    """One line on stderr and nothing on stdout; with --json the whole summary (the reason
+    in it) and nothing on stderr."""
+    argv = [sys.executable, "-m", "pipeline", "run", "--ram", "32M", "--dirty-rate", "2000",
+            "--parameter", "x-max-rounds=1", "--parameter", "downtime-limit=1"]
+    done = subprocess.run(argv + (["--json"] if as_json else []), capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 1
+    if as_json:
+        summary = json.loads(done.stdout)
+        assert summary["status"] == "failed" and "did not converge" in summary["error-desc"]
+        assert done.stderr == ""
+    else:
+        assert done.stdout == ""
+        assert done.stderr.count("\n") == 1
+        assert done.stderr.startswith("rdma-pipeline run: migration failed: did not converge")
