@@ -96,6 +96,9 @@ def _entry(target: str, name: str, config: dict, conn, parent: int | None = None
     os._exit(code)
 
 
+EXIT_WAIT_S = 1.0     # a stage that reported its error is on its way out
+
+
 class StageProcess:
     """One named stage process; a context manager that always leaves nothing running."""
 
@@ -140,8 +143,11 @@ class StageProcess:
         return self.process.exitcode
 
     def failure(self) -> StageFailed:
-        """The StageFailed describing how this stage ended (reads its last words)."""
+        """The StageFailed describing how this stage ended (reads its last words; a stage
+        that said why it fails is given a moment to be gone, so its exit code is known)."""
         self._drain_messages()
+        if self.error_line and self.process.pid is not None and self.process.exitcode is None:
+            self.process.join(EXIT_WAIT_S)
         return StageFailed(self.name, self.process.exitcode, self.error_line)
 
     def check(self) -> None:
