@@ -355,7 +355,22 @@ class Inbox:
         return item
 
     def get_nowait(self) -> tuple | None:
-        return self.get(timeout=0) if not self._q.empty() else None
+        """The next item if one waits, else None. ``put`` queues an item before it writes its
+        wake-up byte, so a reader can take the item first and find the byte later: with the
+        queue empty, every byte left in the pipe is a stray, drained here before the queue is
+        looked at again (a fd left readable with nothing queued made a select() loop spin)."""
+        if self._q.empty():
+            self._drain()
+            if self._q.empty():
+                return None
+        return self.get(timeout=0)
+
+    def _drain(self) -> None:
+        try:
+            while os.read(self._r, 4096):
+                pass
+        except BlockingIOError:
+            pass
 
     def fileno(self) -> int:
         return self._r

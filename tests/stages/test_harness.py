@@ -63,6 +63,25 @@ def test_inbox_merges_and_ends():
     inbox.close()
 
 
+def test_inbox_fd_is_not_left_readable_once_drained():
+    """A reader that takes an item before its wake-up byte is written (put queues first) must
+    not be left with a readable fd and nothing queued: the poster's select() loop spun at
+    100% CPU on that, and with max-bandwidth pacing never sent again."""
+    import select
+
+    inbox = Inbox()
+    inbox._q.put(("a", np.arange(2)))          # the item is queued, its byte not yet written
+    assert inbox.get_nowait()[0] == "a"
+    os.write(inbox._w, b"x")                    # ... and now the byte comes
+    assert select.select([inbox.fileno()], [], [], 0)[0]
+    assert inbox.get_nowait() is None           # nothing queued: the stray byte is drained
+    assert not select.select([inbox.fileno()], [], [], 0)[0]
+    inbox.put(("b", np.arange(1)))              # a real wake-up still wakes
+    assert select.select([inbox.fileno()], [], [], 0)[0]
+    assert inbox.get_nowait()[0] == "b"
+    inbox.close()
+
+
 def _gone(pid, within):
     from shm.naming import pid_alive
 
