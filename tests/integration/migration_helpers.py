@@ -44,6 +44,9 @@ def run_until(action, *, config=SLOW, ram=32 * MIB, when=lambda st: st["status"]
                 action(lr)
                 acted = True
             mig.finished(0.02)
+        if not mig.done:            # stuck: fail the test rather than wait for ever
+            mig.cancel()
+            assert mig.finished(30), "the migration did not end within 30 s of its cancel"
         summary = lr.finish()
         running = lr.guest_running()
         dest_states = [s for s, _ in lr.dest_states]
