@@ -11,18 +11,7 @@ import os
 for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
 
-from shm.errors import (  # noqa: E402, F401
-    GuestError,
-    LocalProtocolError,
-    MigrationCancelled,
-    MigrationError,
-    ProtocolError,
-    RemoteProtocolError,
-    ShmError,
-    StageFailed,
-    TransportError,
-    TransportUnsupported,
-)
+from pipeline.errors import *  # noqa: E402, F401, F403 - the exception tree, for users
 
 __version__ = "0.1.0"
 

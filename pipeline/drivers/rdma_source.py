@@ -91,7 +91,6 @@ class RdmaSource(SourceDriver):
     def _await_confirmation(self, action: act.AwaitConfirmation) -> ev.Confirmed:
         """Our extension: the destination grants one more READY once it has verified the
         RAM and resumed the guest (an ERROR if it refused)."""
-        self.confirming = True
         msg = self.link.receive(action.timeout)
         if not isinstance(msg, ReadyMessage):
             raise RemoteProtocolError(f"expected READY after EOF, got {type(msg).__name__}")

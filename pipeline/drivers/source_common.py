@@ -43,7 +43,6 @@ class SourceDriver:
         self.on_state = on_state or (lambda state, reason: None)
         self.cancel = cancel or threading.Event()
         self.stack = ExitStack()
-        self.confirming = False
         self.interrupted: BaseException | None = None
         self.session = SourceSession(
             config, [(b.idstr, b.length) for b in guest.region.blocks], inline=self.inline,
@@ -60,6 +59,11 @@ class SourceDriver:
         if self.interrupted is not None:
             raise self.interrupted
         return self.stats.snapshot(time.monotonic())
+
+    @property
+    def confirming(self) -> bool:
+        """The whole stream is out: the destination's verdict alone decides now."""
+        return self.session.confirming
 
     @property
     def paused(self) -> bool:

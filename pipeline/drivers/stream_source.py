@@ -133,7 +133,6 @@ class StreamSource(SourceDriver):
         return ev.DigestReady(table_digests(self.hashes, self.guest.region.chunk_pages))
 
     def _await_confirmation(self, action: act.AwaitConfirmation) -> ev.Confirmed:
-        self.confirming = True
         self.sink.finish(action.timeout)
         return ev.Confirmed()
 
