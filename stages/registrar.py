@@ -341,14 +341,14 @@ class Registrar:
         """UNREGISTER requests for up to ``need`` chunks, least recently written first, of
         those registered with no write in flight (this round's too: the budget may be far
         smaller than RAM)."""
-        cands = []
-        for b in range(len(self.blocks)):
-            idle = np.flatnonzero((self.state[b] == REGISTERED) & (self.inflight[b] == 0))
-            cands.extend(zip(self.last_used[b][idle].tolist(), [b] * len(idle),
-                             idle.tolist(), strict=True))
-        cands.sort()
+        idle = [np.flatnonzero((self.state[b] == REGISTERED) & (self.inflight[b] == 0))
+                for b in range(len(self.blocks))]
+        used = np.concatenate([self.last_used[b][i] for b, i in enumerate(idle)])
+        blocks = np.concatenate([np.full(len(i), b) for b, i in enumerate(idle)])
+        chunks = np.concatenate(idle)
+        pick = np.argsort(used, kind="stable")[:need]     # ties: in (block, chunk) order
         out = []
-        for _, b, c in cands[:need]:
+        for b, c in zip(blocks[pick].tolist(), chunks[pick].tolist(), strict=True):
             mr = self.mrs.pop((b, c))
             self.releasing[int(mr.lkey)] = mr
             self.to_release.append(mr)
