@@ -301,7 +301,10 @@ class Link:
                             break
                         continue
                     view, target = placed
-                    ok = self._recv_exact(view)
+                    try:
+                        ok = self._recv_exact(view)
+                    except OSError:     # reset mid-payload: its MR reference must go too
+                        ok = False
                     with qp.lock:
                         if ok:
                             qp.request_done(seq, length, target)
