@@ -291,6 +291,8 @@ class LocalRun:
             # tcp:'s return path does
             summary["error-desc"] = "the destination failed the migration: " + dest["error-desc"]
         if summary["status"] == "completed" and dest.get("status") != "completed":
+            summary["guest-runs-on"] = "neither: the destination failed after the source "\
+                                       "committed"
             summary["status"] = "failed"
             summary["error-desc"] = ("destination did not complete: "
                                      + dest.get("error-desc", "no answer"))

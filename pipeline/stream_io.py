@@ -24,6 +24,7 @@ import time
 import numpy as np
 
 from pipeline.protocol.return_path import (
+    COMMIT_TOKEN,
     SHUT_FAILED,
     SHUT_OK,
     ReturnPathReader,
@@ -31,7 +32,7 @@ from pipeline.protocol.return_path import (
     error_text,
     shut,
 )
-from shm.errors import MigrationError, TransportError
+from shm.errors import MigrationError, RemoteProtocolError, TransportError
 from stages.verbs.soft.link import tune  # no Nagle; a dead peer noticed within 10 s
 
 SLICE = 0.1
@@ -163,6 +164,14 @@ class SocketSink:
             self.rp.feed(data)
             self._take_messages()
 
+    def commit(self, timeout: float = 5.0) -> None:
+        """After SHUT(0): tell our destination it may run the guest."""
+        try:
+            self.sock.settimeout(timeout)
+            self.sock.sendall(COMMIT_TOKEN)
+        except OSError as exc:
+            raise _broken(exc, "the commit did not reach the destination") from None
+
     def close(self) -> None:
         if self.sock is not None:
             with contextlib.suppress(OSError):
@@ -266,9 +275,32 @@ class SocketSource:
             except OSError as exc:
                 raise _broken(exc, "the connection to the source broke") from None
 
+    def read_commit(self, already: bytes, timeout: float) -> None:
+        """Wait for the source's COMMIT_TOKEN (``already``: its first bytes, read with the
+        stream); anything else, the connection closing or ``timeout`` raise."""
+        got = bytearray(already)
+        deadline = time.monotonic() + timeout
+        while len(got) < len(COMMIT_TOKEN) and got == COMMIT_TOKEN[:len(got)]:
+            try:
+                data = self.sock.recv(len(COMMIT_TOKEN) - len(got))
+            except TimeoutError:
+                if time.monotonic() > deadline:
+                    raise TransportError(f"the source did not commit within {timeout:g} s: "
+                                         "the guest is not resumed here") from None
+                continue
+            except OSError as exc:
+                raise _broken(exc, "the connection broke before the source committed") from None
+            if not data:
+                raise TransportError("the source closed the connection before it committed: "
+                                     "the guest is not resumed here")
+            got += data
+        if got != COMMIT_TOKEN:
+            raise RemoteProtocolError(f"expected the commit token after the stream, got "
+                                      f"{bytes(got)!r}")
+
     def done(self, ok: bool, reason: str = "") -> None:
-        """SHUT on the return path: 0 once verified and resumed; on failure (best effort) the
-        reason, then SHUT(1)."""
+        """SHUT on the return path: 0 once verified (and, from QEMU's source, resumed); on
+        failure (best effort) the reason, then SHUT(1)."""
         if self.sock is None:
             return
         try:

@@ -181,8 +181,9 @@ class DestinationDriver:
 
     # -- the loop ------------------------------------------------------------------------
     def check(self) -> None:
-        """Raise if the migration was cancelled (called inside every wait)."""
-        if self.cancel.is_set():
+        """Raise if the migration was cancelled (called inside every wait), unless it is too
+        late: the destination confirmed and the source may have committed."""
+        if self.cancel.is_set() and not self.session.committing:
             raise MigrationCancelled("incoming migration cancelled")
 
     def run(self) -> dict:

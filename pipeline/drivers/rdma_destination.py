@@ -21,6 +21,7 @@ from pipeline.control import ControlLink
 from pipeline.drivers.destination_common import DestinationDriver
 from pipeline.protocol.capabilities import DataConnect, decode_connect
 from pipeline.protocol.channel import Role
+from pipeline.protocol.messages import CommitMessage
 from pipeline.session import destination_events as de
 from pipeline.session.destination import DestinationSession
 from shm.errors import RemoteProtocolError, TransportError
@@ -153,11 +154,20 @@ class RdmaDestination(DestinationDriver):
         self.link.reply(a.message)
 
     def _confirm(self, a: de.Confirm):
-        # Our extension: one more READY says "verified and resumed" to the source.
+        # Our extension: one more READY says "verified" to the source. A two-phase session
+        # waits for the COMMIT that READY lets through before it runs the guest.
         self.link.post_recvs()
         self.link.transmit(self.link.channel.grant())
-        self.link.channel.close()
+        if not self.session.two_phase:
+            self.link.channel.close()
         return de.ConfirmSent()
+
+    def _await_commit(self, a: de.AwaitCommit):
+        msg = self.link.receive(a.timeout)
+        if not isinstance(msg, CommitMessage):
+            raise RemoteProtocolError(f"expected COMMIT after READY, got {type(msg).__name__}")
+        self.link.channel.close()
+        return de.Committed()
 
     def _abort_peer(self, a: de.AbortPeer):
         if self.link is not None:
@@ -257,7 +267,8 @@ class RdmaDestination(DestinationDriver):
     CARRY = {
         **DestinationDriver.CARRY,
         de.Accept: _accept, de.AwaitMessage: _await_message, de.OpenWindow: _open_window,
-        de.Reply: _reply, de.Confirm: _confirm, de.AbortPeer: _abort_peer,
+        de.Reply: _reply, de.Confirm: _confirm, de.AwaitCommit: _await_commit,
+        de.AbortPeer: _abort_peer,
         de.RegisterChunks: _register_chunks, de.DeregisterChunks: _deregister_chunks,
         de.PinBlocks: _pin_blocks,
     }

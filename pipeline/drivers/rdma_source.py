@@ -13,9 +13,9 @@ import time
 
 from pipeline.control import ControlLink, ControlTrace
 from pipeline.drivers.loop import one_line
-from pipeline.drivers.source_common import SourceDriver
+from pipeline.drivers.source_common import COMMIT_LOST, SourceDriver
 from pipeline.protocol.channel import Role
-from pipeline.protocol.messages import ReadyMessage
+from pipeline.protocol.messages import CommitMessage, ReadyMessage
 from pipeline.session import actions as act
 from pipeline.session import events as ev
 from pipeline.source_pipeline import SourcePipeline
@@ -90,11 +90,17 @@ class RdmaSource(SourceDriver):
 
     def _await_confirmation(self, action: act.AwaitConfirmation) -> ev.Confirmed:
         """Our extension: the destination grants one more READY once it has verified the
-        RAM and resumed the guest (an ERROR if it refused)."""
+        RAM (an ERROR if it refused); the commit point."""
         msg = self.link.receive(action.timeout)
         if not isinstance(msg, ReadyMessage):
             raise RemoteProtocolError(f"expected READY after EOF, got {type(msg).__name__}")
         return ev.Confirmed()
+
+    def _send_commit(self, action: act.SendCommit) -> None:
+        try:
+            self.link.send(CommitMessage())
+        except Exception as exc:  # noqa: BLE001 - after the commit point: a warning
+            self.stats.update(warning=COMMIT_LOST.format(self.reason(exc)))
 
     def _abort(self, action: act.AbortPeer) -> None:
         if self.link is not None:
@@ -140,7 +146,7 @@ class RdmaSource(SourceDriver):
         act.Connect: _connect, act.ConnectDataPath: _connect_data,
         act.SendStream: _send_stream, act.SendControl: _send_control,
         act.ReceiveControl: _receive, act.AwaitCredit: _await_credit, act.AbortPeer: _abort,
-        act.AwaitConfirmation: _await_confirmation,
+        act.AwaitConfirmation: _await_confirmation, act.SendCommit: _send_commit,
         act.PushAnswers: _push_answers, act.CommandScanner: _command,
         act.AwaitStage: _await_stage, act.SyncDirtyLog: _sync,
         act.ReadRoundPages: _round_pages, act.ComputeDigest: _digest,

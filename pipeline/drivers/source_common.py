@@ -25,6 +25,9 @@ from pipeline.session.source import SourceSession
 from pipeline.stats import MigrationStats
 from shm.errors import MigrationCancelled, MigrationError
 
+# A COMMIT that may not have arrived: the destination then does not run the guest either.
+COMMIT_LOST = ("the commit may not have reached the destination ({}): if it did not, the "
+               "guest runs on neither host")
 
 class SourceDriver:
     """Runs one outgoing migration of ``guest`` (started) to ``uri``; ``run()`` blocks."""

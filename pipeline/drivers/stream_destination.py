@@ -9,7 +9,8 @@ Per page it keeps the stream offset of the record that last wrote it, so a chunk
 verification is named with the bytes of the stream it came from; and which pages landed since
 they were last handed to the page hasher, which hashes them from RAM while more arrive (at the
 end of each ram section, as the session says, and every ``HASH_EVERY`` pages of a long one).
-``tcp:`` confirms with SHUT(0) on the return path (SHUT(1) with the reason on any failure).
+``tcp:`` confirms with SHUT(0) on the return path (SHUT(1) with the reason on any failure), then
+runs the guest on the source's commit token.
 """
 
 from __future__ import annotations
@@ -62,6 +63,10 @@ class StreamDestination(DestinationDriver):
     def _confirm(self, a: de.Confirm):
         self.source.done(True)
         return de.ConfirmSent()
+
+    def _await_commit(self, a: de.AwaitCommit):
+        self.source.read_commit(self.parser.trailing(), a.timeout)
+        return de.Committed()
 
     def _abort_peer(self, a: de.AbortPeer):
         if self.source is not None:
@@ -166,7 +171,8 @@ class StreamDestination(DestinationDriver):
 
     CARRY = {
         **DestinationDriver.CARRY,
-        de.Accept: _accept, de.Confirm: _confirm, de.AbortPeer: _abort_peer,
+        de.Accept: _accept, de.Confirm: _confirm, de.AwaitCommit: _await_commit,
+        de.AbortPeer: _abort_peer,
         de.CreateRegion: _create_region, de.ReadStream: _read_stream,
         de.HashLanded: _hash_landed, de.LocateChunk: _locate_chunk,
     }

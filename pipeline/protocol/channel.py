@@ -21,6 +21,8 @@ Invariants:
   payload from QEMU that ends with those bytes by chance does not open one). Inside it: COMPRESS,
   REGISTER / UNREGISTER REQUEST, RAM BLOCKS REQUEST (first window only, once, before any of the
   others) and REGISTER FINISHED; no QEMU FILE;
+- COMMIT (ours, only with RAM_DIGEST agreed) is the source's last message: it spends the READY
+  the destination grants after EOF once it verified the RAM, and tells it to run the guest;
 - any protocol error moves the channel to ``ERROR`` for good: every later call raises, except
   ``abort()`` (which hands out the one best-effort ERROR message) and ``close()`` (a no-op).
 
@@ -61,7 +63,13 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from enum import Enum, IntEnum
 
-from pipeline.protocol.capabilities import Agreement, Capabilities, accept_reply, negotiate
+from pipeline.protocol.capabilities import (
+    Agreement,
+    Capabilities,
+    Capability,
+    accept_reply,
+    negotiate,
+)
 from pipeline.protocol.codec import decode, encode
 from pipeline.protocol.messages import (
     ErrorMessage,
@@ -114,7 +122,7 @@ T = MessageType
 S, D = Role.SOURCE, Role.DESTINATION
 # state -> sender -> message type -> next state (HOOK, credit and reply checks come on top)
 TRANSITIONS: dict[State, dict[Role, dict[MessageType, State]]] = {
-    State.STREAM: {S: {T.QEMU_FILE: State.STREAM}, D: {}},
+    State.STREAM: {S: {T.QEMU_FILE: State.STREAM, T.COMMIT: State.STREAM}, D: {}},
     State.WINDOW: {
         S: {T.COMPRESS: State.WINDOW, T.REGISTER_REQUEST: State.AWAIT_REPLY,
             T.UNREGISTER_REQUEST: State.AWAIT_REPLY, T.RAM_BLOCKS_REQUEST: State.AWAIT_REPLY,
@@ -130,7 +138,7 @@ TRANSITIONS: dict[State, dict[Role, dict[MessageType, State]]] = {
 REPLY_TO = {T.REGISTER_REQUEST: T.REGISTER_RESULT, T.RAM_BLOCKS_REQUEST: T.RAM_BLOCKS_RESULT,
             T.UNREGISTER_REQUEST: T.UNREGISTER_FINISHED}
 NEEDS_CREDIT = frozenset({T.QEMU_FILE, T.COMPRESS, T.REGISTER_REQUEST, T.UNREGISTER_REQUEST,
-                          T.RAM_BLOCKS_REQUEST, T.REGISTER_FINISHED})
+                          T.RAM_BLOCKS_REQUEST, T.REGISTER_FINISHED, T.COMMIT})
 _NEEDS_BLOCKS = frozenset({T.COMPRESS, T.REGISTER_REQUEST, T.UNREGISTER_REQUEST,
                            T.REGISTER_FINISHED})
 _SENDER = {t: S for t in NEEDS_CREDIT} | {t: D for t in REPLY_TO.values()} | {T.READY: D}
@@ -416,6 +424,8 @@ class ControlChannel:
             return "only inside a registration window (after the HOOK record)"
         if t in NEEDS_CREDIT and not self._credit:
             return "no READY credit: wait for READY"
+        if t is T.COMMIT and not self.capabilities.has(Capability.RAM_DIGEST):
+            return "COMMIT is rdma-pipeline's, for a peer that agreed to RAM_DIGEST"
         if t is T.RAM_BLOCKS_REQUEST and (self._windows != 1 or self._ram_blocks_done):
             return "RAM BLOCKS REQUEST belongs to the SETUP window (the first), once"
         if t in _NEEDS_BLOCKS and not self._ram_blocks_done:

@@ -36,6 +36,7 @@ from pipeline.protocol.messages import (
     QEMU_FILE_MAX,
     REGISTER_RESULT_SIZE,
     REGISTER_SIZE,
+    CommitMessage,
     Compress,
     CompressMessage,
     ControlHeader,
@@ -67,7 +68,7 @@ COMPRESS = struct.Struct(">IIQQ")         # value, block_idx, offset, length
 assert (HEADER.size, DEST_BLOCK.size, REGISTER.size, REGISTER_RESULT.size, COMPRESS.size) == (
     HEADER_SIZE, DEST_BLOCK_SIZE, REGISTER_SIZE, REGISTER_RESULT_SIZE, COMPRESS_SIZE)
 
-_MAX_TYPE = max(MessageType)
+_QEMU_MAX = MessageType.UNREGISTER_FINISHED
 _TYPES = {int(t): t for t in MessageType}
 
 
@@ -212,6 +213,7 @@ _CODECS: dict[MessageType, tuple[Callable, Callable, Callable]] = {
     MessageType.UNREGISTER_REQUEST: (lambda m: REGISTER_SIZE * len(m.records), _push_registers,
                                      _pull_registers(UnregisterRequestMessage)),
     MessageType.UNREGISTER_FINISHED: (_empty_size, _push_nothing, _pull_unregister_finished),
+    MessageType.COMMIT: (_empty_size, _push_nothing, _pull_fixed(CommitMessage)),
 }
 
 
@@ -253,9 +255,10 @@ def decode_header(data: bytes | bytearray | memoryview) -> ControlHeader:
     if length > MAX_PAYLOAD:
         raise RemoteProtocolError(
             f"header len {length} exceeds {MAX_PAYLOAD} (512 KiB control buffer - 16)")
-    if mtype == 0 or mtype > _MAX_TYPE:
+    if mtype not in _TYPES or mtype == 0:
         what = "NONE, never sent on the wire" if mtype == 0 else "unknown"
-        raise RemoteProtocolError(f"header type {mtype} ({what}): must be 1..{int(_MAX_TYPE)}")
+        raise RemoteProtocolError(f"header type {mtype} ({what}): must be 1..{int(_QEMU_MAX)} "
+                                  f"or our COMMIT ({int(MessageType.COMMIT)})")
     mtype = _TYPES[mtype]
     if repeat > MAX_COMMANDS and mtype is not MessageType.QEMU_FILE:
         raise RemoteProtocolError(

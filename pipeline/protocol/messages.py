@@ -23,7 +23,7 @@ __all__ = [
     "MessageType", "HEADER_SIZE", "CONTROL_MAX_BUFFER", "MAX_PAYLOAD", "MAX_COMMANDS",
     "QEMU_FILE_MAX", "DEST_BLOCK_SIZE", "REGISTER_SIZE", "REGISTER_RESULT_SIZE", "COMPRESS_SIZE",
     "ControlHeader", "DestBlock", "Register", "RegisterResult", "Compress",
-    "ErrorMessage", "ReadyMessage", "QemuFileMessage", "RamBlocksRequestMessage",
+    "ErrorMessage", "ReadyMessage", "CommitMessage", "QemuFileMessage", "RamBlocksRequestMessage",
     "RamBlocksResultMessage", "CompressMessage", "RegisterRequestMessage",
     "RegisterResultMessage", "RegisterFinishedMessage", "UnregisterRequestMessage",
     "UnregisterFinishedMessage", "Message", "MESSAGE_CLASSES",
@@ -57,6 +57,7 @@ class MessageType(IntEnum):
     REGISTER_FINISHED = 9
     UNREGISTER_REQUEST = 10
     UNREGISTER_FINISHED = 11
+    COMMIT = 0x100          # ours, with RAM_DIGEST agreed: the source committed (see channel)
 
     @property
     def qemu_name(self) -> str:
@@ -188,6 +189,18 @@ class ReadyMessage:
     """READY {len 0, repeat 1}: one credit, the receiver may take exactly one message."""
 
     TYPE: ClassVar[MessageType] = MessageType.READY
+
+    @property
+    def repeat(self) -> int:
+        return 1
+
+
+@dataclass(frozen=True, slots=True)
+class CommitMessage:
+    """COMMIT {len 0, repeat 1} (rdma-pipeline's, never to QEMU): the source took the
+    destination's READY after EOF as the commit point; the destination may run the guest."""
+
+    TYPE: ClassVar[MessageType] = MessageType.COMMIT
 
     @property
     def repeat(self) -> int:
@@ -339,11 +352,12 @@ class UnregisterFinishedMessage:
 Message = (ErrorMessage | ReadyMessage | QemuFileMessage | RamBlocksRequestMessage
            | RamBlocksResultMessage | CompressMessage | RegisterRequestMessage
            | RegisterResultMessage | RegisterFinishedMessage | UnregisterRequestMessage
-           | UnregisterFinishedMessage)
+           | UnregisterFinishedMessage | CommitMessage)
 
 MESSAGE_CLASSES: dict[MessageType, type] = {
     cls.TYPE: cls for cls in (
         ErrorMessage, ReadyMessage, QemuFileMessage, RamBlocksRequestMessage,
         RamBlocksResultMessage, CompressMessage, RegisterRequestMessage, RegisterResultMessage,
-        RegisterFinishedMessage, UnregisterRequestMessage, UnregisterFinishedMessage)
+        RegisterFinishedMessage, UnregisterRequestMessage, UnregisterFinishedMessage,
+        CommitMessage)
 }

@@ -118,6 +118,10 @@ class StreamParser:
         """True once EOF (and any VMDESCRIPTION) has been parsed."""
         return self._phase in (_AFTER_EOF, _DONE)
 
+    def trailing(self) -> bytes:
+        """The bytes fed after the VMDESCRIPTION (a source of ours' commit token)."""
+        return bytes(self._buf[self._pos:]) if self._phase == _DONE else b""
+
     def feed(self, data: bytes | bytearray | memoryview) -> None:
         self._check()
         try:

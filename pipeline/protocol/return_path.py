@@ -7,6 +7,10 @@ verified and the guest resumed) and non-zero when it failed; and, on failure onl
 it, our ``X_ERROR`` (0x7e01: the reason, UTF-8), so the source can say why in its one line
 (QEMU's source would refuse the unknown type, on a migration that is failing anyway).
 ``ReturnPathReader`` is sans-IO: feed bytes, take messages.
+
+A source of ours answers SHUT(0) with ``COMMIT_TOKEN`` on the stream's own direction, after the
+VMDESCRIPTION: our destination confirms a verified stream, then runs the guest only once that
+token arrives (two-phase; QEMU's destination resumes, then confirms, and reads nothing more).
 """
 
 from __future__ import annotations
@@ -18,10 +22,11 @@ from enum import IntEnum
 from shm.errors import RemoteProtocolError
 
 __all__ = ["RpMessageType", "RpMessage", "shut", "error_text", "ReturnPathReader", "SHUT_OK",
-           "SHUT_FAILED"]
+           "SHUT_FAILED", "COMMIT_TOKEN"]
 
 HEAD = struct.Struct(">HH")
 SHUT_OK, SHUT_FAILED = 0, 1
+COMMIT_TOKEN = b"RDPCOMIT"      # the source committed: the destination may run the guest
 MAX_LEN = 512
 
 

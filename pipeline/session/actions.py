@@ -147,5 +147,13 @@ class AwaitConfirmation:
     timeout: float
 
 
+@dataclass(frozen=True, slots=True)
+class SendCommit:
+    """Tell a two-phase destination it may run the guest: the source has committed (COMMIT
+    on rdma:, the commit token after the stream on tcp:). Sent once the session is final: a
+    failure to send it is a warning, and the guest then runs nowhere until someone decides,
+    never on both hosts."""
+
+
 ASKING = (Connect, ReceiveControl, AwaitCredit, AwaitStage, SyncDirtyLog, ReadRoundPages,
           SendPages, PauseGuest, ComputeDigest, AwaitConfirmation)

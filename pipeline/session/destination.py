@@ -12,9 +12,11 @@ gets every other record).
                sections keep the guest's state and the RAM digest; a round's page bitmap
                (rdma:) or the end of a ram section (tcp:, file:) sends pages to the hasher.
                At the end (EOF on rdma:, VMDESCRIPTION on tcp:, the end of a file) the RAM
-               is hashed and compared with the source's digest, then the guest resumed
-    completed  the commit point: the source was told (READY after EOF, SHUT(0)); nothing
-               fails the migration after it
+               is hashed and compared with the source's digest. Then, with a source of
+               ours (two-phase), the session confirms (READY after EOF, SHUT(0)), waits
+               for the source's COMMIT and resumes the guest; with QEMU's source it resumes
+               the guest and confirms, as QEMU's destination does
+    completed  the guest runs here
 
 Any failure or cancel before it answers AbortPeer and the final state, once, and never a
 resume. Chunk MRs are keyed (source block index, chunk), as both REGISTER and UNREGISTER name
@@ -75,6 +77,7 @@ from shm.errors import (
 D = DestinationState
 CARRIERS = ("rdma", "tcp", "file")
 UNCHECKED = "the destination never resumes on unchecked memory"
+COMMIT_TIMEOUT_S = 30.0    # the source's COMMIT follows our confirmation by one round trip
 
 
 class DestinationSession:
@@ -118,6 +121,7 @@ class DestinationSession:
         self.description: dict | None = None  # VMDESCRIPTION, once seen
         self.verified: bool | None = None
         self.resumed = False                  # the guest runs here (not yet confirmed)
+        self.committing = False               # confirmed, the guest not yet resumed (two-phase)
         self.error: MigrationError | None = None
         self._expect = None                   # the event(s) the last asking action produces
         self._mem_size: MemSize | None = None  # waiting for its region
@@ -137,6 +141,11 @@ class DestinationSession:
     def reason(self) -> str:
         return self.sm.reason
 
+    @property
+    def two_phase(self) -> bool:
+        """Confirm, then run the guest on the source's COMMIT (a file has no source to ask)."""
+        return self.carrier != "file" and self.policy is not None and self.policy.two_phase
+
     def start(self, now: float) -> list:
         self.stats.update(start_time=now)
         out = self._to(D.SETUP, now)
@@ -151,6 +160,8 @@ class DestinationSession:
             return []
         try:
             if isinstance(event, de.Cancel):
+                if self.committing:     # too late: the source may have committed already
+                    return []
                 return self._fail(MigrationCancelled("incoming migration cancelled"), now,
                                   cancelled=True)
             if isinstance(event, de.Failed):
@@ -499,16 +510,30 @@ class DestinationSession:
             self.stats.update(verified=False)
             raise MigrationError("device state verification failed: the device sections "
                                  "differ from what the source sent; the guest was not resumed")
+        if self.two_phase:      # verified: say so, and run the guest once the source commits
+            return self._ask(de.Confirm())
+        return self._load()
+
+    def _load(self) -> list:
         self.guest_started = True
         return self._ask(de.LoadGuest(*self.guest_device))
 
     def _on_resumed(self, event: de.GuestResumed, now: float) -> list:
         self.resumed = True
+        self.committing = False
         self.stats.update(resume_time=now)
+        if self.two_phase:
+            return self._to(D.COMPLETED, now)
         return self._ask(de.Confirm())
 
     def _on_confirmed(self, event: de.ConfirmSent, now: float) -> list:
+        if self.two_phase:
+            self.committing = True
+            return self._ask(de.AwaitCommit(COMMIT_TIMEOUT_S))
         return self._to(D.COMPLETED, now)
+
+    def _on_committed(self, event: de.Committed, now: float) -> list:
+        return self._load()
 
     _HANDLERS = {
         de.RegionCreated: _on_region, de.Accepted: _on_accepted,
@@ -516,6 +541,7 @@ class DestinationSession:
         de.StreamEnded: _on_stream_ended, de.ChunksRegistered: _on_registered,
         de.BlocksPinned: _on_pinned, de.RamHashed: _on_hashed, de.Located: _on_located,
         de.GuestResumed: _on_resumed, de.ConfirmSent: _on_confirmed,
+        de.Committed: _on_committed,
     }
 
 

@@ -22,13 +22,14 @@ __all__ = [
     # events
     "Accepted", "RegionCreated", "StreamRecord", "StreamEnded", "ChunksRegistered",
     "BlocksPinned", "RamHashed", "Located", "GuestResumed", "ConfirmSent",
-    "ControlReceived", "Cancel", "Failed",
+    "Committed", "ControlReceived", "Cancel", "Failed",
     # orders
     "StateChanged", "AbortPeer", "StartGuest", "StopGuest", "OpenWindow", "Reply",
     "DeregisterChunks", "ZeroRange", "HashRound", "HashLanded", "SettleHashes",
     # asking actions
     "CreateRegion", "Accept", "AwaitMessage", "ReadStream", "RegisterChunks", "PinBlocks",
-    "HashRam", "LocateChunk", "LoadGuest", "Confirm", "ASKING", "ANSWERS",
+    "HashRam", "LocateChunk", "LoadGuest", "Confirm", "AwaitCommit",
+    "ASKING", "ANSWERS",
     "RegionBlock",
 ]
 
@@ -112,7 +113,12 @@ class GuestResumed:
 
 @dataclass(frozen=True, slots=True)
 class ConfirmSent:
-    """The source was told the migration completed (the commit point)."""
+    """The source was told the RAM verified (the commit point on the source)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Committed:
+    """The source committed (two-phase): the guest may run here now."""
 
 
 # -- orders ------------------------------------------------------------------------------
@@ -254,10 +260,18 @@ class Confirm:
     nothing for a file -> ConfirmSent."""
 
 
+@dataclass(frozen=True, slots=True)
+class AwaitCommit:
+    """Wait for the source's commit (COMMIT on rdma:, the commit token on tcp:) ->
+    Committed; anything else, or nothing within ``timeout``, fails the migration here."""
+
+    timeout: float
+
+
 ANSWERS = {
     CreateRegion: RegionCreated, Accept: Accepted, AwaitMessage: ControlReceived,
     ReadStream: (StreamRecord, StreamEnded), RegisterChunks: ChunksRegistered,
     PinBlocks: BlocksPinned, HashRam: RamHashed, LocateChunk: Located,
-    LoadGuest: GuestResumed, Confirm: ConfirmSent,
+    LoadGuest: GuestResumed, Confirm: ConfirmSent, AwaitCommit: Committed,
 }
 ASKING = tuple(ANSWERS)

@@ -48,9 +48,17 @@ class PeerPolicy:
 
     @property
     def ready_after_eof(self) -> bool:
-        """The rdma: destination confirms with one more READY after EOF once it verified and
-        resumed (our extension; QEMU's destination sends nothing)."""
+        """The rdma: destination confirms with one more READY after EOF once it verified the
+        RAM (our extension; QEMU's destination sends nothing)."""
         return self.verified and not self.inline
+
+    @property
+    def two_phase(self) -> bool:
+        """The destination runs the guest only once the source has committed (our extension).
+        It confirms a verified migration and waits for the source's COMMIT before it resumes:
+        a confirmation lost on the way then ends with the guest on the source alone, where
+        QEMU's order (resume, then confirm) would leave it running on both hosts."""
+        return self.verified
 
     @property
     def register_batch(self) -> int:

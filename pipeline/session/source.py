@@ -181,6 +181,7 @@ class SourceSession:
         if self.committed or self.final:
             return []
         self._expect = None
+        self.stats.update(runs_on="source")
         out: list = [act.AbortPeer()]
         if self.paused:
             out.append(act.ResumeGuest())
@@ -496,14 +497,19 @@ class SourceSession:
 
     def _on_confirmed(self, event: ev.Confirmed, now: float) -> list:
         # A file is verified when it is restored; the destination's confirmation (SHUT(0),
-        # READY after EOF) says the RAM verified.
-        return self._commit(now, verified=None if self.snapshot else True)
+        # READY after EOF) says the RAM verified. A two-phase destination then waits for
+        # our COMMIT to run the guest: it goes out after the commit point, never before.
+        if self.snapshot:
+            return self._commit(now, verified=None)
+        done = self._commit(now, verified=True)
+        return [act.SendCommit()] + done if self.policy.two_phase else done
 
     def _commit(self, now: float, *, verified: bool | None) -> list:
         """The destination confirmed: the migration is complete, whatever happens next."""
         self.committed = True
         self.paused = False
-        self.stats.update(resume_time=now, verified=verified)
+        self.stats.update(resume_time=now, verified=verified,
+                          runs_on="nowhere: saved" if self.snapshot else "destination")
         return self._to(SourceState.COMPLETED, now)
 
     # -- control messages ----------------------------------------------------------------

@@ -7,7 +7,7 @@ destination process (spawned children import this module through the sys.path th
                                                n (tcp:, 1 = START): "disconnect" cuts the
                                                connection, "malformed" sends bytes no
                                                destination sends; then it waits to be stopped
-    {"slow_confirm": s}                        rdma: wait s seconds between resuming the guest
+    {"slow_confirm": s}                        rdma: wait s seconds between verifying the RAM
                                                and its READY after EOF (the commit point)
 """
 

@@ -61,8 +61,9 @@ def test_control_trace_decodes_and_windows_are_closed(tmp_path):
     assert {x["dir"] for x in lines} == {"send", "recv"}
     assert all(a["t"] <= b["t"] for a, b in zip(lines, lines[1:], strict=False))
     sent = [decode(bytes.fromhex(x["hex"])) for x in lines if x["dir"] == "send"]
+    assert sent[-1].TYPE is MessageType.COMMIT        # the last word: the source committed
     in_window, windows = False, 0
-    for msg in sent:
+    for msg in sent[:-1]:
         if in_window:
             assert msg.TYPE is not MessageType.QEMU_FILE, "QEMU FILE inside a window"
             if msg.TYPE is MessageType.REGISTER_FINISHED:

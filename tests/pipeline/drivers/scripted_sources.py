@@ -4,9 +4,9 @@ zero, sent from a thread of the test process, with no stage process.
 ``rdma_source`` speaks the control channel as our source does (setup window with RAM BLOCKS,
 one round that registers a chunk, COMPRESSes a range and unregisters the chunk, connects a
 data QP, names the round's pages, then the final round, the guest's state, the digest, EOF,
-and waits for the READY that confirms). ``tcp_source`` sends the same over a socket with the
-pages inline and waits for SHUT. Both give up quietly when the destination fails; each
-returns a ``Scripted`` thread whose ``error`` says how it ended.
+waits for the READY that confirms, and commits). ``tcp_source`` sends the same over a socket
+with the pages inline, waits for SHUT and sends the commit token. Both give up quietly when
+the destination fails; each returns a ``Scripted`` thread whose ``error`` says how it ended.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from pipeline.control import ControlLink
 from pipeline.protocol.capabilities import DataConnect
 from pipeline.protocol.channel import Role
 from pipeline.protocol.messages import (
+    CommitMessage,
     Compress,
     CompressMessage,
     RamBlocksRequestMessage,
@@ -42,7 +43,7 @@ from pipeline.protocol.records import (
     SectionType,
     ZeroPage,
 )
-from pipeline.protocol.return_path import SHUT_OK, shut
+from pipeline.protocol.return_path import COMMIT_TOKEN, SHUT_OK, shut
 from pipeline.protocol.stream import StreamWriter
 from pipeline.section_writer import DeviceSections, write_header
 from pipeline.sections import RAM_SID, ROUND_SECTION, ROUND_SID
@@ -160,6 +161,7 @@ def _rdma(self: Scripted, port: int) -> None:
         link.send_stream(w.flush())
         link.wait_credit(TIMEOUT_S * 4)               # the READY after EOF: confirmed
         self.confirmed = True
+        link.send(CommitMessage())                     # committed: the guest may run there
         self.stop.wait(TIMEOUT_S)        # the destination's send of that READY completes
         qp.disconnect()
     finally:
@@ -200,6 +202,9 @@ def _tcp(self: Scripted, port: int) -> None:
         sock.sendall(data)
         answer = sock.recv(64)
         self.confirmed = answer == shut(SHUT_OK)
+        if self.confirmed:
+            sock.sendall(COMMIT_TOKEN)
+            self.stop.wait(TIMEOUT_S)    # the destination reads the token before the close
 
 
 def tcp_source(port: int) -> Scripted:

@@ -25,7 +25,7 @@ def test_message_types_have_qemus_names_and_values():
         ("NONE", 0), ("ERROR", 1), ("READY", 2), ("QEMU_FILE", 3), ("RAM_BLOCKS_REQUEST", 4),
         ("RAM_BLOCKS_RESULT", 5), ("COMPRESS", 6), ("REGISTER_REQUEST", 7),
         ("REGISTER_RESULT", 8), ("REGISTER_FINISHED", 9), ("UNREGISTER_REQUEST", 10),
-        ("UNREGISTER_FINISHED", 11)]
+        ("UNREGISTER_FINISHED", 11), ("COMMIT", 0x100)]     # the last is ours
     assert MessageType.QEMU_FILE.qemu_name == "QEMU FILE"
     # One class per type that travels; NONE never does.
     assert set(MESSAGE_CLASSES) == set(MessageType) - {MessageType.NONE}

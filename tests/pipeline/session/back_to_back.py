@@ -21,7 +21,12 @@ from collections import deque
 from source_world import MIB, SourceWorld
 
 from pipeline.protocol.channel import NEEDS_CREDIT, ControlChannel, Role
-from pipeline.protocol.messages import ErrorMessage, QemuFileMessage, ReadyMessage
+from pipeline.protocol.messages import (
+    CommitMessage,
+    ErrorMessage,
+    QemuFileMessage,
+    ReadyMessage,
+)
 from pipeline.session import actions as act
 from pipeline.session import destination_events as de
 from pipeline.session import events as ev
@@ -89,6 +94,8 @@ class BackToBack:
             who, at, interrupt = self.interrupt or (None, -1, None)
             n += 1
             if (who, at) == (name, n - 1):
+                if session.final:     # as run_session: after the end, a failure voids one order
+                    continue
                 answer = session.handle(interrupt, self.now)
                 if answer or session.final:   # it ended the migration: what was asked is void
                     queue.clear()
@@ -153,6 +160,9 @@ class BackToBack:
             if not isinstance(msg, ReadyMessage):
                 raise RemoteProtocolError(f"expected READY after EOF, got {msg!r}")
             return ev.Confirmed()
+        if kind is act.SendCommit:
+            yield from self._send(CommitMessage())
+            return None
         if kind is act.AwaitCredit:
             while ch.credit == 0:
                 yield from self._receive(ch, self.to_src)
@@ -193,8 +203,15 @@ class BackToBack:
         if kind is de.Confirm:
             ch.take_recv_posts()
             self.to_src.queue.append(ch.grant())
-            ch.close()
+            if not self.dst.two_phase:
+                ch.close()
             return de.ConfirmSent()
+        if kind is de.AwaitCommit:
+            msg = yield from self._receive(ch, self.to_dst)
+            if not isinstance(msg, CommitMessage):
+                raise RemoteProtocolError(f"expected COMMIT after READY, got {msg!r}")
+            ch.close()
+            return de.Committed()
         if kind is act.AbortPeer:
             data = ch.abort()
             if data is not None:

@@ -161,6 +161,8 @@ class DestinationWorld:
             return de.GuestResumed({"pages_written": 7})
         if isinstance(action, de.Confirm):
             return de.ConfirmSent()
+        if isinstance(action, de.AwaitCommit):
+            return de.Committed()
         raise AssertionError(f"no answer for {action}")
 
     def _rkey(self) -> int:

@@ -94,6 +94,8 @@ class SourceWorld:
             self.now += 0.01
             n += 1
             if n - 1 == at and interrupt is not None:
+                if self.session.final:      # as run_session: after the end it voids one order
+                    continue
                 answer = self.session.handle(interrupt, self.now)
                 if answer or self.session.final:   # what the session asked before is void
                     queue.clear()
