@@ -71,6 +71,7 @@ def _entry(target: str, name: str, config: dict, conn, parent: int | None = None
         func = getattr(importlib.import_module(module_name), func_name)
         code = int(func(config, link) or EXIT_OK)
     except BaseException as exc:  # noqa: BLE001 - every failure becomes one line and exit 2
+        code = EXIT_ERROR
         if child.stop_reason():      # (whatever releasing raised after it: the cause is this)
             line = child.stop_reason()
         elif isinstance(exc, SystemExit):
@@ -84,16 +85,21 @@ def _entry(target: str, name: str, config: dict, conn, parent: int | None = None
             conn.send(("error", line.splitlines()[0] if line else type(exc).__name__))
         except (OSError, ValueError):
             pass
-        code = EXIT_ERROR
     finally:
+        # Always reached, and never left but by _exit: an orphaned stage's parent-watch SIGTERM
+        # may land while the except clause above reports an earlier failure (the parent's pipe
+        # closing first); raised from there it used to skip the release, leaving the dead
+        # parent's RAM region behind.
         child.exiting()
         try:
             conn.close()
         except OSError:
             pass
-    child.release(parent, config, failed=code != EXIT_OK)
-    sys.stdout.flush()
-    os._exit(code)
+        try:
+            child.release(parent, config, failed=code != EXIT_OK)
+            sys.stdout.flush()
+        finally:
+            os._exit(code)
 
 
 EXIT_WAIT_S = 1.0     # a stage that reported its error is on its way out
