@@ -80,6 +80,7 @@ class MigrationStats:
     rounds: list[dict] = field(default_factory=list)   # one entry per round (see snapshot)
     cleanup_ms: float = 0.0          # stopping the stages after completion (not in total-time)
     warning: str = ""                # what failed after the commit point (the migration stands)
+    verification: str = ""           # why the RAM was not verified (a stream with no digest)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def update(self, **changes) -> None:
@@ -162,4 +163,6 @@ class MigrationStats:
                 out["error-desc"] = self.error
             if self.warning:
                 out["warning"] = self.warning
+            if self.verification:
+                out["verification"] = self.verification
             return out
