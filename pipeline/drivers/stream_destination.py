@@ -62,7 +62,9 @@ class StreamDestination(DestinationDriver):
         return de.Accepted(None)
 
     def _confirm(self, a: de.Confirm):
-        if self.session.return_path:     # QEMU's destination answers only on one opened
+        # QEMU's destination answers only on a return path the source opened; an
+        # rdma-pipeline source waits for the SHUT whether it opened one or not.
+        if self.session.return_path or self.session.ours:
             self.source.done(True)
         return de.ConfirmSent()
 
