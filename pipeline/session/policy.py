@@ -53,8 +53,9 @@ class PeerPolicy:
     @property
     def round_sections(self) -> bool:
         """Each round's pages are named to the destination (``rdp-round-pages``), which
-        hashes them while the next round runs: only with page-hash verification."""
-        return self.digest == Digest.PAGE_HASH and not self.inline
+        hashes them while the next round runs: only with page-hash verification, and only in
+        a stream of ours (a QEMU machine type refuses sections it does not know)."""
+        return self.digest == Digest.PAGE_HASH and not self.inline and self.own_sections
 
     @property
     def ready_after_eof(self) -> bool:

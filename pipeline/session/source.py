@@ -508,7 +508,8 @@ class SourceSession:
     def _on_confirmed(self, event: ev.Confirmed, now: float) -> list:
         # A file is verified when it is restored; the destination's confirmation (SHUT(0),
         # READY after EOF) says the RAM verified, when it had our digest to verify it by.
-        verified = None if self.snapshot or not self.policy.verified else True
+        checked = self.policy.verified and self.policy.own_sections   # our digest went out
+        verified = None if self.snapshot or not checked else True
         return self._commit(now, verified=verified)
 
     def _commit(self, now: float, *, verified: bool | None) -> list:
