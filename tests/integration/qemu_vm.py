@@ -25,20 +25,24 @@ ENDED = ("completed", "failed", "cancelled")
 
 
 class QemuVm:
-    """``qemu-system-x86_64 -M none -m RAM``; ``pattern``: a file loaded at guest address 0;
-    ``incoming``: start with ``-incoming defer`` (then call ``incoming(uri)``)."""
+    """``qemu-system-x86_64 -M MACHINE -m RAM``; ``pattern``: a file loaded at guest address
+    ``at``; ``incoming``: start with ``-incoming defer`` (then call ``incoming(uri)``);
+    ``paused``: -S, no vCPU runs (a ``pc``'s firmware would write its RAM)."""
 
-    def __init__(self, tmp_path, ram: int, *, pattern: str | None = None,
-                 incoming: bool = False, name: str = "qemu") -> None:
+    def __init__(self, tmp_path, ram: int, *, pattern: str | None = None, at: int = 0,
+                 incoming: bool = False, name: str = "qemu", machine: str = "none",
+                 paused: bool = False) -> None:
         from qemu.qmp.legacy import QEMUMonitorProtocol
 
         self.log_path = os.path.join(tmp_path, f"{name}.log")
         sock = os.path.join(tmp_path, f"{name}.qmp")
         self.qmp = QEMUMonitorProtocol(sock, server=True)
-        cmd = [QEMU, "-M", "none", "-m", f"{ram >> 20}M", "-nodefaults", "-display", "none",
+        cmd = [QEMU, "-M", machine, "-m", f"{ram >> 20}M", "-nodefaults", "-display", "none",
                "-qmp", f"unix:{sock}"]
         if pattern:
-            cmd += ["-device", f"loader,file={pattern},addr=0,force-raw=on"]
+            cmd += ["-device", f"loader,file={pattern},addr={at:#x},force-raw=on"]
+        if paused:
+            cmd.append("-S")
         if incoming:
             cmd += ["-incoming", "defer"]
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in close()
@@ -84,8 +88,8 @@ class QemuVm:
                     and event["data"]["status"] in ENDED:
                 return event["data"]["status"]
 
-    def pmemsave(self, path: str, size: int) -> bytes:
-        self.cmd("pmemsave", val=0, size=size, filename=path)
+    def pmemsave(self, path: str, size: int, at: int = 0) -> bytes:
+        self.cmd("pmemsave", val=at, size=size, filename=path)
         with open(path, "rb") as f:
             return f.read()
 

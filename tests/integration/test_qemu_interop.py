@@ -95,6 +95,34 @@ def test_qemu_into_incoming_over_tcp(tmp_path, pattern, return_path):
         b"running", b"prelaunch")
 
 
+def test_a_pc_machine_into_incoming_without_machine(tmp_path, pattern):
+    """Any machine type is taken when incoming is given none: QEMU's pc (six RAM blocks, some
+    named with '/'; 30 device sections with structs and subsections, all decoded by the
+    VMDESCRIPTION that arrives last over tcp:)."""
+    path, expected = pattern
+    port = free_port()
+    dump = tmp_path / "dump"
+    with QemuVm(tmp_path, RAM, pattern=path, at=MIB, machine="pc", paused=True) as vm:
+        dest = subprocess.Popen([*CLI, "incoming", f"tcp:127.0.0.1:{port}", "--dump",
+                                 str(dump), "--timeout", "60"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            assert dest.stderr.readline().startswith("listening on")
+            vm.set_capability("return-path", True)
+            vm.migrate(f"tcp:127.0.0.1:{port}")
+            assert vm.wait_migration() == "completed", vm.log()
+        finally:
+            code, out, err = finish(dest)
+        assert code == 0, err
+        assert "machine type 'pc-i440fx" in out
+        above_1m = vm.pmemsave(str(tmp_path / "qemu.mem"), RAM - MIB, at=MIB)
+    ram = dumped(dump)
+    assert "pc.ram" in ram and "/rom@etc/acpi/tables" in ram
+    assert ram["pc.ram"][MIB:] == above_1m == expected[:RAM - MIB]
+    devices = json.loads((dump / "devices.json").read_text())
+    assert len(devices) > 20 and not [d["idstr"] for d in devices if "raw" in d]
+
+
 def test_qemu_file_into_incoming(tmp_path, pattern):
     path, expected = pattern
     stream = tmp_path / "qemu.stream"
