@@ -84,6 +84,7 @@ _PHASE_NAMES = ("the file header", "a section type", "a RAM record", "device sta
                 "a section footer", "VMDESCRIPTION or the end", "the end",
                 "the VMDESCRIPTION that describes the device sections held")
 _COMPACT_AT = 1 << 16
+HOLD_MAX = 64 << 20        # device state held for a VMDESCRIPTION (a pc's is ~100 KiB)
 _BATCH_FLAGS = (int(RamFlag.PAGE | RamFlag.CONTINUE), int(RamFlag.ZERO | RamFlag.CONTINUE))
 # configuration subsections of a fixed size (savevm.c): target page bits, the source's UUID
 _CONFIG_SUBSECTIONS = {"configuration/target-page-bits": 4, "configuration/uuid": 16}
@@ -320,7 +321,8 @@ class StreamParser:
         at = buf.tell()
         codec = self.devices.get((head.idstr, head.instance_id), self.devices.get(head.idstr))
         if codec is None:
-            if self.describe and self.description is None:
+            full = head.section_type == SectionType.SECTION_FULL
+            if self.describe and self.description is None and full:
                 self._phase = _HOLD       # until the VMDESCRIPTION at the end says its layout
                 return self._held(buf)
             described = " and the stream's VMDESCRIPTION does not describe it" \
@@ -343,7 +345,12 @@ class StreamParser:
     def _held(self, buf: Buffer) -> Event:
         """Nothing until the buffer ends with a whole VMDESCRIPTION; then every section it
         describes gets a codec, and the held section is read by its own."""
+        held = len(self._buf) - buf.tell()
         found = find_description(self._buf[buf.tell():])
+        if found is None and held > HOLD_MAX:
+            raise self._fail(buf.tell(), f"{held} bytes after section "
+                                         f"{self._current.idstr!r}, which no codec reads, and "
+                                         "still no VMDESCRIPTION to read it by")
         if found is None:
             raise BufferReadError("the stream's VMDESCRIPTION")
         self.description = found[1]

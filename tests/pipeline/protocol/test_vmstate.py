@@ -127,3 +127,24 @@ def test_a_section_the_description_lacks_is_refused():
     p.feed(data)
     with pytest.raises(RemoteProtocolError, match="VMDESCRIPTION does not describe it"):
         list(p.events())
+
+
+def test_only_device_state_is_held():
+    """An iterable section no codec reads (START) is refused at once: its description never
+    comes, and holding the rest would hold all of RAM."""
+    data = stream().replace(bytes([SectionType.SECTION_FULL, 0, 0, 0, 5]),
+                            bytes([SectionType.SECTION_START, 0, 0, 0, 5]))
+    p = StreamParser(describe=True)
+    p.feed(data)
+    with pytest.raises(RemoteProtocolError, match="no device codec is registered"):
+        list(p.events())
+
+
+def test_holding_is_bounded(monkeypatch):
+    import pipeline.protocol.parser as parser_module
+
+    monkeypatch.setattr(parser_module, "HOLD_MAX", 8)
+    p = StreamParser(describe=True)
+    p.feed(stream()[:-20])
+    with pytest.raises(RemoteProtocolError, match="still no VMDESCRIPTION to read it by"):
+        list(p.events())
