@@ -48,6 +48,7 @@ def test_a_none_source_writes_qemus_stream_only(snapshot):
                     inline=True, snapshot=snapshot)
     w.run()
     assert w.states()[-1] == "completed" and w.session.stats.verified is None
+    assert "machine type 'none' carries no RAM digest" in w.session.stats.verification
     assert not w.of(act.ComputeDigest)
     events = stream_events(w)
     assert events[1] == Configuration("none")
