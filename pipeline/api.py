@@ -174,11 +174,13 @@ def start_outgoing(uri: str | URI, guest: SyntheticGuest, config: MigrationConfi
 def start_incoming(uri: str | URI, config: MigrationConfig | None = None, *,
                    blocks: list[tuple[str, int]] | None = None, keep_guest: bool = False,
                    on_listening: Callable[[int], None] | None = None,
-                   guest_watch: float = 0.0, accept_timeout: float = math.inf) -> Migration:
+                   guest_watch: float = 0.0, accept_timeout: float = math.inf,
+                   dump_dir: str | None = None) -> Migration:
     """Listen at ``uri`` and receive one migration (the destination side); the guest, synthetic
     or KVM, is the one the stream carries. ``guest_watch``: seconds the resumed guest runs
     before it is stopped and reported in the summary's ``guest``; ``accept_timeout``: how long
-    to wait for a source (as QEMU's -incoming, forever by default)."""
+    to wait for a source (as QEMU's -incoming, forever by default); ``dump_dir``: write the
+    RAM and the device sections there once completed (``pipeline.dump``)."""
     from pipeline.drivers import destination_driver
     from shm.naming import new_run_id
 
@@ -188,7 +190,7 @@ def start_incoming(uri: str | URI, config: MigrationConfig | None = None, *,
                                      blocks=blocks, on_state=mig._emit,
                                      cancel=mig.cancel_event, keep_guest=keep_guest,
                                      on_listening=on_listening, guest_watch=guest_watch,
-                                     accept_timeout=accept_timeout)
+                                     accept_timeout=accept_timeout, dump_dir=dump_dir)
     mig.incoming = inc
     return mig._start(inc.run, inc.stats)
 
@@ -241,8 +243,10 @@ class LocalRun:
     def start(self) -> Migration:
         from stages.harness import StageProcess
 
+        # --machine none: QEMU's -M none, one block "ram"
+        blocks = [("ram", self.ram)] if self.config.machine == "none" else None
         self.guest = self.spec.create(self.ram, run_id=self.run_id,
-                                      chunk_size=self.config.chunk_size)
+                                      chunk_size=self.config.chunk_size, blocks=blocks)
         self.guest.process.start()
         cfg = dataclasses.asdict(self.config)
         cfg["trace_control"] = None

@@ -9,7 +9,10 @@ import signal
 import sys
 
 from pipeline.config import MigrationConfig, parse_size
+from pipeline.sections import MACHINE
 from shm.memory import PAGE_SIZE
+
+MACHINES = (MACHINE, "none")
 
 
 def add_migration_options(p, *, source: bool) -> None:
@@ -24,8 +27,30 @@ def add_migration_options(p, *, source: bool) -> None:
     p.add_argument("--json", action="store_true",
                    help="print only the summary, as one JSON object, on stdout")
     if source:
+        p.add_argument("--machine", choices=MACHINES, default=None,
+                       help="the machine type the stream names: rdma-pipeline (default: our "
+                            "guest, device sections and digest) or none (QEMU's -M none -m "
+                            "RAM: one block 'ram', nothing of ours, so a real QEMU can be "
+                            "the destination)")
+    else:
+        p.add_argument("--machine", default=None, metavar="NAME",
+                       help="refuse a stream of another machine type, as QEMU does "
+                            "(default: take any: rdma-pipeline, none, pc, q35...)")
+    if source:
         p.add_argument("--trace-control", metavar="PATH",
                        help="write every control message sent or received as a JSON line")
+
+
+def add_dump_option(p, what: str) -> None:
+    p.add_argument("--dump", metavar="DIR",
+                   help=f"once completed, write {what} to DIR: one file per RAM block and "
+                        "DIR/blocks.json listing them (idstr, length, file)")
+
+
+def guest_blocks(machine: str | None, ram: int) -> list[tuple[str, int]] | None:
+    """The RAM blocks of a guest of ``machine``: QEMU's -M none has one, named ``ram``;
+    ours (None) pc.ram and a small vga.vram, as a real VM."""
+    return [("ram", ram)] if machine == "none" else None
 
 
 def add_guest_options(p) -> None:
@@ -53,7 +78,8 @@ def build_config(args) -> MigrationConfig:
     """The config from the options; ValueError (one line) for anything wrong, and
     TransportUnsupported, before anything starts, when ``--transport verbs`` cannot run here."""
     cfg = MigrationConfig(transport=args.transport, chunk_size=parse_size(args.chunk_size),
-                          trace_control=getattr(args, "trace_control", None))
+                          trace_control=getattr(args, "trace_control", None),
+                          machine=getattr(args, "machine", None) or "")
     cfg = cfg.with_options(args.capability, args.parameter)
     if cfg.transport == "verbs":
         from shm.errors import TransportUnsupported
@@ -149,6 +175,8 @@ def print_summary(summary: dict, as_json: bool) -> None:
         f"expected-downtime: {summary['expected-downtime']} ms",
         f"verified: {summary.get('verified')}",
     ]
+    if summary.get("verification"):
+        lines.append(f"verification: {summary['verification']}")
     guest = summary.get("guest")        # the source's: which guest; the destination's: a report
     if isinstance(guest, str):
         lines.append(f"guest: {guest} (dirty tracking: {summary.get('dirty-tracking')})")

@@ -69,6 +69,9 @@ class MigrationConfig:
     trace_control: str | None = None      # path of a JSON-lines control trace
     stage_timeout: float = 10.0           # seconds a stage may take to start or to stop
     memlock_limit: int = 0                # x-memlock-limit: act as if ulimit -l were this
+    machine: str = ""                     # --machine: the source's machine type (default
+                                          # rdma-pipeline; "none" is QEMU's -M none); the
+                                          # destination's refuses any other ("": any)
     extras: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -85,6 +88,8 @@ class MigrationConfig:
             raise ValueError("x-max-rounds must be >= 1")
         if self.pin_budget and self.pin_budget < cs:
             raise ValueError("x-pin-budget must be 0 (unlimited) or at least one chunk")
+        if len(self.machine.encode()) > 255 or "\0" in self.machine:
+            raise ValueError(f"machine type {self.machine!r}: a name of 1-255 bytes")
 
     def with_options(self, capabilities: list[str] = (), parameters: list[str] = ()
                      ) -> MigrationConfig:

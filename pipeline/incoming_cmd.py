@@ -12,6 +12,7 @@ import sys
 
 from pipeline.cmd_common import (
     StopSignals,
+    add_dump_option,
     add_migration_options,
     add_watch_option,
     build_config,
@@ -31,6 +32,8 @@ def add_arguments(p) -> None:
                         "QEMU does)")
     add_watch_option(p, 0.0)
     add_migration_options(p, source=False)
+    add_dump_option(p, "the RAM received, and DIR/devices.json (each device section, decoded "
+                       "as the stream's VMDESCRIPTION describes it),")
 
 
 def main(args) -> int:
@@ -43,7 +46,9 @@ def main(args) -> int:
         uri = parse_uri(args.uri)
         config = build_config(args)
         blocks = None
-        if args.ram:
+        if args.ram and args.machine == "none":
+            blocks = [("ram", parse_size(args.ram))]          # QEMU's -M none -m RAM
+        elif args.ram:
             blocks = [("pc.ram", parse_size(args.ram)), SyntheticGuest.SECOND_BLOCK]
         if args.timeout is not None and not args.timeout > 0:
             raise ValueError(f"--timeout {args.timeout:g}: must be a number of seconds > 0")
@@ -59,7 +64,8 @@ def main(args) -> int:
             mig = start_incoming(uri, config, blocks=blocks,
                                  guest_watch=max(0.0, args.guest_watch),
                                  accept_timeout=math.inf if args.timeout is None
-                                 else args.timeout, on_listening=listening)
+                                 else args.timeout, on_listening=listening,
+                                 dump_dir=args.dump)
         summary = mig.wait()
         if uri.scheme == "file" and mig.error is not None and signals.signum is None:
             raise mig.error    # a file refused: one line saying where and what, exit 2

@@ -7,11 +7,14 @@ import sys
 from pipeline.cmd_common import (
     Progress,
     StopSignals,
+    add_dump_option,
     add_guest_options,
     add_migration_options,
     build_config,
     conclude,
+    guest_blocks,
     guest_spec,
+    say,
 )
 
 
@@ -20,6 +23,7 @@ def add_arguments(p) -> None:
                                "over a socket) or file:PATH (a snapshot of the paused guest)")
     add_guest_options(p)
     add_migration_options(p, source=True)
+    add_dump_option(p, "the guest's RAM as paused")
 
 
 def main(args) -> int:
@@ -41,7 +45,8 @@ def main(args) -> int:
     with StopSignals("migrate") as signals:
         try:
             with signals.starting():
-                guest = spec.create(ram, run_id=run_id, chunk_size=config.chunk_size)
+                guest = spec.create(ram, run_id=run_id, chunk_size=config.chunk_size,
+                                    blocks=guest_blocks(args.machine, ram))
             with guest:
                 with signals.starting():
                     guest.start()
@@ -50,7 +55,20 @@ def main(args) -> int:
                     progress(mig.stats())
                     mig.finished(0.2)
                 summary = mig.wait()
+                if args.dump and summary["status"] == "completed":
+                    _dump(args.dump, guest, summary)
         finally:
             progress.done()
         code = signals.report(summary)
     return conclude("migrate", summary, args.json, code)
+
+
+def _dump(directory: str, guest, summary: dict) -> None:
+    """The RAM as the migration left it: paused, never resumed after the commit point."""
+    from pipeline.dump import write_dump
+
+    try:
+        write_dump(directory, [(b.idstr, b.view) for b in guest.region.blocks])
+    except OSError as exc:
+        summary["warning"] = f"--dump {directory}: {exc.strerror or exc}"
+        say(f"rdma-pipeline migrate: {summary['warning']}")

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from pipeline.digest import DeviceDigest
 from pipeline.protocol.records import (
+    OPEN_RETURN_PATH,
+    Command,
     Configuration,
     DeviceState,
     Eof,
@@ -30,10 +32,14 @@ from pipeline.sections import (
 )
 
 
-def write_header(writer) -> None:
-    """File magic, version and the configuration section."""
+def write_header(writer, machine: str = MACHINE, *, return_path: bool = False) -> None:
+    """File magic, version and the configuration section naming ``machine``; then, for a
+    source that waits on the destination's return path, MIG_CMD_OPEN_RETURN_PATH (QEMU's
+    destination answers on it only once told to open it)."""
     writer.write_event(FileHeader())
-    writer.write_event(Configuration(MACHINE))
+    writer.write_event(Configuration(machine))
+    if return_path:
+        writer.write_event(Command(OPEN_RETURN_PATH))
 
 
 class DeviceSections:
@@ -69,7 +75,7 @@ class DeviceSections:
         """The digest of every device section written so far (the guest's state included)."""
         self.write(writer, DEVICES_SID, DEVICES_SECTION, "sha256", self.devices.digest())
 
-    def end(self, writer) -> None:
+    def end(self, writer, machine: str = MACHINE) -> None:
         """QEMU_VM_EOF, then the VMDESCRIPTION of the sections written."""
         writer.write_event(Eof())
-        writer.write_event(vm_description(self.described, machine=MACHINE))
+        writer.write_event(vm_description(self.described, machine=machine))

@@ -81,6 +81,7 @@ class MigrationStats:
     cleanup_ms: float = 0.0          # stopping the stages after completion (not in total-time)
     warning: str = ""                # what failed after the commit point (the migration stands)
     runs_on: str = ""                # where the guest runs at the end: source, destination, ...
+    verification: str = ""           # why the RAM was not verified (a stream with no digest)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def update(self, **changes) -> None:
@@ -165,4 +166,6 @@ class MigrationStats:
                 out["warning"] = self.warning
             if self.runs_on:
                 out["guest-runs-on"] = self.runs_on
+            if self.verification:
+                out["verification"] = self.verification
             return out

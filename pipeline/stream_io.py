@@ -37,6 +37,9 @@ from stages.verbs.soft.link import tune  # no Nagle; a dead peer noticed within 
 
 SLICE = 0.1
 STALL = 30.0
+# A QEMU destination that refuses a stream (another machine type, a RAM size or block it does
+# not have) says why on its own stderr and closes the connection, without a return-path word.
+REFUSED = " without a reason (a QEMU destination refuses a stream so: its log says why)"
 
 
 def _bytes_view(buf) -> memoryview:
@@ -127,7 +130,7 @@ class SocketSink:
                 return                  # the next send reports the broken connection
             if not data:
                 if not self.confirmed:
-                    raise TransportError("the destination closed the connection")
+                    raise TransportError("the destination closed the connection" + REFUSED)
                 return
             self.rp.feed(data)
             self._take_messages()
@@ -160,7 +163,7 @@ class SocketSink:
                 raise _broken(exc, "the connection to the destination broke") from None
             if not data:
                 raise TransportError("the destination closed the connection before it "
-                                     "confirmed the migration")
+                                     "confirmed the migration" + REFUSED)
             self.rp.feed(data)
             self._take_messages()
 

@@ -121,7 +121,7 @@ class DestinationDriver:
                  on_listening: Callable[[int], None] | None = None,
                  cancel: threading.Event | None = None, keep_guest: bool = False,
                  accept_timeout: float = math.inf, guest_watch: float = 0.0,
-                 prealloc: bool = False) -> None:
+                 prealloc: bool = False, dump_dir: str | None = None) -> None:
         self.uri = uri
         self.config = config
         self.run_id = run_id
@@ -131,6 +131,8 @@ class DestinationDriver:
         self.keep_guest = keep_guest
         self.accept_timeout = accept_timeout
         self.guest_watch = guest_watch      # seconds the resumed guest runs before a report
+        self.dump_dir = dump_dir            # --dump: RAM and device sections, once completed
+        self.device_sections: list[tuple] = []   # (idstr, instance, version, id, data)
         self.stats = MigrationStats()
         self.session = self.create_session(blocks, prealloc)
         self.region = None
@@ -189,11 +191,24 @@ class DestinationDriver:
     def run(self) -> dict:
         with self:
             self._loop()
+            if self.session.state is DestinationState.COMPLETED and self.dump_dir:
+                self.dump()
             if self.session.state is DestinationState.COMPLETED and self.guest_watch > 0:
                 self.cancel.wait(self.guest_watch)   # let the resumed guest run a little
         if self.session.state is not DestinationState.COMPLETED:
             raise self._error or self.session.error or MigrationError("migration not completed")
         return self.summary()
+
+    def dump(self) -> None:
+        """``--dump``: after the commit point, so a failure is the summary's warning."""
+        from pipeline.dump import write_dump
+
+        try:
+            write_dump(self.dump_dir, [(b.idstr, b.view) for b in self.region.blocks]
+                       if self.region is not None else [],
+                       self.device_sections, self.session.description)
+        except (OSError, ValueError) as exc:
+            self.stats.update(warning=f"--dump {self.dump_dir}: {exc}")
 
     def _loop(self) -> None:
         run_session(self.session, lambda action: self.CARRY[type(action)](self, action),

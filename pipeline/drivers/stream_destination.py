@@ -20,7 +20,7 @@ import numpy as np
 from pipeline.drivers.destination_common import DestinationDriver
 from pipeline.protocol.parser import NEED_DATA, StreamParser
 from pipeline.protocol.ram_batch import PageBatch, ZeroBatch, page_dtype
-from pipeline.protocol.records import Page, ZeroPage
+from pipeline.protocol.records import DeviceState, Page, SectionHeader, ZeroPage
 from pipeline.sections import device_codecs
 from pipeline.session import destination_events as de
 from pipeline.session.destination import DestinationSession
@@ -40,7 +40,9 @@ class StreamDestination(DestinationDriver):
 
     def __init__(self, uri, config, **kw) -> None:
         self.source = None                       # pipeline.stream_io SocketSource/FileSource
-        self.parser = StreamParser(device_codecs(), bulk=True)
+        # describe: a QEMU machine's device sections are read by the stream's VMDESCRIPTION
+        self.parser = StreamParser(device_codecs(), bulk=True, describe=True)
+        self._header: SectionHeader | None = None   # of the device section being read
         self._buf = bytearray(READ_SIZE)
         self._view = memoryview(self._buf)
         self.where: dict[str, np.ndarray] = {}   # per block: stream offset of each page's record
@@ -61,7 +63,10 @@ class StreamDestination(DestinationDriver):
         return de.Accepted(None)
 
     def _confirm(self, a: de.Confirm):
-        self.source.done(True)
+        # QEMU's destination answers only on a return path the source opened; an
+        # rdma-pipeline source waits for the SHUT whether it opened one or not.
+        if self.session.return_path or self.session.ours:
+            self.source.done(True)
         return de.ConfirmSent()
 
     def _await_commit(self, a: de.AwaitCommit):
@@ -99,6 +104,7 @@ class StreamDestination(DestinationDriver):
                 elif isinstance(ev, ZeroPage):
                     self._zeros(ev.block, np.array([ev.offset], np.uint64), at, 0)
                 else:
+                    self._keep_device(ev)
                     return de.StreamRecord(ev, at)
             n = self.source.readinto(self._view)
             if n == 0:
@@ -112,6 +118,15 @@ class StreamDestination(DestinationDriver):
                 return de.StreamEnded(parser.offset)
             self.stats.add(control_bytes=n)
             parser.feed(self._view[:n])
+
+    def _keep_device(self, ev) -> None:
+        """Device sections, kept whole for ``--dump`` (a few KiB; none is RAM)."""
+        if isinstance(ev, SectionHeader):
+            self._header = ev
+        elif isinstance(ev, DeviceState) and self.dump_dir and self._header is not None:
+            h = self._header
+            self.device_sections.append((h.idstr, h.instance_id, h.version_id, h.section_id,
+                                         bytes(ev.data)))
 
     def _block(self, name: str):
         if self.region is None:

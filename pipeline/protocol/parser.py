@@ -16,6 +16,12 @@ With ``bulk=True`` (streams with pages inline), back-to-back PAGE or ZERO record
 come out as one ``ram_batch.PageBatch`` / ``ZeroBatch`` per run buffered, checked with numpy
 (the first record that does not fit the run is parsed alone, with the checks above). Error
 messages name the stream offset and the section being read (or the last one read).
+With ``describe=True`` a device section with no codec is read by the stream's own
+VMDESCRIPTION (``vmstate``): the parser holds the bytes from that section on (nothing reads
+them) until the buffer ends with a whole VMDESCRIPTION (over ``tcp:`` it comes last, before the
+source waits for the return path), then measures every held section by it and goes on; the
+description is ``description`` from then on. A device codec may be keyed ``(idstr, instance)``
+as well as by idstr.
 Not supported: MEM_SIZE's extra per-block fields (postcopy page size, x-ignore-shared GPA) and
 the XBZRLE, multifd and mapped-ram records (none of which QEMU allows with RDMA).
 """
@@ -55,6 +61,7 @@ from pipeline.protocol.records import (
     VmDescription,
     ZeroPage,
 )
+from pipeline.protocol.vmstate import describe_devices, find_description, section_length
 from shm.errors import RemoteProtocolError
 
 __all__ = ["StreamParser", "NEED_DATA", "DeviceCodec"]
@@ -72,10 +79,12 @@ class _NeedData:
 
 NEED_DATA = _NeedData()
 
-_HEADER, _TOP, _RAM, _DEVICE, _FOOTER, _AFTER_EOF, _DONE = range(7)
+_HEADER, _TOP, _RAM, _DEVICE, _FOOTER, _AFTER_EOF, _DONE, _HOLD = range(8)
 _PHASE_NAMES = ("the file header", "a section type", "a RAM record", "device state",
-                "a section footer", "VMDESCRIPTION or the end", "the end")
+                "a section footer", "VMDESCRIPTION or the end", "the end",
+                "the VMDESCRIPTION that describes the device sections held")
 _COMPACT_AT = 1 << 16
+HOLD_MAX = 64 << 20        # device state held for a VMDESCRIPTION (a pc's is ~100 KiB)
 _BATCH_FLAGS = (int(RamFlag.PAGE | RamFlag.CONTINUE), int(RamFlag.ZERO | RamFlag.CONTINUE))
 # configuration subsections of a fixed size (savevm.c): target page bits, the source's UUID
 _CONFIG_SUBSECTIONS = {"configuration/target-page-bits": 4, "configuration/uuid": 16}
@@ -85,12 +94,15 @@ class StreamParser:
     """Parse one migration stream. ``devices`` maps a section idstr to its ``DeviceCodec``."""
 
     def __init__(self, devices: Mapping[str, DeviceCodec] | None = None, *,
-                 page_size: int = PAGE_SIZE, bulk: bool = False) -> None:
+                 page_size: int = PAGE_SIZE, bulk: bool = False,
+                 describe: bool = False) -> None:
         if page_size <= 0 or page_size & (page_size - 1):
             raise ValueError(f"page_size {page_size} is not a power of two")
         self.devices = dict(devices or {})
         self.page_size = page_size
         self.bulk = bulk
+        self.describe = describe
+        self.description: dict | None = None   # the VMDESCRIPTION, once read (describe=True)
         self._buf = bytearray()
         self._pos = 0                     # parse position in _buf
         self._base = 0                    # stream offset of _buf[0]
@@ -217,6 +229,8 @@ class StreamParser:
             return self._ram(buf)
         if phase == _DEVICE:
             return self._device(buf)
+        if phase == _HOLD:
+            return self._held(buf)
         if phase == _FOOTER:
             at = buf.tell()
             kind, sid = buf.pull_u8(), buf.pull_u32()
@@ -309,10 +323,17 @@ class StreamParser:
     def _device(self, buf: Buffer) -> Event:
         head = self._current
         at = buf.tell()
-        codec = self.devices.get(head.idstr)
+        codec = self.devices.get((head.idstr, head.instance_id), self.devices.get(head.idstr))
         if codec is None:
+            full = head.section_type == SectionType.SECTION_FULL
+            if self.describe and self.description is None and full:
+                self._phase = _HOLD       # until the VMDESCRIPTION at the end says its layout
+                return self._held(buf)
+            described = " and the stream's VMDESCRIPTION does not describe it" \
+                if self.description is not None else ""
             raise self._fail(at, f"section {head.section_id} {head.idstr!r} (instance "
-                                 f"{head.instance_id}): no device codec is registered")
+                                 f"{head.instance_id}): no device codec is registered"
+                                 f"{described}")
         if isinstance(codec, int):
             n = codec
         else:
@@ -324,6 +345,23 @@ class StreamParser:
         data = buf.pull_bytes(n, "device state")
         self._phase = _FOOTER
         return DeviceState(head.section_id, head.idstr, data)
+
+    def _held(self, buf: Buffer) -> Event:
+        """Nothing until the buffer ends with a whole VMDESCRIPTION; then every section it
+        describes gets a codec, and the held section is read by its own."""
+        held = len(self._buf) - buf.tell()
+        found = find_description(self._buf[buf.tell():])
+        if found is None and held > HOLD_MAX:
+            raise self._fail(buf.tell(), f"{held} bytes after section "
+                                         f"{self._current.idstr!r}, which no codec reads, and "
+                                         "still no VMDESCRIPTION to read it by")
+        if found is None:
+            raise BufferReadError("the stream's VMDESCRIPTION")
+        self.description = found[1]
+        for key, desc in describe_devices(found[1]).items():
+            self.devices.setdefault(key, lambda data, version, d=desc: section_length(data, d))
+        self._phase = _DEVICE
+        return self._device(buf)
 
     def _ram(self, buf: Buffer) -> Event:
         at = buf.tell()

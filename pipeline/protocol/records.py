@@ -37,6 +37,7 @@ __all__ = [
     "RamBlockInfo",
     "MemSize", "Hook", "EndOfSection", "Page", "ZeroPage", "DeviceState", "Command", "Eof",
     "VmDescription", "BatchEvent", "Event", "encode_event", "HOOK_RECORD", "EOS_RECORD",
+    "OPEN_RETURN_PATH", "PING",
 ]
 
 FILE_MAGIC = 0x5145564D        # QEMU_VM_FILE_MAGIC, "QEVM"
@@ -44,6 +45,7 @@ FILE_VERSION = 3               # QEMU_VM_FILE_VERSION
 PAGE_SIZE = 4096               # TARGET_PAGE_SIZE on x86
 RAM_IDSTR = "ram"
 RAM_VERSION = 4
+OPEN_RETURN_PATH, PING = 1, 2  # MIG_CMD_*: open the return path; PING (be32), PONG on it
 
 U8, U16, U32, U64 = (struct.Struct(f">{c}") for c in "BHIQ")
 HEADER = struct.Struct(">II")                # magic, version

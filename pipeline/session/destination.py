@@ -46,7 +46,10 @@ from pipeline.protocol.messages import (
 )
 from pipeline.protocol.parser import NEED_DATA
 from pipeline.protocol.records import (
+    OPEN_RETURN_PATH,
     PAGE_SIZE,
+    Command,
+    Configuration,
     DeviceState,
     EndOfSection,
     Eof,
@@ -59,6 +62,7 @@ from pipeline.sections import (
     DEVICES_SECTION,
     DIGEST_SECTION,
     GUEST_SECTIONS,
+    MACHINE,
     ROUND_SECTION,
     device_codec,
     device_codecs,
@@ -120,6 +124,8 @@ class DestinationSession:
         self.device_check: tuple[bytes, bytes] | None = None   # (the source's, ours)
         self.description: dict | None = None  # VMDESCRIPTION, once seen
         self.verified: bool | None = None
+        self.machine: str | None = None       # the stream's machine type (its CONFIGURATION)
+        self.return_path = False              # the source opened QEMU's return path (tcp:)
         self.resumed = False                  # the guest runs here (not yet confirmed)
         self.committing = False               # confirmed, the guest not yet resumed (two-phase)
         self.error: MigrationError | None = None
@@ -144,7 +150,8 @@ class DestinationSession:
     @property
     def two_phase(self) -> bool:
         """Confirm, then run the guest on the source's COMMIT (a file has no source to ask)."""
-        return self.carrier != "file" and self.policy is not None and self.policy.two_phase
+        return (self.carrier != "file" and self.ours and self.policy is not None
+                and self.policy.two_phase)
 
     def start(self, now: float) -> list:
         self.stats.update(start_time=now)
@@ -251,7 +258,7 @@ class DestinationSession:
         by_name = {b.idstr: b for b in self.region}
         self.order = tuple(by_name[b.idstr] for b in rec.blocks)
         self.stats.update(total_bytes=rec.total)
-        if self.carrier == "file" or self.guest_started:
+        if self.carrier == "file" or self.guest_started or not self.ours:
             return []            # a restore starts its guest only once the RAM verified
         self.guest_started = True
         return [de.StartGuest()]
@@ -288,8 +295,30 @@ class DestinationSession:
                 "its VMDESCRIPTION: the stream is cut short")
         return self._finish()
 
+    @property
+    def ours(self) -> bool:
+        """The stream is an rdma-pipeline machine's: a guest of ours, digests to verify by.
+        Any other machine type (QEMU's) is recorded, its RAM unverified, no guest run."""
+        return self.machine in (None, MACHINE)
+
+    def _on_configuration(self, rec: Configuration) -> list:
+        """QEMU's check: given a machine type, refuse another."""
+        wanted = self.config.machine
+        if wanted and rec.name != wanted:
+            raise RemoteProtocolError(f"Machine type received is '{rec.name}' and local is "
+                                      f"'{wanted}'", hint=f"start incoming with --machine "
+                                      f"{rec.name}, or without --machine to take any")
+        self.machine = rec.name
+        return []
+
     def _record(self, rec, at: int, now: float) -> list:
         """One record of the stream (pages aside: they land in RAM without the session)."""
+        if isinstance(rec, Configuration):
+            return self._on_configuration(rec)
+        if isinstance(rec, Command):
+            if rec.cmd == OPEN_RETURN_PATH:
+                self.return_path = True
+            return []
         if isinstance(rec, MemSize):
             return self._on_mem_size(rec)
         if isinstance(rec, Hook):
@@ -454,6 +483,11 @@ class DestinationSession:
         """Hash the RAM to compare it with the source's digest (the driver computes, the
         session decides)."""
         expected = self.digests
+        if expected is None and not self.ours:
+            self.stats.update(verification=f"RAM not verified: the stream (machine type "
+                              f"'{self.machine}') carries no RAM digest, as no QEMU stream "
+                              "does; RAM recorded as received, no guest resumed")
+            return self._ask(de.Confirm())
         if expected is None:
             what = "stream carried" if self.inline else "source sent"
             raise RemoteProtocolError(f"the {what} no RAM digest: cannot verify the RAM",

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pipeline.protocol.capabilities import Capabilities, Capability, Digest
+from pipeline.sections import MACHINE
 
 DEFAULT_CHUNK_SIZE = 1 << 20
 DESTINATION_DATA_QPS = 4
@@ -28,6 +29,15 @@ class PeerPolicy:
     digest: Digest = Digest.NONE     # how the destination verifies RAM at the end
     session_token: int = 0           # data QPs present it when they connect
     inline: bool = False             # pages travel inline in the stream (tcp:, file:)
+    machine: str = MACHINE           # the machine type the stream's configuration names
+    return_path: bool = False        # tcp:: the source opens QEMU's return path, and the
+                                     # destination confirms (SHUT) only on one it opened
+
+    @property
+    def own_sections(self) -> bool:
+        """The stream carries our device sections (the guest's state, the digests): only as
+        machine rdma-pipeline; a QEMU machine type (``none``) refuses sections it lacks."""
+        return self.machine == MACHINE
 
     @property
     def extended(self) -> bool:
@@ -43,8 +53,9 @@ class PeerPolicy:
     @property
     def round_sections(self) -> bool:
         """Each round's pages are named to the destination (``rdp-round-pages``), which
-        hashes them while the next round runs: only with page-hash verification."""
-        return self.digest == Digest.PAGE_HASH and not self.inline
+        hashes them while the next round runs: only with page-hash verification, and only in
+        a stream of ours (a QEMU machine type refuses sections it does not know)."""
+        return self.digest == Digest.PAGE_HASH and not self.inline and self.own_sections
 
     @property
     def ready_after_eof(self) -> bool:
@@ -57,8 +68,9 @@ class PeerPolicy:
         """The destination runs the guest only once the source has committed (our extension).
         It confirms a verified migration and waits for the source's COMMIT before it resumes:
         a confirmation lost on the way then ends with the guest on the source alone, where
-        QEMU's order (resume, then confirm) would leave it running on both hosts."""
-        return self.verified
+        QEMU's order (resume, then confirm) would leave it running on both hosts. Only in a
+        stream of ours: QEMU's machine types carry no digest and no guest of ours."""
+        return self.verified and self.own_sections
 
     @property
     def register_batch(self) -> int:
@@ -104,3 +116,10 @@ class PeerPolicy:
 
 # The stream carriers (tcp:, file:) carry pages inline and always end with our digest.
 STREAM_POLICY = PeerPolicy(digest=Digest.PAGE_HASH, inline=True)
+
+
+def stream_policy(carrier: str, machine: str = MACHINE) -> PeerPolicy:
+    """A stream source's policy: our digest only as machine rdma-pipeline (QEMU reads none),
+    and over ``tcp:`` QEMU's return path, on which the destination confirms."""
+    return PeerPolicy(digest=Digest.PAGE_HASH if machine == MACHINE else Digest.NONE,
+                      inline=True, machine=machine, return_path=carrier == "tcp")

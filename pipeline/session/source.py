@@ -22,6 +22,7 @@ reports; an event the session did not ask for is a ``LocalProtocolError`` that f
 
 from __future__ import annotations
 
+import dataclasses
 from collections import deque
 
 import numpy as np
@@ -52,11 +53,11 @@ from pipeline.protocol.records import (
 )
 from pipeline.protocol.stream import StreamWriter
 from pipeline.section_writer import DeviceSections, write_header
-from pipeline.sections import RAM_SID, ROUND_SECTION, ROUND_SID
+from pipeline.sections import MACHINE, RAM_SID, ROUND_SECTION, ROUND_SID
 from pipeline.session import actions as act
 from pipeline.session import events as ev
 from pipeline.session.convergence import Convergence, Decision, RoundResult
-from pipeline.session.policy import STREAM_POLICY, PeerPolicy
+from pipeline.session.policy import PeerPolicy, stream_policy
 from pipeline.session.states import SOURCE_TRANSITIONS, SourceState, StateMachine
 from pipeline.stats import MigrationStats
 from shm.errors import LocalProtocolError, MigrationError, RemoteProtocolError
@@ -87,6 +88,7 @@ ANSWERS = {
     act.AwaitConfirmation: ev.Confirmed,
 }
 TUNABLE = {"downtime-limit", "x-max-rounds", "x-keep-going"}
+MACHINES = (MACHINE, "none")   # what a source writes: ours, or QEMU's -M none (one block "ram")
 
 
 class SourceSession:
@@ -101,6 +103,10 @@ class SourceSession:
     def __init__(self, config: MigrationConfig, blocks, *, inline: bool = False,
                  snapshot: bool = False, stats: MigrationStats | None = None) -> None:
         self.config = config
+        self.machine = config.machine or MACHINE
+        if self.machine not in MACHINES:
+            raise ValueError(f"machine {self.machine!r}: a source is one of "
+                             f"{', '.join(MACHINES)}")
         self.blocks = tuple(RamBlockInfo(name, length) for name, length in blocks)
         self.inline = inline
         self.snapshot = snapshot
@@ -108,7 +114,8 @@ class SourceSession:
         self.stats = stats or MigrationStats()
         self.sm = StateMachine("source", SOURCE_TRANSITIONS)
         self.conv = Convergence(config.downtime_limit_ms, config.max_rounds, config.keep_going)
-        self.policy: PeerPolicy | None = STREAM_POLICY if inline else None
+        self.policy: PeerPolicy | None = stream_policy(
+            "file" if snapshot else "tcp", self.machine) if inline else None
         self.writer = StreamWriter()
         self.sections = DeviceSections()      # every device section written, for VMDESCRIPTION
         self.dest_blocks: tuple = ()
@@ -214,14 +221,15 @@ class SourceSession:
             if self.snapshot:           # a file: the guest pauses before the first round
                 return self._ask(act.PauseGuest())
             return self._write_setup(now)
-        self.policy = self._check_policy(PeerPolicy.from_agreement(event.capabilities))
+        self.policy = self._check_policy(dataclasses.replace(
+            PeerPolicy.from_agreement(event.capabilities), machine=self.machine))
         return [act.ConnectDataPath(self.policy.session_token)] + self._write_setup(now)
 
     def _write_setup(self, now: float) -> list:
         self.setup_written = True
         out: list = []
         w = self.writer
-        write_header(w)        # magic, version, CONFIGURATION
+        write_header(w, self.machine, return_path=self.policy.return_path)
         w.write_event(SectionHeader(SectionType.SECTION_START, RAM_SID, RAM_IDSTR, 0,
                                     RAM_VERSION))
         w.write_event(MemSize(self.blocks))
@@ -474,6 +482,8 @@ class SourceSession:
         return self._start_round(now)
 
     def _finish_stream(self, now: float) -> list:
+        if not self.policy.own_sections:      # QEMU's machine: its RAM alone
+            return self._end_stream(now)
         self.sections.guest(self.writer, *self.device)
         if self.policy.verified:
             return self._ask(act.ComputeDigest())
@@ -484,10 +494,11 @@ class SourceSession:
         return self._end_stream(now)
 
     def _end_stream(self, now: float) -> list:
-        if self.policy.verified:
+        if self.policy.verified and self.policy.own_sections:
             self.sections.device_digest(self.writer)
         out = [self._flush()]
-        self.sections.end(self.writer)   # EOF and VMDESCRIPTION: small, one QEMU FILE message
+        # EOF and VMDESCRIPTION: small, one QEMU FILE message
+        self.sections.end(self.writer, self.machine)
         out.append(self._flush())
         self.stats.update(remaining_bytes=0)
         if self.inline or self.policy.ready_after_eof:
@@ -497,12 +508,20 @@ class SourceSession:
 
     def _on_confirmed(self, event: ev.Confirmed, now: float) -> list:
         # A file is verified when it is restored; the destination's confirmation (SHUT(0),
-        # READY after EOF) says the RAM verified. A two-phase destination then waits for
-        # our COMMIT to run the guest: it goes out after the commit point, never before.
-        if self.snapshot:
-            return self._commit(now, verified=None)
-        done = self._commit(now, verified=True)
-        return [act.SendCommit()] + done if self.policy.two_phase else done
+        # READY after EOF) says the RAM verified, when it had our digest to verify it by. A
+        # two-phase destination then waits for our COMMIT to run the guest: it goes out after
+        # the commit point, never before.
+        checked = self.policy.verified and self.policy.own_sections   # our digest went out
+        verified = None if self.snapshot or not checked else True
+        if not self.policy.own_sections:
+            how = ("the file is whole" if self.snapshot
+                   else "the destination confirmed it loaded the stream")
+            self.stats.update(verification=f"RAM not verified: machine type '{self.machine}' "
+                                           f"carries no RAM digest; {how}")
+        done = self._commit(now, verified=verified)
+        if self.snapshot or not self.policy.two_phase:
+            return done
+        return [act.SendCommit()] + done
 
     def _commit(self, now: float, *, verified: bool | None) -> list:
         """The destination confirmed: the migration is complete, whatever happens next."""
