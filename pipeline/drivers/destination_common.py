@@ -183,10 +183,15 @@ class DestinationDriver:
 
     # -- the loop ------------------------------------------------------------------------
     def check(self) -> None:
-        """Raise if the migration was cancelled (called inside every wait), unless it is too
-        late: the destination confirmed and the source may have committed."""
-        if self.cancel.is_set() and not self.session.committing:
+        """Raise if the migration was cancelled or the idle guest died (called inside every
+        wait and before confirming), unless it is too late: the destination confirmed and the
+        source may have committed."""
+        if self.session.committing:
+            return
+        if self.cancel.is_set():
             raise MigrationCancelled("incoming migration cancelled")
+        if self.guest is not None and not self.session.resumed:
+            self.guest.process.check()   # a guest that died cannot be resumed: say so first
 
     def run(self) -> dict:
         with self:

@@ -154,6 +154,7 @@ class RdmaDestination(DestinationDriver):
         self.link.reply(a.message)
 
     def _confirm(self, a: de.Confirm):
+        self.check()
         # Our extension: one more READY says "verified" to the source. A two-phase session
         # waits for the COMMIT that READY lets through before it runs the guest.
         self.link.post_recvs()

@@ -63,6 +63,7 @@ class StreamDestination(DestinationDriver):
         return de.Accepted(None)
 
     def _confirm(self, a: de.Confirm):
+        self.check()
         # QEMU's destination answers only on a return path the source opened; an
         # rdma-pipeline source waits for the SHUT whether it opened one or not.
         if self.session.return_path or self.session.ours:
