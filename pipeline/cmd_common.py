@@ -162,6 +162,8 @@ def print_summary(summary: dict, as_json: bool) -> None:
         lines.append(f"{stage}: " + ", ".join(f"{k} {v}" for k, v in figs.items()))
     if summary.get("warning"):
         lines.append(f"warning: {summary['warning']}")
+    if summary.get("unverified"):
+        lines.append(f"note: {summary['unverified']}")
     print("\n".join(lines))
 
 

@@ -73,6 +73,7 @@ class MigrationStats:
     expected_downtime_ms: float = 0.0
     round: int = 0
     verified: bool | None = None
+    unverified: str = ""             # why the RAM was not verified, when it could not be
     guest: str = ""                  # which guest: synthetic or kvm
     dirty_tracking: str = ""         # which dirty source ran: soft, uffd or kvm
     error: str = ""
@@ -162,4 +163,6 @@ class MigrationStats:
                 out["error-desc"] = self.error
             if self.warning:
                 out["warning"] = self.warning
+            if self.unverified:
+                out["unverified"] = self.unverified
             return out

@@ -12,9 +12,13 @@ gets every other record).
                sections keep the guest's state and the RAM digest; a round's page bitmap
                (rdma:) or the end of a ram section (tcp:, file:) sends pages to the hasher.
                At the end (EOF on rdma:, VMDESCRIPTION on tcp:, the end of a file) the RAM
-               is hashed and compared with the source's digest, then the guest resumed
-    completed  the commit point: the source was told (READY after EOF, SHUT(0)); nothing
-               fails the migration after it
+               is hashed and compared with the source's digest, then the guest resumed.
+               A peer that granted no digest (QEMU's protocol version 1, known at connect
+               time) is not verified: its VMDESCRIPTION is read after EOF, then the guest
+               resumed
+    completed  the commit point: the source was told (READY after EOF, SHUT(0)); a QEMU
+               source is told nothing (it completed when it sent EOF); nothing fails the
+               migration after it
 
 Any failure or cancel before it answers AbortPeer and the final state, once, and never a
 resume. Chunk MRs are keyed (source block index, chunk), as both REGISTER and UNREGISTER name
@@ -197,7 +201,8 @@ class DestinationSession:
         if self.inline:
             return self._ask(de.Accept(None))
         return self._ask(de.Accept(PeerPolicy.supported(
-            chunk_size=self.config.chunk_size, session_token=self.session_token)))
+            chunk_size=self.config.chunk_size, session_token=self.session_token,
+            extensions=self.config.extensions)))
 
     def _on_accepted(self, event: de.Accepted, now: float) -> list:
         if not self.inline:
@@ -295,11 +300,13 @@ class DestinationSession:
             return [de.HashLanded(self._names())] if self.inline else []
         if isinstance(rec, Eof):
             self.stats.update(pause_time=now)
-            if not self.inline:
+            if not self.inline and (self.policy.verified or not self._buffered()):
                 return self._finish()
+            # QEMU's source: its VMDESCRIPTION follows (QEMU's destination reads it too), and
+            # may need another QEMU FILE message, which waits for our READY.
         elif isinstance(rec, VmDescription):
             self.description = rec.description()
-            if self.carrier == "tcp":
+            if self.carrier == "tcp" or not self.inline:
                 return self._finish()   # the source now waits for our SHUT: nothing more comes
         return []
 
@@ -333,6 +340,10 @@ class DestinationSession:
                                       "RAM blocks")
         self.settle = True
         return [de.HashRound(body, self._names())]
+
+    def _buffered(self) -> int:
+        """Stream bytes received and not parsed yet (rdma:)."""
+        return self.reader.bytes_received - self.reader.parser.offset
 
     def _names(self) -> tuple[str, ...]:
         return tuple(b.idstr for b in self.order)
@@ -442,6 +453,10 @@ class DestinationSession:
     def _finish(self) -> list:
         """Hash the RAM to compare it with the source's digest (the driver computes, the
         session decides)."""
+        if not self.policy.verified:      # decided at connect time: no digest comes
+            self.verified = None
+            self.stats.update(verified=None, unverified=self.policy.unverified)
+            return self._resume()
         expected = self.digests
         if expected is None:
             what = "stream carried" if self.inline else "source sent"
@@ -489,6 +504,12 @@ class DestinationSession:
     def _resume(self) -> list:
         if self.guest_device is None:
             raise RemoteProtocolError("the stream carried no guest device state")
+        if self.policy.verified:          # else no device digest comes either
+            self._check_devices()
+        self.guest_started = True
+        return self._ask(de.LoadGuest(*self.guest_device))
+
+    def _check_devices(self) -> None:
         if self.device_check is None:
             what = "stream carried" if self.inline else "source sent"
             raise RemoteProtocolError(f"the {what} no device-state digest: cannot verify the "
@@ -499,12 +520,12 @@ class DestinationSession:
             self.stats.update(verified=False)
             raise MigrationError("device state verification failed: the device sections "
                                  "differ from what the source sent; the guest was not resumed")
-        self.guest_started = True
-        return self._ask(de.LoadGuest(*self.guest_device))
 
     def _on_resumed(self, event: de.GuestResumed, now: float) -> list:
         self.resumed = True
         self.stats.update(resume_time=now)
+        if not (self.inline or self.policy.ready_after_eof):
+            return self._to(D.COMPLETED, now)     # QEMU's source expects nothing after EOF
         return self._ask(de.Confirm())
 
     def _on_confirmed(self, event: de.ConfirmSent, now: float) -> list:
