@@ -16,9 +16,9 @@ gets every other record).
                A peer that granted no digest (QEMU's protocol version 1, known at connect
                time) is not verified: its VMDESCRIPTION is read after EOF, then the guest
                resumed
-    completed  the commit point: the source was told (READY after EOF, SHUT(0)); a QEMU
-               source is told nothing (it completed when it sent EOF); nothing fails the
-               migration after it
+    completed  the commit point: the source was told (READY after EOF, SHUT(0); a QEMU
+               source only SHUT(0) on the return path it opened, or nothing); nothing fails
+               the migration after it
 
 Any failure or cancel before it answers AbortPeer and the final state, once, and never a
 resume. Chunk MRs are keyed (source block index, chunk), as both REGISTER and UNREGISTER name
@@ -524,9 +524,7 @@ class DestinationSession:
     def _on_resumed(self, event: de.GuestResumed, now: float) -> list:
         self.resumed = True
         self.stats.update(resume_time=now)
-        if not (self.inline or self.policy.ready_after_eof):
-            return self._to(D.COMPLETED, now)     # QEMU's source expects nothing after EOF
-        return self._ask(de.Confirm())
+        return self._ask(de.Confirm(self.inline or self.policy.ready_after_eof))
 
     def _on_confirmed(self, event: de.ConfirmSent, now: float) -> list:
         return self._to(D.COMPLETED, now)

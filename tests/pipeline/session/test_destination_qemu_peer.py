@@ -41,7 +41,8 @@ def test_a_source_without_digest_completes_unverified_and_says_why():
     s = world.session
     assert s.state is D.COMPLETED, s.reason
     assert world.of(de.LoadGuest) and not world.of(de.HashRam)
-    assert not world.of(de.Confirm), "QEMU's source expects no READY after EOF"
+    assert world.of(de.Confirm) == [de.Confirm(ready_after_eof=False)], \
+        "QEMU's source expects no READY after EOF"
     assert s.stats.verified is None
     assert "not verified" in s.stats.unverified and "version 1" in s.stats.unverified
 
@@ -51,7 +52,8 @@ def test_our_source_with_extensions_off_is_treated_as_qemu():
     src = Rounds()
     world.feed(*src.setup(), RamBlocksRequestMessage(), FINISHED,
                *src.round(final=True), FINISHED, *src.end(digest=None, devices=None))
-    assert world.session.state is D.COMPLETED and not world.of(de.Confirm)
+    assert world.session.state is D.COMPLETED
+    assert world.of(de.Confirm) == [de.Confirm(ready_after_eof=False)]
 
 
 def test_the_vmdescription_after_eof_is_read_from_the_next_message():
