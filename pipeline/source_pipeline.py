@@ -126,6 +126,10 @@ class SourcePipeline:
         in the registrar's PD (``pd``, its import), posted by a thread of this process; the
         poster process ends unused."""
         self.poster.send("idle")
+        code = self.poster.stop(5.0)
+        if code != 0:
+            raise self.poster.failure()
+        self.stages = [self.scanner, self.registrar]
         names = {k: r.name for k, r in self.rings.items()}
         writes_in = Ring.attach(names["writes"], WRITE_RING, role=CONSUMER)
         comps_out = Ring.attach(names["completions"], COMPLETION_RING, role=PRODUCER)

@@ -1,0 +1,72 @@
+"""Our rdma: source against a destination that speaks QEMU's protocol version 1 alone
+(``x-rdma-extensions=off``, as QEMU's destination: every flag but pin-all masked): the source
+falls back to version 1 (one QP, one registration per message, 1 MiB chunks, no digest, no
+round sections, no READY after EOF), completes, says the RAM was not verified and why, and
+the destination's RAM equals the paused source's byte for byte. The control trace holds
+QEMU's version 1 only."""
+
+import hashlib
+import json
+import struct
+
+import pytest
+from qemu_v1_destination import QEMU_V1
+
+from pipeline.api import LocalRun
+from pipeline.config import MigrationConfig
+from pipeline.guest.synthetic import GuestState
+from pipeline.protocol.codec import decode
+from pipeline.protocol.messages import MessageType
+from pipeline.protocol.records import HOOK_RECORD
+from pipeline.sections import DEVICES_SECTION, DIGEST_SECTION, ROUND_SECTION
+
+pytestmark = pytest.mark.slow
+MIB = 1 << 20
+T = MessageType
+
+
+@pytest.mark.parametrize("options", [[], ["x-rdma-extensions=off"], ["rdma-pin-all=on"]],
+                         ids=["asks-extensions", "extensions-off", "pin-all"])
+def test_our_source_meets_a_qemu_v1_destination(tmp_path, options):
+    trace = tmp_path / "trace.jsonl"
+    cfg = MigrationConfig(trace_control=str(trace)).with_options(options, [])
+    with LocalRun(32 * MIB, cfg, state=GuestState(dirty_rate=8 * MIB, zero_share=0.3),
+                  dest_entry=QEMU_V1) as lr:
+        lr.start()
+        summary = lr.finish()
+        assert not lr.guest_running()
+        source_ram = {b.idstr: hashlib.sha256(b.view).hexdigest()
+                      for b in lr.guest.region.blocks}
+        dest = lr.dest_result
+    assert summary["status"] == "completed", summary.get("error-desc")
+    assert summary["destination"]["status"] == "completed"
+    assert summary["verified"] is None and dest["verified"] is None
+    assert "not verified" in summary["unverified"] and "version 1" in dest["unverified"]
+    assert dest["ram-sha256"] == source_ram
+    assert summary["ram"]["dirty-sync-count"] >= 1           # several rounds, one QP
+
+    lines = [json.loads(x) for x in trace.read_text().splitlines()]
+    connect, accepted = (bytes.fromhex(x["hex"]) for x in lines[:2])
+    assert struct.unpack(">II", connect[:8])[0] == 1
+    pin = 1 if "rdma-pin-all=on" in options else 0
+    assert accepted == struct.pack(">II", 1, pin)            # QEMU's 8 bytes, masked
+    if "x-rdma-extensions=off" in options:
+        assert connect == struct.pack(">II", 1, 0)
+    msgs = [(x["dir"], decode(bytes.fromhex(x["hex"]))) for x in lines[2:]]
+    assert {m.TYPE for _, m in msgs} <= set(T) - {T.NONE}
+    stream = b"".join(m.data for d, m in msgs if d == "send" and m.TYPE is T.QEMU_FILE)
+    for name in (DIGEST_SECTION, ROUND_SECTION, DEVICES_SECTION):
+        assert name.encode() not in stream, name
+    for _, m in msgs:
+        if m.TYPE in (T.REGISTER_REQUEST, T.UNREGISTER_REQUEST):
+            assert m.repeat == 1
+        if m.TYPE is T.QEMU_FILE:
+            assert len(m.data) <= 32768
+    if pin:
+        assert not [m for _, m in msgs if m.TYPE is T.REGISTER_REQUEST]
+    else:
+        assert [m for _, m in msgs if m.TYPE is T.REGISTER_REQUEST]
+    # The end: the last QEMU FILE (EOF, VMDESCRIPTION) and nothing after it, no READY awaited.
+    last_file = max(k for k, (d, m) in enumerate(msgs) if m.TYPE is T.QEMU_FILE)
+    assert msgs[last_file][0] == "send" and not msgs[last_file][1].data.endswith(HOOK_RECORD)
+    assert last_file == len(msgs) - 1
