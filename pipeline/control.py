@@ -66,6 +66,7 @@ class ControlLink:
         self.mr = pd.reg_mr(base, 3 * CONTROL_MAX_BUFFER, Access.LOCAL_WRITE | Access.REMOTE_WRITE)
         self.send_cq = ctx.create_cq(3 * QP_DEPTH)
         self.recv_cq = ctx.create_cq(3 * QP_DEPTH)
+        self.qp_depth = QP_DEPTH
         self.qp = pd.create_qp(self.send_cq, self.recv_cq, max_send_wr=QP_DEPTH, max_recv_wr=3)
         self.send_wr_id = WRID_SEND
         self._sends: queue.Queue | None = None    # SEND completions, when the CQ is shared

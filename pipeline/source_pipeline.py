@@ -140,8 +140,10 @@ class SourcePipeline:
             from stages.poster import serve_writes
 
             try:
+                # The control QP's send queue (QEMU's 512) less the one control SEND in flight.
                 poster = serve_writes(link.qp, link.send_cq, pd, info["pd"], info["path"],
                                       writes_in, comps_out, foreign=foreign,
+                                      depth=link.qp_depth - 1,
                                       max_bandwidth=self.max_bandwidth)
                 self._local["figures"] = {"writes_posted": poster.writes_posted,
                                           "bytes_posted": poster.bytes_posted,

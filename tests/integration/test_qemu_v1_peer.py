@@ -30,7 +30,8 @@ T = MessageType
 def test_our_source_meets_a_qemu_v1_destination(tmp_path, options):
     trace = tmp_path / "trace.jsonl"
     cfg = MigrationConfig(trace_control=str(trace)).with_options(options, [])
-    with LocalRun(32 * MIB, cfg, state=GuestState(dirty_rate=8 * MIB, zero_share=0.3),
+    # A busy guest: rounds of scattered one-page writes, more than the one QP's 512 in flight.
+    with LocalRun(64 * MIB, cfg, state=GuestState(dirty_rate=30 * MIB, zero_share=0.3, seed=7),
                   dest_entry=QEMU_V1) as lr:
         lr.start()
         summary = lr.finish()
@@ -44,6 +45,7 @@ def test_our_source_meets_a_qemu_v1_destination(tmp_path, options):
     assert "not verified" in summary["unverified"] and "version 1" in dest["unverified"]
     assert dest["ram-sha256"] == source_ram
     assert summary["ram"]["dirty-sync-count"] >= 1           # several rounds, one QP
+    assert summary["stages"]["poster"]["writes-posted"] > 512
 
     lines = [json.loads(x) for x in trace.read_text().splitlines()]
     connect, accepted = (bytes.fromhex(x["hex"]) for x in lines[:2])
