@@ -7,6 +7,8 @@ QEMU's version 1 only."""
 
 import hashlib
 import json
+import os
+import signal
 import struct
 
 import pytest
@@ -72,3 +74,26 @@ def test_our_source_meets_a_qemu_v1_destination(tmp_path, options):
     last_file = max(k for k, (d, m) in enumerate(msgs) if m.TYPE is T.QEMU_FILE)
     assert msgs[last_file][0] == "send" and not msgs[last_file][1].data.endswith(HOOK_RECORD)
     assert last_file == len(msgs) - 1
+
+
+V1_SLOW = MigrationConfig().with_options(["x-rdma-extensions=off"], ["max-bandwidth=16M"])
+
+
+@pytest.mark.parametrize("how", ["destination killed", "connection cut", "registrar killed"])
+def test_a_version_1_migration_that_fails_leaves_nothing(how):
+    # The writes on the control QP come from a thread of the source: a failure ends it too.
+    from faulty_destination import FAULTY
+    from migration_helpers import run_until
+
+    def act(lr):
+        if how == "destination killed":
+            lr.dest.kill()
+        elif how == "registrar killed":
+            os.kill(lr.migration.source.pipeline.registrar.pid, signal.SIGKILL)
+
+    kw = {"dest_entry": FAULTY,
+          "dest_options": {"fault": {"kind": "disconnect", "window": 2}}} \
+        if how == "connection cut" else {}
+    s = run_until(act, config=V1_SLOW, when=lambda st: st["ram"]["transferred"] > 4 * MIB,
+                  **kw)
+    assert s["status"] == "failed"
