@@ -306,8 +306,8 @@ class DestinationSession:
             # may need another QEMU FILE message, which waits for our READY.
         elif isinstance(rec, VmDescription):
             self.description = rec.description()
-            if self.carrier == "tcp" or not self.inline:
-                return self._finish()   # the source now waits for our SHUT: nothing more comes
+            if self.carrier != "file":
+                return self._finish()   # nothing more comes (tcp: the source waits for SHUT)
         return []
 
     def _on_device_state(self, rec: DeviceState) -> list:
