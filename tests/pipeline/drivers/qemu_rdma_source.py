@@ -6,9 +6,9 @@ before connecting, a READY awaited before every message but the first's, every S
 signaled and waited for), and its stream is a QEMUFile: a 32 KiB buffer that goes out as a
 QEMU FILE message when it fills, mid-record if so, and on each flush. What it does:
 
-- connects with 8 bytes of private data, version 1 and no flag, then opens the second
-  connection of its return path (return-path capability) and grants READY on it at once, as
-  QEMU's return-path thread does when it starts reading;
+- connects with 8 bytes of private data, version 1 and no flag, then (``return_path``: the
+  return-path capability) opens the second connection of its return path and grants READY on
+  it at once, as QEMU's return-path thread does when it starts reading;
 - header, configuration, MIG_CMD_OPEN_RETURN_PATH, a device section padded so that the
   SETUP HOOK's 8 bytes fall over the 32 KiB boundary (two QEMU FILE messages), ram START and
   MEM_SIZE;
@@ -17,7 +17,8 @@ QEMU FILE message when it fills, mid-record if so, and on each flush. What it do
   WRITEs on the one QP (every one signaled), COMPRESS for a zero chunk never registered,
   UNREGISTER of a chunk (its number passed through the translation, as QEMU does) and the
   same chunk registered and written again; FINISH window; EOS, EOF, VMDESCRIPTION;
-- no READY is expected after EOF: it waits for SHUT on its return path, then disconnects.
+- no READY is expected after EOF: it waits for SHUT on its return path, then disconnects
+  (without a return path it disconnects as soon as its last message is sent).
 
 ``RAM`` is what the source's RAM holds at the end: the destination's must equal it.
 """
@@ -202,9 +203,10 @@ class QemuRdmaSource(threading.Thread):
     """The replay, in a thread; ``error`` says how it ended, ``shut`` what the return path
     said (0: completed)."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, *, return_path: bool = True) -> None:
         super().__init__(daemon=True, name="scripted-source")
         self.port = port
+        self.return_path = return_path
         self.error: BaseException | None = None
         self.shut: int | None = None
         self.replies: list = []
@@ -240,10 +242,12 @@ class QemuRdmaSource(threading.Thread):
             reply = self._connect(ctx, main)
             assert struct.unpack_from(">II", reply) == (1, 0), reply.hex()
             main.ready_expected = True                     # the destination's READY first
-            rp = Slots(ctx, pd)                            # the return path's connection
-            rp.post(0)
-            self._connect(ctx, rp)
-            rp.transmit(encode(ReadyMessage()))            # its reader starts at once
+            rp = None
+            if self.return_path:
+                rp = Slots(ctx, pd)                        # the return path's connection
+                rp.post(0)
+                self._connect(ctx, rp)
+                rp.transmit(encode(ReadyMessage()))        # its reader starts at once
             local = {name: self._local(pd, data) for name, data in src.items()}
             f = self.file = QemuFile(main)
             self._setup(f, main)
@@ -253,14 +257,17 @@ class QemuRdmaSource(threading.Thread):
             f.event(EndOfSection(), SectionFooter(2), Eof(),
                     VmDescription(json.dumps({"page_size": 4096, "devices": []}).encode()))
             f.flush()
-            msg = rp.recv(0)                               # QEMU's destination: SHUT
-            rp.post(0)
-            reader = ReturnPathReader()
-            reader.feed(msg.data)
-            self.shut = reader.next_message().shut_status
-            self.stop.wait(TIMEOUT_S)                      # until the test has looked
+            if rp is not None:
+                msg = rp.recv(0)                           # QEMU's destination: SHUT
+                rp.post(0)
+                reader = ReturnPathReader()
+                reader.feed(msg.data)
+                self.shut = reader.next_message().shut_status
+                self.stop.wait(TIMEOUT_S)                  # until the test has looked
+            # Without a return path QEMU's source is done: it disconnects at once.
             for slots in (rp, main):
-                slots.close()
+                if slots is not None:
+                    slots.close()
             for mr, _ in local.values():
                 mr.close()
         finally:
