@@ -21,7 +21,13 @@ import time
 
 from pipeline.control import ControlLink, ControlTrace
 from pipeline.drivers.destination_common import DestinationDriver
-from pipeline.protocol.capabilities import Capabilities, DataConnect, decode_connect, negotiate
+from pipeline.protocol.capabilities import (
+    Capabilities,
+    Capability,
+    DataConnect,
+    decode_connect,
+    negotiate,
+)
 from pipeline.protocol.channel import ControlChannel, Role
 from pipeline.protocol.messages import QemuFileMessage
 from pipeline.protocol.return_path import SHUT_OK, shut
@@ -45,7 +51,8 @@ class RdmaDestination(DestinationDriver):
         self.chunk_mrs: dict[tuple[int, int], object] = {}   # (source block index, chunk)
         self.block_mrs: list = []
         self.data_qps: list = []
-        self.supported: Capabilities | None = None
+        self.supported: Capabilities | None = None   # what this side grants
+        self.granted = Capabilities()                  # what it granted the source
         self.return_path: ControlLink | None = None   # QEMU's second connection, if opened
         self._stop = threading.Event()
         self._acceptor: threading.Thread | None = None
@@ -89,6 +96,7 @@ class RdmaDestination(DestinationDriver):
         self._stack.callback(self.link.close)
         reply = self.link.channel.accept(req.private_data, a.capabilities)
         req.accept(self.link.qp, reply)
+        self.granted = self.link.channel.capabilities
         self.link.post_recvs()
         self.data_cq = self.ctx.create_cq(64)
         self._stack.callback(self._close_data_qps)
@@ -130,8 +138,9 @@ class RdmaDestination(DestinationDriver):
                 if isinstance(hello, Capabilities) and self.return_path is None:
                     self._accept_return_path(req, hello)
                     continue
-                if not isinstance(hello, DataConnect) or hello.session_token != self.token:
-                    req.reject()
+                if (not isinstance(hello, DataConnect) or hello.session_token != self.token
+                        or not self.granted.has(Capability.DATA_QPS)):
+                    req.reject()          # (QEMU's version 1 has one QP: no data QP either)
                     continue
                 qp = self.pd.create_qp(self.data_cq, self.data_cq, max_send_wr=1,
                                        max_recv_wr=1)

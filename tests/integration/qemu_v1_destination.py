@@ -27,6 +27,7 @@ class HashingRdma(RdmaDestination):
         out = super().summary()
         if self.ram_sha256 is not None:
             out["ram-sha256"] = self.ram_sha256
+        out["data-qps"] = len(self.data_qps)
         return out
 
 

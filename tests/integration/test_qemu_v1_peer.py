@@ -46,6 +46,7 @@ def test_our_source_meets_a_qemu_v1_destination(tmp_path, options):
     assert summary["verified"] is None and dest["verified"] is None
     assert "not verified" in summary["unverified"] and "version 1" in dest["unverified"]
     assert dest["ram-sha256"] == source_ram
+    assert dest["data-qps"] == 0                             # the writes came on the one QP
     assert summary["ram"]["dirty-sync-count"] >= 1           # several rounds, one QP
     assert summary["stages"]["poster"]["writes-posted"] > 512
 
