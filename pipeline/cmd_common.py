@@ -190,6 +190,8 @@ def print_summary(summary: dict, as_json: bool) -> None:
         lines.append(f"{stage}: " + ", ".join(f"{k} {v}" for k, v in figs.items()))
     if summary.get("warning"):
         lines.append(f"warning: {summary['warning']}")
+    if summary.get("guest-runs-on"):
+        lines.append(f"guest runs on: {summary['guest-runs-on']}")
     print("\n".join(lines))
 
 

@@ -16,7 +16,7 @@ from shm.memory import PAGE_SIZE  # noqa: F401 - also for users: pipeline.config
 
 MIB = 1 << 20
 
-CAPABILITIES = ("rdma-pin-all", "x-odp")
+CAPABILITIES = ("rdma-pin-all", "x-odp", "x-rdma-extensions")
 PARAMETERS = ("downtime-limit", "max-bandwidth", "x-max-rounds", "x-keep-going", "x-pin-budget",
               "x-memlock-limit")
 
@@ -58,6 +58,8 @@ class MigrationConfig:
 
     pin_all: bool = False                 # capability rdma-pin-all
     odp: bool = True                      # capability x-odp: register guest RAM on demand
+    extensions: bool = True               # capability x-rdma-extensions: off speaks QEMU's
+                                          # rdma: protocol version 1 alone, as QEMU does
     downtime_limit_ms: int = 300          # parameter downtime-limit (ms)
     max_bandwidth: int = 0                # parameter max-bandwidth (bytes/s), 0 = unlimited
     max_rounds: int = 30                  # rounds without convergence before giving up
@@ -86,6 +88,9 @@ class MigrationConfig:
             raise ValueError("max-bandwidth must be >= 0 (0 = unlimited)")
         if self.max_rounds < 1:
             raise ValueError("x-max-rounds must be >= 1")
+        if not self.extensions and cs != MIB:
+            raise ValueError(f"chunk size {cs}: with x-rdma-extensions off the chunk is QEMU's "
+                             "1M")
         if self.pin_budget and self.pin_budget < cs:
             raise ValueError("x-pin-budget must be 0 (unlimited) or at least one chunk")
         if len(self.machine.encode()) > 255 or "\0" in self.machine:
@@ -101,6 +106,8 @@ class MigrationConfig:
                 changes["pin_all"] = _parse_bool(name, value)
             elif name == "x-odp":
                 changes["odp"] = _parse_bool(name, value)
+            elif name == "x-rdma-extensions":
+                changes["extensions"] = _parse_bool(name, value)
             else:
                 raise ValueError(f"unknown capability {name!r} (known: {', '.join(CAPABILITIES)})")
         for item in parameters:

@@ -5,7 +5,9 @@ the RECVs the channel asks for before transmitting anything, copies each outgoin
 slot 2 and waits for its send completion (QEMU's serialised sends), and hands every received
 message to the channel, which checks it. Waits are sliced (``SLICE`` seconds) and call
 ``check()`` between slices, so a cancelled migration or a dead stage interrupts any wait. Every
-message sent or received can be traced as a JSON line ``{"t", "dir", "hex"}``.
+message sent or received can be traced as a JSON line ``{"t", "dir", "hex"}``. With QEMU's
+protocol version 1 the RDMA WRITEs share the QP (``share_send_cq``): the thread posting them
+polls the send CQ and hands our SEND completions back.
 """
 
 from __future__ import annotations
@@ -13,11 +15,13 @@ from __future__ import annotations
 import ctypes
 import json
 import mmap
+import queue
 import time
 
 from pipeline.protocol.channel import NEEDS_CREDIT, ControlChannel, Role, Slot
 from pipeline.protocol.messages import CONTROL_MAX_BUFFER, ErrorMessage
 from shm.errors import RemoteProtocolError, TransportError
+from stages.poster import FOREIGN_WR_ID
 from stages.verbs.base import Access, SendOpcode
 
 WRID_SEND = 2000
@@ -62,7 +66,19 @@ class ControlLink:
         self.mr = pd.reg_mr(base, 3 * CONTROL_MAX_BUFFER, Access.LOCAL_WRITE | Access.REMOTE_WRITE)
         self.send_cq = ctx.create_cq(3 * QP_DEPTH)
         self.recv_cq = ctx.create_cq(3 * QP_DEPTH)
+        self.qp_depth = QP_DEPTH
         self.qp = pd.create_qp(self.send_cq, self.recv_cq, max_send_wr=QP_DEPTH, max_recv_wr=3)
+        self.send_wr_id = WRID_SEND
+        self._sends: queue.Queue | None = None    # SEND completions, when the CQ is shared
+        self._held = None                          # one taken from it while waiting
+
+    def share_send_cq(self):
+        """RDMA WRITEs go on this QP too (QEMU's protocol version 1: one QP), posted and
+        polled by another thread: from now on our SENDs carry a wr_id it hands back through
+        the returned callable (``stages.poster.serve_writes``'s ``foreign``)."""
+        self.send_wr_id = FOREIGN_WR_ID + WRID_SEND
+        self._sends = queue.Queue()
+        return self._sends.put
 
     # -- low level -----------------------------------------------------------------------
     def post_recvs(self) -> None:
@@ -71,11 +87,11 @@ class ControlLink:
                               self.mr.lkey)
 
     def _wait(self, cq, what: str, timeout: float | None = None):
+        """The next completion of ``cq`` (None: of our SENDs, on a shared send CQ)."""
         deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
         while True:
-            wcs = cq.poll(1)
-            if wcs:
-                wc = wcs[0]
+            wc = self._poll(cq)
+            if wc is not None:
                 if not wc.ok:
                     raise TransportError(
                         f"control {what} failed with {wc.status.name}: the connection to the "
@@ -86,17 +102,35 @@ class ControlLink:
             if left <= 0:
                 raise TransportError(f"no control {what} within {self.timeout:g} s: the peer "
                                      "stopped answering")
-            cq.wait(min(SLICE, left))
+            if cq is not None:
+                cq.wait(min(SLICE, left))
+            else:
+                try:
+                    self._held = self._sends.get(timeout=min(SLICE, left))
+                except queue.Empty:
+                    pass
+
+    def _poll(self, cq):
+        if cq is not None:
+            wcs = cq.poll(1)
+            return wcs[0] if wcs else None
+        wc, self._held = self._held, None
+        if wc is None:
+            try:
+                wc = self._sends.get_nowait()
+            except queue.Empty:
+                pass
+        return wc
 
     def transmit(self, data: bytes, timeout: float | None = None) -> None:
         """Copy ``data`` into slot 2, SEND it, wait for the send completion."""
         start = Slot.CONTROL * CONTROL_MAX_BUFFER
         self._mem[start:start + len(data)] = data
-        self.qp.post_send(WRID_SEND, SendOpcode.SEND, self._addr[Slot.CONTROL], len(data),
-                          self.mr.lkey, signaled=True)
+        self.qp.post_send(self.send_wr_id, SendOpcode.SEND, self._addr[Slot.CONTROL],
+                          len(data), self.mr.lkey, signaled=True)
         self.trace("send", data)
         self.bytes_sent += len(data)
-        self._wait(self.send_cq, "send", timeout)
+        self._wait(self.send_cq if self._sends is None else None, "send", timeout)
 
     def receive(self, timeout: float | None = None):
         """The next message (checked by the channel); an ERROR from the peer raises."""
@@ -107,6 +141,9 @@ class ControlLink:
         self.trace("recv", data)
         msg = self.channel.receive(data, Slot(slot))
         if isinstance(msg, ErrorMessage):
+            if msg.reason:            # a peer of ours says why
+                raise RemoteProtocolError(f"the {self.channel.role.peer.name.lower()} failed "
+                                          f"the migration: {msg.reason}")
             raise RemoteProtocolError("the peer sent ERROR: it is failing the migration")
         return msg
 
@@ -150,10 +187,11 @@ class ControlLink:
         self.transmit(out)
 
     # -- teardown ------------------------------------------------------------------------
-    def abort(self) -> None:
-        """Best-effort ERROR to the peer (QEMU's cleanup rule), never raises."""
+    def abort(self, reason: str = "") -> None:
+        """Best-effort ERROR to the peer (QEMU's cleanup rule; a peer of ours is told
+        ``reason``), never raises."""
         try:
-            data = self.channel.abort()
+            data = self.channel.abort(reason)
             if data is not None:
                 self.transmit(data, timeout=1.0)
         except Exception:  # noqa: BLE001 - best effort on a failing connection

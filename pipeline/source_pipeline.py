@@ -10,6 +10,7 @@ that exits is a ``StageFailed`` at once. ``close()`` always leaves no process an
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import deque
 
@@ -58,6 +59,8 @@ class SourcePipeline:
         self._syncs: deque = deque()
         self._requests_done = False
         self.inbox: Inbox | None = None
+        self.local_poster: threading.Thread | None = None   # QEMU's version 1: writes here
+        self._local: dict = {}                # its figures, or its error
         self.pages = None      # the scanner's page hashes (stages.pagehash.PageTable)
         try:
             for name, (dtype, cap, role) in RINGS.items():
@@ -88,6 +91,7 @@ class SourcePipeline:
             "transport": config.transport, "writes": n["writes"],
             "completions": n["completions"], "max_bandwidth": config.max_bandwidth})
         self.stages = [self.scanner, self.registrar, self.poster]
+        self.max_bandwidth = config.max_bandwidth
 
     @property
     def commands(self) -> Ring:
@@ -117,11 +121,50 @@ class SourcePipeline:
         if msg[0] != "connected":
             raise StageFailed("poster", None, f"unexpected message {msg[0]}")
 
+    def post_on_control_qp(self, pd, link) -> None:
+        """QEMU's protocol version 1 (no data QP granted): the writes go on the control QP,
+        in the registrar's PD (``pd``, its import), posted by a thread of this process; the
+        poster process ends unused."""
+        self.poster.send("idle")
+        code = self.poster.stop(5.0)
+        if code != 0:
+            raise self.poster.failure()
+        self.stages = [self.scanner, self.registrar]
+        names = {k: r.name for k, r in self.rings.items()}
+        writes_in = Ring.attach(names["writes"], WRITE_RING, role=CONSUMER)
+        comps_out = Ring.attach(names["completions"], COMPLETION_RING, role=PRODUCER)
+        foreign = link.share_send_cq()
+        info = self.registrar.info
+
+        def serve() -> None:
+            from stages.poster import serve_writes
+
+            try:
+                # The control QP's send queue (QEMU's 512) less the one control SEND in flight.
+                poster = serve_writes(link.qp, link.send_cq, pd, info["pd"], info["path"],
+                                      writes_in, comps_out, foreign=foreign,
+                                      depth=link.qp_depth - 1,
+                                      max_bandwidth=self.max_bandwidth)
+                self._local["figures"] = {"writes_posted": poster.writes_posted,
+                                          "bytes_posted": poster.bytes_posted,
+                                          "busy_ns": poster.busy_ns}
+            except BaseException as exc:  # noqa: BLE001 - check() raises it
+                self._local["error"] = exc
+            finally:
+                comps_out.close()
+                writes_in.close()
+
+        self.local_poster = threading.Thread(target=serve, name="control-qp-writes",
+                                             daemon=True)
+        self.local_poster.start()
+
     def check(self) -> None:
         if self.finishing:
             return
         for st in self.stages:
             st.check()
+        if "error" in self._local:
+            raise StageFailed("poster", None, f"writes on the control QP: {self._local['error']}")
 
     def dead_stage(self) -> StageFailed | None:
         """The first stage that failed (an error line or a non-zero exit), if any."""
@@ -180,6 +223,11 @@ class SourcePipeline:
             code = st.stop(max(0.1, deadline - time.monotonic()))
             if code != 0:
                 raise st.failure()
+        if self.local_poster is not None:
+            self.local_poster.join(max(0.1, deadline - time.monotonic()))
+            if "error" in self._local:
+                raise StageFailed("poster", None,
+                                  f"writes on the control QP: {self._local['error']}")
 
     def figures(self) -> dict:
         """The registrar's and the poster's totals, from the figures each sent as it ended."""
@@ -189,7 +237,9 @@ class SourcePipeline:
                        chunks_registered=fig["chunks_registered"],
                        chunks_unregistered=fig["chunks_unregistered"],
                        compress_sent=fig["compress_sent"])
-        for (_, fig) in self.poster.take("figures")[-1:]:
+        for (_, fig) in self.poster.take("figures")[-1:] or [(None, self._local.get("figures"))]:
+            if fig is None:
+                continue
             out.update(poster_busy_s=fig["busy_ns"] / 1e9, writes_posted=fig["writes_posted"],
                        bytes_written=fig["bytes_posted"])
         return out
@@ -209,6 +259,9 @@ class SourcePipeline:
             st.close()
         sweep_pids(pids)
         stopped = True
+        if self.local_poster is not None:
+            self.local_poster.join(2.0)      # its rings' producer is gone: it ends
+            stopped = not self.local_poster.is_alive()
         if self.inbox is not None:
             stopped = self.inbox.stop()
             self.inbox.close()

@@ -53,6 +53,7 @@ from stages.verbs.base import WRITE_WR_DTYPE
 # keep the link busy across the ACK round trip: at 256 (1 MiB of 4 KiB writes) both sides sat
 # idle a quarter of the time and a guest dirtying 586 MB/s took 7-12 rounds; at 4096, 3-4.
 DEPTH = 4096
+FOREIGN_WR_ID = 1 << 63   # work requests from here up share the QP but are not the poster's
 WINDOW = 0.01     # seconds of bandwidth budget
 NO_COMPLETIONS = np.zeros(0, COMPLETION_RING)
 NO_COMPLETIONS.flags.writeable = False
@@ -308,7 +309,7 @@ def check_completions(wcs) -> list[int]:
     return ids
 
 
-__all__ = ["Poster", "check_completions"]
+__all__ = ["Poster", "check_completions", "serve_writes", "FOREIGN_WR_ID"]
 
 
 def _segments(recs: np.ndarray):
@@ -325,41 +326,24 @@ def _segments(recs: np.ndarray):
         start = end
 
 
-def poster_main(config: dict, link) -> int:
-    """Process: waits for ("connect", pd_handle, region_path, host, port, private_data) on its
-    pipe, imports the registrar's PD, connects its own data QP with the coordinator's
-    ``private_data`` (the data-connection hello, bytes), then posts writes."""
+def serve_writes(qp, cq, pd, pd_handle, path: str, writes_in, comps_out, *, depth: int = DEPTH,
+                 max_bandwidth: int = 0, foreign: Callable | None = None) -> Poster:
+    """Run a ``Poster`` between the ``writes_in`` ring and ``qp``'s completion queue ``cq``
+    until the writes ring ends and every write completed; import and release the registrar's
+    MRs (``pd`` is the import of ``pd_handle``, ``path`` its memory file) as the ring says.
+    ``foreign``: the writes share ``qp`` with the control channel (QEMU's protocol version 1,
+    one QP): completions of work requests with ``wr_id >= FOREIGN_WR_ID`` are its SENDs' and
+    go to ``foreign``. Returns the poster (its figures); the completions ring is closed."""
     import select
-    from contextlib import ExitStack
 
-    from shm.ring import CONSUMER, PRODUCER, Ring
     from stages.harness import Inbox
     from stages.records import MR_IMPORT, MR_RELEASE, MR_RELEASED
-    from stages.verbs import open_provider
     from stages.verbs.base import MRHandle
 
-    depth = int(config.get("max_outstanding", DEPTH))
-    with ExitStack() as stack:
-        writes_in = stack.enter_context(Ring.attach(config["writes"], WRITE_RING,
-                                                    role=CONSUMER))
-        comps_out = stack.enter_context(Ring.attach(config["completions"], COMPLETION_RING,
-                                                    role=PRODUCER))
-        ctx = stack.enter_context(open_provider(config["transport"]).open_device())
-        link.ready()
-        op, pd_handle, path, host, port, private_data = link.recv()
-        if op != "connect":
-            raise ValueError(f"poster expected connect, got {op}")
-        pd = ctx.import_pd(pd_handle)
-        cq = ctx.create_cq(2 * depth + 16)
-        qp = pd.create_qp(cq, cq, max_send_wr=depth, max_recv_wr=1)
-        ctx.connect(qp, host, port, private_data, timeout=10.0)
-        link.send("connected")
-        imported: dict[int, object] = {}
-
-        poster = Poster(qp.post_writes, max_outstanding=depth,
-                        max_bandwidth=config.get("max_bandwidth", 0))
-        inbox = Inbox()
-        stack.callback(inbox.close)     # threads end before the rings close
+    imported: dict[int, object] = {}
+    poster = Poster(qp.post_writes, max_outstanding=depth, max_bandwidth=max_bandwidth)
+    inbox = Inbox()
+    try:
         inbox.watch("writes", writes_in)
         writes_done = False
         wait = 0.0
@@ -374,6 +358,11 @@ def poster_main(config: dict, link) -> int:
                     wcs = cq.poll(depth)
                     if not wcs:
                         break
+                    if foreign is not None:
+                        for wc in wcs:
+                            if wc.wr_id >= FOREIGN_WR_ID:
+                                foreign(wc)
+                        wcs = [wc for wc in wcs if wc.wr_id < FOREIGN_WR_ID]
                     ids.extend(check_completions(wcs))
                 comps, wait = poster.on_completions(ids, now)
                 out.append(comps)
@@ -407,11 +396,51 @@ def poster_main(config: dict, link) -> int:
             out = [o for o in out if len(o)]
             if out:
                 comps_out.push(np.concatenate(out))
+    finally:
+        inbox.close()                   # its thread ends before the rings close
         for mr in imported.values():
-            mr.close()
+            try:
+                mr.close()
+            except Exception:  # noqa: BLE001 - a write still in flight: the PD's close says
+                pass
+    comps_out.close_write()
+    return poster
+
+
+def poster_main(config: dict, link) -> int:
+    """Process: waits for ("connect", pd_handle, region_path, host, port, private_data) on its
+    pipe, imports the registrar's PD, connects its own data QP with the coordinator's
+    ``private_data`` (the data-connection hello, bytes), then posts writes. ("idle",): the
+    destination granted no data QP and the coordinator posts the writes on its control QP
+    (QEMU's protocol version 1): the poster ends at once, having touched no ring."""
+    from contextlib import ExitStack
+
+    from shm.ring import CONSUMER, PRODUCER, Ring
+    from stages.verbs import open_provider
+
+    depth = int(config.get("max_outstanding", DEPTH))
+    with ExitStack() as stack:
+        ctx = stack.enter_context(open_provider(config["transport"]).open_device())
+        link.ready()
+        msg = link.recv()
+        if msg[0] == "idle":
+            return 0
+        op, pd_handle, path, host, port, private_data = msg
+        if op != "connect":
+            raise ValueError(f"poster expected connect, got {op}")
+        writes_in = stack.enter_context(Ring.attach(config["writes"], WRITE_RING,
+                                                    role=CONSUMER))
+        comps_out = stack.enter_context(Ring.attach(config["completions"], COMPLETION_RING,
+                                                    role=PRODUCER))
+        pd = ctx.import_pd(pd_handle)
+        cq = ctx.create_cq(2 * depth + 16)
+        qp = pd.create_qp(cq, cq, max_send_wr=depth, max_recv_wr=1)
+        ctx.connect(qp, host, port, private_data, timeout=10.0)
+        link.send("connected")
+        poster = serve_writes(qp, cq, pd, pd_handle, path, writes_in, comps_out, depth=depth,
+                              max_bandwidth=config.get("max_bandwidth", 0))
         qp.disconnect()
         ctx.close()            # un-imports the PD: the registrar may now deregister
-        comps_out.close_write()
         link.send("figures", {"writes_posted": poster.writes_posted,
                               "bytes_posted": poster.bytes_posted, "busy_ns": poster.busy_ns})
     return 0

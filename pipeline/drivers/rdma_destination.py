@@ -4,7 +4,9 @@
 It owns the verbs context and PD, the listener, the control link (``ControlLink``: READY
 credit, the registration windows' replies), a thread accepting data-QP connections that
 present the session's token into the same PD (so the soft provider's responder writes
-incoming RDMA WRITEs straight into registered RAM, as a NIC would), the chunk MRs keyed
+incoming RDMA WRITEs straight into registered RAM, as a NIC would) and the second control
+connection QEMU's source opens for its return path (return-path capability: negotiated as
+the first, and the way QEMU's source hears SHUT(0) at the end), the chunk MRs keyed
 (source block index, chunk), a thread faulting newly registered chunks in ahead of their
 writes, the page hasher, the guest process and the region. The session decides; this driver
 moves bytes and keeps handles.
@@ -17,11 +19,18 @@ import secrets
 import threading
 import time
 
-from pipeline.control import ControlLink
+from pipeline.control import ControlLink, ControlTrace
 from pipeline.drivers.destination_common import DestinationDriver
-from pipeline.protocol.capabilities import DataConnect, decode_connect
-from pipeline.protocol.channel import Role
-from pipeline.protocol.messages import CommitMessage
+from pipeline.protocol.capabilities import (
+    Capabilities,
+    Capability,
+    DataConnect,
+    decode_connect,
+    negotiate,
+)
+from pipeline.protocol.channel import ControlChannel, Role
+from pipeline.protocol.messages import CommitMessage, QemuFileMessage
+from pipeline.protocol.return_path import SHUT_OK, shut
 from pipeline.session import destination_events as de
 from pipeline.session.destination import DestinationSession
 from shm.errors import RemoteProtocolError, TransportError
@@ -35,12 +44,16 @@ class RdmaDestination(DestinationDriver):
     """One incoming ``rdma:`` migration; ``run()`` blocks until completed (the summary) or
     not (it raises)."""
 
-    def __init__(self, uri, config, **kw) -> None:
+    def __init__(self, uri, config, *, trace: ControlTrace | None = None, **kw) -> None:
+        self.trace = trace                       # every control message, as a JSON line
         self.token = secrets.randbits(63) | 1    # what the source's data QPs present
         self.ctx = self.pd = self.listener = self.link = self.data_cq = None
         self.chunk_mrs: dict[tuple[int, int], object] = {}   # (source block index, chunk)
         self.block_mrs: list = []
         self.data_qps: list = []
+        self.supported: Capabilities | None = None   # what this side grants
+        self.granted = Capabilities()                  # what it granted the source
+        self.return_path: ControlLink | None = None   # QEMU's second connection, if opened
         self._stop = threading.Event()
         self._acceptor: threading.Thread | None = None
         self._acceptor_error: BaseException | None = None
@@ -77,10 +90,13 @@ class RdmaDestination(DestinationDriver):
         self.open_device()
         self.on_listening(self.listener.port)
         req = self._control_request()
-        self.link = ControlLink(self.ctx, self.pd, Role.DESTINATION, check=self.check)
+        self.supported = a.capabilities
+        self.link = ControlLink(self.ctx, self.pd, Role.DESTINATION, check=self.check,
+                                trace=self.trace)
         self._stack.callback(self.link.close)
         reply = self.link.channel.accept(req.private_data, a.capabilities)
         req.accept(self.link.qp, reply)
+        self.granted = self.link.channel.capabilities
         self.link.post_recvs()
         self.data_cq = self.ctx.create_cq(64)
         self._stack.callback(self._close_data_qps)
@@ -119,8 +135,12 @@ class RdmaDestination(DestinationDriver):
                 except RemoteProtocolError:
                     req.reject()
                     continue
-                if not isinstance(hello, DataConnect) or hello.session_token != self.token:
-                    req.reject()
+                if isinstance(hello, Capabilities) and self.return_path is None:
+                    self._accept_return_path(req, hello)
+                    continue
+                if (not isinstance(hello, DataConnect) or hello.session_token != self.token
+                        or not self.granted.has(Capability.DATA_QPS)):
+                    req.reject()          # (QEMU's version 1 has one QP: no data QP either)
                     continue
                 qp = self.pd.create_qp(self.data_cq, self.data_cq, max_send_wr=1,
                                        max_recv_wr=1)
@@ -130,12 +150,28 @@ class RdmaDestination(DestinationDriver):
             if not self._stop.is_set():
                 self._acceptor_error = exc
 
+    def _accept_return_path(self, req, request: Capabilities) -> None:
+        """QEMU's return path: a control connection negotiated as the first, on which this
+        side writes the stream (the SOURCE role) and QEMU's source grants READY."""
+        caps = negotiate(request, self.supported)
+        link = ControlLink(self.ctx, self.pd, Role.SOURCE, check=self.check)
+        try:
+            link.channel = ControlChannel(Role.SOURCE, capabilities=caps)
+            link.post_recvs()                     # slot 0, for QEMU's READY
+            req.accept(link.qp, caps.encode())
+        except BaseException:
+            link.close()
+            raise
+        self.return_path = link
+
     def _stop_acceptor(self) -> None:
         self._stop.set()
         if self._acceptor.ident is not None:
             self._acceptor.join(2.0)
 
     def _close_data_qps(self) -> None:
+        if self.return_path is not None:
+            self.return_path.close()
         for qp in self.data_qps:
             for step in (qp.disconnect, qp.close):
                 try:
@@ -155,10 +191,14 @@ class RdmaDestination(DestinationDriver):
 
     def _confirm(self, a: de.Confirm):
         self.check()
-        # Our extension: one more READY says "verified" to the source. A two-phase session
-        # waits for the COMMIT that READY lets through before it runs the guest.
-        self.link.post_recvs()
-        self.link.transmit(self.link.channel.grant())
+        if self.return_path is not None:
+            # What QEMU's destination sends as it ends: SHUT(0), on the return path.
+            self.return_path.send(QemuFileMessage(shut(SHUT_OK)))
+        if a.ready_after_eof:
+            # Our extension: one more READY says "verified" to the source. A two-phase
+            # session waits for the COMMIT that READY lets through before it runs the guest.
+            self.link.post_recvs()
+            self.link.transmit(self.link.channel.grant())
         if not self.session.two_phase:
             self.link.channel.close()
         return de.ConfirmSent()
@@ -171,8 +211,9 @@ class RdmaDestination(DestinationDriver):
         return de.Committed()
 
     def _abort_peer(self, a: de.AbortPeer):
-        if self.link is not None:
-            self.link.abort()
+        for link in (self.link, self.return_path):
+            if link is not None:
+                link.abort(self.session.reason)
 
     # -- memory --------------------------------------------------------------------------
     def _ram_access(self, need: int, what: str):

@@ -31,6 +31,7 @@ class RdmaSource(SourceDriver):
 
     pipeline: SourcePipeline | None = None
     link: ControlLink | None = None
+    pd = None           # the import of the registrar's PD: the control QP's
 
     def check(self) -> None:
         super().check()
@@ -52,22 +53,30 @@ class RdmaSource(SourceDriver):
         cfg = self.config
         ctx = open_provider(cfg.transport).open_device()
         self.stack.callback(ctx.close)
-        self.link = ControlLink(ctx, ctx.alloc_pd(), Role.SOURCE, check=self.check,
-                                trace=ControlTrace(cfg.trace_control))
-        self.stack.callback(self.link.close)
         self.pipeline = self.stack.enter_context(SourcePipeline(self.run_id, cfg, self.guest))
         self.pipeline.start()
+        self.pipeline.wait_ready(cfg.stage_timeout)
+        # The control QP lives in the registrar's PD: should the destination grant no data
+        # QP (QEMU), the RDMA WRITEs of the registrar's MRs go on this QP.
+        self.pd = ctx.import_pd(self.pipeline.registrar.info["pd"])
+        self.link = ControlLink(ctx, self.pd, Role.SOURCE, check=self.check,
+                                trace=ControlTrace(cfg.trace_control))
+        self.stack.callback(self.link.close)
         channel = self.link.channel
         private = channel.initiate(action.capabilities, block_lengths=list(action.block_lengths))
+        self.link.trace("connect", private)
         self.link.post_recvs()
         reply = ctx.connect(self.link.qp, self.uri.host, self.uri.port, private,
                             timeout=CONNECT_TIMEOUT_S)
+        self.link.trace("accepted", reply)
         agreement = channel.established(reply)
-        self.pipeline.wait_ready(cfg.stage_timeout)
         return ev.Connected(agreement.capabilities)
 
     def _connect_data(self, action: act.ConnectDataPath) -> None:
-        self.pipeline.connect_poster(self.uri.host, self.uri.port, action.session_token)
+        if action.session_token:
+            self.pipeline.connect_poster(self.uri.host, self.uri.port, action.session_token)
+        else:       # QEMU's protocol version 1: one QP for everything
+            self.pipeline.post_on_control_qp(self.pd, self.link)
 
     # -- control -------------------------------------------------------------------------
     def _counted(self) -> None:
@@ -104,7 +113,7 @@ class RdmaSource(SourceDriver):
 
     def _abort(self, action: act.AbortPeer) -> None:
         if self.link is not None:
-            self.link.abort()
+            self.link.abort(self.session.reason)
 
     # -- stages --------------------------------------------------------------------------
     def _push_answers(self, action: act.PushAnswers) -> None:

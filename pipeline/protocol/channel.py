@@ -17,8 +17,10 @@ Invariants:
   buffer and is never posted for RECV;
 - registration window: opened on the source by sending a QEMU FILE whose payload ends with the
   HOOK record be64(0x80) (``StreamWriter`` never ends any other payload with those 8 bytes); on
-  the destination by ``begin_registration()`` when its stream parser meets that HOOK (so a
-  payload from QEMU that ends with those bytes by chance does not open one). Inside it: COMPRESS,
+  the destination by ``begin_registration()`` when its stream parser meets that HOOK in the
+  QEMU FILE just received (so a payload from QEMU that ends with those bytes by chance does
+  not open one, and a HOOK QEMU split over two messages when its 32 KiB buffer filled does,
+  after the second). Inside it: COMPRESS,
   REGISTER / UNREGISTER REQUEST, RAM BLOCKS REQUEST (first window only, once, before any of the
   others) and REGISTER FINISHED; no QEMU FILE;
 - COMMIT (ours, only with RAM_DIGEST agreed) is the source's last message: it spends the READY
@@ -162,7 +164,7 @@ class ControlChannel:
         self._awaiting: tuple[MessageType, int] | None = None
         self._windows = 0
         self._ram_blocks_done = False
-        self._hook_pending = False
+        self._stream_last = False       # DESTINATION: the last message was a QEMU FILE
         self._requested: Capabilities | None = None
         self._rq: deque[Slot] = deque()
         self._to_post: list[Slot] = []
@@ -294,7 +296,7 @@ class ControlChannel:
         if Slot.READY not in self._rq:
             self._local("grant READY", "no slot-0 RECV is posted (the SEND would hit RNR)")
         self._credit = 1
-        self._hook_pending = False
+        self._stream_last = False
         return _READY
 
     def receive(self, data: bytes | bytearray | memoryview, slot: Slot | None = None) -> Message:
@@ -319,31 +321,35 @@ class ControlChannel:
         return msg
 
     def begin_registration(self) -> None:
-        """DESTINATION: the stream parser met HOOK at the end of the last QEMU FILE."""
+        """DESTINATION: the stream parser met HOOK in the QEMU FILE just received (its 8
+        bytes may have begun in the one before)."""
         self._usable("begin_registration")
         if self.role is not Role.DESTINATION:
             self._local("begin_registration", "the SOURCE's window opens when it sends the HOOK")
-        if self._state is not State.STREAM or not self._hook_pending:
-            self._local("begin_registration", "the last message was not a QEMU FILE ending with "
-                                              "the HOOK record")
-        self._hook_pending = False
+        if self._state is not State.STREAM or not self._stream_last:
+            self._local("begin_registration", "the HOOK record must come in the QEMU FILE just "
+                                              "received, before the next READY")
+        self._stream_last = False
         self._windows += 1
         self._state = State.WINDOW
 
-    def abort(self) -> bytes | None:
+    def abort(self, reason: str = "") -> bytes | None:
         """Enter ERROR for good; the ERROR message to send best-effort, or None if not due.
 
         None when the peer already sent ERROR, we already sent one, or we never connected
-        (QEMU's ``qemu_rdma_cleanup`` rule). ERROR needs no READY.
+        (QEMU's ``qemu_rdma_cleanup`` rule). ERROR needs no READY. A peer of ours (RAM_DIGEST
+        agreed) is told ``reason``; QEMU gets its empty ERROR.
         """
         if self._state is State.CLOSED:
             return None
         due = self._connected and not (self.received_error or self.sent_error)
         self._state = State.ERROR
-        if due:
-            self.sent_error = True
-            return _ERROR
-        return None
+        if not due:
+            return None
+        self.sent_error = True
+        if reason and self.capabilities.has(Capability.RAM_DIGEST):
+            return encode(ErrorMessage(reason))
+        return _ERROR
 
     def close(self) -> None:
         """End cleanly (idempotent). Refused inside a registration window: use ``abort()``."""
@@ -450,11 +456,10 @@ class ControlChannel:
             self._credit = 0
         nxt = TRANSITIONS[self._state][sender][t]
         if isinstance(msg, QemuFileMessage):
-            ends_with_hook = msg.data.endswith(HOOK_RECORD)
-            if self.role is Role.SOURCE and ends_with_hook:
+            if self.role is Role.SOURCE and msg.data.endswith(HOOK_RECORD):
                 nxt = State.WINDOW
                 self._windows += 1
-            self._hook_pending = self.role is Role.DESTINATION and ends_with_hook
+            self._stream_last = self.role is Role.DESTINATION
         if t in REPLY_TO:
             self._awaiting = (t, msg.repeat)
         elif self._state is State.AWAIT_REPLY:
@@ -497,7 +502,8 @@ class ControlChannel:
         if t is T.ERROR:
             self.received_error = True
             self._state = State.ERROR
-            self.error = RemoteProtocolError(f"{self.role.peer.name} sent ERROR")
+            why = f": {msg.reason}" if msg.reason else ""
+            self.error = RemoteProtocolError(f"{self.role.peer.name} sent ERROR{why}")
             return
         if t is T.READY:
             why = self._why_not(self.role.peer, T.READY)

@@ -30,6 +30,7 @@ from pipeline.protocol.buffer import Buffer
 from pipeline.protocol.messages import (
     COMPRESS_SIZE,
     DEST_BLOCK_SIZE,
+    ERROR_REASON_MAX,
     HEADER_SIZE,
     MAX_COMMANDS,
     MAX_PAYLOAD,
@@ -77,6 +78,20 @@ def _fail(name: str, rule: str) -> RemoteProtocolError:
 
 
 # -- payload codecs: (payload size, push payload, pull payload) --------------------------------
+
+def _reason(msg: ErrorMessage) -> bytes:
+    return msg.reason.encode()[:ERROR_REASON_MAX]
+
+
+def _pull_error(buf: Buffer, head: ControlHeader) -> ErrorMessage:
+    """QEMU's ERROR is empty; ours may say why (a peer of ours reads it, QEMU never gets it)."""
+    if head.repeat != 1:
+        raise _fail("ERROR", f"header repeat {head.repeat}, must be 1")
+    if head.len > ERROR_REASON_MAX:
+        raise _fail("ERROR", f"header len {head.len}: a reason holds at most "
+                             f"{ERROR_REASON_MAX} bytes")
+    return ErrorMessage(buf.pull_bytes(head.len).decode(errors="replace"))
+
 
 def _empty_size(msg: object) -> int:
     return 0
@@ -196,7 +211,8 @@ def _pull_unregister_finished(buf: Buffer, head: ControlHeader) -> Message:
 
 
 _CODECS: dict[MessageType, tuple[Callable, Callable, Callable]] = {
-    MessageType.ERROR: (_empty_size, _push_nothing, _pull_fixed(ErrorMessage)),
+    MessageType.ERROR: (lambda m: len(_reason(m)), lambda buf, m: buf.push_bytes(_reason(m)),
+                        _pull_error),
     MessageType.READY: (_empty_size, _push_nothing, _pull_fixed(ReadyMessage)),
     MessageType.QEMU_FILE: (lambda m: len(m.data), _push_qemu_file, _pull_qemu_file),
     MessageType.RAM_BLOCKS_REQUEST: (_empty_size, _push_nothing,

@@ -39,6 +39,7 @@ REGISTER_SIZE = 24
 REGISTER_RESULT_SIZE = 16
 COMPRESS_SIZE = 24
 U32_MAX = 0xFFFF_FFFF
+ERROR_REASON_MAX = 512
 U64_MAX = 0xFFFF_FFFF_FFFF_FFFF
 
 
@@ -175,9 +176,12 @@ class Compress:
 
 @dataclass(frozen=True, slots=True)
 class ErrorMessage:
-    """ERROR {len 0, repeat 1}: the sender is failing the migration."""
+    """ERROR {len 0, repeat 1}: the sender is failing the migration. To a peer of ours (one
+    that agreed to RAM_DIGEST) it carries why, UTF-8, up to ``ERROR_REASON_MAX`` bytes."""
 
     TYPE: ClassVar[MessageType] = MessageType.ERROR
+
+    reason: str = ""
 
     @property
     def repeat(self) -> int:

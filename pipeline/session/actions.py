@@ -49,7 +49,8 @@ class SendControl:
 
 @dataclass(frozen=True, slots=True)
 class ConnectDataPath:
-    """Connect the poster's data QP, presenting the destination's ``session_token``."""
+    """Connect the poster's data QP, presenting the destination's ``session_token``; 0: the
+    destination granted none (QEMU's protocol version 1), the writes go on the control QP."""
 
     session_token: int
 

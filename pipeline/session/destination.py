@@ -15,7 +15,10 @@ gets every other record).
                is hashed and compared with the source's digest. Then, with a source of
                ours (two-phase), the session confirms (READY after EOF, SHUT(0)), waits
                for the source's COMMIT and resumes the guest; with QEMU's source it resumes
-               the guest and confirms, as QEMU's destination does
+               the guest and confirms as QEMU's destination does (SHUT(0) on the return
+               path it opened, or nothing). A peer that granted no digest (QEMU's protocol
+               version 1, known at connect time) is not verified: its VMDESCRIPTION is read
+               after EOF, then the guest resumed
     completed  the guest runs here
 
 Any failure or cancel before it answers AbortPeer and the final state, once, and never a
@@ -215,7 +218,8 @@ class DestinationSession:
         if self.inline:
             return self._ask(de.Accept(None))
         return self._ask(de.Accept(PeerPolicy.supported(
-            chunk_size=self.config.chunk_size, session_token=self.session_token)))
+            chunk_size=self.config.chunk_size, session_token=self.session_token,
+            extensions=self.config.extensions)))
 
     def _on_accepted(self, event: de.Accepted, now: float) -> list:
         if not self.inline:
@@ -335,12 +339,14 @@ class DestinationSession:
             return [de.HashLanded(self._names())] if self.inline else []
         if isinstance(rec, Eof):
             self.stats.update(pause_time=now)
-            if not self.inline:
+            if not self.inline and (self.policy.verified or not self._buffered()):
                 return self._finish()
+            # QEMU's source: its VMDESCRIPTION follows (QEMU's destination reads it too), and
+            # may need another QEMU FILE message, which waits for our READY.
         elif isinstance(rec, VmDescription):
             self.description = rec.description()
-            if self.carrier == "tcp":
-                return self._finish()   # the source now waits for our SHUT: nothing more comes
+            if self.carrier != "file":
+                return self._finish()   # nothing more comes (tcp: the source waits for SHUT)
         return []
 
     def _on_device_state(self, rec: DeviceState) -> list:
@@ -373,6 +379,10 @@ class DestinationSession:
                                       "RAM blocks")
         self.settle = True
         return [de.HashRound(body, self._names())]
+
+    def _buffered(self) -> int:
+        """Stream bytes received and not parsed yet (rdma:)."""
+        return self.reader.bytes_received - self.reader.parser.offset
 
     def _names(self) -> tuple[str, ...]:
         return tuple(b.idstr for b in self.order)
@@ -482,12 +492,16 @@ class DestinationSession:
     def _finish(self) -> list:
         """Hash the RAM to compare it with the source's digest (the driver computes, the
         session decides)."""
+        if not self.policy.verified:      # decided at connect time: no digest comes
+            self.verified = None
+            self.stats.update(verified=None, verification=self.policy.unverified)
+            return self._resume()
         expected = self.digests
         if expected is None and not self.ours:
             self.stats.update(verification=f"RAM not verified: the stream (machine type "
                               f"'{self.machine}') carries no RAM digest, as no QEMU stream "
                               "does; RAM recorded as received, no guest resumed")
-            return self._ask(de.Confirm())
+            return self._ask(de.Confirm(False))
         if expected is None:
             what = "stream carried" if self.inline else "source sent"
             raise RemoteProtocolError(f"the {what} no RAM digest: cannot verify the RAM",
@@ -534,6 +548,17 @@ class DestinationSession:
     def _resume(self) -> list:
         if self.guest_device is None:
             raise RemoteProtocolError("the stream carried no guest device state")
+        if self.policy.verified:          # else no device digest comes either
+            self._check_devices()
+        if self.two_phase:      # verified: say so, and run the guest once the source commits
+            return self._ask(de.Confirm())
+        return self._load()
+
+    def _load(self) -> list:
+        self.guest_started = True
+        return self._ask(de.LoadGuest(*self.guest_device))
+
+    def _check_devices(self) -> None:
         if self.device_check is None:
             what = "stream carried" if self.inline else "source sent"
             raise RemoteProtocolError(f"the {what} no device-state digest: cannot verify the "
@@ -544,13 +569,6 @@ class DestinationSession:
             self.stats.update(verified=False)
             raise MigrationError("device state verification failed: the device sections "
                                  "differ from what the source sent; the guest was not resumed")
-        if self.two_phase:      # verified: say so, and run the guest once the source commits
-            return self._ask(de.Confirm())
-        return self._load()
-
-    def _load(self) -> list:
-        self.guest_started = True
-        return self._ask(de.LoadGuest(*self.guest_device))
 
     def _on_resumed(self, event: de.GuestResumed, now: float) -> list:
         self.resumed = True
@@ -558,7 +576,7 @@ class DestinationSession:
         self.stats.update(resume_time=now)
         if self.two_phase:
             return self._to(D.COMPLETED, now)
-        return self._ask(de.Confirm())
+        return self._ask(de.Confirm(self.inline or self.policy.ready_after_eof))
 
     def _on_confirmed(self, event: de.ConfirmSent, now: float) -> list:
         if self.two_phase:

@@ -256,8 +256,11 @@ class LoadGuest:
 
 @dataclass(frozen=True, slots=True)
 class Confirm:
-    """Tell the source the migration completed: READY after EOF on rdma:, SHUT(0) on tcp:,
-    nothing for a file -> ConfirmSent."""
+    """Tell the source the migration completed: on rdma: READY after EOF (``ready_after_eof``:
+    our source) and SHUT(0) on a return-path connection if the source opened one (QEMU's,
+    which expects no READY); SHUT(0) on tcp:; nothing for a file -> ConfirmSent."""
+
+    ready_after_eof: bool = True
 
 
 @dataclass(frozen=True, slots=True)

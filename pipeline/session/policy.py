@@ -51,6 +51,14 @@ class PeerPolicy:
         return self.digest != Digest.NONE
 
     @property
+    def unverified(self) -> str:
+        """Why the RAM cannot be verified with this peer ("" when it can)."""
+        if self.verified:
+            return ""
+        return ("the RAM was not verified: the peer speaks QEMU's rdma: protocol version 1 "
+                "(it granted none of our extensions), so no RAM digest travels")
+
+    @property
     def round_sections(self) -> bool:
         """Each round's pages are named to the destination (``rdp-round-pages``), which
         hashes them while the next round runs: only with page-hash verification, and only in

@@ -13,7 +13,10 @@
                paused, the final round (ram END), the guest's device section, the digest, EOF
                and VMDESCRIPTION; then the destination's confirmation
     completed  the commit point: the destination confirmed (READY after EOF on rdma:,
-               SHUT(0) on tcp:, a file closed whole). From here on nothing resumes the guest
+               SHUT(0) on tcp:, a file closed whole); with a peer that granted none of our
+               extensions (QEMU's protocol version 1: one QP, one registration per message,
+               1 MiB chunks, no digest, no round sections) the whole stream sent, as QEMU's
+               source does, and the RAM unverified. From here on nothing resumes the guest
 
 Before the commit point any failure or cancel answers AbortPeer, ResumeGuest (if the guest
 was paused) and the final state, once. A session that is final ignores everything but
@@ -141,6 +144,11 @@ class SourceSession:
     def final(self) -> bool:
         return self.sm.final
 
+    @property
+    def reason(self) -> str:
+        """Why the migration failed or was cancelled ("" otherwise)."""
+        return self.sm.reason
+
     def start(self, now: float) -> list:
         total = sum(b.length for b in self.blocks)
         self.stats.update(start_time=now, total_bytes=total, remaining_bytes=total)
@@ -148,7 +156,8 @@ class SourceSession:
         if self.inline:
             return out + self._ask(act.Connect(None))
         request = PeerPolicy.request(pin_all=self.config.pin_all,
-                                     chunk_size=self.config.chunk_size)
+                                     chunk_size=self.config.chunk_size,
+                                     extensions=self.config.extensions)
         return out + self._ask(act.Connect(request, tuple(b.length for b in self.blocks)))
 
     def handle(self, event, now: float) -> list:
@@ -223,6 +232,7 @@ class SourceSession:
             return self._write_setup(now)
         self.policy = self._check_policy(dataclasses.replace(
             PeerPolicy.from_agreement(event.capabilities), machine=self.machine))
+        # No data QP granted (token 0): QEMU's version 1, the writes go on the control QP.
         return [act.ConnectDataPath(self.policy.session_token)] + self._write_setup(now)
 
     def _write_setup(self, now: float) -> list:
@@ -244,9 +254,6 @@ class SourceSession:
 
     def _check_policy(self, policy: PeerPolicy) -> PeerPolicy:
         cfg = self.config
-        if not policy.data_qps:
-            raise RemoteProtocolError("the destination does not accept separate data QPs "
-                                      "(DATA_QPS): it is not an rdma-pipeline destination")
         if policy.chunk_size != cfg.chunk_size:
             raise RemoteProtocolError(f"the destination refused chunk size {cfg.chunk_size}",
                                       hint="use --chunk-size 1M with this destination")
@@ -504,7 +511,9 @@ class SourceSession:
         if self.inline or self.policy.ready_after_eof:
             self.confirming = True
             return out + self._ask(act.AwaitConfirmation(CONFIRM_TIMEOUT_S))
-        return out + self._commit(now, verified=False)
+        # QEMU's version 1: the destination confirms nothing, and QEMU's source is done here.
+        self.stats.update(verification=self.policy.unverified)
+        return out + self._commit(now, verified=None)
 
     def _on_confirmed(self, event: ev.Confirmed, now: float) -> list:
         # A file is verified when it is restored; the destination's confirmation (SHUT(0),

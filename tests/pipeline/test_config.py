@@ -35,3 +35,11 @@ def test_bad_chunk_size_and_transport():
         MigrationConfig(chunk_size=3 << 20)
     with pytest.raises(ValueError):
         MigrationConfig(transport="carrier-pigeon")
+
+
+def test_x_rdma_extensions():
+    assert MigrationConfig().extensions
+    cfg = MigrationConfig().with_options(["x-rdma-extensions=off"])
+    assert not cfg.extensions
+    with pytest.raises(ValueError, match="QEMU's 1M"):
+        MigrationConfig(chunk_size=4 << 20).with_options(["x-rdma-extensions=off"])

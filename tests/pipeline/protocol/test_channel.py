@@ -39,6 +39,7 @@ from pipeline.protocol.records import (
     VmDescription,
 )
 from pipeline.protocol.stream import StreamReader, StreamWriter
+from pipeline.session.policy import PeerPolicy
 from shm.errors import LocalProtocolError, ProtocolError, RemoteProtocolError
 
 T = MessageType
@@ -331,6 +332,23 @@ def test_error_from_the_source_while_the_destination_waits():
         assert ch.state is State.ERROR
 
 
+@pytest.mark.parametrize("ours", [True, False], ids=["our peer", "QEMU's"])
+def test_an_error_says_why_only_to_a_peer_of_ours(ours):
+    """QEMU's ERROR is empty; with RAM_DIGEST agreed (both ends ours) it carries the reason."""
+    if ours:
+        wire, src, dst, _ = connect(PeerPolicy.request(pin_all=False, chunk_size=1 << 20),
+                                    PeerPolicy.supported(chunk_size=1 << 20, session_token=1))
+    else:
+        wire, src, dst, _ = connect(Capabilities())
+    out = dst.ch.abort("cannot pin 16.0 MiB")
+    assert out == encode(ErrorMessage("cannot pin 16.0 MiB" if ours else ""))
+    wire.transmit(Role.DESTINATION, out)
+    data, slot = wire.inbox[Role.SOURCE].popleft()
+    msg = src.ch.receive(data, slot)
+    assert msg == ErrorMessage("cannot pin 16.0 MiB" if ours else "")
+    assert str(src.ch.error).endswith("sent ERROR: cannot pin 16.0 MiB" if ours else "sent ERROR")
+
+
 def test_error_from_the_destination_lands_in_the_reply_slot():
     wire, src, dst, d = window()
     send_request(src, dst, RegisterRequestMessage((Register(0, 0),)))
@@ -414,7 +432,7 @@ def test_a_payload_ending_like_a_hook_does_not_open_the_destinations_window():
     dst.post()
     assert dst.ch.state is State.STREAM
     dst.ch.grant()                                  # the stream simply goes on
-    with pytest.raises(LocalProtocolError, match="not a QEMU FILE ending with the HOOK"):
+    with pytest.raises(LocalProtocolError, match="must come in the QEMU FILE just received"):
         dst.ch.begin_registration()
 
 
@@ -533,3 +551,33 @@ def test_a_second_ready_and_ready_before_the_reply_are_refused():
     src, dst = awaiting(T.REGISTER_REQUEST)()
     with pytest.raises(RemoteProtocolError, match="answered before the next READY"):
         src.ch.receive(encode(ReadyMessage()), Slot.DATA)
+
+
+@pytest.mark.parametrize("cut", [1, 4, 7])
+def test_a_hook_split_over_two_qemu_file_messages_opens_the_window(cut):
+    # QEMU's source fills its 32 KiB buffer and may send the HOOK's 8 bytes in two QEMU FILE
+    # messages: the window opens on the parser's HOOK event, after the second.
+    ch = ControlChannel(Role.DESTINATION)
+    ch.accept(Capabilities(flags=1).encode(), Capabilities(flags=1))
+    ch.take_recv_posts()
+    reader = StreamReader({})
+    w = StreamWriter()
+    for event in (FileHeader(), Configuration("none"),
+                  SectionHeader(SectionType.SECTION_START, 2, "ram", 0, 4), MemSize(BLOCKS)):
+        w.write_event(event)
+    w.hook()
+    data = b"".join(w.flush())
+    hooks = 0
+    for payload in (data[:len(data) - 8 + cut], data[len(data) - 8 + cut:]):
+        ch.grant()
+        ch.receive(encode(QemuFileMessage(payload)), Slot.READY)
+        ch.take_recv_posts()
+        reader.feed(payload)
+        for event in reader.events():
+            if isinstance(event, Hook):
+                hooks += 1
+                ch.begin_registration()
+    assert hooks == 1 and ch.state is State.WINDOW and ch.windows == 1
+    ch.grant()
+    assert isinstance(ch.receive(encode(RamBlocksRequestMessage()), Slot.READY),
+                      RamBlocksRequestMessage)

@@ -32,6 +32,8 @@ from shm.errors import ProtocolError, RemoteProtocolError
 VECTORS = {
     "B READY": ("00000000 00000002 00000001 00000000", ReadyMessage()),
     "B ERROR": ("00000000 00000001 00000001 00000000", ErrorMessage()),
+    "ours: ERROR with its reason": ("00000003 00000001 00000001 00000000 626f6f",
+                                    ErrorMessage("boo")),
     "B RAM BLOCKS REQUEST": ("00000000 00000004 00000001 00000000", RamBlocksRequestMessage()),
     "B REGISTER FINISHED": ("00000000 00000009 00000001 00000000", RegisterFinishedMessage()),
     "B UNREGISTER FINISHED": ("00000000 0000000b 00000001 00000000",
@@ -105,7 +107,7 @@ def header(length, mtype, repeat, pad=0):
     (header(0, 12, 1), ["type 12", "unknown"]),
     (header(0, 7, 4097), ["REGISTER REQUEST", "repeat 4097", "4096"]),
     (header(0, 2, 0), ["READY", "repeat 0", "must be 1"]),
-    (header(4, 1, 1) + bytes(4), ["ERROR", "len 4", "must be 0"]),
+    (header(513, 1, 1) + bytes(513), ["ERROR", "len 513", "at most 512"]),
     (header(32769, 3, 0) + bytes(32769), ["QEMU FILE", "len 32769", "32768"]),
     (header(33, 5, 1) + bytes(33), ["RAM BLOCKS RESULT", "len 33", "multiple of 32"]),
     (header(32, 5, 2) + bytes(32), ["RAM BLOCKS RESULT", "repeat 2"]),

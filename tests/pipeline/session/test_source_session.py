@@ -6,6 +6,7 @@ import pytest
 from source_world import BLOCKS, SourceWorld, granted
 
 from pipeline.config import MigrationConfig
+from pipeline.protocol.capabilities import Capabilities
 from pipeline.protocol.messages import (
     CompressMessage,
     RegisterFinishedMessage,
@@ -95,8 +96,33 @@ def test_the_first_round_alone_never_switches_over_while_pages_are_dirty():
     assert [a.round for a in w.of(act.CommandScanner)] == [1, 2, 3]
 
 
+@pytest.mark.parametrize("config", [MigrationConfig(), MigrationConfig(extensions=False)],
+                         ids=["asked", "x-rdma-extensions=off"])
+def test_a_destination_that_grants_no_extension_gets_qemus_version_1(config):
+    # QEMU's destination masks every flag but pin-all: one QP (ConnectDataPath(0)), one
+    # registration per message, no digest, no round sections, no READY awaited after EOF.
+    w = SourceWorld(config=config, capabilities=Capabilities())
+    w.run()
+    assert w.states() == ["setup", "active", "device", "completed"]
+    assert w.of(act.ConnectDataPath) == [act.ConnectDataPath(0)]
+    assert {len(m.records) for m in w.sent if isinstance(m, RegisterRequestMessage)} == {1}
+    for kind in (act.ComputeDigest, act.ReadRoundPages, act.AwaitCredit,
+                 act.AwaitConfirmation):
+        assert not w.of(kind), kind
+    st = w.session.stats
+    assert st.verified is None and "version 1" in st.verification and "not verified" in \
+        st.verification
+
+
+def test_extensions_off_asks_for_pin_all_alone():
+    cfg = MigrationConfig(pin_all=True, extensions=False)
+    w = SourceWorld(config=cfg, capabilities=Capabilities(flags=1))
+    w.run()
+    assert w.of(act.Connect)[0].capabilities == Capabilities(flags=1)
+    assert w.states()[-1] == "completed"
+
+
 @pytest.mark.parametrize("refusal, words", [
-    (dict(flags=1 << 8, data_qps=0, session_token=0, digest=0), "separate data QPs"),
     (dict(chunk_shift=21, flags=int(granted().flags) | (1 << 10)), "refused chunk size"),
 ])
 def test_a_destination_that_grants_too_little_is_refused_at_connect(refusal, words):
