@@ -1,0 +1,1 @@
+from pyverbs._strict import CMID, AddrInfo, CMEvent, CMEventChannel, ConnParam  # noqa: F401

@@ -1,0 +1,1 @@
+from pyverbs._strict import CQ, WC, CompChannel  # noqa: F401

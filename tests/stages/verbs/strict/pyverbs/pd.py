@@ -1,0 +1,1 @@
+from pyverbs._strict import PD  # noqa: F401

@@ -1,0 +1,1 @@
+from pyverbs._strict import QP, QPAttr, QPCap, QPInitAttr  # noqa: F401

@@ -1,0 +1,1 @@
+from pyverbs._strict import SGE, RecvWR, SendWR  # noqa: F401
