@@ -308,7 +308,21 @@ def check_completions(wcs) -> list[int]:
     return ids
 
 
-__all__ = ["Poster", "check_completions"]
+# An ODP responder answers a write into a page it has not mapped yet with RNR NAK while it
+# faults the page in: retry for as long as that takes (7 = forever), never fail the write.
+RNR_RETRY = 7
+
+
+def mr_handle_of(rec, provider: str, pd_name: str, path: str):
+    """The MRHandle that an MR_IMPORT record describes (``path``: the region's file)."""
+    from stages.verbs.base import MRHandle
+
+    return MRHandle(provider, pd_name, int(rec["lkey"]), int(rec["rkey"]), int(rec["addr"]),
+                    int(rec["length"]), int(rec["access"]), mr_handle=int(rec["mr_handle"]),
+                    slot=int(rec["pd_slot"]), path=path, file_offset=int(rec["file_offset"]))
+
+
+__all__ = ["RNR_RETRY", "Poster", "check_completions", "mr_handle_of"]
 
 
 def _segments(recs: np.ndarray):
@@ -336,7 +350,6 @@ def poster_main(config: dict, link) -> int:
     from stages.harness import Inbox
     from stages.records import MR_IMPORT, MR_RELEASE, MR_RELEASED
     from stages.verbs import open_provider
-    from stages.verbs.base import MRHandle
 
     depth = int(config.get("max_outstanding", DEPTH))
     with ExitStack() as stack:
@@ -344,14 +357,16 @@ def poster_main(config: dict, link) -> int:
                                                     role=CONSUMER))
         comps_out = stack.enter_context(Ring.attach(config["completions"], COMPLETION_RING,
                                                     role=PRODUCER))
-        ctx = stack.enter_context(open_provider(config["transport"]).open_device())
         link.ready()
         op, pd_handle, path, host, port, private_data = link.recv()
         if op != "connect":
             raise ValueError(f"poster expected connect, got {op}")
+        # The registrar's PD, on its device (the connection must go through it too).
+        ctx = stack.enter_context(open_provider(config["transport"]).open_device(
+            pd_handle.name if pd_handle.provider == "verbs" else None, peer=host))
         pd = ctx.import_pd(pd_handle)
         cq = ctx.create_cq(2 * depth + 16)
-        qp = pd.create_qp(cq, cq, max_send_wr=depth, max_recv_wr=1)
+        qp = pd.create_qp(cq, cq, max_send_wr=depth, max_recv_wr=1, rnr_retry=RNR_RETRY)
         ctx.connect(qp, host, port, private_data, timeout=10.0)
         link.send("connected")
         imported: dict[int, object] = {}
@@ -387,10 +402,7 @@ def poster_main(config: dict, link) -> int:
                 for op_code, seg in _segments(recs):
                     if op_code == WriteOp.IMPORT:
                         for r in seg.view(MR_IMPORT):
-                            h = MRHandle(pd_handle.provider, pd_handle.name, int(r["lkey"]),
-                                         int(r["rkey"]), int(r["addr"]), int(r["length"]),
-                                         int(r["access"]), slot=int(r["pd_slot"]), path=path,
-                                         file_offset=int(r["file_offset"]))
+                            h = mr_handle_of(r, pd_handle.provider, pd_handle.name, path)
                             imported[h.lkey] = pd.import_mr(h)
                     elif op_code == WriteOp.RELEASE:
                         lkeys = seg.view(MR_RELEASE)["lkey"]

@@ -435,6 +435,7 @@ def import_records(mrs: list) -> np.ndarray:
     out["file_offset"] = [h.file_offset for h in handles]
     out["access"] = [h.access for h in handles]
     out["pd_slot"] = [h.slot for h in handles]
+    out["mr_handle"] = [h.mr_handle for h in handles]
     return out
 
 
