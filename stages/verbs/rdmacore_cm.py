@@ -1,9 +1,10 @@
 """Connection manager of the pyverbs provider: listen, accept and connect external QPs.
 
 Asynchronous librdmacm on an event channel whose fd is found as ``new_fd`` finds completion
-channels, so every wait has a timeout. The passive side walks its QP through INIT, RTR and RTS *before*
-it accepts (librdmacm's own ``rdma_accept`` moves a QP it owns to RTR first; accepting with the
-QP still in INIT drops the peer's first packets), then waits for ESTABLISHED; the active side
+channels, so every wait has a timeout. The passive side walks its QP through INIT, RTR and RTS
+*before* it accepts (librdmacm's own ``rdma_accept`` moves a QP it owns to RTR first;
+accepting with the QP still in INIT drops the peer's first packets), then waits for
+ESTABLISHED; the active side
 resolves address and route, connects, and on CONNECT_RESPONSE walks its QP to RTS and calls
 ``establish``. Events of several connections on one listener are taken in order; one
 connection is set up at a time.
