@@ -184,6 +184,9 @@ class SourcePipeline:
     def figures(self) -> dict:
         """The registrar's and the poster's totals, from the figures each sent as it ended."""
         out = {}
+        info = getattr(self.registrar, "info", None) or {}
+        if info.get("registration"):      # share (PD imported) or proxy (poster registers)
+            out.update(registration=info["registration"])
         for (_, fig) in self.registrar.take("figures")[-1:]:
             out.update(registrar_busy_s=fig["busy_ns"] / 1e9,
                        chunks_registered=fig["chunks_registered"],

@@ -322,6 +322,20 @@ def mr_handle_of(rec, provider: str, pd_name: str, path: str):
                     slot=int(rec["pd_slot"]), path=path, file_offset=int(rec["file_offset"]))
 
 
+def proxy_writes(proxy, recs: np.ndarray) -> np.ndarray:
+    """``recs`` (WRITE_RING: writes and END markers) with the writes' virtual lkeys and
+    registrar addresses made ours (proxy mode); a copy."""
+    recs = recs.copy()
+    is_write = recs["op"] == WriteOp.WRITE
+    if is_write.any():
+        writes = recs[is_write].view(WRITE)
+        lkeys, addrs = writes["lkey"].copy(), writes["local_addr"].copy()
+        proxy.translate(lkeys, addrs)
+        writes["lkey"], writes["local_addr"] = lkeys, addrs
+        recs[is_write] = writes.view(WRITE_RING)
+    return recs
+
+
 __all__ = ["RNR_RETRY", "Poster", "check_completions", "mr_handle_of"]
 
 
@@ -350,6 +364,7 @@ def poster_main(config: dict, link) -> int:
     from stages.harness import Inbox
     from stages.records import MR_IMPORT, MR_RELEASE, MR_RELEASED
     from stages.verbs import open_provider
+    from stages.verbs.proxy import Registrations
 
     depth = int(config.get("max_outstanding", DEPTH))
     with ExitStack() as stack:
@@ -361,10 +376,14 @@ def poster_main(config: dict, link) -> int:
         op, pd_handle, path, host, port, private_data = link.recv()
         if op != "connect":
             raise ValueError(f"poster expected connect, got {op}")
-        # The registrar's PD, on its device (the connection must go through it too).
+        # Share mode: the registrar's PD, on its device (the connection must go through it
+        # too). Proxy mode (no PD handle): our own PD on the device of the route, registering
+        # what the registrar decides (``stages.verbs.proxy``).
+        share = pd_handle is not None
         ctx = stack.enter_context(open_provider(config["transport"]).open_device(
-            pd_handle.name if pd_handle.provider == "verbs" else None, peer=host))
-        pd = ctx.import_pd(pd_handle)
+            pd_handle.name if share and pd_handle.provider == "verbs" else None, peer=host))
+        pd = ctx.import_pd(pd_handle) if share else ctx.alloc_pd()
+        proxy = None if share else Registrations(pd, path)
         cq = ctx.create_cq(2 * depth + 16)
         qp = pd.create_qp(cq, cq, max_send_wr=depth, max_recv_wr=1, rnr_retry=RNR_RETRY)
         ctx.connect(qp, host, port, private_data, timeout=10.0)
@@ -402,15 +421,25 @@ def poster_main(config: dict, link) -> int:
                 for op_code, seg in _segments(recs):
                     if op_code == WriteOp.IMPORT:
                         for r in seg.view(MR_IMPORT):
+                            if proxy is not None:
+                                proxy.register(int(r["lkey"]), int(r["addr"]),
+                                               int(r["file_offset"]), int(r["length"]),
+                                               int(r["access"]))
+                                continue
                             h = mr_handle_of(r, pd_handle.provider, pd_handle.name, path)
                             imported[h.lkey] = pd.import_mr(h)
                     elif op_code == WriteOp.RELEASE:
                         lkeys = seg.view(MR_RELEASE)["lkey"]
                         for lkey in lkeys.tolist():
-                            imported.pop(lkey).close()
+                            if proxy is not None:
+                                proxy.release(lkey)
+                            else:
+                                imported.pop(lkey).close()
                         out.append(records(MR_RELEASED, len(seg),
                                            lkey=lkeys).view(COMPLETION_RING))
                     else:
+                        if proxy is not None:
+                            seg = proxy_writes(proxy, seg)
                         comps, wait = poster.on_writes(seg, now)
                         out.append(comps)
             if wait > 0 and not readable:
@@ -422,6 +451,9 @@ def poster_main(config: dict, link) -> int:
         for mr in imported.values():
             mr.close()
         qp.disconnect()
+        if proxy is not None:
+            qp.close()              # before the MRs it may still reference
+            proxy.close()
         ctx.close()            # un-imports the PD: the registrar may now deregister
         comps_out.close_write()
         link.send("figures", {"writes_posted": poster.writes_posted,

@@ -102,7 +102,9 @@ class WriteOp(IntEnum):
 
     WRITE = 0      # one RDMA WRITE (WRITE)
     END = 1        # the round's last record (WRITE_END)
-    IMPORT = 2     # an MR the poster imports before a write uses it (MR_IMPORT)
+    # an MR the poster imports (share mode) or registers itself (proxy mode, with a virtual
+    # lkey it rewrites in the writes) before a write uses it (MR_IMPORT)
+    IMPORT = 2
     # an MR the poster un-imports before the registrar deregisters it (MR_RELEASE): the soft
     # provider refuses to deregister an MR another process holds
     RELEASE = 3
