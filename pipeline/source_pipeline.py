@@ -51,7 +51,8 @@ RINGS = {  # name: (dtype, capacity, coordinator's role)
 
 
 class SourcePipeline:
-    def __init__(self, run_id: str, config: MigrationConfig, guest) -> None:
+    def __init__(self, run_id: str, config: MigrationConfig, guest, *,
+                 peer: str | None = None) -> None:
         self.rings: dict[str, Ring] = {}
         self.stages: list[StageProcess] = []
         self.finishing = False
@@ -79,6 +80,7 @@ class SourcePipeline:
             "pagehash": self.pages.name})
         self.registrar = StageProcess("registrar", "stages.registrar:registrar_main", {
             "region": region, "transport": config.transport, "pin_all": config.pin_all,
+            "peer": peer,       # its PD goes on the device of the route to the destination
             "pin_budget": config.pin_budget, "memlock_limit": config.memlock_limit,
             "odp": config.odp, "pin_reserve": PEER_CONTROL_PINNED,
             "runs": n["runs"], "answers": n["answers"],

@@ -508,7 +508,8 @@ def registrar_main(config: dict, link) -> int:
         comps_in = ring("completions", COMPLETION_RING, CONSUMER)
         writes_out = ring("writes", WRITE_RING, PRODUCER)
         requests_out = ring("requests", REQUEST_RING, PRODUCER)
-        ctx = stack.enter_context(open_provider(config["transport"]).open_device())
+        ctx = stack.enter_context(open_provider(config["transport"]).open_device(
+            peer=config.get("peer")))       # the device the data connection will use
         pd = ctx.alloc_pd()
         mode = registration_mode(pd, config.get("registration")
                                  or os.environ.get(REGISTRATION_ENV, "auto"))

@@ -50,12 +50,13 @@ class RdmaSource(SourceDriver):
         from stages.verbs import open_provider
 
         cfg = self.config
-        ctx = open_provider(cfg.transport).open_device()
+        ctx = open_provider(cfg.transport).open_device(peer=self.uri.host)   # the route's
         self.stack.callback(ctx.close)
         self.link = ControlLink(ctx, ctx.alloc_pd(), Role.SOURCE, check=self.check,
                                 trace=ControlTrace(cfg.trace_control))
         self.stack.callback(self.link.close)
-        self.pipeline = self.stack.enter_context(SourcePipeline(self.run_id, cfg, self.guest))
+        self.pipeline = self.stack.enter_context(SourcePipeline(self.run_id, cfg, self.guest,
+                                                                    peer=self.uri.host))
         self.pipeline.start()
         channel = self.link.channel
         private = channel.initiate(action.capabilities, block_lengths=list(action.block_lengths))

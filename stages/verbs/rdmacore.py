@@ -495,6 +495,8 @@ def route_device(v, host: str) -> str | None:
     """The device librdmacm resolves ``host`` through (None if it cannot tell)."""
     from stages.verbs.rdmacore_cm import Channel, wait_cm_event
 
+    if host.strip("[]") in ("", "0.0.0.0", "::"):
+        return None             # a wildcard address has no device
     holder = Channel(v)
     cmid = None
     try:
