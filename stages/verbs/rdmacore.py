@@ -491,6 +491,25 @@ def odp_write(v, ctx) -> bool:
                 and caps.rc_odp_caps & v.e.IBV_ODP_SUPPORT_WRITE)
 
 
+def device_address(context: VerbsContext) -> str | None:
+    """The first IPv4 address in the GID table of ``context``'s ACTIVE ports (RoCE v2 GIDs
+    carry the netdev's addresses, IPv4-mapped), or None."""
+    import ipaddress
+
+    v, ctx = context.v, context.ctx
+    for port in active_ports(v, ctx):
+        with errors("cannot query the device"):
+            count = ctx.query_port(port).gid_tbl_len
+        for index in range(count):
+            try:
+                gid = ipaddress.IPv6Address(str(ctx.query_gid(port, index)))
+            except (v.Error, ValueError):
+                continue
+            if gid.ipv4_mapped is not None:
+                return str(gid.ipv4_mapped)
+    return None
+
+
 def route_device(v, host: str) -> str | None:
     """The device librdmacm resolves ``host`` through (None if it cannot tell)."""
     from stages.verbs.rdmacore_cm import Channel, wait_cm_event

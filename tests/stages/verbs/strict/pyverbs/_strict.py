@@ -140,6 +140,15 @@ class DeviceAttrEx:
 
 class PortAttr:
     state = e.IBV_PORT_ACTIVE
+    gid_tbl_len = 2
+
+
+class GID:
+    def __init__(self, text: str) -> None:
+        self.gid = text
+
+    def __str__(self) -> str:
+        return self.gid
 
 
 class Device:
@@ -195,6 +204,13 @@ class Context:
         if port_num != 1:
             raise _rdma(f"Failed to query port {port_num}", errno.EINVAL)
         return PortAttr()
+
+    def query_gid(self, port_num, index) -> GID:
+        """Index 0: the link-local GID; 1: the RoCE v2 GID of the device's IPv4 address."""
+        if index == 0:
+            return GID("fe80:0000:0000:0000:0000:0000:0000:0001")
+        a, b, c, d = (int(x) for x in devices()[self.name].split("."))
+        return GID(f"0000:0000:0000:0000:0000:ffff:{a << 8 | b:04x}:{c << 8 | d:04x}")
 
     def close(self) -> None:
         if self._closed:
