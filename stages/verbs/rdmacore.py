@@ -255,9 +255,10 @@ class VerbsQP(base.QP):
 
 class WRPool:
     """``size`` SendWRs chained once (each one's next is the following one, the last one's is
-    NULL) with an SGE each: ``fill(rows, opcode)`` writes ``rows`` into the *last* len(rows)
-    of them and returns the first of those, a chain of exactly that length. pyverbs 44 never
-    frees a SendWR or SGE it made, so none is made per post."""
+    NULL), each pointing at its own SGE (pyverbs 44's ``sg_list`` setter stores the SGE's
+    address, the constructor copies): ``fill(rows, opcode)`` writes ``rows`` into the *last*
+    len(rows) of them and returns the first of those, a chain of exactly that length. pyverbs
+    44 never frees a SendWR or SGE it made, so none is made per post."""
 
     def __init__(self, v, size: int) -> None:
         self.v, self.size = v, size
@@ -268,6 +269,7 @@ class WRPool:
             for sge in reversed(self.sges):
                 nxt = v.wr.SendWR(opcode=int(SendOpcode.RDMA_WRITE), num_sge=1, sg=[sge],
                                   send_flags=0, next_wr=nxt)
+                nxt.sg_list = sge       # points the WR at this SGE: fill() edits it in place
                 self.wrs.append(nxt)
             self.wrs.reverse()
 
@@ -277,7 +279,6 @@ class WRPool:
         for i, (wr_id, addr, remote_addr, length, lkey, rkey, sig) in enumerate(rows):
             wr, sge = self.wrs[first + i], self.sges[first + i]
             sge.addr, sge.length, sge.lkey = addr, length, lkey
-            wr.sg_list = sge            # copied into the WR's own SGE array
             wr.wr_id, wr.opcode = wr_id, opcode
             wr.send_flags = signaled if sig else 0
             wr.set_wr_rdma(rkey, remote_addr)

@@ -671,9 +671,15 @@ class SendWR:
             raise PyverbsUserError("A WR needs at least one SGE")
         self.wr_id, self.opcode, self.num_sge, self.imm_data = wr_id, opcode, num_sge, imm_data
         self.send_flags = send_flags
-        self._sg = (sg[0].addr, sg[0].length, sg[0].lkey)
+        self._copied = (sg[0].addr, sg[0].length, sg[0].lkey)     # copy_sg_array, as in C
+        self._sge = None
         self._remote = (0, 0)
         self._next = next_wr
+
+    @property
+    def _sg(self) -> tuple:
+        sge = self._sge                 # after ``sg_list = sge``: that SGE's live fields
+        return self._copied if sge is None else (sge.addr, sge.length, sge.lkey)
 
     @property
     def next_wr(self):
@@ -691,7 +697,9 @@ class SendWR:
 
     @sg_list.setter
     def sg_list(self, val) -> None:
-        self._sg = (val.addr, val.length, val.lkey)
+        if val is None:
+            raise TypeError("sg_list cannot be None")
+        self._sge = val     # v44: send_wr.sg_list = val.sge, a pointer to the SGE, no copy
 
     def set_wr_rdma(self, rkey, addr) -> None:
         self._remote = (rkey, addr)
