@@ -99,6 +99,14 @@ def test_3_listening_on_a_wildcard_address_works(pair, host):
     assert p.qp_a.state == QPState.RTS and p.qp_b.state == QPState.RTS
 
 
+def test_3_a_wildcard_id_has_no_device_and_nothing_asks_it(strict):
+    provider = open_provider("verbs")
+    with provider.open_device(peer="0.0.0.0") as ctx:      # the destination's open_device
+        listener = ctx.listen("0.0.0.0", 29998)
+        with pytest.raises(SystemError, match="NULL"):     # pyverbs would segfault here
+            listener.cmid.dev_name
+
+
 # -- 4: registration across processes on any device ----------------------------------------
 def test_4_pd_sharing_is_probed_not_assumed(strict):
     with open_provider("verbs").open_device("mlx5_0") as ctx:
