@@ -35,6 +35,7 @@ from __future__ import annotations
 import errno
 import os
 import select
+import threading
 import time
 
 from shm.errors import TransportError, TransportUnsupported
@@ -187,6 +188,7 @@ class VerbsQP(base.QP):
         self.qp_num = self.qp.qp_num
         self._wrs = WRPool(v, max_send_wr)
         self._recv_wrs: dict[tuple[int, int, int], object] = {}
+        self._post_lock = threading.Lock()      # the pooled WRs are filled, then posted
 
     @property
     def state(self) -> QPState:
@@ -207,7 +209,7 @@ class VerbsQP(base.QP):
 
     def post_send(self, wr_id: int, opcode: SendOpcode, addr: int, length: int, lkey: int, *,
                   remote_addr: int = 0, rkey: int = 0, signaled: bool = True) -> None:
-        with errors("cannot post send"):
+        with self._post_lock, errors("cannot post send"):
             self.qp.post_send(self._wrs.fill([(wr_id, addr, remote_addr, length, lkey, rkey,
                                                signaled)], int(opcode)))
 
@@ -219,14 +221,14 @@ class VerbsQP(base.QP):
         if not len(wrs):
             return
         rows = wrs.tolist()
-        with errors("cannot post writes"):
+        with self._post_lock, errors("cannot post writes"):
             for start in range(0, len(rows), self._wrs.size):
                 self.qp.post_send(self._wrs.fill(rows[start:start + self._wrs.size],
                                                  int(SendOpcode.RDMA_WRITE)))
 
     def post_recv(self, wr_id: int, addr: int, length: int, lkey: int) -> None:
         v = self._v
-        with errors("cannot post receive"):
+        with self._post_lock, errors("cannot post receive"):
             wr = self._recv_wrs.get((addr, length, lkey))
             if wr is None:          # a control link re-posts the same few buffers
                 wr = self._recv_wrs[addr, length, lkey] = v.wr.RecvWR(
