@@ -24,7 +24,7 @@ def _resource_tracker_running():
 
 @pytest.fixture
 def strict():
-    """The strict pyverbs double installed as ``pyverbs`` (its ``_strict`` module)."""
+    """The strict pyverbs double installed as ``pyverbs`` (the package)."""
     with strict_pyverbs.installed() as module:
         yield module
 

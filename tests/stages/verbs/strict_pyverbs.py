@@ -36,7 +36,7 @@ def installed(devices: str | None = None):
         import pyverbs
 
         assert getattr(pyverbs, "STRICT_DOUBLE", False), pyverbs.__file__
-        yield importlib.import_module("pyverbs._strict")
+        yield pyverbs
     finally:
         for name in _pyverbs_modules():
             del sys.modules[name]
