@@ -218,14 +218,18 @@ def test_9_qp_state_comes_from_query(pair):
 
 
 def test_9_errno_minus_one_is_no_errno(strict):
-    from pyverbs.pyverbs_error import PyverbsError
+    from pyverbs.pyverbs_error import PyverbsRDMAError
 
     from stages.verbs.rdmacore_base import errors
 
     with pytest.raises(TransportError) as info:
         with errors("cannot do it"):
-            raise PyverbsError("no errno here")
-    assert info.value.errno is None
+            raise PyverbsRDMAError("Failed to do it")      # error_code -1: none known
+    assert info.value.errno is None                          # not EPERM
+    with pytest.raises(TransportError) as info:
+        with errors("cannot do it"):
+            raise PyverbsRDMAError("Failed to do it", -12)  # some calls report -errno
+    assert info.value.errno == 12
 
 
 def test_9_work_requests_are_reused(pair):
