@@ -83,8 +83,13 @@ class VerbsConnectRequest(base.ConnectRequest):
         data = check_private_data(private_data, MAX_ACCEPT_PRIVATE_DATA, "accept")
         v, cmid = self.listener.v, self._take()
         qp.cmid, qp._channel = cmid, self.listener.channel.hold()   # closed with the QP
-        check_device(cmid, qp.pd.context, "the connection request")
-        qp.to_rts(cmid)                     # RTR and RTS before the peer hears "accepted"
+        try:
+            check_device(cmid, qp.pd.context, "the connection request")
+            qp.to_rts(cmid)                 # RTR and RTS before the peer hears "accepted"
+        except BaseException:
+            with errors("cannot reject the connection"):
+                cmid.reject()               # the requester hears now, not after its timeout
+            raise
         with errors("cannot accept the connection"):
             param = v.cm.ConnParam(resources=2, depth=2, rnr_retry=qp.rnr_retry,
                                    qp_num=qp.qp_num, data_len=len(data))
@@ -115,13 +120,20 @@ class VerbsListener(base.Listener):
             raise ValueError("the verbs provider listens on an explicit port 1..65535")
         v = self.v = context.v
         self.context, self.host, self.port = context, host, port
-        self.channel = Channel(v)
-        with errors(f"cannot listen on {host}:{port}"):
-            self.cmid = v.cm.CMID(creator=self.channel.channel, port_space=v.ce.RDMA_PS_TCP)
-            info = v.cm.AddrInfo(src=host, src_service=str(port), port_space=v.ce.RDMA_PS_TCP,
-                                 flags=v.ce.RAI_PASSIVE)
-            self.cmid.bind_addr(info)
-            self.cmid.listen(backlog)
+        self.channel, self.cmid = Channel(v), None
+        try:
+            with errors(f"cannot listen on {host}:{port}"):
+                self.cmid = v.cm.CMID(creator=self.channel.channel,
+                                      port_space=v.ce.RDMA_PS_TCP)
+                info = v.cm.AddrInfo(src=host, src_service=str(port),
+                                     port_space=v.ce.RDMA_PS_TCP, flags=v.ce.RAI_PASSIVE)
+                self.cmid.bind_addr(info)   # a wildcard address leaves the id without device
+                self.cmid.listen(backlog)
+        except BaseException:
+            if self.cmid is not None:
+                self.cmid.close()
+            self.channel.close()
+            raise
 
     def get_request(self, timeout: float | None = None) -> VerbsConnectRequest:
         v = self.v

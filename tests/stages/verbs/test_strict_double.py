@@ -4,27 +4,27 @@ the errors of misuse). Skipped where pyverbs is not installed."""
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import strict_pyverbs
+
+SUBMODULES = ("cm_enums", "cq", "enums", "pyverbs_error", "qp", "wr")
 
 
 @pytest.fixture(scope="module")
 def real():
-    pytest.importorskip("pyverbs.enums", reason="python3-pyverbs is not installed here")
-    import pyverbs.cm_enums
-    import pyverbs.cq
-    import pyverbs.enums
-    import pyverbs.pyverbs_error
-    import pyverbs.qp
-    import pyverbs.wr
-
+    pyverbs = pytest.importorskip("pyverbs", reason="python3-pyverbs is not installed here")
+    for name in SUBMODULES:
+        importlib.import_module(f"pyverbs.{name}")
     return pyverbs
 
 
 @pytest.fixture
 def double(real):
     with strict_pyverbs.installed() as module:
-
+        for name in SUBMODULES:
+            importlib.import_module(f"pyverbs.{name}")
         yield module
 
 
