@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass
 
 MIB = 1 << 20
+PEER_PORT = 29200        # the README's port for 'rdma-pipeline incoming'
 
 
 def add_arguments(p) -> None:
@@ -32,9 +33,10 @@ def add_arguments(p) -> None:
                                                     "an ACTIVE port)")
     p.add_argument("--address", metavar="IP", help="the device's IP address (default: the "
                                                    "IPv4 address in its GID table)")
-    p.add_argument("--peer", metavar="HOST:PORT",
+    p.add_argument("--peer", metavar="HOST[:PORT]",
                    help="migrate to 'rdma-pipeline incoming rdma:0.0.0.0:PORT --transport "
-                        "verbs' running on HOST instead of a loopback migration")
+                        f"verbs' running on HOST (PORT {PEER_PORT} unless given) instead of "
+                        "a loopback migration")
     p.add_argument("--ram", default="64M", help="guest RAM of the test migration (default 64M)")
     p.add_argument("--json", action="store_true", help="print the table as one JSON object")
 
@@ -289,6 +291,17 @@ def device_and_address(args) -> tuple[str | None, str, str]:
     return name, address, f"{name} at {address}"
 
 
+def peer_uri(peer: str) -> str:
+    """``rdma:HOST:PORT`` for --peer HOST, HOST:PORT, an IPv6 address, [IPv6] or [IPv6]:PORT."""
+    if peer.startswith("["):
+        host, _, port = peer[1:].partition("]")
+        return f"rdma:[{host}]:{port.lstrip(':') or PEER_PORT}"
+    if peer.count(":") > 1:
+        return f"rdma:[{peer}]:{PEER_PORT}"
+    host, _, port = peer.partition(":")
+    return f"rdma:{host}:{port or PEER_PORT}"
+
+
 def _migration(args, address: str) -> Row:
     from pipeline.api import LocalRun
     from pipeline.config import MigrationConfig, parse_size
@@ -296,7 +309,7 @@ def _migration(args, address: str) -> Row:
 
     ram = parse_size(args.ram)
     if args.peer:
-        cmd = [sys.executable, "-m", "pipeline", "migrate", f"rdma:{args.peer}", "--transport",
+        cmd = [sys.executable, "-m", "pipeline", "migrate", peer_uri(args.peer), "--transport",
                args.transport, "--ram", args.ram, "--json"]
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         try:

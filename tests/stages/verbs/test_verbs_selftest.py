@@ -55,3 +55,40 @@ def test_a_failed_check_is_a_row_and_exit_1(capsys, monkeypatch):
     assert code == 1
     assert "both QPs RTS after accept  FAILED  AssertionError: QP states" in table
     assert "loopback migration" in table
+
+
+@pytest.mark.parametrize("peer,uri", [
+    ("dest", "rdma:dest:29200"), ("dest:4000", "rdma:dest:4000"),
+    ("fe80::1", "rdma:[fe80::1]:29200"), ("[fe80::1]:4000", "rdma:[fe80::1]:4000"),
+    ("[::1]", "rdma:[::1]:29200"),
+])
+def test_peer_spellings(peer, uri):
+    from pipeline.selftest_cmd import peer_uri
+
+    assert peer_uri(peer) == uri
+
+
+def test_a_migration_to_a_peer_running_incoming(capsys):
+    """The two-host form, on one host: ``incoming`` in another process, both on the double."""
+    import random
+
+    port = random.randint(20000, 60000)
+    with strict_pyverbs.installed():
+        incoming = subprocess.Popen(
+            [sys.executable, "-m", "pipeline", "incoming", f"rdma:127.0.0.1:{port}",
+             "--transport", "verbs", "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True)
+        try:
+            line = incoming.stderr.readline()
+            assert "listening on" in line, line + incoming.stderr.read()
+            code = main(["selftest", "--peer", f"127.0.0.1:{port}", "--ram", "16M"])
+            incoming.wait(60)
+        finally:
+            if incoming.poll() is None:
+                incoming.kill()
+                incoming.wait()
+            incoming.stdout.close()
+            incoming.stderr.close()
+    table = capsys.readouterr().out
+    assert code == 0, table
+    assert f"migration to 127.0.0.1:{port}" in table and incoming.returncode == 0
