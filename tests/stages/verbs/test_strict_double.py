@@ -44,7 +44,8 @@ def test_defaults_of_the_attribute_classes(real, double):
     for p in (real, double):
         init, attr, cap = p.qp.QPInitAttr(), p.qp.QPAttr(), p.qp.QPCap()
         assert (init.qp_type, init.sq_sig_all) == (4, 1)     # UD, and every WR signaled
-        assert (attr.qp_state, attr.cur_qp_state) == (1, 0)
+        assert (attr.qp_state, attr.cur_qp_state, attr.port_num, attr.path_mtu) == (1, 0, 1, 3)
+        assert (attr.rnr_retry, attr.pkey_index, attr.qp_access_flags) == (0, 0, 0)
         assert (cap.max_send_wr, cap.max_recv_wr, cap.max_send_sge, cap.max_recv_sge) == (
             1, 10, 1, 1)
         wr = p.wr.SendWR(num_sge=1, sg=[p.wr.SGE(1, 2, 3)])

@@ -32,10 +32,12 @@ class QPAttr:
                  "rq_psn", "sq_psn", "timeout", "retry_cnt", "min_rnr_timer", "max_rd_atomic",
                  "max_dest_rd_atomic", "path_mtu", "port_num", "pkey_index", "ah_attr")
 
-    def __init__(self, qp_state=e.IBV_QPS_INIT, cur_qp_state=e.IBV_QPS_RESET) -> None:
+    def __init__(self, qp_state=e.IBV_QPS_INIT, cur_qp_state=e.IBV_QPS_RESET, port_num=1,
+                 path_mtu=3) -> None:       # 3: IBV_MTU_1024
         for name in self.__slots__:
             setattr(self, name, 0)
         self.qp_state, self.cur_qp_state = qp_state, cur_qp_state
+        self.port_num, self.path_mtu = port_num, path_mtu
 
 
 _NEXT = {e.IBV_QPS_RESET: {e.IBV_QPS_INIT}, e.IBV_QPS_INIT: {e.IBV_QPS_INIT, e.IBV_QPS_RTR},
@@ -59,6 +61,9 @@ class QP:
         self._state = e.IBV_QPS_RESET
         self.access = 0
         if qp_attr is not None:   # RC: moved to INIT, as pyverbs does with a qp_attr
+            if qp_attr.port_num != 1:       # the device has one port
+                self.soft.close()
+                raise _rdma("Failed to modify QP state to init", errno.EINVAL)
             self.access = qp_attr.qp_access_flags
             self._state = e.IBV_QPS_INIT
         self._closed = False
