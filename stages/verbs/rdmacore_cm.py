@@ -71,8 +71,7 @@ def check_device(cmid, context, what: str) -> None:
     if device != context.name:
         raise TransportError(f"{what} goes through RDMA device {device}, but the QP is on "
                              f"{context.name}", errno=errno.EXDEV,
-                             hint=f"pick the device with --device {device} "
-                                  f"(RDMA_PIPELINE_DEVICE={device})")
+                             hint=f"use --device {device}, or RDMA_PIPELINE_DEVICE={device}")
 
 
 class VerbsConnectRequest(base.ConnectRequest):
