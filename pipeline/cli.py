@@ -27,6 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "incoming": ("pipeline.incoming_cmd", "receive a migration on rdma:HOST:PORT"),
     "cleanup": ("pipeline.cleanup_cmd", "remove shared memory left by killed runs"),
     "bench": ("pipeline.bench_cmd", "per-stage and end-to-end benchmarks against baselines"),
+    "selftest": ("pipeline.selftest_cmd", "check the verbs transport on this RDMA device"),
 }
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import signal
 import sys
 
@@ -23,6 +24,9 @@ def add_migration_options(p, *, source: bool) -> None:
                         "max-bandwidth=1G; ours: x-max-rounds, x-keep-going, x-pin-budget)")
     p.add_argument("--transport", choices=("soft", "verbs"), default="soft",
                    help="verbs provider (default soft: userspace verbs over TCP)")
+    p.add_argument("--device", metavar="NAME",
+                   help="RDMA device for --transport verbs (default: the device of the route "
+                        "to the peer, else the first with an ACTIVE port)")
     p.add_argument("--chunk-size", default="1M", help="registration chunk size (default 1M)")
     p.add_argument("--json", action="store_true",
                    help="print only the summary, as one JSON object, on stdout")
@@ -83,7 +87,10 @@ def build_config(args) -> MigrationConfig:
     cfg = cfg.with_options(args.capability, args.parameter)
     if cfg.transport == "verbs":
         from shm.errors import TransportUnsupported
-        from stages.verbs.rdmacore import probe
+        from stages.verbs.rdmacore import DEVICE_ENV, probe
+
+        if getattr(args, "device", None):       # read by every process that opens a device
+            os.environ[DEVICE_ENV] = args.device
 
         reason = probe()
         if reason:

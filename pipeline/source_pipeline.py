@@ -52,7 +52,8 @@ RINGS = {  # name: (dtype, capacity, coordinator's role)
 
 
 class SourcePipeline:
-    def __init__(self, run_id: str, config: MigrationConfig, guest) -> None:
+    def __init__(self, run_id: str, config: MigrationConfig, guest, *,
+                 peer: str | None = None) -> None:
         self.rings: dict[str, Ring] = {}
         self.stages: list[StageProcess] = []
         self.finishing = False
@@ -82,6 +83,7 @@ class SourcePipeline:
             "pagehash": self.pages.name})
         self.registrar = StageProcess("registrar", "stages.registrar:registrar_main", {
             "region": region, "transport": config.transport, "pin_all": config.pin_all,
+            "peer": peer,       # its PD goes on the device of the route to the destination
             "pin_budget": config.pin_budget, "memlock_limit": config.memlock_limit,
             "odp": config.odp, "pin_reserve": PEER_CONTROL_PINNED,
             "runs": n["runs"], "answers": n["answers"],
@@ -138,19 +140,23 @@ class SourcePipeline:
 
         def serve() -> None:
             from stages.poster import serve_writes
+            from stages.verbs.proxy import Registrations
 
+            proxy = None if info["pd"] is not None else Registrations(pd, info["path"])
             try:
                 # The control QP's send queue (QEMU's 512) less the one control SEND in flight.
                 poster = serve_writes(link.qp, link.send_cq, pd, info["pd"], info["path"],
                                       writes_in, comps_out, foreign=foreign,
                                       depth=link.qp_depth - 1,
-                                      max_bandwidth=self.max_bandwidth)
+                                      max_bandwidth=self.max_bandwidth, proxy=proxy)
                 self._local["figures"] = {"writes_posted": poster.writes_posted,
                                           "bytes_posted": poster.bytes_posted,
                                           "busy_ns": poster.busy_ns}
             except BaseException as exc:  # noqa: BLE001 - check() raises it
                 self._local["error"] = exc
             finally:
+                if proxy is not None:
+                    proxy.close()
                 comps_out.close()
                 writes_in.close()
 
@@ -232,6 +238,9 @@ class SourcePipeline:
     def figures(self) -> dict:
         """The registrar's and the poster's totals, from the figures each sent as it ended."""
         out = {}
+        info = getattr(self.registrar, "info", None) or {}
+        if info.get("registration"):      # share (PD imported) or proxy (poster registers)
+            out.update(registration=info["registration"])
         for (_, fig) in self.registrar.take("figures")[-1:]:
             out.update(registrar_busy_s=fig["busy_ns"] / 1e9,
                        chunks_registered=fig["chunks_registered"],

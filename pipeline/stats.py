@@ -33,6 +33,7 @@ class StageFigures:
     chunks_unregistered: int = 0
     compress_sent: int = 0
     registrar_busy_s: float = 0.0
+    registration: str = ""          # share (the poster imports the PD) or proxy
     writes_posted: int = 0
     bytes_written: int = 0
     poster_busy_s: float = 0.0
@@ -44,7 +45,9 @@ class StageFigures:
             "registrar": {"chunks-registered": self.chunks_registered,
                           "chunks-unregistered": self.chunks_unregistered,
                           "compress-sent": self.compress_sent,
-                          "busy-time": round(self.registrar_busy_s * 1000, 1)},
+                          "busy-time": round(self.registrar_busy_s * 1000, 1),
+                          **({"registration": self.registration} if self.registration
+                             else {})},
             "poster": {"writes-posted": self.writes_posted,
                        "bytes-written": self.bytes_written,
                        "busy-time": round(self.poster_busy_s * 1000, 1)},

@@ -309,7 +309,36 @@ def check_completions(wcs) -> list[int]:
     return ids
 
 
-__all__ = ["Poster", "check_completions", "serve_writes", "FOREIGN_WR_ID"]
+# An ODP responder answers a write into a page it has not mapped yet with RNR NAK while it
+# faults the page in: retry for as long as that takes (7 = forever), never fail the write.
+RNR_RETRY = 7
+
+
+def mr_handle_of(rec, provider: str, pd_name: str, path: str):
+    """The MRHandle that an MR_IMPORT record describes (``path``: the region's file)."""
+    from stages.verbs.base import MRHandle
+
+    return MRHandle(provider, pd_name, int(rec["lkey"]), int(rec["rkey"]), int(rec["addr"]),
+                    int(rec["length"]), int(rec["access"]), mr_handle=int(rec["mr_handle"]),
+                    slot=int(rec["pd_slot"]), path=path, file_offset=int(rec["file_offset"]))
+
+
+def proxy_writes(proxy, recs: np.ndarray) -> np.ndarray:
+    """``recs`` (WRITE_RING: writes and END markers) with the writes' virtual lkeys and
+    registrar addresses made ours (proxy mode); a copy."""
+    recs = recs.copy()
+    is_write = recs["op"] == WriteOp.WRITE
+    if is_write.any():
+        writes = recs[is_write].view(WRITE)
+        lkeys, addrs = writes["lkey"].copy(), writes["local_addr"].copy()
+        proxy.translate(lkeys, addrs)
+        writes["lkey"], writes["local_addr"] = lkeys, addrs
+        recs[is_write] = writes.view(WRITE_RING)
+    return recs
+
+
+__all__ = ["RNR_RETRY", "Poster", "check_completions", "mr_handle_of", "proxy_writes",
+           "serve_writes", "FOREIGN_WR_ID"]
 
 
 def _segments(recs: np.ndarray):
@@ -327,10 +356,13 @@ def _segments(recs: np.ndarray):
 
 
 def serve_writes(qp, cq, pd, pd_handle, path: str, writes_in, comps_out, *, depth: int = DEPTH,
-                 max_bandwidth: int = 0, foreign: Callable | None = None) -> Poster:
+                 max_bandwidth: int = 0, foreign: Callable | None = None,
+                 proxy=None) -> Poster:
     """Run a ``Poster`` between the ``writes_in`` ring and ``qp``'s completion queue ``cq``
     until the writes ring ends and every write completed; import and release the registrar's
-    MRs (``pd`` is the import of ``pd_handle``, ``path`` its memory file) as the ring says.
+    MRs (``pd`` is the import of ``pd_handle``, ``path`` its memory file) as the ring says, or,
+    with ``proxy`` (``stages.verbs.proxy.Registrations`` on our own ``pd``: a device that
+    cannot share a PD), register and release them here and rewrite the writes' keys.
     ``foreign``: the writes share ``qp`` with the control channel (QEMU's protocol version 1,
     one QP): completions of work requests with ``wr_id >= FOREIGN_WR_ID`` are its SENDs' and
     go to ``foreign``. Returns the poster (its figures); the completions ring is closed."""
@@ -338,7 +370,6 @@ def serve_writes(qp, cq, pd, pd_handle, path: str, writes_in, comps_out, *, dept
 
     from stages.harness import Inbox
     from stages.records import MR_IMPORT, MR_RELEASE, MR_RELEASED
-    from stages.verbs.base import MRHandle
 
     imported: dict[int, object] = {}
     poster = Poster(qp.post_writes, max_outstanding=depth, max_bandwidth=max_bandwidth)
@@ -376,18 +407,25 @@ def serve_writes(qp, cq, pd, pd_handle, path: str, writes_in, comps_out, *, dept
                 for op_code, seg in _segments(recs):
                     if op_code == WriteOp.IMPORT:
                         for r in seg.view(MR_IMPORT):
-                            h = MRHandle(pd_handle.provider, pd_handle.name, int(r["lkey"]),
-                                         int(r["rkey"]), int(r["addr"]), int(r["length"]),
-                                         int(r["access"]), slot=int(r["pd_slot"]), path=path,
-                                         file_offset=int(r["file_offset"]))
+                            if proxy is not None:
+                                proxy.register(int(r["lkey"]), int(r["addr"]),
+                                               int(r["file_offset"]), int(r["length"]),
+                                               int(r["access"]))
+                                continue
+                            h = mr_handle_of(r, pd_handle.provider, pd_handle.name, path)
                             imported[h.lkey] = pd.import_mr(h)
                     elif op_code == WriteOp.RELEASE:
                         lkeys = seg.view(MR_RELEASE)["lkey"]
                         for lkey in lkeys.tolist():
-                            imported.pop(lkey).close()
+                            if proxy is not None:
+                                proxy.release(lkey)
+                            else:
+                                imported.pop(lkey).close()
                         out.append(records(MR_RELEASED, len(seg),
                                            lkey=lkeys).view(COMPLETION_RING))
                     else:
+                        if proxy is not None:
+                            seg = proxy_writes(proxy, seg)
                         comps, wait = poster.on_writes(seg, now)
                         out.append(comps)
             if wait > 0 and not readable:
@@ -409,7 +447,8 @@ def serve_writes(qp, cq, pd, pd_handle, path: str, writes_in, comps_out, *, dept
 
 def poster_main(config: dict, link) -> int:
     """Process: waits for ("connect", pd_handle, region_path, host, port, private_data) on its
-    pipe, imports the registrar's PD, connects its own data QP with the coordinator's
+    pipe, imports the registrar's PD (or, with no PD handle, makes its own and registers what
+    the registrar decides: proxy mode), connects its own data QP with the coordinator's
     ``private_data`` (the data-connection hello, bytes), then posts writes. ("idle",): the
     destination granted no data QP and the coordinator posts the writes on its control QP
     (QEMU's protocol version 1): the poster ends at once, having touched no ring."""
@@ -417,10 +456,10 @@ def poster_main(config: dict, link) -> int:
 
     from shm.ring import CONSUMER, PRODUCER, Ring
     from stages.verbs import open_provider
+    from stages.verbs.proxy import Registrations
 
     depth = int(config.get("max_outstanding", DEPTH))
     with ExitStack() as stack:
-        ctx = stack.enter_context(open_provider(config["transport"]).open_device())
         link.ready()
         msg = link.recv()
         if msg[0] == "idle":
@@ -432,14 +471,24 @@ def poster_main(config: dict, link) -> int:
                                                     role=CONSUMER))
         comps_out = stack.enter_context(Ring.attach(config["completions"], COMPLETION_RING,
                                                     role=PRODUCER))
-        pd = ctx.import_pd(pd_handle)
+        # Share mode: the registrar's PD, on its device (the connection must go through it
+        # too). Proxy mode (no PD handle): our own PD on the device of the route, registering
+        # what the registrar decides (``stages.verbs.proxy``).
+        share = pd_handle is not None
+        ctx = stack.enter_context(open_provider(config["transport"]).open_device(
+            pd_handle.name if share and pd_handle.provider == "verbs" else None, peer=host))
+        pd = ctx.import_pd(pd_handle) if share else ctx.alloc_pd()
+        proxy = None if share else Registrations(pd, path)
         cq = ctx.create_cq(2 * depth + 16)
-        qp = pd.create_qp(cq, cq, max_send_wr=depth, max_recv_wr=1)
+        qp = pd.create_qp(cq, cq, max_send_wr=depth, max_recv_wr=1, rnr_retry=RNR_RETRY)
         ctx.connect(qp, host, port, private_data, timeout=10.0)
         link.send("connected")
         poster = serve_writes(qp, cq, pd, pd_handle, path, writes_in, comps_out, depth=depth,
-                              max_bandwidth=config.get("max_bandwidth", 0))
+                              max_bandwidth=config.get("max_bandwidth", 0), proxy=proxy)
         qp.disconnect()
+        if proxy is not None:
+            qp.close()              # before the MRs it may still reference
+            proxy.close()
         ctx.close()            # un-imports the PD: the registrar may now deregister
         link.send("figures", {"writes_posted": poster.writes_posted,
                               "bytes_posted": poster.bytes_posted, "busy_ns": poster.busy_ns})

@@ -102,7 +102,9 @@ class WriteOp(IntEnum):
 
     WRITE = 0      # one RDMA WRITE (WRITE)
     END = 1        # the round's last record (WRITE_END)
-    IMPORT = 2     # an MR the poster imports before a write uses it (MR_IMPORT)
+    # an MR the poster imports (share mode) or registers itself (proxy mode, with a virtual
+    # lkey it rewrites in the writes) before a write uses it (MR_IMPORT)
+    IMPORT = 2
     # an MR the poster un-imports before the registrar deregisters it (MR_RELEASE): the soft
     # provider refuses to deregister an MR another process holds
     RELEASE = 3
@@ -131,13 +133,14 @@ WRITE_END = _layout(56, [
 ], WriteOp.END)
 MR_IMPORT = _layout(56, [
     ("op", "<u1", 0),
+    ("mr_handle", "<u4", 4),     # verbs: the MR's kernel handle (ibv_import_mr needs it)
     ("addr", "<u8", 16),         # the MR's VA in the registrar
     ("length", "<u8", 24),       # bytes
     ("file_offset", "<u8", 32),  # the MR's offset in the region's backing file
     ("lkey", "<u4", 40),
     ("rkey", "<u4", 44),
     ("access", "<u4", 48),       # stages.verbs.base.Access flags
-    ("pd_slot", "<u4", 52),      # the MR's slot in the shared PD's table
+    ("pd_slot", "<i4", 52),      # soft: the MR's slot in the shared PD's table (verbs: -1)
 ], WriteOp.IMPORT)
 MR_RELEASE = _layout(56, [("op", "<u1", 0), ("lkey", "<u4", 40)], WriteOp.RELEASE)
 

@@ -31,6 +31,7 @@ times the budget migrates through it.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -435,20 +436,56 @@ def import_records(mrs: list) -> np.ndarray:
     out["file_offset"] = [h.file_offset for h in handles]
     out["access"] = [h.access for h in handles]
     out["pd_slot"] = [h.slot for h in handles]
+    out["mr_handle"] = [h.mr_handle for h in handles]
     return out
 
 
+def proxy_records(mrs: list, base: int) -> np.ndarray:
+    """MR_IMPORT records telling the poster to register each of ``mrs`` (``ProxyMR``s, virtual
+    lkeys) itself: proxy mode; ``base`` is where the region's file starts here."""
+    out = records(MR_IMPORT, len(mrs))
+    if mrs:
+        out["lkey"] = [m.lkey for m in mrs]
+        out["addr"] = [m.addr for m in mrs]
+        out["length"] = [m.length for m in mrs]
+        out["file_offset"] = [m.addr - base for m in mrs]
+        out["access"] = [int(m.access) for m in mrs]
+        out["pd_slot"] = -1
+    return out
+
+
+REGISTRATION_ENV = "RDMA_PIPELINE_REGISTRATION"     # share, proxy or auto (the default)
+
+
+def registration_mode(pd, wanted: str = "auto") -> str:
+    """"share" (the poster imports our PD and MRs) where the PD can be shared, else "proxy"
+    (the poster registers what we decide); ``wanted`` forces one ("share" must be possible)."""
+    if wanted not in ("auto", "share", "proxy"):
+        raise ValueError(f"registration mode {wanted!r}: use auto, share or proxy")
+    if wanted == "auto":
+        return "share" if pd.shareable else "proxy"
+    if wanted == "share" and not pd.shareable:
+        from shm.errors import TransportError
+
+        raise TransportError("this RDMA device cannot share a PD between processes "
+                             "(ibv_import_pd)", hint=f"unset {REGISTRATION_ENV} (auto)")
+    return wanted
+
+
 def registrar_main(config: dict, link) -> int:
-    """Process: attaches the region and its rings, allocates and exports the PD (the poster
-    imports it), registers chunks, and runs ``Registrar`` over three inputs."""
+    """Process: attaches the region and its rings, allocates the PD and, in "share" mode,
+    exports it (the poster imports it and the MRs registered here); in "proxy" mode the
+    poster registers what is decided here. Runs ``Registrar`` over three inputs."""
     from contextlib import ExitStack
 
     from shm.region import RamRegion
     from shm.ring import CONSUMER, PRODUCER, Ring
+    from shm.segment import HEADER_SIZE
     from stages.harness import Inbox
     from stages.pinbudget import check_fits, human, pin_budget
     from stages.verbs import open_provider
     from stages.verbs.base import Access
+    from stages.verbs.proxy import ProxyPD
 
     if config.get("memlock_limit"):
         from stages.harness import limit_memlock
@@ -471,8 +508,13 @@ def registrar_main(config: dict, link) -> int:
         comps_in = ring("completions", COMPLETION_RING, CONSUMER)
         writes_out = ring("writes", WRITE_RING, PRODUCER)
         requests_out = ring("requests", REQUEST_RING, PRODUCER)
-        ctx = stack.enter_context(open_provider(config["transport"]).open_device())
+        ctx = stack.enter_context(open_provider(config["transport"]).open_device(
+            peer=config.get("peer")))       # the device the data connection will use
         pd = ctx.alloc_pd()
+        mode = registration_mode(pd, config.get("registration")
+                                 or os.environ.get(REGISTRATION_ENV, "auto"))
+        if mode == "proxy":
+            pd = ProxyPD()              # the poster registers (and pins) what we decide
         blocks = [BlockInfo(b.address, b.length) for b in region.blocks]
         # Before ready, so before anything moves: a budget that cannot hold what must be
         # pinned fails setup in one line.
@@ -488,14 +530,17 @@ def registrar_main(config: dict, link) -> int:
                         pin_budget=budget, local_budget=local_budget)
         if reg.pin_all:
             reg.pin_blocks()      # before ready: a pin that fails (RLIMIT_MEMLOCK) fails setup
-        link.ready(pd=pd.export(), path=region.segment.path)
+        link.ready(pd=pd.export() if mode == "share" else None, path=region.segment.path,
+                   registration=mode)
+        new_records = (import_records if mode == "share" else
+                       lambda mrs: proxy_records(mrs, region.segment.address - HEADER_SIZE))
 
         def flush(writes: np.ndarray, reqs: np.ndarray) -> None:
             if len(reqs):
                 requests_out.push(reqs)     # first: the coordinator starts the exchange now
                 reqs = reqs[:0]
             if reg.new_mrs:
-                writes_out.push(import_records(reg.new_mrs).view(WRITE_RING))
+                writes_out.push(new_records(reg.new_mrs).view(WRITE_RING))
                 reg.new_mrs.clear()
             if len(writes):
                 writes_out.push(writes)
@@ -539,5 +584,6 @@ def registrar_main(config: dict, link) -> int:
         requests_out.close_write()
         link.send("figures", {"chunks_registered": reg.chunks_registered,
                               "chunks_unregistered": reg.chunks_unregistered,
-                              "compress_sent": reg.compress_sent, "busy_ns": reg.busy_ns})
+                              "compress_sent": reg.compress_sent, "busy_ns": reg.busy_ns,
+                              "registration": mode})
     return 0

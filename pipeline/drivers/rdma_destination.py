@@ -74,7 +74,7 @@ class RdmaDestination(DestinationDriver):
     def open_device(self) -> None:
         from stages.verbs import open_provider
 
-        self.ctx = open_provider(self.config.transport).open_device()
+        self.ctx = open_provider(self.config.transport).open_device(peer=self.uri.host)
         self._stack.callback(self._close_ctx)
         self.pd = self.ctx.alloc_pd()
         self.listener = self.ctx.listen(self.uri.host, self.uri.port)

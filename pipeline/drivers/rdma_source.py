@@ -51,14 +51,17 @@ class RdmaSource(SourceDriver):
         from stages.verbs import open_provider
 
         cfg = self.config
-        ctx = open_provider(cfg.transport).open_device()
+        ctx = open_provider(cfg.transport).open_device(peer=self.uri.host)   # the route's
         self.stack.callback(ctx.close)
-        self.pipeline = self.stack.enter_context(SourcePipeline(self.run_id, cfg, self.guest))
+        self.pipeline = self.stack.enter_context(SourcePipeline(self.run_id, cfg, self.guest,
+                                                                peer=self.uri.host))
         self.pipeline.start()
         self.pipeline.wait_ready(cfg.stage_timeout)
         # The control QP lives in the registrar's PD: should the destination grant no data
-        # QP (QEMU), the RDMA WRITEs of the registrar's MRs go on this QP.
-        self.pd = ctx.import_pd(self.pipeline.registrar.info["pd"])
+        # QP (QEMU), the RDMA WRITEs of the registrar's MRs go on this QP. A device that cannot
+        # share a PD (proxy mode) gets one of ours, registering what the registrar decides.
+        shared = self.pipeline.registrar.info["pd"]
+        self.pd = ctx.import_pd(shared) if shared is not None else ctx.alloc_pd()
         self.link = ControlLink(ctx, self.pd, Role.SOURCE, check=self.check,
                                 trace=ControlTrace(cfg.trace_control))
         self.stack.callback(self.link.close)

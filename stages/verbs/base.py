@@ -139,7 +139,8 @@ class PDHandle:
     owner_pid: int
     name: str  # soft: the PD table's shared-memory name; verbs: the device name
     pd_handle: int = 0  # verbs: the kernel PD handle
-    cmd_fd: int = -1  # verbs: the exporter's command fd (fetched with pidfd_getfd)
+    cmd_fd: int = -1  # verbs: the exporter's command fd (its number there)
+    socket: str = ""  # verbs: the abstract unix socket that hands that fd over (SCM_RIGHTS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -269,6 +270,7 @@ class PD(Resource):
     """A protection domain."""
 
     imported: bool
+    shareable: bool = True   # another process can import it (verbs: mlx5 can, rxe cannot)
 
     @abstractmethod
     def reg_mr(self, address: int, length: int, access: Access) -> MR:
@@ -362,5 +364,6 @@ class Provider(ABC):
     def list_devices(self) -> list[str]: ...
 
     @abstractmethod
-    def open_device(self, name: str | None = None) -> Context:
-        """Open ``name`` (the first device when None); TransportUnsupported if there is none."""
+    def open_device(self, name: str | None = None, *, peer: str | None = None) -> Context:
+        """Open ``name`` (when None: the device the route to ``peer`` goes through, or the
+        first device); TransportUnsupported if there is none."""

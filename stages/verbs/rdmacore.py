@@ -11,22 +11,34 @@ pyverbs exposes neither a completion channel's fd nor an event channel's fd; bot
 the descriptor that appeared in /proc/self/fd while the object was created (under a lock, and
 checked by what it points to).
 
-Importing a PD needs the exporter's command fd: the handle carries the exporter's pid and fd
-number, and the importer fetches it with pidfd_getfd(2) (same user, ptrace access). The
-importing context is re-based onto that fd (``ibv_import_device``), so it must not own objects
-yet: import the PD first, then create CQs and QPs on the same context.
+Importing a PD needs the exporter's command fd: the exporter serves it with SCM_RIGHTS on an
+abstract unix socket named in the handle (``fdpass``; no ptrace rights, which Yama's
+``ptrace_scope=1`` refuses between sibling processes). The importing context is re-based onto
+that fd (``ibv_import_device``), so it must not own objects yet: import the PD first, then
+create CQs and QPs on the same context. Only some providers can import a PD (mlx5 can; rxe,
+siw, irdma, bnxt_re and efa cannot): ``pd.shareable`` tries it once on a private import in this
+process, and the stages run in "proxy" mode where it fails (see ``stages.registrar``).
+
+On-demand paging: ``Context.odp_write`` comes from the device's ODP capabilities; without them
+an ON_DEMAND registration pins instead. ``MR.prefetch`` is ``ibv_advise_mr(PREFETCH_WRITE,
+FLUSH)``: an ODP responder answers a write into an unmapped page with RNR NAK, so writers keep
+an RNR retry count that survives that (the poster's is 7, "forever").
+
+Send WRs: ``sq_sig_all=0`` (only WRs asked for complete), and the SendWR/SGE objects of a QP
+are made once and reused (pyverbs 44 never frees them: about 73 bytes per object). The QP's
+state is ``ibv_query_qp``'s, which sees an asynchronous move to ERR; ``qp.qp_state`` is only
+what the last modify set.
 """
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 import select
+import threading
 import time
 
 from shm.errors import TransportError, TransportUnsupported
-from shm.memory import libc
 from stages.verbs import base
 from stages.verbs.base import (
     WRITE_WR_DTYPE,
@@ -42,17 +54,21 @@ from stages.verbs.base import (
 )
 from stages.verbs.rdmacore_base import HINT, errors, load, new_fd
 from stages.verbs.rdmacore_cm import VerbsListener, connect
+from stages.verbs.rdmacore_device import (  # noqa: F401 - probe, device_address: re-exported
+    active_ports,
+    device_address,
+    has_active_port,
+    no_device_message,
+    odp_write,
+    probe,
+    route_device,
+)
+from stages.verbs.rdmacore_fdpass import FdServer, receive_fd
 from stages.verbs.soft.memory import pin_error
 
 PROVIDER = "verbs"
-_SYS_pidfd_getfd = 438
-
-
-def no_device_message(exc: Exception) -> str:
-    if not os.path.isdir("/sys/class/infiniband"):
-        return (f"no RDMA device: this kernel has no InfiniBand/RDMA support (libibverbs: "
-                f"{exc}, ENOSYS)")
-    return f"no RDMA device: libibverbs cannot list devices ({exc})"
+DEVICE_ENV = "RDMA_PIPELINE_DEVICE"     # the device to use when none is named (--device)
+_WC_OPCODES = {int(op) for op in WCOpcode}
 
 
 class VerbsMR(base.MR):
@@ -65,6 +81,17 @@ class VerbsMR(base.MR):
     def export(self) -> MRHandle:
         return MRHandle(PROVIDER, self.pd.context.name, self.lkey, self.rkey, self.addr,
                         self.length, int(self.access), mr_handle=self._mr.handle)
+
+    def prefetch(self) -> None:
+        """ibv_advise_mr(PREFETCH_WRITE, FLUSH) over the whole region: the device maps its
+        pages now, so writes into it meet no page fault (an RNR NAK on ODP)."""
+        if self._closed or not self.access & Access.ON_DEMAND:
+            return
+        v = self.pd.context.v
+        with errors("cannot prefetch MR"):
+            self.pd.pd.advise_mr(v.e._IBV_ADVISE_MR_ADVICE_PREFETCH_WRITE,
+                                 v.e._IBV_ADVISE_MR_FLAG_FLUSH,
+                                 [v.wr.SGE(self.addr, self.length, self.lkey)])
 
     def close(self) -> None:
         if self._closed:
@@ -98,8 +125,11 @@ class VerbsCQ(base.CQ):
 
     def _poll_raw(self, n: int) -> list[WorkCompletion]:
         _count, wcs = self.cq.poll(n)
-        return [WorkCompletion(wc.wr_id, WCStatus(wc.status), WCOpcode(wc.opcode), wc.byte_len,
-                               wc.qp_num) for wc in wcs]
+        # An error completion's opcode is undefined (mlx5 leaves it unset): SEND stands in.
+        return [WorkCompletion(wc.wr_id, WCStatus(wc.status),
+                               WCOpcode(wc.opcode) if wc.opcode in _WC_OPCODES
+                               and wc.status == 0 else WCOpcode.SEND, wc.byte_len, wc.qp_num)
+                for wc in wcs]
 
     def poll(self, n: int = 16) -> list[WorkCompletion]:
         if self._closed:
@@ -152,16 +182,22 @@ class VerbsQP(base.QP):
             cap = v.qp.QPCap(max_send_wr=max_send_wr, max_recv_wr=max_recv_wr, max_send_sge=1,
                              max_recv_sge=1)
             init = v.qp.QPInitAttr(qp_type=v.e.IBV_QPT_RC, scq=send_cq.cq, rcq=recv_cq.cq,
-                                   cap=cap)
+                                   cap=cap, sq_sig_all=0)     # pyverbs' default 1 signals all
             attr = v.qp.QPAttr()
             attr.qp_access_flags = int(Access.LOCAL_WRITE | Access.REMOTE_WRITE
                                        | Access.REMOTE_READ)
             self.qp = v.qp.QP(pd.pd, init, attr)  # RC with attributes: returned in INIT
         self.qp_num = self.qp.qp_num
+        self._wrs = WRPool(v, max_send_wr)
+        self._recv_wrs: dict[tuple[int, int, int], object] = {}
+        self._post_lock = threading.Lock()      # the pooled WRs are filled, then posted
 
     @property
     def state(self) -> QPState:
-        return QPState(self.qp.qp_state)
+        v = self._v
+        with errors("cannot query QP"):
+            attr, _init = self.qp.query(v.e.IBV_QP_STATE)
+        return QPState(attr.qp_state)
 
     def to_rts(self, cmid) -> None:
         """Walk INIT, RTR, RTS with the attributes the connection manager resolved."""
@@ -175,15 +211,9 @@ class VerbsQP(base.QP):
 
     def post_send(self, wr_id: int, opcode: SendOpcode, addr: int, length: int, lkey: int, *,
                   remote_addr: int = 0, rkey: int = 0, signaled: bool = True) -> None:
-        v = self._v
-        flags = v.e.IBV_SEND_SIGNALED if signaled else 0
-        with errors("cannot post send"):
-            sge = v.wr.SGE(addr, length, lkey)
-            wr = v.wr.SendWR(wr_id=wr_id, opcode=int(opcode), num_sge=1, sg=[sge],
-                             send_flags=flags)
-            if opcode == SendOpcode.RDMA_WRITE:
-                wr.set_wr_rdma(rkey, remote_addr)
-            self.qp.post_send(wr)
+        with self._post_lock, errors("cannot post send"):
+            self.qp.post_send(self._wrs.fill([(wr_id, addr, remote_addr, length, lkey, rkey,
+                                               signaled)], int(opcode)))
 
     def post_writes(self, wrs) -> None:
         """One ibv_post_send of a chained WR list (pyverbs' ``SendWR(next_wr=...)``). On a
@@ -192,24 +222,21 @@ class VerbsQP(base.QP):
             raise ValueError("post_writes takes a 1-d array of WRITE_WR_DTYPE records")
         if not len(wrs):
             return
-        v = self._v
-        write, signaled = int(SendOpcode.RDMA_WRITE), v.e.IBV_SEND_SIGNALED
-        chain = []  # keeps every SendWR alive until the post: each points at the next's struct
-        with errors("cannot post writes"):
-            nxt = None
-            for wr_id, addr, remote_addr, length, lkey, rkey, sig in reversed(wrs.tolist()):
-                wr = v.wr.SendWR(wr_id=wr_id, opcode=write, num_sge=1,
-                                 sg=[v.wr.SGE(addr, length, lkey)],
-                                 send_flags=signaled if sig else 0, next_wr=nxt)
-                wr.set_wr_rdma(rkey, remote_addr)
-                chain.append(wr)
-                nxt = wr
-            self.qp.post_send(nxt)
+        rows = wrs.tolist()
+        with self._post_lock, errors("cannot post writes"):
+            for start in range(0, len(rows), self._wrs.size):
+                self.qp.post_send(self._wrs.fill(rows[start:start + self._wrs.size],
+                                                 int(SendOpcode.RDMA_WRITE)))
 
     def post_recv(self, wr_id: int, addr: int, length: int, lkey: int) -> None:
         v = self._v
-        with errors("cannot post receive"):
-            self.qp.post_recv(v.wr.RecvWR(wr_id, 1, [v.wr.SGE(addr, length, lkey)]))
+        with self._post_lock, errors("cannot post receive"):
+            wr = self._recv_wrs.get((addr, length, lkey))
+            if wr is None:          # a control link re-posts the same few buffers
+                wr = self._recv_wrs[addr, length, lkey] = v.wr.RecvWR(
+                    wr_id, 1, [v.wr.SGE(addr, length, lkey)])
+            wr.wr_id = wr_id
+            self.qp.post_recv(wr)
 
     def disconnect(self) -> None:
         v = self._v
@@ -230,11 +257,65 @@ class VerbsQP(base.QP):
         self._closed = True
 
 
+class WRPool:
+    """``size`` SendWRs chained once (each one's next is the following one, the last one's is
+    NULL), each pointing at its own SGE (pyverbs 44's ``sg_list`` setter stores the SGE's
+    address, the constructor copies): ``fill(rows, opcode)`` writes ``rows`` into the *last*
+    len(rows) of them and returns the first of those, a chain of exactly that length. pyverbs
+    44 never frees a SendWR or SGE it made, so none is made per post."""
+
+    def __init__(self, v, size: int) -> None:
+        self.v, self.size = v, size
+        with errors("cannot make work requests"):
+            self.sges = [v.wr.SGE(0, 0, 0) for _ in range(size)]
+            self.wrs: list = []
+            nxt = None
+            for sge in reversed(self.sges):
+                nxt = v.wr.SendWR(opcode=int(SendOpcode.RDMA_WRITE), num_sge=1, sg=[sge],
+                                  send_flags=0, next_wr=nxt)
+                nxt.sg_list = sge       # points the WR at this SGE: fill() edits it in place
+                self.wrs.append(nxt)
+            self.wrs.reverse()
+
+    def fill(self, rows: list, opcode: int):
+        signaled = self.v.e.IBV_SEND_SIGNALED
+        first = self.size - len(rows)
+        for i, (wr_id, addr, remote_addr, length, lkey, rkey, sig) in enumerate(rows):
+            wr, sge = self.wrs[first + i], self.sges[first + i]
+            sge.addr, sge.length, sge.lkey = addr, length, lkey
+            wr.wr_id, wr.opcode = wr_id, opcode
+            wr.send_flags = signaled if sig else 0
+            wr.set_wr_rdma(rkey, remote_addr)
+        return self.wrs[first]
+
+
 class VerbsPD(base.PD):
     def __init__(self, context: VerbsContext, pd, imported: bool, handle: PDHandle | None = None):
         self.context, self.pd, self.imported, self._handle = context, pd, imported, handle
-        self._odp = True      # until the device refuses an ON_DEMAND registration
+        self._odp = context.odp_write   # ODP for RC writes, or pin (and until refused)
         self._children: list = []
+        self._shareable: bool | None = None
+
+    @property
+    def shareable(self) -> bool:
+        """Whether another process can import this PD (``ibv_import_pd``): tried once, on a
+        private import of our own command fd, as rdma-core's test_shared_pd does."""
+        if self._shareable is None:
+            v = self.context.v
+            try:
+                ctx = v.device.Context(cmd_fd=os.dup(self.context.ctx.cmd_fd))
+            except v.Error:
+                self._shareable = False
+                return False
+            try:
+                pd = v.pd.PD(ctx, handle=self.pd.handle)
+                pd.unimport()
+                self._shareable = True
+            except v.Error:
+                self._shareable = False
+            finally:
+                ctx.close()
+        return self._shareable
 
     def reg_mr(self, address: int, length: int, access: Access) -> VerbsMR:
         v = self.context.v
@@ -270,6 +351,8 @@ class VerbsPD(base.PD):
 
     def create_qp(self, send_cq: VerbsCQ, recv_cq: VerbsCQ, *, max_send_wr: int,
                   max_recv_wr: int, rnr_retry: int = 0) -> VerbsQP:
+        if not 0 <= rnr_retry <= 7:
+            raise ValueError(f"rnr_retry is 0..7 (7 = retry forever), not {rnr_retry}")
         qp = VerbsQP(self, send_cq, recv_cq, max_send_wr=max_send_wr, max_recv_wr=max_recv_wr,
                      rnr_retry=rnr_retry)
         self._children.append(qp)
@@ -278,8 +361,9 @@ class VerbsPD(base.PD):
     def export(self) -> PDHandle:
         if self._handle is not None:
             return self._handle
+        server = self.context.fd_server()
         return PDHandle(PROVIDER, os.getpid(), self.context.name, pd_handle=self.pd.handle,
-                        cmd_fd=self.context.ctx.cmd_fd)
+                        cmd_fd=self.context.ctx.cmd_fd, socket=server.name)
 
     def close(self) -> None:
         if self._closed:
@@ -300,6 +384,14 @@ class VerbsContext(base.Context):
         with errors(f"cannot open {name}"):
             self.ctx = v.device.Context(name=name)
         self._children: list = []
+        self._fd_server: FdServer | None = None
+        self.odp_write = odp_write(v, self.ctx)
+
+    def fd_server(self) -> FdServer:
+        """Serves this context's command fd to importers (SCM_RIGHTS), until closed."""
+        if self._fd_server is None:
+            self._fd_server = FdServer(self.ctx.cmd_fd)
+        return self._fd_server
 
     def _adopt(self, child):
         self._children.append(child)
@@ -318,15 +410,11 @@ class VerbsContext(base.Context):
         if self._children:
             raise TransportError("import the PD before creating anything else on this context",
                                  errno=errno.EBUSY)
-        pidfd = os.pidfd_open(handle.owner_pid)
-        try:
-            fd = libc.syscall(_SYS_pidfd_getfd, pidfd, handle.cmd_fd, 0)
-            if fd < 0:
-                err = ctypes.get_errno()
-                raise TransportError(f"cannot fetch the exporter's command fd: "
-                                     f"{os.strerror(err)}", errno=err)
-        finally:
-            os.close(pidfd)
+        if handle.name != self.name:
+            raise TransportError(f"the PD to import is on RDMA device {handle.name}, this "
+                                 f"context on {self.name}", errno=errno.EXDEV,
+                                 hint=f"pick the device with --device {handle.name}")
+        fd = receive_fd(handle.socket)
         with errors("cannot import the device"):
             imported = self.v.device.Context(cmd_fd=fd)
         self.ctx.close()
@@ -345,10 +433,13 @@ class VerbsContext(base.Context):
     def close(self) -> None:
         if self._closed:
             return
-        # Listeners, then PDs (their QPs and MRs), then CQs, then the device.
-        rank = {VerbsPD: 1, VerbsCQ: 2}
+        # PDs (their QPs with the CM ids they accepted, and MRs), then listeners (the event
+        # channel those ids used goes last), then CQs, then the device.
+        rank = {VerbsPD: 0, VerbsListener: 1, VerbsCQ: 2}
         for child in sorted(self._children, key=lambda c: rank.get(type(c), 0)):
             child.close()
+        if self._fd_server is not None:
+            self._fd_server.close()
         with errors("cannot close the device"):
             self.ctx.close()
         self._closed = True
@@ -368,16 +459,22 @@ class VerbsProvider(base.Provider):
                                        hint=HINT) from None
         return [d.name.decode() if isinstance(d.name, bytes) else d.name for d in devices]
 
-    def open_device(self, name: str | None = None) -> VerbsContext:
+    def open_device(self, name: str | None = None, *, peer: str | None = None
+                    ) -> VerbsContext:
+        """``name``; else $RDMA_PIPELINE_DEVICE; else the device of the route to ``peer``;
+        else the first device with an ACTIVE port."""
         v = load()
         names = self.list_devices()
+        name = name or os.environ.get(DEVICE_ENV) or None
+        if name is None and peer:
+            name = route_device(v, peer)
         if not names:
             raise TransportUnsupported("no RDMA device: libibverbs lists none",
                                        errno=errno.ENODEV,
                                        hint="load an RDMA driver or add Soft-RoCE (rdma link "
                                             "add rxe0 type rxe netdev IFACE), or " + HINT)
         if name is None:
-            name = names[0]
+            name = next((n for n in names if has_active_port(v, n)), names[0])
         elif name not in names:
             raise TransportError(f"no RDMA device {name!r}; devices: {', '.join(names)}",
                                  errno=errno.ENODEV)
@@ -387,43 +484,3 @@ class VerbsProvider(base.Provider):
             raise TransportUnsupported(f"RDMA device {name} has no ACTIVE port",
                                        errno=errno.ENETDOWN, hint=HINT)
         return context
-
-
-def active_ports(v, ctx) -> list[int]:
-    """Port numbers of ``ctx`` in state ACTIVE."""
-    with errors("cannot query the device"):
-        count = ctx.query_device().phys_port_cnt
-        return [port for port in range(1, count + 1)
-                if ctx.query_port(port).state == v.e.IBV_PORT_ACTIVE]
-
-
-def probe() -> str | None:
-    """None when pyverbs sees a device with an ACTIVE port; otherwise why not, in one line.
-
-    Tests skip on this (pyverbs missing, the ``get_device_list`` error of kernels without
-    InfiniBand, no device, no ACTIVE port); the CLI can print it.
-    """
-    try:
-        v = load()
-    except TransportUnsupported as exc:
-        return str(exc)
-    try:
-        devices = v.device.get_device_list()
-    except v.RDMAError as exc:
-        return no_device_message(exc)
-    if not devices:
-        return "no RDMA device: libibverbs lists none"
-    for device in devices:
-        name = device.name.decode() if isinstance(device.name, bytes) else device.name
-        try:
-            ctx = v.device.Context(name=name)
-        except v.Error:
-            continue
-        try:
-            if active_ports(v, ctx):
-                return None
-        except TransportError:
-            continue
-        finally:
-            ctx.close()
-    return "no RDMA device has an ACTIVE port"

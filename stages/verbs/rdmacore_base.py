@@ -41,8 +41,16 @@ def errors(what: str):
     try:
         yield
     except v.Error as exc:
-        code = abs(getattr(exc, "error_code", 0) or 0) or None
-        raise TransportError(f"{what}: {exc}", errno=code) from None
+        raise TransportError(f"{what}: {exc}", errno=errno_of(exc)) from None
+
+
+def errno_of(exc) -> int | None:
+    """The errno a pyverbs error carries: its ``error_code`` (some calls report ``-errno``);
+    None for pyverbs' "no code" default of -1, which is not EPERM."""
+    code = getattr(exc, "error_code", None)
+    if not code or code == -1:
+        return None
+    return abs(code)
 
 
 def _fd_links() -> dict[int, str]:

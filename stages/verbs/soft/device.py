@@ -334,7 +334,7 @@ class SoftProvider(base.Provider):
     def list_devices(self) -> list[str]:
         return [DEVICE]
 
-    def open_device(self, name: str | None = None) -> SoftContext:
+    def open_device(self, name: str | None = None, *, peer: str | None = None) -> SoftContext:
         if name not in (None, DEVICE):
             raise TransportError(f"no soft device {name!r}; the soft provider has {DEVICE}",
                                  errno=errno.ENODEV)

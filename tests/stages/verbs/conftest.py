@@ -1,6 +1,7 @@
 """Fixtures of the verbs conformance suite.
 
-Every test that takes ``provider`` runs against ``soft`` and ``verbs``; ``verbs`` is skipped,
+Every test that takes ``provider`` runs against ``soft``, ``verbs`` and ``strict`` (the verbs
+provider, unmodified, on the strict pyverbs double of ``strict_pyverbs``); ``verbs`` is skipped,
 with the reason, through ``requires_rdma()`` when pyverbs sees no usable device.
 """
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 from multiprocessing import resource_tracker
 
 import pytest
+import strict_pyverbs
 from verbs_helpers import Pair, requires_rdma
 
 
@@ -20,10 +22,21 @@ def _resource_tracker_running():
     yield
 
 
-@pytest.fixture(params=["soft", "verbs"])
+@pytest.fixture
+def strict():
+    """The strict pyverbs double installed as ``pyverbs`` (the package)."""
+    with strict_pyverbs.installed() as module:
+        yield module
+
+
+@pytest.fixture(params=["soft", "verbs", "strict"])
 def provider(request) -> str:
+    """The provider name to open: ``strict`` runs ``verbs`` on the double."""
     if request.param == "verbs":
         requires_rdma()
+    if request.param == "strict":
+        request.getfixturevalue("strict")
+        return "verbs"
     return request.param
 
 

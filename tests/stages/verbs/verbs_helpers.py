@@ -61,7 +61,8 @@ class Pair:
     def __init__(self, provider: str, *, size: int = 1 << 20,
                  access_b: Access = Access.LOCAL_WRITE | Access.REMOTE_WRITE,
                  max_send_wr: int = 64, max_recv_wr: int = 16, rnr_retry: int = 0,
-                 prepost_b: int = 0) -> None:
+                 prepost_b: int = 0, listen_host: str | None = None,
+                 connect_host: str | None = None) -> None:
         dev = open_provider(provider)
         self.ctx_a, self.ctx_b = dev.open_device(), dev.open_device()
         try:
@@ -78,7 +79,7 @@ class Pair:
                                             max_recv_wr=max_recv_wr, rnr_retry=rnr_retry)
             for i in range(prepost_b):  # before connecting, as QEMU posts its slot-0 RECV
                 self.recv_b(1000 + i, 4096 * i, 4096)
-            listener = self.ctx_b.listen(address(provider), port(provider))
+            listener = self.ctx_b.listen(listen_host or address(provider), port(provider))
             seen = {}
 
             def passive():
@@ -88,10 +89,12 @@ class Pair:
 
             thread = threading.Thread(target=passive)
             thread.start()
-            seen["reply"] = self.ctx_a.connect(self.qp_a, address(provider), listener.port,
-                                               b"hello from A", 10)
-            thread.join(10)
-            listener.close()
+            try:
+                seen["reply"] = self.ctx_a.connect(self.qp_a, connect_host or address(provider),
+                                                   listener.port, b"hello from A", 10)
+            finally:
+                thread.join(10)
+                listener.close()
             self.private_data = seen
         except BaseException:
             self.close()
@@ -105,6 +108,18 @@ class Pair:
         self.qp_a.post_send(wr_id, 0, self.mr_a.addr + offset, length, self.mr_a.lkey,
                             remote_addr=self.mr_b.addr + remote_offset,
                             rkey=self.mr_b.rkey if rkey is None else rkey, signaled=signaled)
+
+    def write_wrs(self, n: int, *, first_id: int = 0, length: int = 4096) -> np.ndarray:
+        """``n`` signaled WRITEs (``WRITE_WR_DTYPE``) of ``length`` bytes, A to B in order."""
+        from stages.verbs.base import WRITE_WR_DTYPE
+
+        wrs = np.zeros(n, WRITE_WR_DTYPE)
+        wrs["wr_id"] = np.arange(first_id, first_id + n)
+        wrs["addr"] = self.mr_a.addr + np.arange(n) * length
+        wrs["remote_addr"] = self.mr_b.addr + np.arange(n) * length
+        wrs["length"], wrs["lkey"], wrs["rkey"] = length, self.mr_a.lkey, self.mr_b.rkey
+        wrs["signaled"] = 1
+        return wrs
 
     def send(self, wr_id: int, offset: int, length: int, *, signaled: bool = True) -> None:
         self.qp_a.post_send(wr_id, 2, self.mr_a.addr + offset, length, self.mr_a.lkey,
