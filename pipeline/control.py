@@ -1,13 +1,17 @@
 """The control QP of one side: three 512 KiB buffers, send and receive CQs, a ControlChannel.
 
 ``ControlLink`` is the thin I/O layer over ``pipeline.protocol.channel.ControlChannel``: it posts
-the RECVs the channel asks for before transmitting anything, copies each outgoing message into
-slot 2 and waits for its send completion (QEMU's serialised sends), and hands every received
-message to the channel, which checks it. Waits are sliced (``SLICE`` seconds) and call
-``check()`` between slices, so a cancelled migration or a dead stage interrupts any wait. Every
-message sent or received can be traced as a JSON line ``{"t", "dir", "hex"}``. With QEMU's
-protocol version 1 the RDMA WRITEs share the QP (``share_send_cq``): the thread posting them
-polls the send CQ and hands our SEND completions back.
+the RECVs the channel asks for before transmitting anything, copies each outgoing message into a
+send buffer (slot 2, or a small second one beside the three) and hands every received message
+to the channel, which checks it. QEMU waits for each SEND's completion before it goes on; the
+destination's replies and READYs here do not (``wait=False``): a buffer is reused only once its
+SEND completed (one send queue completes in order), so a reply and the READY after it go out
+back to back instead of a round trip apart each, which is what a registration costs. Waits are
+sliced (``SLICE`` seconds) and call ``check()`` between slices, so a cancelled migration or a
+dead stage interrupts any wait. Every message sent or received can be traced as a JSON line
+``{"t", "dir", "hex"}``. With QEMU's protocol version 1 the RDMA WRITEs share the QP
+(``share_send_cq``): the thread posting them polls the send CQ and hands our SEND completions
+back.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import json
 import mmap
 import queue
 import time
+from collections import deque
 
 from pipeline.protocol.channel import NEEDS_CREDIT, ControlChannel, Role, Slot
 from pipeline.protocol.messages import CONTROL_MAX_BUFFER, ErrorMessage
@@ -24,10 +29,12 @@ from shm.errors import RemoteProtocolError, TransportError
 from stages.poster import FOREIGN_WR_ID
 from stages.verbs.base import Access, SendOpcode
 
-WRID_SEND = 2000
+WRID_SEND = 2000          # + the send buffer's index (0: slot 2, 1: the small one)
 WRID_RECV = 4000
 SLICE = 0.1
 QP_DEPTH = 512
+SMALL_SEND = 64 << 10     # the second send buffer: any reply, READY, ERROR, COMMIT fits
+CONTROL_PINNED = 3 * CONTROL_MAX_BUFFER + SMALL_SEND   # what one side's control link pins
 
 
 class ControlTrace:
@@ -60,10 +67,14 @@ class ControlLink:
         self.timeout = timeout
         self.bytes_sent = 0
         self._closed = False
-        self._mem = mmap.mmap(-1, 3 * CONTROL_MAX_BUFFER)
+        self._mem = mmap.mmap(-1, CONTROL_PINNED)
         base = ctypes.addressof(ctypes.c_char.from_buffer(self._mem))
         self._addr = [base + i * CONTROL_MAX_BUFFER for i in range(3)]
-        self.mr = pd.reg_mr(base, 3 * CONTROL_MAX_BUFFER, Access.LOCAL_WRITE | Access.REMOTE_WRITE)
+        # send buffers: (offset in _mem, size); a deque of the indexes whose SEND is in flight
+        self._send_bufs = ((Slot.CONTROL * CONTROL_MAX_BUFFER, CONTROL_MAX_BUFFER),
+                           (3 * CONTROL_MAX_BUFFER, SMALL_SEND))
+        self._in_flight: deque[int] = deque()
+        self.mr = pd.reg_mr(base, CONTROL_PINNED, Access.LOCAL_WRITE | Access.REMOTE_WRITE)
         self.send_cq = ctx.create_cq(3 * QP_DEPTH)
         self.recv_cq = ctx.create_cq(3 * QP_DEPTH)
         self.qp_depth = QP_DEPTH
@@ -122,15 +133,34 @@ class ControlLink:
                 pass
         return wc
 
-    def transmit(self, data: bytes, timeout: float | None = None) -> None:
-        """Copy ``data`` into slot 2, SEND it, wait for the send completion."""
-        start = Slot.CONTROL * CONTROL_MAX_BUFFER
+    def transmit(self, data: bytes, timeout: float | None = None, *, wait: bool = True) -> None:
+        """Copy ``data`` into a free send buffer and SEND it; unless ``wait`` is False, wait
+        for every send completion (this one's last). On a send CQ shared with the writes
+        (QEMU's version 1) every SEND is waited for, in slot 2."""
+        shared = self._sends is not None
+        free = [i for i, (_, size) in enumerate(self._send_bufs)
+                if i not in self._in_flight and len(data) <= size and not (shared and i)]
+        while not free:             # the fitting buffers are all in flight: the oldest ends
+            self._settle_one(timeout)
+            free = [i for i, (_, size) in enumerate(self._send_bufs)
+                    if i not in self._in_flight and len(data) <= size and not (shared and i)]
+        buf = free[-1]              # the small one when it fits: slot 2 stays for big ones
+        start = self._send_bufs[buf][0]
         self._mem[start:start + len(data)] = data
-        self.qp.post_send(self.send_wr_id, SendOpcode.SEND, self._addr[Slot.CONTROL],
-                          len(data), self.mr.lkey, signaled=True)
+        self.qp.post_send(self.send_wr_id + buf, SendOpcode.SEND,
+                          self._addr[0] + start, len(data), self.mr.lkey, signaled=True)
+        self._in_flight.append(buf)
         self.trace("send", data)
         self.bytes_sent += len(data)
+        if wait or shared:
+            while self._in_flight:
+                self._settle_one(timeout)
+
+    def _settle_one(self, timeout: float | None) -> None:
+        """Wait for the oldest SEND in flight to complete (one send queue completes in
+        order); a failed one raises."""
         self._wait(self.send_cq if self._sends is None else None, "send", timeout)
+        self._in_flight.popleft()
 
     def receive(self, timeout: float | None = None):
         """The next message (checked by the channel); an ERROR from the peer raises."""
@@ -176,7 +206,7 @@ class ControlLink:
     def grant_and_receive(self, timeout: float | None = None):
         """Send READY and return the one message it lets the source send."""
         self.post_recvs()
-        self.transmit(self.channel.grant())
+        self.transmit(self.channel.grant(), wait=False)
         msg = self.receive(timeout)
         self.post_recvs()
         return msg
@@ -184,7 +214,7 @@ class ControlLink:
     def reply(self, msg) -> None:
         out = self.channel.send(msg)
         self.post_recvs()
-        self.transmit(out)
+        self.transmit(out, wait=False)
 
     # -- teardown ------------------------------------------------------------------------
     def abort(self, reason: str = "") -> None:
@@ -201,6 +231,11 @@ class ControlLink:
         if self._closed:
             return
         self._closed = True
+        try:                        # a last reply still on its way is delivered first
+            while self._in_flight:
+                self._settle_one(1.0)
+        except Exception:  # noqa: BLE001 - a broken connection has nothing left to deliver
+            pass
         for step in (self.qp.disconnect, self.qp.close, self.mr.close, self.send_cq.close,
                      self.recv_cq.close):
             try:

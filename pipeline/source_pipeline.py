@@ -17,8 +17,8 @@ from collections import deque
 import numpy as np
 
 from pipeline.config import MigrationConfig
+from pipeline.control import CONTROL_PINNED
 from pipeline.protocol.capabilities import DataConnect
-from pipeline.protocol.messages import CONTROL_MAX_BUFFER
 from shm.errors import StageFailed
 from shm.naming import segment_name
 from shm.ring import CONSUMER, PRODUCER, Ring
@@ -36,10 +36,10 @@ from stages.records import (
 )
 
 SLICE = 0.1
-# What an rdma-pipeline destination pins beside its chunks (its control link's three slots):
-# the source's default pin budget leaves it out, so that a destination with the same
+# What an rdma-pipeline destination pins beside its chunks (its control link's buffers): the
+# source's default pin budget leaves it out, so that a destination with the same
 # RLIMIT_MEMLOCK can hold every chunk the source registers at once.
-PEER_CONTROL_PINNED = 3 * CONTROL_MAX_BUFFER
+PEER_CONTROL_PINNED = CONTROL_PINNED
 RINGS = {  # name: (dtype, capacity, coordinator's role)
     "commands": (COMMAND, 64, PRODUCER),
     "syncs": (SYNC_REPLY, 64, CONSUMER),
