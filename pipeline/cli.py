@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "run": ("pipeline.run_cmd", "a whole live migration on this machine (soft provider)"),
     "migrate": ("pipeline.migrate_cmd", "migrate a synthetic guest to rdma:HOST:PORT"),
     "incoming": ("pipeline.incoming_cmd", "receive a migration on rdma:HOST:PORT"),
+    "vm": ("pipeline.vm_cmd", "a guest that runs until told otherwise, with a QMP monitor"),
     "cleanup": ("pipeline.cleanup_cmd", "remove shared memory left by killed runs"),
     "bench": ("pipeline.bench_cmd", "per-stage and end-to-end benchmarks against baselines"),
 }

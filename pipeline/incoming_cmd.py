@@ -22,7 +22,8 @@ from pipeline.cmd_common import (
 
 def add_arguments(p) -> None:
     p.add_argument("uri", help="where to listen, rdma:HOST:PORT or tcp:HOST:PORT; or file:PATH, "
-                               "a snapshot to restore")
+                               "a snapshot to restore; with --qmp, defer: wait for "
+                               "migrate-incoming")
     p.add_argument("--ram", default=None,
                    help="this side's pc.ram size; the source's must match (default: take the "
                         "block list from the source)")
@@ -31,9 +32,20 @@ def add_arguments(p) -> None:
                         "QEMU does)")
     add_watch_option(p, 0.0)
     add_migration_options(p, source=False)
+    p.add_argument("--qmp", metavar="unix:PATH|tcp:HOST:PORT",
+                   help="serve a QMP monitor there, as qemu -incoming does: the guest runs on "
+                        "after the migration until 'quit'")
 
 
 def main(args) -> int:
+    if args.qmp:
+        from pipeline.vm_cmd import incoming_main
+
+        return incoming_main(args)
+    if args.uri == "defer":
+        print("rdma-pipeline incoming: defer waits for a monitor's migrate-incoming: add "
+              "--qmp unix:PATH", file=sys.stderr)
+        return 2
     from pipeline.api import start_incoming
     from pipeline.config import parse_size
     from pipeline.guest.synthetic import SyntheticGuest

@@ -19,6 +19,7 @@ every byte RDMA-written plus every control-message byte sent.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from shm.memory import PAGE_SIZE
@@ -80,6 +81,7 @@ class MigrationStats:
     rounds: list[dict] = field(default_factory=list)   # one entry per round (see snapshot)
     cleanup_ms: float = 0.0          # stopping the stages after completion (not in total-time)
     warning: str = ""                # what failed after the commit point (the migration stands)
+    on_sync: Callable[[int], None] | None = None   # called with dirty-sync-count at each sync
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def update(self, **changes) -> None:
@@ -92,6 +94,9 @@ class MigrationStats:
         with self._lock:
             for name, value in deltas.items():
                 setattr(self, name, getattr(self, name) + value)
+            sync = self.dirty_sync_count
+        if "dirty_sync_count" in deltas and self.on_sync is not None:
+            self.on_sync(sync)     # outside the lock: the callback may take a snapshot
 
     def add_stage(self, **deltas) -> None:
         """Add to per-stage counters (``StageFigures``)."""
