@@ -131,6 +131,12 @@ class DestinationMachine(Machine):
         raise QmpError("rdma-pipeline's destination does not migrate on: start a source with "
                        "'rdma-pipeline vm'")
 
+    def _set_capabilities(self, args) -> dict:
+        """Any time, as on QEMU's destination (its migration state is the source's business);
+        what the stream uses (rdma-pin-all) is the source's choice, sent in its handshake."""
+        self.settings.set_capabilities(args["capabilities"])
+        return {}
+
     def query_migrate(self) -> dict:
         return info.destination_query_migrate(self.status, self.listening())
 
@@ -141,6 +147,7 @@ class DestinationMachine(Machine):
             inc.stop_guest()
 
     COMMANDS = command_table(**{
+        "migrate-set-capabilities": ({"capabilities": ("array", True)}, _set_capabilities),
         "stop": ({}, _stop), "cont": ({}, _cont),
         "migrate-incoming": ({"uri": ("str", True)}, _migrate_incoming),
         "migrate": (MIGRATE_ARGS, _migrate),
