@@ -9,7 +9,7 @@ import signal
 import sys
 
 from pipeline.config import MigrationConfig, parse_size
-from shm.memory import PAGE_SIZE
+from pipeline.progress import Progress, mib, progress_line  # noqa: F401 - the commands' API
 
 
 def add_migration_options(p, *, source: bool) -> None:
@@ -92,34 +92,6 @@ def add_watch_option(p, default: float) -> None:
                         f"and its progress reported (default {default:g})")
 
 
-def mib(n: float) -> str:
-    return f"{n / (1 << 20):.1f} MiB"
-
-
-def progress_line(st: dict) -> str:
-    ram = st["ram"]
-    return (f"{st['status']:<9} round {st['round']:<3} transferred {mib(ram['transferred'])}"
-            f"  remaining {mib(ram['remaining'])}  throughput {ram['mbps']:.0f} Mbps"
-            f"  dirty {ram['dirty-pages-rate'] * PAGE_SIZE / 1e6:.0f} MB/s"
-            f"  expected downtime {st['expected-downtime']:.0f} ms")
-
-
-class Progress:
-    """One live line on a terminal (stderr), nothing when stderr is not a terminal."""
-
-    def __init__(self, enabled: bool) -> None:
-        self.enabled = enabled and sys.stderr.isatty()
-
-    def __call__(self, st: dict) -> None:
-        if self.enabled:
-            sys.stderr.write("\r\x1b[K" + progress_line(st))
-            sys.stderr.flush()
-
-    def done(self) -> None:
-        if self.enabled:
-            sys.stderr.write("\n")
-
-
 def conclude(command: str, summary: dict, as_json: bool, signalled: int | None = None) -> int:
     """How a command ends: a completed migration's summary on stdout; a failed or cancelled
     one as one line on stderr and nothing on stdout (``--json``: the whole summary, whatever
@@ -145,9 +117,9 @@ def print_summary(summary: dict, as_json: bool) -> None:
         f"status: {summary['status']}",
         f"total-time: {summary['total-time']} ms",
         f"setup-time: {summary['setup-time']} ms",
-        f"downtime: {summary.get('downtime', '-')} ms",
+        f"downtime: {downtime_words(summary)}",
         f"expected-downtime: {summary['expected-downtime']} ms",
-        f"verified: {summary.get('verified')}",
+        f"verified: {verified_words(summary.get('verified'))}",
     ]
     guest = summary.get("guest")        # the source's: which guest; the destination's: a report
     if isinstance(guest, str):
@@ -163,6 +135,23 @@ def print_summary(summary: dict, as_json: bool) -> None:
     if summary.get("warning"):
         lines.append(f"warning: {summary['warning']}")
     print("\n".join(lines))
+
+
+def verified_words(verified: bool | None) -> str:
+    """What ``verified`` means, in words."""
+    if verified is True:
+        return "yes (every page on the destination hashes as on the source)"
+    if verified is False:
+        return "NO (the destination's pages differ from the source's)"
+    return "not checked (the destination's verdict did not come back)"
+
+
+def downtime_words(summary: dict) -> str:
+    if summary.get("downtime") is not None:
+        return f"{summary['downtime']} ms"
+    if summary.get("status") != "completed":
+        return "none (the guest ran on)"
+    return "not measured on this side (the source measures it)"
 
 
 def guest_report_line(report: dict) -> str:

@@ -11,6 +11,7 @@ import math
 import sys
 
 from pipeline.cmd_common import (
+    Progress,
     StopSignals,
     add_migration_options,
     add_watch_option,
@@ -72,6 +73,13 @@ def main(args) -> int:
                                  guest_watch=max(0.0, args.guest_watch),
                                  accept_timeout=math.inf if args.timeout is None
                                  else args.timeout, on_listening=listening)
+        progress = Progress(not args.json)
+        try:
+            while not mig.done:
+                progress(mig.stats())
+                mig.finished(0.2)
+        finally:
+            progress.done()
         summary = mig.wait()
         if uri.scheme == "file" and mig.error is not None and signals.signum is None:
             raise mig.error    # a file refused: one line saying where and what, exit 2

@@ -37,7 +37,7 @@ def main(args) -> int:
         print(f"rdma-pipeline migrate: {exc}", file=sys.stderr)
         return 2
     run_id = new_run_id()
-    progress = Progress(True)
+    progress = Progress(not args.json)
     with StopSignals("migrate") as signals:
         try:
             with signals.starting():

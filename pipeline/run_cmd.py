@@ -43,7 +43,7 @@ def main(args) -> int:
     except ValueError as exc:
         print(f"rdma-pipeline run: {exc}", file=sys.stderr)
         return 2
-    progress = Progress(True)
+    progress = Progress(not args.json)
     with StopSignals("run") as signals:
         try:
             with LocalRun(ram, config, state=spec.state, fill=spec.fill, guest=spec,

@@ -4,7 +4,9 @@
 dict (JSON-ready) with QEMU's keys: ``status``, ``total-time``, ``setup-time``, ``downtime``,
 ``expected-downtime`` (milliseconds) and a ``ram`` object (``transferred``, ``remaining``,
 ``total``, ``duplicate``, ``normal``, ``normal-bytes``, ``mbps``, ``dirty-pages-rate``,
-``dirty-sync-count``), plus ours: ``verified``, ``round``, ``rounds`` (per round:
+``dirty-sync-count``; ``mbps`` is the last round's rate while the migration runs and, once it
+has completed, all bytes over the time from the end of setup to completion, as QEMU's
+``migration_calculate_complete``), plus ours: ``verified``, ``round``, ``rounds`` (per round:
 ``round``, ``start`` (s after the migration started), ``seconds``, ``bytes`` sent, ``pages``,
 ``zero-pages``, then ``remaining`` and ``dirty-pages-rate`` from the sync that followed),
 ``cleanup-time`` (ms spent stopping the stages after completion, outside total-time),
@@ -118,6 +120,15 @@ class MigrationStats:
         with self._lock:
             self.rounds[-1] = {**self.rounds[-1], **changes}
 
+    def _mbps(self, end: float) -> float:
+        """While it runs, the last round's rate; once completed, QEMU's figure: every byte
+        over the time from the end of setup to completion (megabits per second)."""
+        if self.status == "completed" and self.end_time and self.start_time:
+            secs = end - (self.setup_end or self.start_time)
+            if secs > 0:
+                return self.transferred * 8 / 1e6 / secs
+        return self.mbps
+
     @property
     def transferred(self) -> int:
         return self.rdma_bytes + self.control_bytes
@@ -144,7 +155,7 @@ class MigrationStats:
                     "duplicate": self.duplicate_pages,
                     "normal": self.normal_pages,
                     "normal-bytes": self.normal_pages * PAGE_SIZE,
-                    "mbps": round(self.mbps, 1),
+                    "mbps": round(self._mbps(end), 1),
                     "average-mbps": round(self.transferred * 8 / 1e6 / elapsed, 1)
                     if elapsed else 0.0,
                     "dirty-pages-rate": round(self.dirty_pages_rate),

@@ -73,7 +73,8 @@ def encode(msg: dict) -> bytes:
 def event_message(name: str, data: dict | None, now: float) -> dict:
     """An event as QEMU sends it: its timestamp first, ``data`` only when there is some."""
     secs = int(now)
-    msg: dict = {"timestamp": {"seconds": secs, "microseconds": int((now - secs) * 1e6)},
+    micros = min(999_999, round((now - secs) * 1e6))
+    msg: dict = {"timestamp": {"seconds": secs, "microseconds": micros},
                  "event": name}
     if data is not None:
         msg["data"] = data
