@@ -52,8 +52,11 @@ def add_guest_options(p) -> None:
 def build_config(args) -> MigrationConfig:
     """The config from the options; ValueError (one line) for anything wrong, and
     TransportUnsupported, before anything starts, when ``--transport verbs`` cannot run here."""
+    trace = getattr(args, "trace_control", None)
+    if trace:
+        check_writable(trace, "--trace-control")
     cfg = MigrationConfig(transport=args.transport, chunk_size=parse_size(args.chunk_size),
-                          trace_control=getattr(args, "trace_control", None))
+                          trace_control=trace)
     cfg = cfg.with_options(args.capability, args.parameter)
     if cfg.transport == "verbs":
         from shm.errors import TransportUnsupported
@@ -64,6 +67,43 @@ def build_config(args) -> MigrationConfig:
             raise TransportUnsupported(reason, hint="use --transport soft (userspace verbs over "
                                                     "TCP) on machines without RDMA")
     return cfg
+
+
+def check_writable(path: str, option: str) -> None:
+    """ValueError, before anything starts, when ``path`` cannot be written."""
+    import os
+
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise ValueError(f"{option} {path}: is a directory; give a file name")
+    if not os.path.isdir(folder):
+        raise ValueError(f"{option} {path}: the folder {folder} does not exist")
+    if not os.access(path if os.path.exists(path) else folder, os.W_OK):
+        raise ValueError(f"{option} {path}: not writable here")
+
+
+def check_transport(transport: str, scheme: str) -> None:
+    """ValueError when ``--transport verbs`` meets a URI without verbs (tcp:, file:)."""
+    if transport == "verbs" and scheme in ("tcp", "file"):
+        raise ValueError(f"--transport verbs: {scheme}: moves pages in the stream, without "
+                         "verbs; use rdma: for verbs, or drop --transport")
+
+
+def resolve_host(uri) -> None:
+    """Resolve a URI's host name now, before anything starts (MigrationError when it does not
+    resolve: ``dest`` in the README's examples stands for your destination's address)."""
+    import socket
+
+    from pipeline.uri import InvalidURI
+
+    if uri.scheme not in ("rdma", "tcp") or uri.family != socket.AF_UNSPEC:
+        return
+    try:
+        socket.getaddrinfo(uri.host, uri.port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise InvalidURI(f"host {uri.host!r} does not resolve ({exc.strerror})",
+                         hint="use the destination's address or a name this machine resolves; "
+                              "'dest' in the README's examples stands for it") from None
 
 
 def guest_state(args):
@@ -86,8 +126,21 @@ def guest_spec(args):
     return GuestSpec(args.guest, args.dirty_tracking, guest_state(args), args.fill)
 
 
+def seconds(text: str) -> float:
+    """An argparse type: a number of seconds >= 0 (argparse prints the reason)."""
+    import argparse
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"{text}: must be 0 or more seconds")
+    return value
+
+
 def add_watch_option(p, default: float) -> None:
-    p.add_argument("--guest-watch", type=float, default=default, metavar="SECONDS",
+    p.add_argument("--guest-watch", type=seconds, default=default, metavar="SECONDS",
                    help="seconds the resumed guest runs on the destination before it is stopped "
                         f"and its progress reported (default {default:g})")
 

@@ -10,8 +10,10 @@ from pipeline.cmd_common import (
     add_guest_options,
     add_migration_options,
     build_config,
+    check_transport,
     conclude,
     guest_spec,
+    resolve_host,
 )
 
 
@@ -30,6 +32,8 @@ def main(args) -> int:
 
     try:
         uri = parse_uri(args.uri)
+        check_transport(args.transport, uri.scheme)
+        resolve_host(uri)
         config = build_config(args)
         spec = guest_spec(args)
         ram = parse_size(args.ram)
