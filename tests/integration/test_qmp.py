@@ -197,6 +197,14 @@ def test_migration_driven_by_qemu_qmp_completes():
         await next_event(dst, "MIGRATION", status="completed")
         assert await dst.execute("query-migrate") == {"status": "completed"}
         assert (await dst.execute("query-status"))["status"] == "running"
+        await dst.execute("stop")                   # the migrated guest pauses and resumes
+        await next_event(dst, "STOP")
+        assert (await dst.execute("query-status"))["status"] == "paused"
+        await dst.execute("cont")
+        await next_event(dst, "RESUME")
+        await src.execute("cont")                   # postmigrate -> running, as in QEMU
+        await next_event(src, "RESUME")
+        assert (await src.execute("query-status"))["status"] == "running"
         await quit_monitor(src)
         await quit_monitor(dst)
         assert src_mon.wait() == 0 and dst_mon.wait() == 0
