@@ -241,6 +241,10 @@ def test_migrate_cancel_mid_way_leaves_the_source_running():
         await src.execute("migrate-set-parameters", {"max-bandwidth": 2 << 20})
         await src.execute("migrate", {"uri": f"rdma:127.0.0.1:{port}"})
         await next_event(src, "MIGRATION", status="active")
+        info = await src.execute("query-migrate")
+        assert info["status"] == "active" and "downtime" not in info
+        assert {"total-time", "setup-time", "expected-downtime"} <= set(info)
+        assert set(info["ram"]) == QEMU_RAM_KEYS and isinstance(info["ram"]["mbps"], float)
         err = await execute_error(src, "migrate", {"uri": f"rdma:127.0.0.1:{port}"})
         assert str(err) == "There's a migration process in progress"
         await src.execute("migrate_cancel")
@@ -271,3 +275,92 @@ def test_deferred_incoming_starts_at_migrate_incoming():
 
     with Monitored(["incoming", "defer"]) as mon:
         run(body(mon))
+
+
+def test_quit_during_a_migration_ends_both_and_leaves_nothing():
+    port = free_port()
+
+    async def body(src_mon, dst_mon):
+        src = await client(src_mon, "src")
+        await src.execute("migrate-set-capabilities", {"capabilities": [
+            {"capability": "events", "state": True}]})
+        await src.execute("migrate-set-parameters", {"max-bandwidth": 2 << 20})
+        await src.execute("migrate", {"uri": f"rdma:127.0.0.1:{port}"})
+        await next_event(src, "MIGRATION", status="active")
+        await quit_monitor(src)                     # cancels the migration, then ends
+        assert src_mon.wait() == 0
+        assert dst_mon.wait() == 1
+
+    with incoming(f"rdma:127.0.0.1:{port}") as dst_mon, Monitored(VM) as src_mon:
+        run(body(src_mon, dst_mon))
+
+
+def test_a_second_migration_after_cont():
+    ports = free_port(), free_port()
+
+    async def body(src_mon, dst_mons):
+        src = await client(src_mon, "src")
+        await src.execute("migrate-set-capabilities", {"capabilities": [
+            {"capability": "events", "state": True}]})
+        for port, dst_mon in zip(ports, dst_mons, strict=True):
+            await src.execute("migrate", {"uri": f"rdma:127.0.0.1:{port}"})
+            seen = await events_until(src)
+            assert seen[-1]["data"]["status"] == "completed"
+            assert (await src.execute("query-status"))["status"] == "postmigrate"
+            err = await execute_error(src, "migrate", {"uri": f"rdma:127.0.0.1:{port}"})
+            assert "cont first" in str(err)
+            await src.execute("cont")
+            dst = await client(dst_mon, "dst")
+            await quit_monitor(dst)
+            assert dst_mon.wait() == 0
+        await quit_monitor(src)
+        assert src_mon.wait() == 0
+
+    with incoming(f"rdma:127.0.0.1:{ports[0]}") as d1, \
+            incoming(f"rdma:127.0.0.1:{ports[1]}") as d2, Monitored(VM) as src_mon:
+        run(body(src_mon, (d1, d2)))
+
+
+@pytest.mark.skipif(QEMU is None, reason="qemu-system-x86_64 is not installed")
+def test_the_same_checks_hold_for_qemu_migrating_to_qemu():
+    """What the tests above expect of our monitors, QEMU 7.2 does itself: the MIGRATION events,
+    query-migrate's fields once completed (the very key set we answer), postmigrate; and a
+    migrate_cancel mid-way (a 1 kB/s bandwidth limit keeps it running) gives cancelled and a
+    running source."""
+    ports = free_port(), free_port()
+
+    async def body(src_mon):
+        src = await client(src_mon, "qemu-src")
+        await src.execute("migrate-set-capabilities", {"capabilities": [
+            {"capability": "events", "state": True}]})
+        await src.execute("migrate-set-parameters", {"downtime-limit": 500})
+        await src.execute("migrate", {"uri": f"tcp:127.0.0.1:{ports[0]}"})
+        seen = await events_until(src)
+        statuses = [e["data"]["status"] for e in seen if e["event"] == "MIGRATION"]
+        assert statuses[0] == "setup" and statuses[-1] == "completed"
+        assert "STOP" in [e["event"] for e in seen]
+        assert any(e["event"] == "MIGRATION_PASS" and e["data"]["pass"] == 1 for e in seen)
+        info = await src.execute("query-migrate")
+        assert {"total-time", "setup-time", "downtime", "ram"} <= set(info)
+        assert "expected-downtime" not in info
+        assert set(info["ram"]) == QEMU_RAM_KEYS
+        assert (await src.execute("query-status"))["status"] == "postmigrate"
+        await src.execute("cont")
+        await next_event(src, "RESUME")
+
+        await src.execute("migrate-set-parameters", {"max-bandwidth": 1000})
+        await src.execute("migrate", {"uri": f"tcp:127.0.0.1:{ports[1]}"})
+        await next_event(src, "MIGRATION", status="active")
+        info = await src.execute("query-migrate")
+        assert "expected-downtime" in info and set(info["ram"]) == QEMU_RAM_KEYS
+        await src.execute("migrate_cancel")
+        await next_event(src, "MIGRATION", status="cancelled")
+        assert await src.execute("query-migrate") == {"status": "cancelled"}
+        assert (await src.execute("query-status"))["status"] == "running"
+        await quit_monitor(src)
+        assert src_mon.wait() == 0
+
+    with Monitored(["-incoming", f"tcp:127.0.0.1:{ports[0]}"], qemu=True), \
+            Monitored(["-incoming", f"tcp:127.0.0.1:{ports[1]}"], qemu=True), \
+            Monitored([], qemu=True) as src_mon:
+        run(body(src_mon))
