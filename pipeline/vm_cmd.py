@@ -81,6 +81,9 @@ def incoming_main(args) -> int:
         if args.uri != "defer":
             parse_uri(args.uri)
         parse_monitor_address(args.qmp)
+        if args.timeout is not None or args.guest_watch:
+            raise ValueError("--timeout and --guest-watch do not apply with --qmp: the monitor "
+                             "waits for a source as QEMU does, and the guest runs until quit")
     except ValueError as exc:
         print(f"rdma-pipeline incoming: {exc}", file=sys.stderr)
         return 2

@@ -17,6 +17,7 @@ from pipeline.cli import main
     (["run", "--trace-control", "/nonexistent-dir/t.jsonl"], "does not exist"),
     (["migrate", "rdma:no-such-host.invalid:4444"], "does not resolve"),
     (["incoming", "defer"], "add --qmp"),
+    (["incoming", "defer", "--qmp", "unix:/tmp/x", "--timeout", "5"], "do not apply with --qmp"),
     (["vm", "--qmp", "bogus:x"], "use unix:PATH or tcp:HOST:PORT"),
     (["bench", "--case", "nosuch"], "bench --list shows the cases"),
 ])
