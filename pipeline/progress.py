@@ -3,7 +3,7 @@ terminal, redrawn in place, cut to the terminal's width (the least useful figure
 it never wraps and stacks); nothing at all when the stream is not a terminal or ``--json``
 asked for machine output.
 
-    active  round 3  sent 412.0 MiB  left 37.5 MiB  2630 Mbit/s  dirty 48 MB/s  downtime ~120 ms
+  active  round 3  sent 412.0 MiB  left 37.5 MiB  2630 Mbit/s  dirty 48 MB/s  downtime ~120 ms  3 s
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ def mib(n: float) -> str:
 def progress_fields(st: dict) -> list[str]:
     """The figures of one ``stats()`` snapshot, most useful first."""
     ram = st.get("ram", {})
-    fields = [f"{st.get('status', '?'):<9}"]
+    fields = [str(st.get('status', '?'))]
     if st.get("round"):
         fields.append(f"round {st['round']}")
     fields.append(f"sent {mib(ram.get('transferred', 0))}")

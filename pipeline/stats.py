@@ -84,6 +84,7 @@ class MigrationStats:
     cleanup_ms: float = 0.0          # stopping the stages after completion (not in total-time)
     warning: str = ""                # what failed after the commit point (the migration stands)
     on_sync: Callable[[int], None] | None = None   # called with dirty-sync-count at each sync
+    live_rdma_bytes: Callable[[], int] | None = None   # bytes written so far, within a round
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def update(self, **changes) -> None:
@@ -133,6 +134,21 @@ class MigrationStats:
     def transferred(self) -> int:
         return self.rdma_bytes + self.control_bytes
 
+    def _live(self) -> tuple[int, int]:
+        """(transferred, remaining) with the RDMA bytes of the round under way counted as they
+        land (``live_rdma_bytes``), so that progress moves within a round, not only at its end:
+        remaining drops by the bytes written since the last sync (zero pages, sent without a
+        write, are taken off at the next sync)."""
+        rdma = self.rdma_bytes
+        if self.live_rdma_bytes is not None and self.status not in ("completed", "failed",
+                                                                     "cancelled"):
+            try:
+                rdma = max(rdma, self.live_rdma_bytes())
+            except Exception:  # noqa: BLE001 - a figure for display: never fail a snapshot
+                pass
+        remaining = max(0, self.remaining_bytes - (rdma - self.rdma_bytes))
+        return rdma + self.control_bytes, remaining
+
     def snapshot(self, now: float) -> dict:
         """query-migrate-style dict at monotonic time ``now``."""
         with self._lock:
@@ -143,20 +159,21 @@ class MigrationStats:
             if self.pause_time and self.resume_time:
                 downtime = round((self.resume_time - self.pause_time) * 1000, 1)
             elapsed = max(end - self.start_time, 1e-9) if self.start_time else 0.0
+            transferred, remaining = self._live()
             out = {
                 "status": self.status,
                 "total-time": round(total_ms, 1),
                 "setup-time": round(setup_ms, 1),
                 "expected-downtime": round(self.expected_downtime_ms, 1),
                 "ram": {
-                    "transferred": self.transferred,
-                    "remaining": self.remaining_bytes,
+                    "transferred": transferred,
+                    "remaining": remaining,
                     "total": self.total_bytes,
                     "duplicate": self.duplicate_pages,
                     "normal": self.normal_pages,
                     "normal-bytes": self.normal_pages * PAGE_SIZE,
                     "mbps": round(self._mbps(end), 1),
-                    "average-mbps": round(self.transferred * 8 / 1e6 / elapsed, 1)
+                    "average-mbps": round(transferred * 8 / 1e6 / elapsed, 1)
                     if elapsed else 0.0,
                     "dirty-pages-rate": round(self.dirty_pages_rate),
                     "dirty-sync-count": self.dirty_sync_count,

@@ -56,6 +56,7 @@ class RdmaSource(SourceDriver):
                                 trace=ControlTrace(cfg.trace_control))
         self.stack.callback(self.link.close)
         self.pipeline = self.stack.enter_context(SourcePipeline(self.run_id, cfg, self.guest))
+        self.stats.update(live_rdma_bytes=self.pipeline.bytes_done)   # progress within rounds
         self.pipeline.start()
         channel = self.link.channel
         private = channel.initiate(action.capabilities, block_lengths=list(action.block_lengths))
