@@ -15,6 +15,7 @@ object may span lines and several may share one. The texts of the errors are QEM
 
 from __future__ import annotations
 
+import codecs
 import json
 from dataclasses import dataclass
 
@@ -89,13 +90,14 @@ class QmpConnection:
         self.negotiated = False
         self._buf = ""
         self._decoder = json.JSONDecoder()
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")   # split chars
 
     def greeting(self) -> bytes:
         return encode({"QMP": {"version": {"qemu": dict(QEMU_VERSION), "package": self.package},
                                "capabilities": []}})
 
     def receive_data(self, data: bytes) -> None:
-        self._buf += data.decode("utf-8", errors="replace")
+        self._buf += self._utf8.decode(data)
 
     def next_request(self) -> Request | QmpError | None:
         """The next whole request, the error to answer for a malformed one, or None."""

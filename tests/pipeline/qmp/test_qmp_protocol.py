@@ -63,6 +63,15 @@ def test_a_message_byte_by_byte_then_two_in_one_chunk():
     assert [r.execute for r in drain(conn)] == ["a", "b"]
 
 
+def test_a_character_split_between_two_reads_survives():
+    conn = negotiated()
+    data = '{"execute": "x", "id": "é"}\n'.encode()
+    cut = data.index("é".encode()) + 1
+    conn.receive_data(data[:cut])
+    conn.receive_data(data[cut:])
+    assert conn.next_request().id == "é"
+
+
 def test_malformed_input_gets_qemus_words_and_the_stream_goes_on():
     conn = negotiated()
     conn.receive_data(b'garbage\n[1]\n{"bad": 1, "id": 3}\n{"execute": 5}\n'
