@@ -73,7 +73,7 @@ def main(args) -> int:
                                  guest_watch=max(0.0, args.guest_watch),
                                  accept_timeout=math.inf if args.timeout is None
                                  else args.timeout, on_listening=listening)
-        progress = Progress(not args.json)
+        progress = Progress(not args.json, destination=True)
         try:
             while not mig.done:
                 progress(mig.stats())

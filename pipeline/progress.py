@@ -18,6 +18,18 @@ def mib(n: float) -> str:
     return f"{n / (1 << 20):.1f} MiB"
 
 
+def destination_fields(st: dict) -> list[str]:
+    """A destination's line: its status, what it received when it can count it (``tcp:``
+    and ``file:`` streams; an ``rdma:`` destination does not see the source's WRITEs land,
+    so it shows no byte count rather than a 0), and the time."""
+    fields = [f"receiving: {st.get('status', '?')}"]
+    received = st.get("ram", {}).get("transferred", 0)
+    if received:
+        fields.append(f"received {mib(received)}")
+    fields.append(f"{st.get('total-time', 0) / 1000:.1f} s")
+    return fields
+
+
 def progress_fields(st: dict) -> list[str]:
     """The figures of one ``stats()`` snapshot, most useful first."""
     ram = st.get("ram", {})
@@ -49,15 +61,16 @@ def fit(fields: list[str], width: int) -> str:
     return line[:max(1, width - 1)]
 
 
-def progress_line(st: dict, width: int = 1000) -> str:
-    return fit(progress_fields(st), width)
+def progress_line(st: dict, width: int = 1000, *, destination: bool = False) -> str:
+    return fit((destination_fields if destination else progress_fields)(st), width)
 
 
 class Progress:
     """One live line on ``stream`` (stderr) while ``enabled`` and it is a terminal."""
 
-    def __init__(self, enabled: bool, stream=None) -> None:
+    def __init__(self, enabled: bool, stream=None, *, destination: bool = False) -> None:
         self.stream = stream or sys.stderr
+        self.destination = destination
         self.enabled = enabled and self.stream.isatty()
         self.drawn = False
 
@@ -66,7 +79,8 @@ class Progress:
             return                        # nothing moves yet (a destination still listens)
         width = shutil.get_terminal_size((80, 24)).columns
         try:
-            self.stream.write("\r\x1b[K" + progress_line(st, width))
+            self.stream.write("\r\x1b[K" + progress_line(st, width,
+                                                          destination=self.destination))
             self.stream.flush()
         except OSError:
             self.enabled = False          # the terminal went away (SIGHUP)

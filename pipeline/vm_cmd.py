@@ -100,4 +100,4 @@ def incoming_main(args) -> int:
             server.close()
             print(f"rdma-pipeline incoming: {exc.desc}", file=sys.stderr)
             return 2
-    return serve(machine, server, Progress(not args.json))
+    return serve(machine, server, Progress(not args.json, destination=True))

@@ -20,6 +20,13 @@ def test_the_line_fits_every_width_and_keeps_the_first_figures():
     assert "sent 412.0 MiB" in progress_line(SNAP, 60)
 
 
+def test_a_destination_shows_what_it_can_count():
+    rdma = {"status": "active", "total-time": 900.0, "ram": {"transferred": 0}}
+    assert progress_line(rdma, destination=True) == "receiving: active  0.9 s"
+    tcp = {**rdma, "ram": {"transferred": 3 << 20}}
+    assert progress_line(tcp, destination=True) == "receiving: active  received 3.0 MiB  0.9 s"
+
+
 def test_round_zero_shows_the_average_rate():
     snap = {**SNAP, "round": 0}
     assert "2000 Mbit/s" in progress_line(snap)
