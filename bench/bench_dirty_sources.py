@@ -9,7 +9,7 @@ Sources: ``kvm`` (KVM_GET_DIRTY_LOG + CLEAR_DIRTY_LOG of a running CPL3 guest), 
         against the same writer untracked (the "vs." column).
 
 Each case runs in a fresh subprocess and prints one JSON line; the parent prints a table, or
-the JSON lines with ``--json``. ``python -m bench.bench_dirty_sources [--size-mib N] [-k sub]``.
+the JSON lines with ``--json``. ``python -m bench.bench_dirty_sources [--ram 1G] [-k sub]``.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import time
 
 import numpy as np
 
+from bench.common import mib_of
 from shm.memory import PAGE_SIZE, Madv, madvise
 
 REPEATS = 3
@@ -260,8 +261,11 @@ def _table(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--size-mib", type=int, default=1024, help="RAM per case (default 1 GiB)")
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ram", type=mib_of, metavar="SIZE", default=1024, dest="size_mib",
+                   help="RAM per case, e.g. 256M or 1G (default 1G)")
+    p.add_argument("--size-mib", type=int, dest="size_mib", help=argparse.SUPPRESS)  # old name
     p.add_argument("-k", default="", help="run only cases whose name contains this")
     p.add_argument("--json", action="store_true", help="print one JSON line per case")
     p.add_argument("--case", help=argparse.SUPPRESS)  # internal: run one case in this process
@@ -275,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.k not in name:
             continue
         proc = subprocess.run([sys.executable, "-m", "bench.bench_dirty_sources", "--case", name,
-                               "--size-mib", str(args.size_mib)], capture_output=True, text=True)
+                               "--ram", f"{args.size_mib}M"], capture_output=True, text=True)
         lines = proc.stdout.strip().splitlines()
         row = json.loads(lines[-1]) if lines else {
             "case": name, "error": (proc.stderr.strip().splitlines() or ["no output"])[-1]}

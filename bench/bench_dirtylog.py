@@ -160,7 +160,8 @@ def run_case(case: str) -> dict:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", action="store_true", help="one JSON line per case")
     parser.add_argument("--case", choices=CASES, help="run one case in this process")
     args = parser.parse_args()

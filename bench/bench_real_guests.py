@@ -8,14 +8,14 @@ Cases (guest / dirty tracking):
     kvm-uffd         the same KVM guest, KVM logging off, its VMM mapping write-protected
 
 Every case is a whole ``run_local`` migration (guest, source stages, destination process, soft
-provider over loopback) of the same workload: ``--ram-mib`` of RAM written in order, one sweep
+provider over loopback) of the same workload: ``--ram`` of RAM written in order, one sweep
 after another, at ``--dirty-mb`` MB/s (the synthetic guest with the ``sequential`` pattern and no
 zero pages, so both guests dirty the same number of distinct pages per second). Each run is a
 fresh subprocess printing one JSON line; ``--repeat`` runs per case, the table shows medians and
 the "vs." column compares downtime with synthetic-soft from the same invocation. Figures are
 wall-clock on a shared machine: compare rows of one run, not runs of different days.
 
-    python -m bench.bench_real_guests [--ram-mib 256] [--dirty-mb 100] [--repeat 3] [-k kvm]
+    python -m bench.bench_real_guests [--ram 256M] [--dirty-mb 100] [--repeat 3] [-k kvm]
                                       [--parameter downtime-limit=300 ...] [--json]
 """
 
@@ -26,6 +26,8 @@ import json
 import statistics
 import subprocess
 import sys
+
+from bench.common import mib_of
 
 CASES = {  # name: (guest, dirty tracking)
     "synthetic-soft": ("synthetic", "soft"),
@@ -108,7 +110,7 @@ def table(summaries: list[dict]) -> str:
 
 def _one(name: str, args) -> dict:
     cmd = [sys.executable, "-m", "bench.bench_real_guests", "--case", name,
-           "--ram-mib", str(args.ram_mib), "--dirty-mb", str(args.dirty_mb)]
+           "--ram", f"{args.ram_mib}M", "--dirty-mb", str(args.dirty_mb)]
     for p in args.parameter:
         cmd += ["--parameter", p]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
@@ -119,8 +121,11 @@ def _one(name: str, args) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--ram-mib", type=int, default=256, help="guest RAM (default 256 MiB)")
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ram", type=mib_of, metavar="SIZE", default=256, dest="ram_mib",
+                   help="guest RAM, e.g. 256M or 1G (default 256M)")
+    p.add_argument("--ram-mib", type=int, dest="ram_mib", help=argparse.SUPPRESS)  # old name
     p.add_argument("--dirty-mb", type=float, default=100.0,
                    help="MB/s each guest writes (default 100)")
     p.add_argument("--repeat", type=int, default=3, help="runs per case (default 3)")

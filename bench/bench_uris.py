@@ -110,7 +110,8 @@ def print_table(rows: list[dict]) -> None:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json", action="store_true", help="JSON lines instead of a table")
     p.add_argument("--ram", default="512M", help="guest RAM (default 512M)")
     p.add_argument("--rates", default="0,50", help="dirty rates in MB/s (default 0,50)")

@@ -172,3 +172,15 @@ def human_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     raise AssertionError
+
+
+def mib_of(text: str) -> int:
+    """An argparse type: a size (``256M``, ``1G``) in MiB, for every bench's ``--ram``."""
+    import argparse
+
+    from pipeline.config import parse_size
+
+    try:
+        return max(1, parse_size(text) >> 20)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None

@@ -249,7 +249,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from pipeline.config import parse_size
 
-    p = argparse.ArgumentParser(description=main.__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=main.__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ram", default="1G")
     p.add_argument("--tcp", choices=("warm", "fresh"), help="the raw TCP baseline instead")
     p.add_argument("--pin-all", action="store_true")

@@ -26,7 +26,8 @@ LIMIT_MS = 300
 def main(argv: list[str] | None = None) -> int:
     from pipeline.config import parse_size
 
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ram", default="1G")
     p.add_argument("--throughput", type=float, help="GB/s (default: scenario_full's result)")
     p.add_argument("--repeat", type=int, default=3)

@@ -41,38 +41,66 @@ def med(rows: list[dict], key, default=None):
 
 
 def round_series(summary: dict) -> dict:
-    """Per round: throughput (GB/s), dirty rate (MB/s) and bytes left after it."""
+    """Per round, in base units: throughput (bytes/s), dirty rate (bytes/s), bytes left."""
     rounds = summary.get("rounds") or []
     return {
         "round": [r["round"] for r in rounds],
-        "gb_per_s": [r["bytes"] / r["seconds"] / 1e9 if r.get("seconds") else 0.0
-                     for r in rounds],
-        "dirty_mb_per_s": [r.get("dirty-pages-rate", 0) * 4096 / 1e6 for r in rounds],
-        "remaining_mib": [r.get("remaining", 0) / (1 << 20) for r in rounds],
+        "throughput": [r["bytes"] / r["seconds"] if r.get("seconds") else 0.0 for r in rounds],
+        "dirty": [r.get("dirty-pages-rate", 0) * 4096 for r in rounds],
+        "remaining": [r.get("remaining", 0) for r in rounds],
     }
 
 
+PANELS = (("throughput", "throughput", "/s"), ("dirty", "dirty rate", "/s"),
+          ("remaining", "left after the round", ""))
+UNITS = ((1 << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB"), (1, "bytes"))
+
+
+def unit_for(values: list[float]) -> tuple[int, str]:
+    """The largest binary unit in which the biggest value is at least 1 (bytes for none)."""
+    top = max((abs(v) for v in values), default=0)
+    return next(((d, name) for d, name in UNITS if top >= d), UNITS[-1])
+
+
+def panels(series: dict[str, dict]) -> list[tuple[str, str, int]]:
+    """(key, axis label, divisor) of each panel worth drawing: a quantity that is the same
+    number in every round of every run (an idle guest's dirty rate: 0) says nothing as a
+    flat line, so it is left out; units are chosen from the data."""
+    out = []
+    for key, label, per in PANELS:
+        values = [v for s in series.values() for v in s[key]]
+        if not values or (max(values) == min(values) and key != "throughput"):
+            continue
+        div, unit = unit_for(values)
+        out.append((key, f"{label}, {unit}{per}", div))
+    return out
+
+
 def plot(name: str, runs: dict[str, dict], title: str) -> str:
-    """A PNG of throughput, dirty rate and remaining bytes per round, one line per run."""
+    """A PNG of throughput, dirty rate and bytes left per round, one line per run (panels
+    that would be flat are left out, units follow the data)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import MaxNLocator
     except ImportError:
         return "no plot: matplotlib is missing (pip install 'rdma-pipeline[plot]')"
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    for label, summary in runs.items():
-        s = round_series(summary)
-        if not s["round"]:
-            continue
-        for ax, key in zip(axes, ("gb_per_s", "dirty_mb_per_s", "remaining_mib"), strict=True):
-            ax.plot(s["round"], s[key], marker="o", label=label)
-    for ax, ylabel in zip(axes, ("throughput, GB/s", "dirty rate, MB/s",
-                                 "remaining after the round, MiB"), strict=True):
+    series = {label: round_series(summary) for label, summary in runs.items()}
+    series = {label: s for label, s in series.items() if s["round"]}
+    chosen = panels(series)
+    if not chosen:
+        return "no plot: no rounds recorded"
+    fig, axes = plt.subplots(1, len(chosen), figsize=(5 * len(chosen), 4), squeeze=False)
+    for ax, (key, ylabel, div) in zip(axes[0], chosen, strict=True):
+        for label, s in series.items():
+            ax.plot(s["round"], [v / div for v in s[key]], marker="o", label=label)
         ax.set_xlabel("round")
         ax.set_ylabel(ylabel)
+        ax.set_ylim(bottom=0)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(True, alpha=0.3)
-    axes[0].legend(fontsize=8)
+    axes[0][0].legend(fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
     path = results_path(f"{name}.png")

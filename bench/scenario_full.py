@@ -43,7 +43,8 @@ def throughput(r: dict) -> float | None:
 def main(argv: list[str] | None = None) -> int:
     from pipeline.config import parse_size
 
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ram", default="1G")
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--plot", action="store_true")

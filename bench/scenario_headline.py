@@ -33,7 +33,8 @@ def shm_free() -> int:
 def main(argv: list[str] | None = None) -> int:
     from pipeline.config import parse_size
 
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ram", default="8G", help="guest RAM (default 8G, QEMU's figure)")
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--plot", action="store_true", help="also write a PNG per-round plot")

@@ -31,6 +31,7 @@ MiB = 1 << 20
 GiB = 1 << 30
 SERIES = {"fresh": ("tcp-fresh", False), "prealloc": ("tcp-warm", True)}
 LINEAR_WITHIN = 0.20
+MIN_SIZES = 3          # a fit through two points judges nothing
 
 
 def linear_fit(xs: list[float], ys: list[float]) -> tuple[float, float] | None:
@@ -78,13 +79,21 @@ def series_rows(name: str, sizes: list[int], runs: dict, tcp: dict) -> tuple[lis
 def main(argv: list[str] | None = None) -> int:
     from pipeline.config import parse_size
 
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--sizes", default="256M,1G,4G")
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", default="256M,1G,4G",
+                   help="guest RAM sizes, comma-separated, three or more (default 256M,1G,4G)")
     p.add_argument("--series", default="fresh,prealloc", help="fresh, prealloc or both")
-    p.add_argument("--repeat", type=int, default=3)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--repeat", type=int, default=3, help="runs per size (default 3)")
+    p.add_argument("--json", action="store_true", help="print the JSON instead of a table")
     args = p.parse_args(argv)
-    sizes = [parse_size(s) for s in args.sizes.split(",")]
+    try:
+        sizes = [parse_size(s) for s in args.sizes.split(",")]
+    except ValueError as exc:
+        p.error(f"--sizes: {exc}")
+    if len(set(sizes)) < MIN_SIZES:
+        p.error(f"--sizes {args.sizes}: the linearity check needs three sizes or more (a line "
+                "passes through any two points, so two would always look linear)")
     names = [s for s in args.series.split(",") if s]
     if not names or any(s not in SERIES for s in names):
         p.error(f"--series takes {', '.join(SERIES)}")

@@ -152,9 +152,12 @@ def _uri(uri: str | URI) -> URI:
 
 
 def start_outgoing(uri: str | URI, guest: SyntheticGuest, config: MigrationConfig | None = None,
-                   *, run_id: str | None = None) -> Migration:
+                   *, run_id: str | None = None,
+                   on_pass: Callable[[int], None] | None = None) -> Migration:
     """Migrate ``guest`` (started: a ``SyntheticGuest``, or a KVM guest from
-    ``GuestSpec("kvm").create(...)``) to the destination listening at ``uri``."""
+    ``GuestSpec("kvm").create(...)``) to the destination listening at ``uri``. ``on_pass``
+    is called (from the worker thread) with the pass number at each dirty-bitmap sync, as
+    QEMU's MIGRATION_PASS event counts them."""
     from pipeline.drivers import source_driver
     from shm.naming import new_run_id
 
@@ -164,7 +167,7 @@ def start_outgoing(uri: str | URI, guest: SyntheticGuest, config: MigrationConfi
         raise ValueError(f"chunk size {config.chunk_size} differs from the guest region's "
                          f"{guest.region.chunk_size}")
     mig = Migration("outgoing")
-    stats = MigrationStats()
+    stats = MigrationStats(on_sync=on_pass)
     src = source_driver(target)(target, config, guest, run_id=run_id or new_run_id(),
                                 stats=stats, on_state=mig._emit, cancel=mig.cancel_event)
     mig.source = src

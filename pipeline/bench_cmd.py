@@ -21,6 +21,8 @@ def add_arguments(p) -> None:
                    help=f"only this stage ({', '.join(STAGE_NAMES)}); repeatable")
     p.add_argument("--case", action="append", metavar="NAME",
                    help="only this case (and its baseline); repeatable")
+    p.add_argument("--list", action="store_true",
+                   help="list every stage's cases (the names --case takes) and exit")
     p.add_argument("--repeat", type=int, default=3,
                    help="runs of each case; the median is shown (default 3)")
     p.add_argument("--json", action="store_true",
@@ -32,21 +34,29 @@ def add_arguments(p) -> None:
 
 
 def main(args) -> int:
-    from bench.stages import run_stage, table
+    from bench.stages import STAGES, run_stage, table
 
     if args.repeat < 1:
         print("rdma-pipeline bench: --repeat must be at least 1", file=sys.stderr)
         return 2
+    stages = args.stage or STAGE_NAMES
+    known = {stage: list(STAGES[stage].load().CASES) for stage in stages}
+    if args.list:
+        for stage, cases in known.items():
+            print(f"{stage}: {', '.join(cases)}")
+        return 0
+    unknown = [c for c in args.case or () if not any(c in cases for cases in known.values())]
+    if unknown:
+        print(f"rdma-pipeline bench: no case {', '.join(unknown)} in "
+              f"{', '.join(stages)} (bench --list shows the cases)", file=sys.stderr)
+        return 2
     failed = False
-    for stage in args.stage or STAGE_NAMES:
+    for stage in stages:
         if not args.json:
             print(f"== {stage} ==", flush=True)
         cases = None
         if args.case:
-            from bench.stages import STAGES
-
-            known = set(STAGES[stage].load().CASES)
-            cases = [c for c in args.case if c in known]
+            cases = [c for c in args.case if c in known[stage]]
             if not cases:
                 continue
         rows = run_stage(stage, repeat=args.repeat, quick=args.quick, cases=cases)

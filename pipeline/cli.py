@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "run": ("pipeline.run_cmd", "a whole live migration on this machine (soft provider)"),
     "migrate": ("pipeline.migrate_cmd", "migrate a synthetic guest to rdma:HOST:PORT"),
     "incoming": ("pipeline.incoming_cmd", "receive a migration on rdma:HOST:PORT"),
+    "vm": ("pipeline.vm_cmd", "a guest that runs until told otherwise, with a QMP monitor"),
     "cleanup": ("pipeline.cleanup_cmd", "remove shared memory left by killed runs"),
     "bench": ("pipeline.bench_cmd", "per-stage and end-to-end benchmarks against baselines"),
     "selftest": ("pipeline.selftest_cmd", "check the verbs transport on this RDMA device"),
@@ -45,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
         module = importlib.import_module(module_name)
         p = sub.add_parser(name, help=help_text, description=help_text)
         module.add_arguments(p)
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help="show tracebacks on errors")
         p.set_defaults(_main=module.main)
     return parser
 

@@ -10,8 +10,8 @@ import signal
 import sys
 
 from pipeline.config import MigrationConfig, parse_size
+from pipeline.progress import Progress, mib, progress_line  # noqa: F401 - the commands' API
 from pipeline.sections import MACHINE
-from shm.memory import PAGE_SIZE
 
 MACHINES = (MACHINE, "none")
 
@@ -81,9 +81,11 @@ def add_guest_options(p) -> None:
 def build_config(args) -> MigrationConfig:
     """The config from the options; ValueError (one line) for anything wrong, and
     TransportUnsupported, before anything starts, when ``--transport verbs`` cannot run here."""
+    trace = getattr(args, "trace_control", None)
+    if trace:
+        check_writable(trace, "--trace-control")
     cfg = MigrationConfig(transport=args.transport, chunk_size=parse_size(args.chunk_size),
-                          trace_control=getattr(args, "trace_control", None),
-                          machine=getattr(args, "machine", None) or "")
+                          trace_control=trace, machine=getattr(args, "machine", None) or "")
     cfg = cfg.with_options(args.capability, args.parameter)
     if cfg.transport == "verbs":
         from shm.errors import TransportUnsupported
@@ -97,6 +99,43 @@ def build_config(args) -> MigrationConfig:
             raise TransportUnsupported(reason, hint="use --transport soft (userspace verbs over "
                                                     "TCP) on machines without RDMA")
     return cfg
+
+
+def check_writable(path: str, option: str) -> None:
+    """ValueError, before anything starts, when ``path`` cannot be written."""
+    import os
+
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise ValueError(f"{option} {path}: is a directory; give a file name")
+    if not os.path.isdir(folder):
+        raise ValueError(f"{option} {path}: the folder {folder} does not exist")
+    if not os.access(path if os.path.exists(path) else folder, os.W_OK):
+        raise ValueError(f"{option} {path}: not writable here")
+
+
+def check_transport(transport: str, scheme: str) -> None:
+    """ValueError when ``--transport verbs`` meets a URI without verbs (tcp:, file:)."""
+    if transport == "verbs" and scheme in ("tcp", "file"):
+        raise ValueError(f"--transport verbs: {scheme}: moves pages in the stream, without "
+                         "verbs; use rdma: for verbs, or drop --transport")
+
+
+def resolve_host(uri) -> None:
+    """Resolve a URI's host name now, before anything starts (MigrationError when it does not
+    resolve: ``dest`` in the README's examples stands for your destination's address)."""
+    import socket
+
+    from pipeline.uri import InvalidURI
+
+    if uri.scheme not in ("rdma", "tcp") or uri.family != socket.AF_UNSPEC:
+        return
+    try:
+        socket.getaddrinfo(uri.host, uri.port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise InvalidURI(f"host {uri.host!r} does not resolve ({exc.strerror})",
+                         hint="use the destination's address or a name this machine resolves; "
+                              "'dest' in the README's examples stands for it") from None
 
 
 def guest_state(args):
@@ -119,38 +158,23 @@ def guest_spec(args):
     return GuestSpec(args.guest, args.dirty_tracking, guest_state(args), args.fill)
 
 
+def seconds(text: str) -> float:
+    """An argparse type: a number of seconds >= 0 (argparse prints the reason)."""
+    import argparse
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"{text}: must be 0 or more seconds")
+    return value
+
+
 def add_watch_option(p, default: float) -> None:
-    p.add_argument("--guest-watch", type=float, default=default, metavar="SECONDS",
+    p.add_argument("--guest-watch", type=seconds, default=default, metavar="SECONDS",
                    help="seconds the resumed guest runs on the destination before it is stopped "
                         f"and its progress reported (default {default:g})")
-
-
-def mib(n: float) -> str:
-    return f"{n / (1 << 20):.1f} MiB"
-
-
-def progress_line(st: dict) -> str:
-    ram = st["ram"]
-    return (f"{st['status']:<9} round {st['round']:<3} transferred {mib(ram['transferred'])}"
-            f"  remaining {mib(ram['remaining'])}  throughput {ram['mbps']:.0f} Mbps"
-            f"  dirty {ram['dirty-pages-rate'] * PAGE_SIZE / 1e6:.0f} MB/s"
-            f"  expected downtime {st['expected-downtime']:.0f} ms")
-
-
-class Progress:
-    """One live line on a terminal (stderr), nothing when stderr is not a terminal."""
-
-    def __init__(self, enabled: bool) -> None:
-        self.enabled = enabled and sys.stderr.isatty()
-
-    def __call__(self, st: dict) -> None:
-        if self.enabled:
-            sys.stderr.write("\r\x1b[K" + progress_line(st))
-            sys.stderr.flush()
-
-    def done(self) -> None:
-        if self.enabled:
-            sys.stderr.write("\n")
 
 
 def conclude(command: str, summary: dict, as_json: bool, signalled: int | None = None) -> int:
@@ -178,9 +202,9 @@ def print_summary(summary: dict, as_json: bool) -> None:
         f"status: {summary['status']}",
         f"total-time: {summary['total-time']} ms",
         f"setup-time: {summary['setup-time']} ms",
-        f"downtime: {summary.get('downtime', '-')} ms",
+        f"downtime: {downtime_words(summary)}",
         f"expected-downtime: {summary['expected-downtime']} ms",
-        f"verified: {summary.get('verified')}",
+        f"verified: {verified_words(summary.get('verified'))}",
     ]
     if summary.get("verification"):
         lines.append(f"verification: {summary['verification']}")
@@ -200,6 +224,23 @@ def print_summary(summary: dict, as_json: bool) -> None:
     if summary.get("guest-runs-on"):
         lines.append(f"guest runs on: {summary['guest-runs-on']}")
     print("\n".join(lines))
+
+
+def verified_words(verified: bool | None) -> str:
+    """What ``verified`` means, in words."""
+    if verified is True:
+        return "yes (every page on the destination hashes as on the source)"
+    if verified is False:
+        return "NO (the destination's pages differ from the source's)"
+    return "not checked (the destination's verdict did not come back)"
+
+
+def downtime_words(summary: dict) -> str:
+    if summary.get("downtime") is not None:
+        return f"{summary['downtime']} ms"
+    if summary.get("status") != "completed":
+        return "none (the guest ran on)"
+    return "not measured on this side (the source measures it)"
 
 
 def guest_report_line(report: dict) -> str:

@@ -43,6 +43,13 @@ def _parse_bool(name: str, text: str) -> bool:
     raise ValueError(f"{name}: expected on or off, got {text!r}")
 
 
+def _whole(name: str, text: str, unit: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a whole number of {unit}") from None
+
+
 def _split(item: str, kind: str) -> tuple[str, str]:
     if "=" not in item:
         raise ValueError(f"{kind} {item!r}: expected NAME=VALUE")
@@ -114,11 +121,11 @@ class MigrationConfig:
             name, value = _split(item, "parameter")
             try:
                 if name == "downtime-limit":
-                    changes["downtime_limit_ms"] = int(value)
+                    changes["downtime_limit_ms"] = _whole(name, value, "milliseconds")
                 elif name == "max-bandwidth":
                     changes["max_bandwidth"] = parse_size(value)
                 elif name == "x-max-rounds":
-                    changes["max_rounds"] = int(value)
+                    changes["max_rounds"] = _whole(name, value, "rounds")
                 elif name == "x-keep-going":
                     changes["keep_going"] = _parse_bool(name, value)
                 elif name == "x-pin-budget":

@@ -1,7 +1,8 @@
 """``rdma-pipeline decode``: dissect control messages (or connection private data) from hex.
 
 One control message per argument list (``decode 00 00 00 00 ...``; spaces are allowed in the
-hex) or per stdin line (``decode -``). Each message prints as one JSON object: ``type`` by its
+hex) or per stdin line (``decode -``; a ``--trace-control`` file's JSON lines are read as they
+are, each message's ``hex``). Each message prints as one JSON object: ``type`` by its
 QEMU enum name (``RDMA_CONTROL_<type>``), the header fields and every payload field by name,
 integers as numbers, stream bytes as hex. A line that does not decode prints one line on stderr
 saying what is wrong; the exit status is then 2.
@@ -63,6 +64,17 @@ def _describe_capabilities(data: bytes) -> dict:
             "session_token": caps.session_token, "digest": caps.digest, "bytes": len(data)}
 
 
+def _trace_hex(line: str) -> str:
+    """A ``--trace-control`` line (``{"t", "dir", "hex"}``) as its hex; other lines as they are."""
+    text = line.strip()
+    if text.startswith("{"):
+        try:
+            return str(json.loads(text)["hex"])
+        except (ValueError, KeyError, TypeError):
+            pass
+    return text
+
+
 def _decode_one(text: str, capabilities: bool) -> dict:
     from pipeline.protocol.codec import decode, describe
 
@@ -77,7 +89,8 @@ def main(args: argparse.Namespace) -> int:
         inputs = [("--capabilities", args.capabilities)]
         capabilities = True
     elif args.hex == ["-"]:
-        inputs = [(f"line {n}", line) for n, line in enumerate(sys.stdin, 1) if line.strip()]
+        inputs = [(f"line {n}", _trace_hex(line)) for n, line in enumerate(sys.stdin, 1)
+                  if line.strip()]
         capabilities = False
     elif args.hex:
         inputs = [("input", " ".join(args.hex))]

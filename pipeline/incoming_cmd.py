@@ -11,6 +11,7 @@ import math
 import sys
 
 from pipeline.cmd_common import (
+    Progress,
     StopSignals,
     add_dump_option,
     add_migration_options,
@@ -23,7 +24,8 @@ from pipeline.cmd_common import (
 
 def add_arguments(p) -> None:
     p.add_argument("uri", help="where to listen, rdma:HOST:PORT or tcp:HOST:PORT; or file:PATH, "
-                               "a snapshot to restore")
+                               "a snapshot to restore; with --qmp, defer: wait for "
+                               "migrate-incoming")
     p.add_argument("--ram", default=None,
                    help="this side's pc.ram size; the source's must match (default: take the "
                         "block list from the source)")
@@ -34,9 +36,20 @@ def add_arguments(p) -> None:
     add_migration_options(p, source=False)
     add_dump_option(p, "the RAM received, and DIR/devices.json (each device section, decoded "
                        "as the stream's VMDESCRIPTION describes it),")
+    p.add_argument("--qmp", metavar="unix:PATH|tcp:HOST:PORT",
+                   help="serve a QMP monitor there, as qemu -incoming does: the guest runs on "
+                        "after the migration until 'quit'")
 
 
 def main(args) -> int:
+    if args.qmp:
+        from pipeline.vm_cmd import incoming_main
+
+        return incoming_main(args)
+    if args.uri == "defer":
+        print("rdma-pipeline incoming: defer waits for a monitor's migrate-incoming: add "
+              "--qmp unix:PATH", file=sys.stderr)
+        return 2
     from pipeline.api import start_incoming
     from pipeline.config import parse_size
     from pipeline.guest.synthetic import SyntheticGuest
@@ -66,6 +79,13 @@ def main(args) -> int:
                                  accept_timeout=math.inf if args.timeout is None
                                  else args.timeout, on_listening=listening,
                                  dump_dir=args.dump)
+        progress = Progress(not args.json, destination=True)
+        try:
+            while not mig.done:
+                progress(mig.stats())
+                mig.finished(0.2)
+        finally:
+            progress.done()
         summary = mig.wait()
         if uri.scheme == "file" and mig.error is not None and signals.signum is None:
             raise mig.error    # a file refused: one line saying where and what, exit 2

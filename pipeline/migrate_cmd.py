@@ -11,9 +11,11 @@ from pipeline.cmd_common import (
     add_guest_options,
     add_migration_options,
     build_config,
+    check_transport,
     conclude,
     guest_blocks,
     guest_spec,
+    resolve_host,
     say,
 )
 
@@ -34,6 +36,8 @@ def main(args) -> int:
 
     try:
         uri = parse_uri(args.uri)
+        check_transport(args.transport, uri.scheme)
+        resolve_host(uri)
         config = build_config(args)
         spec = guest_spec(args)
         ram = parse_size(args.ram)
@@ -41,7 +45,7 @@ def main(args) -> int:
         print(f"rdma-pipeline migrate: {exc}", file=sys.stderr)
         return 2
     run_id = new_run_id()
-    progress = Progress(True)
+    progress = Progress(not args.json)
     with StopSignals("migrate") as signals:
         try:
             with signals.starting():

@@ -12,6 +12,7 @@ from pipeline.cmd_common import (
     add_migration_options,
     add_watch_option,
     build_config,
+    check_transport,
     conclude,
     guest_spec,
 )
@@ -32,18 +33,23 @@ def main(args) -> int:
     from shm.memory import PAGE_SIZE
 
     try:
+        scheme, _, rest = args.uri.partition(":")
+        if scheme not in ("rdma", "tcp"):
+            raise ValueError(f"--uri {args.uri}: use rdma: or tcp:")
+        if rest:
+            raise ValueError(f"--uri {args.uri}: run picks the host and port itself (127.0.0.1 "
+                             f"and a free port); give only the scheme, {scheme}: (to use a "
+                             "host and port, run 'incoming' there and 'migrate' here)")
+        check_transport(args.transport, scheme)
         config = build_config(args)
         spec = guest_spec(args)
         ram = parse_size(args.ram)
-        scheme = args.uri.partition(":")[0]
-        if scheme not in ("rdma", "tcp"):
-            raise ValueError(f"--uri {args.uri}: use rdma: or tcp:")
         if ram <= 0 or ram % PAGE_SIZE:
             raise ValueError(f"--ram {args.ram}: must be a positive multiple of 4K")
     except ValueError as exc:
         print(f"rdma-pipeline run: {exc}", file=sys.stderr)
         return 2
-    progress = Progress(True)
+    progress = Progress(not args.json)
     with StopSignals("run") as signals:
         try:
             with LocalRun(ram, config, state=spec.state, fill=spec.fill, guest=spec,

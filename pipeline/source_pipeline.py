@@ -19,7 +19,7 @@ import numpy as np
 from pipeline.config import MigrationConfig
 from pipeline.control import CONTROL_PINNED
 from pipeline.protocol.capabilities import DataConnect
-from shm.errors import StageFailed
+from shm.errors import ShmError, StageFailed
 from shm.naming import segment_name
 from shm.ring import CONSUMER, PRODUCER, Ring
 from stages.harness import Inbox, StageProcess, sweep_pids
@@ -234,6 +234,15 @@ class SourcePipeline:
             if "error" in self._local:
                 raise StageFailed("poster", None,
                                   f"writes on the control QP: {self._local['error']}")
+
+    def bytes_done(self) -> int:
+        """Bytes whose RDMA WRITEs have completed so far, every round (the registrar's note on
+        its requests ring, live within a round); 0 once the rings are closed."""
+        ring = self.rings.get("requests")
+        try:
+            return ring.peek_note() if ring is not None else 0
+        except (ValueError, ShmError):       # closed meanwhile (another thread's snapshot)
+            return 0
 
     def figures(self) -> dict:
         """The registrar's and the poster's totals, from the figures each sent as it ended."""

@@ -4,7 +4,9 @@
 dict (JSON-ready) with QEMU's keys: ``status``, ``total-time``, ``setup-time``, ``downtime``,
 ``expected-downtime`` (milliseconds) and a ``ram`` object (``transferred``, ``remaining``,
 ``total``, ``duplicate``, ``normal``, ``normal-bytes``, ``mbps``, ``dirty-pages-rate``,
-``dirty-sync-count``), plus ours: ``verified``, ``round``, ``rounds`` (per round:
+``dirty-sync-count``; ``mbps`` is the last round's rate while the migration runs and, once it
+has completed, all bytes over the time from the end of setup to completion, as QEMU's
+``migration_calculate_complete``), plus ours: ``verified``, ``round``, ``rounds`` (per round:
 ``round``, ``start`` (s after the migration started), ``seconds``, ``bytes`` sent, ``pages``,
 ``zero-pages``, then ``remaining`` and ``dirty-pages-rate`` from the sync that followed),
 ``cleanup-time`` (ms spent stopping the stages after completion, outside total-time),
@@ -19,6 +21,7 @@ every byte RDMA-written plus every control-message byte sent.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from shm.memory import PAGE_SIZE
@@ -85,6 +88,8 @@ class MigrationStats:
     warning: str = ""                # what failed after the commit point (the migration stands)
     runs_on: str = ""                # where the guest runs at the end: source, destination, ...
     verification: str = ""           # why the RAM was not verified (a stream with no digest)
+    on_sync: Callable[[int], None] | None = None   # called with dirty-sync-count at each sync
+    live_rdma_bytes: Callable[[], int] | None = None   # bytes written so far, within a round
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def update(self, **changes) -> None:
@@ -97,6 +102,9 @@ class MigrationStats:
         with self._lock:
             for name, value in deltas.items():
                 setattr(self, name, getattr(self, name) + value)
+            sync = self.dirty_sync_count
+        if "dirty_sync_count" in deltas and self.on_sync is not None:
+            self.on_sync(sync)     # outside the lock: the callback may take a snapshot
 
     def add_stage(self, **deltas) -> None:
         """Add to per-stage counters (``StageFigures``)."""
@@ -118,9 +126,33 @@ class MigrationStats:
         with self._lock:
             self.rounds[-1] = {**self.rounds[-1], **changes}
 
+    def _mbps(self, end: float) -> float:
+        """While it runs, the last round's rate; once completed, QEMU's figure: every byte
+        over the time from the end of setup to completion (megabits per second)."""
+        if self.status == "completed" and self.end_time and self.start_time:
+            secs = end - (self.setup_end or self.start_time)
+            if secs > 0:
+                return self.transferred * 8 / 1e6 / secs
+        return self.mbps
+
     @property
     def transferred(self) -> int:
         return self.rdma_bytes + self.control_bytes
+
+    def _live(self) -> tuple[int, int]:
+        """(transferred, remaining) with the RDMA bytes of the round under way counted as they
+        land (``live_rdma_bytes``), so that progress moves within a round, not only at its end:
+        remaining drops by the bytes written since the last sync (zero pages, sent without a
+        write, are taken off at the next sync)."""
+        rdma = self.rdma_bytes
+        if self.live_rdma_bytes is not None and self.status not in ("completed", "failed",
+                                                                     "cancelled"):
+            try:
+                rdma = max(rdma, self.live_rdma_bytes())
+            except Exception:  # noqa: BLE001 - a figure for display: never fail a snapshot
+                pass
+        remaining = max(0, self.remaining_bytes - (rdma - self.rdma_bytes))
+        return rdma + self.control_bytes, remaining
 
     def snapshot(self, now: float) -> dict:
         """query-migrate-style dict at monotonic time ``now``."""
@@ -132,20 +164,21 @@ class MigrationStats:
             if self.pause_time and self.resume_time:
                 downtime = round((self.resume_time - self.pause_time) * 1000, 1)
             elapsed = max(end - self.start_time, 1e-9) if self.start_time else 0.0
+            transferred, remaining = self._live()
             out = {
                 "status": self.status,
                 "total-time": round(total_ms, 1),
                 "setup-time": round(setup_ms, 1),
                 "expected-downtime": round(self.expected_downtime_ms, 1),
                 "ram": {
-                    "transferred": self.transferred,
-                    "remaining": self.remaining_bytes,
+                    "transferred": transferred,
+                    "remaining": remaining,
                     "total": self.total_bytes,
                     "duplicate": self.duplicate_pages,
                     "normal": self.normal_pages,
                     "normal-bytes": self.normal_pages * PAGE_SIZE,
-                    "mbps": round(self.mbps, 1),
-                    "average-mbps": round(self.transferred * 8 / 1e6 / elapsed, 1)
+                    "mbps": round(self._mbps(end), 1),
+                    "average-mbps": round(transferred * 8 / 1e6 / elapsed, 1)
                     if elapsed else 0.0,
                     "dirty-pages-rate": round(self.dirty_pages_rate),
                     "dirty-sync-count": self.dirty_sync_count,

@@ -5,7 +5,8 @@ Layout of the payload (u64 little-endian words; counters on their own cache line
     0     capacity, itemsize, crc32 of the dtype's descr
     64    head: records ever pushed (written by the producer only)
     128   tail: records ever popped (written by the consumer only)
-    192   producer pid, producer state (OPEN, CLOSED = end of stream, ABORTED = left early)
+    192   producer pid, producer state (OPEN, CLOSED = end of stream, ABORTED = left early),
+          producer's note (a counter the producer publishes for onlookers, ``note``)
     256   consumer pid, consumer state (OPEN, ABORTED = left)
     512   the dtype's descr as text, for error messages
     1024  capacity records of the user's numpy structured dtype
@@ -56,7 +57,7 @@ POLL_INTERVAL = 0.1
 _TOKEN_CAP = 1 << 20
 _CAPACITY, _ITEMSIZE, _DTYPE_CRC = 0, 1, 2
 _HEAD, _TAIL = 8, 16
-_PRODUCER_PID, _PRODUCER_STATE = 24, 25
+_PRODUCER_PID, _PRODUCER_STATE, _PRODUCER_NOTE = 24, 25, 26
 _CONSUMER_PID, _CONSUMER_STATE = 32, 33
 _DESCR_OFFSET, _RECORDS_OFFSET = 512, 1024
 OPEN, CLOSED, ABORTED = 0, 1, 2
@@ -280,6 +281,17 @@ class Ring(SemaphoreSegment):
         hdr[_TAIL] = tail + n  # release the slots only after copying them out
         self._post(self._spaces)
         return out.view(self.dtype)
+
+    def note(self, value: int) -> None:
+        """Publish a counter beside the records (the producer's, e.g. bytes done so far), for
+        anyone who ``peek_note``s: one 8-byte store, one writer, read without a wait."""
+        self._check_open()
+        self._hdr[_PRODUCER_NOTE] = value
+
+    def peek_note(self) -> int:
+        """The producer's last ``note`` (0 before any)."""
+        self._check_open()
+        return self._hdr[_PRODUCER_NOTE]
 
     def close_write(self) -> None:
         """End the stream: the consumer drains what is left, then pops empty arrays."""

@@ -124,6 +124,7 @@ class Registrar:
         self.chunks_unregistered = 0
         self.compress_sent = 0
         self.busy_ns = 0
+        self.bytes_done = 0          # bytes whose RDMA WRITEs completed, every round so far
 
     # -- pin-all -------------------------------------------------------------------------
     def pin_blocks(self) -> None:
@@ -185,6 +186,7 @@ class Registrar:
             if mr is not None:
                 mr.close()
         done = select(comps, CHUNK_DONE)
+        self.bytes_done += int(done["bytes"].sum())
         for b in np.unique(done["block"]):
             sel = done[done["block"] == b]
             np.subtract.at(self.inflight[b], sel["chunk"].astype(np.int64),
@@ -581,6 +583,7 @@ def registrar_main(config: dict, link) -> int:
                 flush(*reg.on_answers(recs))
             else:
                 flush(records(WRITE_RING, 0), reg.on_completions(recs))
+                requests_out.note(reg.bytes_done)   # the coordinator's live progress
         requests_out.close_write()
         link.send("figures", {"chunks_registered": reg.chunks_registered,
                               "chunks_unregistered": reg.chunks_unregistered,

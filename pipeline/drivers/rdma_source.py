@@ -65,6 +65,7 @@ class RdmaSource(SourceDriver):
         self.link = ControlLink(ctx, self.pd, Role.SOURCE, check=self.check,
                                 trace=ControlTrace(cfg.trace_control))
         self.stack.callback(self.link.close)
+        self.stats.update(live_rdma_bytes=self.pipeline.bytes_done)   # progress within rounds
         channel = self.link.channel
         private = channel.initiate(action.capabilities, block_lengths=list(action.block_lengths))
         self.link.trace("connect", private)

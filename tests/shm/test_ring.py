@@ -342,3 +342,15 @@ def test_a_signal_handlers_exception_ends_a_wait(run_id):
             with pytest.raises(RingTimeout):
                 ring.pop(1, timeout=0.5)
         assert time.monotonic() - t0 < 5
+
+
+def test_the_producers_note_is_read_by_anyone(ring_set):
+    rings, _ = ring_set
+    ring = rings[0]
+    assert ring.peek_note() == 0
+    ring.note(123 << 20)
+    onlooker = Ring.attach(ring.name, ring.dtype)
+    try:
+        assert onlooker.peek_note() == 123 << 20
+    finally:
+        onlooker.close()
