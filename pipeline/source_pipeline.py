@@ -49,6 +49,19 @@ RINGS = {  # name: (dtype, capacity, coordinator's role)
     "answers": (ANSWER, 1 << 14, PRODUCER),
 }
 
+TARGETS = {"scanner": "stages.scanner:scanner_main",
+           "registrar": "stages.registrar:registrar_main",
+           "poster": "stages.poster:poster_main"}
+
+
+def prestart() -> None:
+    """Start the source's stage interpreters ahead of a migration (``stages.harness.prestart``:
+    its setup-time then holds no interpreter start-up); ``stages.harness.discard_spares`` ends
+    those a migration did not take."""
+    from stages.harness import prestart as start_spares
+
+    start_spares(list(TARGETS.values()))
+
 
 class SourcePipeline:
     def __init__(self, run_id: str, config: MigrationConfig, guest) -> None:
@@ -72,19 +85,19 @@ class SourcePipeline:
             raise
         n = {k: r.name for k, r in self.rings.items()}
         region = guest.region.name
-        self.scanner = StageProcess("scanner", "stages.scanner:scanner_main", {
+        self.scanner = StageProcess("scanner", TARGETS["scanner"], {
             "region": region, "dirty": guest.dirty_source(),
             "chunk_pages": guest.region.chunk_pages,
             "commands": n["commands"], "runs": n["runs"], "syncs": n["syncs"],
             "pagehash": self.pages.name})
-        self.registrar = StageProcess("registrar", "stages.registrar:registrar_main", {
+        self.registrar = StageProcess("registrar", TARGETS["registrar"], {
             "region": region, "transport": config.transport, "pin_all": config.pin_all,
             "pin_budget": config.pin_budget, "memlock_limit": config.memlock_limit,
             "odp": config.odp, "pin_reserve": PEER_CONTROL_PINNED,
             "runs": n["runs"], "answers": n["answers"],
             "completions": n["completions"], "writes": n["writes"],
             "requests": n["requests"]})
-        self.poster = StageProcess("poster", "stages.poster:poster_main", {
+        self.poster = StageProcess("poster", TARGETS["poster"], {
             "transport": config.transport, "writes": n["writes"],
             "completions": n["completions"], "max_bandwidth": config.max_bandwidth})
         self.stages = [self.scanner, self.registrar, self.poster]
