@@ -4,7 +4,8 @@
 dict (JSON-ready) with QEMU's keys: ``status``, ``total-time``, ``setup-time``, ``downtime``,
 ``expected-downtime`` (milliseconds) and a ``ram`` object (``transferred``, ``remaining``,
 ``total``, ``duplicate``, ``normal``, ``normal-bytes``, ``mbps``, ``dirty-pages-rate``,
-``dirty-sync-count``), plus ours: ``verified``, ``round``, ``rounds`` (per round:
+``dirty-sync-count``), ``cpu-throttle-percentage`` (auto-converge, once it throttles), plus
+ours: ``verified``, ``round``, ``rounds`` (per round:
 ``round``, ``start`` (s after the migration started), ``seconds``, ``bytes`` sent, ``pages``,
 ``zero-pages``, then ``remaining`` and ``dirty-pages-rate`` from the sync that followed),
 ``cleanup-time`` (ms spent stopping the stages after completion, outside total-time),
@@ -82,6 +83,7 @@ class MigrationStats:
     warning: str = ""                # what failed after the commit point (the migration stands)
     runs_on: str = ""                # where the guest runs at the end: source, destination, ...
     verification: str = ""           # why the RAM was not verified (a stream with no digest)
+    cpu_throttle_percentage: int = 0  # auto-converge's throttle of the guest (0: none)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def update(self, **changes) -> None:
@@ -155,6 +157,8 @@ class MigrationStats:
             }
             if downtime is not None:
                 out["downtime"] = downtime
+            if self.cpu_throttle_percentage:
+                out["cpu-throttle-percentage"] = self.cpu_throttle_percentage
             if self.guest:
                 out["guest"] = self.guest
                 out["dirty-tracking"] = self.dirty_tracking

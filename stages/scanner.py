@@ -118,12 +118,13 @@ class Scanner:
     def __init__(self, views: list[np.ndarray], chunk_pages: int,
                  fetch: Callable[[], list[np.ndarray]],
                  runs: Callable[[list[np.ndarray], int], np.ndarray],
-                 table=None) -> None:
+                 table=None, gap: int = GAP_PAGES) -> None:
         self.views = views
         self.table = table            # a stages.pagehash.PageTable, or None: hashes discarded
         self._scratch: list[np.ndarray] = []
         self._spare: np.ndarray | None = None     # the hashes of a scanner without a table
         self.chunk_pages = chunk_pages
+        self.gap = gap                # clean pages a merged write may carry (merge_runs)
         self.stretch_pages = -(-STRETCH_PAGES // chunk_pages) * chunk_pages
         self._fetch = fetch
         self._runs = runs
@@ -188,7 +189,7 @@ class Scanner:
                                                    ZERO)).astype(np.uint8)
                 body = split_runs(body, pages, starts, kind)
             if len(body) > 1:
-                body = merge_runs(body, self.chunk_pages)
+                body = merge_runs(body, self.chunk_pages, self.gap)
             if n_nz < len(pages):
                 body = body[body["zero"] != ALREADY_ZERO]
             if len(body):
@@ -261,7 +262,8 @@ def scanner_main(config: dict, link) -> int:
         table = None
         if config.get("pagehash"):
             table = pagehash.PageTable.attach(config["pagehash"])
-        scanner = Scanner(views, config["chunk_pages"], source.fetch, dirty_runs, table)
+        scanner = Scanner(views, config["chunk_pages"], source.fetch, dirty_runs, table,
+                          gap=int(config.get("gap", GAP_PAGES)))
         import threading
 
         mapper = threading.Thread(target=lambda: [map_in(v) for v in views], daemon=True,

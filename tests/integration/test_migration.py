@@ -98,3 +98,13 @@ def test_corrupted_destination_page_fails_verification():
     assert "verification failed" in summary["destination"]["error-desc"]
     assert "vga.vram chunk 0" in summary["destination"]["error-desc"]
     assert running                                          # the source guest runs on
+
+
+def test_auto_converge_throttles_a_guest_dirtying_near_the_link_rate():
+    # 90 % of a 2 MB/s link: the guest is throttled (its write rate) until it converges
+    cfg = MigrationConfig().with_options(["auto-converge=on"], ["max-bandwidth=2M"])
+    summary, running = migrate(8 * MIB, cfg, GuestState(dirty_rate=1_800_000, seed=3))
+    assert_completed(summary)
+    assert summary["cpu-throttle-percentage"] >= 20
+    assert summary["ram"]["dirty-sync-count"] >= 2
+    assert not running
