@@ -11,7 +11,10 @@ RAM stamped data, one page in ten zero), written to a file once; QEMU's source l
 Ours is ``python -m pipeline run --ram RAM --dirty-rate 0 --fill FILL`` over ``rdma:`` (our
 default machine: verification on), in a fresh process. Both rates are the data pages' bytes /
 total-time; target 0 is ours at least 0.8x QEMU's (1.0x the goal after that). Each case runs
-in a fresh process; the medians of ``--repeat`` runs and the load average are printed.
+in a fresh process; the medians of ``--repeat`` runs, their spread and the load average are
+printed. QEMU's own time swings widely here from run to run (0.3-2.3 s for 1 GiB, fresh
+processes each time, the destination faulting its RAM in as pages land): use --repeat 5 or
+more.
 """
 
 from __future__ import annotations
@@ -134,8 +137,10 @@ def main(argv: list[str] | None = None) -> int:
             errs = {x.get("error") or x.get("status") for x in r["all"]}
             print(f"  {r['case']:<14} no completed run: {', '.join(map(str, errs))}")
             continue
+        totals = [x["total_ms"] for x in r["all"] if x.get("total_ms")]
         print(f"  {r['case']:<14} total {r['total_ms']:7.0f} ms  setup {r['setup_ms']:5.0f} ms  "
               f"{r['data_gb_per_s']:.2f} GB/s of data  ({r['completed']}/{r['runs']} completed,"
+              f" totals {min(totals):.0f}-{max(totals):.0f} ms,"
               f" load {min(r['loads'])}-{max(r['loads'])})")
     if ratio is not None:
         verdict = "met" if ratio >= TARGET else "NOT met"
