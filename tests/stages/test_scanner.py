@@ -291,3 +291,17 @@ def test_pages_not_in_memory_stay_untouched(monkeypatch):
                 (3, 1, 0), (700, 1, 0), (1000, 1, 0)]     # 4, 50, 51, 699, 1001: zero there
         finally:
             region.unlink()
+
+
+def test_a_blocks_first_stretch_comes_in_smaller_steps(monkeypatch):
+    import stages.scanner as sc
+
+    monkeypatch.setattr(sc, "STRETCH_PAGES", 64)
+    monkeypatch.setattr(sc, "RAMP_PAGES", (3, 16))     # 3: rounded up to a chunk (4 pages)
+    views = [np.ones((200, 512), np.uint64), np.ones((10, 512), np.uint64)]
+    log, scanner = scanner_over(views, chunk_pages=4)
+    parts = [p.view(RUN) for p in scanner.scan_stretches(1)][:-1]
+    spans = [(int(p["block"][0]), int(p["first_page"][0]),
+              int(p["first_page"][-1] + p["n_pages"][-1])) for p in parts]
+    assert spans == [(0, 0, 4), (0, 4, 16), (0, 16, 64), (0, 64, 128), (0, 128, 192),
+                     (0, 192, 200), (1, 0, 4), (1, 4, 10)]
