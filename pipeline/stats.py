@@ -12,9 +12,10 @@ ours: ``verified``, ``round``, ``rounds`` (per round:
 ``error``, ``stages``, ``guest`` and
 ``dirty-tracking`` (which guest ran and which dirty source tracked it).
 
-Counting: ``duplicate`` is zero pages found by the scanner (sent as COMPRESS, or written as
-part of a run in a registered chunk); ``normal`` the non-zero pages written; ``transferred``
-every byte RDMA-written plus every control-message byte sent.
+Counting: ``duplicate`` is zero pages found by the scanner (sent as COMPRESS, written as
+part of a run in a registered chunk, or not sent at all where the destination holds zeros
+already); ``normal`` the non-zero pages written; ``transferred`` the bytes that crossed: every
+byte RDMA-written plus every control-message byte sent.
 """
 
 from __future__ import annotations
