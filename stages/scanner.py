@@ -205,7 +205,8 @@ class Scanner:
                 # (a write carries the page as it is when posted, not as it was scanned)
                 covered, _ = expand_runs(body["first_page"], body["n_pages"])
                 self.dest_zero[b][covered] = False
-                self.busy_ns += time.perf_counter_ns() - t0
+            self.busy_ns += time.perf_counter_ns() - t0
+            if len(body):
                 yield body.view(RUN_RING)
             t0 = time.perf_counter_ns()
         self.pages_scanned += dirty
