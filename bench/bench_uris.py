@@ -10,15 +10,18 @@ whole migration on this machine (``run_local``: destination process, source, ver
 resume) over each URI. Each case runs in a fresh interpreter (``--case``) and prints one JSON
 line: status, total time, setup, downtime, rounds, bytes on the wire, average throughput (RAM
 size / total time), CPU seconds of the case's processes (source, stages, guest, destination,
-reaped children) and peak RSS. With ``--repeat`` the median run (by total time) is kept. The
-table's "vs. tcp" column divides tcp's total time (and downtime) by rdma's: above 1 means rdma
-is faster. Standalone: it shares no code with the other benchmarks.
+reaped children) and peak RSS. With ``--repeat`` the median run (by total time) is kept, the
+cases alternated (rdma, tcp, rdma, ...) so that a shared machine's load falls on both; the
+table is followed by issue 15's targets 1 and 2 with whether this run met them, and the load
+average seen. The table's "vs. tcp" column divides tcp's total time (and downtime) by rdma's:
+above 1 means rdma is faster. Standalone: it shares no code with the other benchmarks.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -75,6 +78,9 @@ def median(rows: list[dict]) -> dict:
     mid = statistics.median_low([r["total_ms"] for r in ok])
     row = dict(next(r for r in ok if r["total_ms"] == mid))
     row["runs"] = len(rows)
+    row["setup_med"] = statistics.median([r["setup_ms"] for r in ok])
+    row["transferred_med"] = statistics.median([r["transferred"] for r in ok])
+    row["load"] = max(r.get("load", 0.0) for r in rows)
     return row
 
 
@@ -128,16 +134,42 @@ def main() -> int:
         return 0
     rows = []
     for rate in rates:
-        for scheme in SCHEMES:
-            rows.append(median([one_process(scheme, ram, rate, args.seed)
-                                for _ in range(max(1, args.repeat))]))
+        runs: dict[str, list[dict]] = {s: [] for s in SCHEMES}
+        for _ in range(max(1, args.repeat)):
+            for scheme in SCHEMES:        # alternated: a shared machine's load hits both alike
+                row = one_process(scheme, ram, rate, args.seed)
+                row["load"] = round(os.getloadavg()[0], 2)
+                runs[scheme].append(row)
+        rows += [median(runs[s]) for s in SCHEMES]
     attach_ratios(rows)
     if args.json:
         for r in rows:
             print(json.dumps(r), flush=True)
     else:
         print_table(rows)
+        for line in verdicts(rows):
+            print(line)
     return 0
+
+
+def verdicts(rows: list[dict]) -> list[str]:
+    """Issue 15's targets 1 and 2, each with whether this run met it (medians)."""
+    out = []
+    tcp = {r["dirty_rate_mb_s"]: r for r in rows if r["scheme"] == "tcp" and "total_ms" in r}
+    for r in rows:
+        base = tcp.get(r["dirty_rate_mb_s"])
+        if r["scheme"] != "rdma" or "total_ms" not in r or base is None:
+            continue
+        speed, wire = r["vs_tcp_total"] or 0.0, r["transferred_med"] / base["transferred_med"]
+        ok = speed >= 1.0 and wire <= 1.05
+        out.append(f"target 1, {r['case']}: rdma: {speed:.2f}x tcp:'s speed (>= 1.0), "
+                   f"{wire:.3f}x its bytes (<= 1.05): {'met' if ok else 'NOT met'}")
+        out.append(f"target 2, {r['case']}: setup-time {r['setup_med']:.0f} ms (<= 100): "
+                   f"{'met' if r['setup_med'] <= 100 else 'NOT met'}")
+    loads = [r.get("load") for r in rows if r.get("load") is not None]
+    if loads:
+        out.append(f"load average (1 min) while measured: {min(loads)}-{max(loads)}")
+    return out
 
 
 if __name__ == "__main__":

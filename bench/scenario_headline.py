@@ -22,7 +22,7 @@ from bench.common import format_table
 from bench.scenario_common import med, migration, plot, save
 
 QEMU_S = {False: 7.5, True: 4.0}      # 8 GB over 40 Gbps IB, QEMU's docs/rdma.txt
-TARGET_S = 2.0
+TARGET_S = 0.6     # issue 15's target 5 for 8 GiB (the source reads it once: ~0.4 s here)
 
 
 def shm_free() -> int:
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
             if ok else None,
             "qemu_s": QEMU_S[pin] * scale,
             "vs_qemu": round(QEMU_S[pin] * scale * 1e3 / total, 2) if total else None,
-            "target_met": total is not None and total < TARGET_S * 1e3 * scale,
+            "target_met": total is not None and total <= TARGET_S * 1e3 * scale,
             "errors": [r.get("error") or r.get("error-desc") for r in rs if r not in ok],
         })
     payload = {"scenario": "headline", "ram": ram, "rows": rows,
@@ -85,8 +85,11 @@ def main(argv: list[str] | None = None) -> int:
         ("runs ok", lambda r: f"{r['completed']}/{r['runs']}", ""),
         ("QEMU s (40G IB)", "qemu_s", ".1f"),
         ("vs. QEMU", lambda r: r["vs_qemu"] and f"{r['vs_qemu']:.2f}x", "")]))
-    print(f"guest RAM {ram / (1 << 30):g} GiB, all touched, all zero; target < "
-          f"{TARGET_S * ram / (8 << 30):.1f} s in both modes; medians of {args.repeat}")
+    for r in rows:
+        print(f"target 5, {r['case']}: {(r['total_ms'] or 0) / 1e3:.2f} s (<= "
+              f"{TARGET_S * ram / (8 << 30):.2f} s): {'met' if r['target_met'] else 'NOT met'}")
+    print(f"guest RAM {ram / (1 << 30):g} GiB, all touched, all zero; medians of "
+          f"{args.repeat}; load average {os.getloadavg()[0]:.2f} at the end")
     print("\n".join(notes))
     return 0
 

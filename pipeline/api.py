@@ -246,6 +246,10 @@ class LocalRun:
     def start(self) -> Migration:
         from stages.harness import StageProcess
 
+        if self.scheme == "rdma":        # its stage interpreters start while the guest boots
+            from pipeline.source_pipeline import prestart
+
+            prestart()
         # --machine none: QEMU's -M none, one block "ram"
         blocks = [("ram", self.ram)] if self.config.machine == "none" else None
         self.guest = self.spec.create(self.ram, run_id=self.run_id,
@@ -318,8 +322,9 @@ class LocalRun:
         return b > a or not self.guest.busy
 
     def close(self) -> None:
-        from stages.harness import sweep_pids
+        from stages.harness import discard_spares, sweep_pids
 
+        discard_spares()
         if self.dest is not None:
             pid = self.dest.pid
             self.dest.stop(5.0)

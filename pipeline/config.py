@@ -16,9 +16,15 @@ from shm.memory import PAGE_SIZE  # noqa: F401 - also for users: pipeline.config
 
 MIB = 1 << 20
 
-CAPABILITIES = ("rdma-pin-all", "x-odp", "x-rdma-extensions")
+CAPABILITIES = ("rdma-pin-all", "x-odp", "x-rdma-extensions", "auto-converge")
 PARAMETERS = ("downtime-limit", "max-bandwidth", "x-max-rounds", "x-keep-going", "x-pin-budget",
-              "x-memlock-limit")
+              "x-memlock-limit", "cpu-throttle-initial", "cpu-throttle-increment",
+              "max-cpu-throttle", "throttle-trigger-threshold", "cpu-throttle-tailslow")
+# auto-converge's parameters: (field, lowest, highest), QEMU's names and ranges
+_THROTTLE = {"cpu-throttle-initial": ("throttle_initial", 1, 99),
+             "cpu-throttle-increment": ("throttle_increment", 1, 99),
+             "max-cpu-throttle": ("throttle_max", 1, 99),
+             "throttle-trigger-threshold": ("throttle_threshold", 1, 100)}
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kKmMgGtT]?)(i?[bB])?\s*$")
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
@@ -81,6 +87,12 @@ class MigrationConfig:
     machine: str = ""                     # --machine: the source's machine type (default
                                           # rdma-pipeline; "none" is QEMU's -M none); the
                                           # destination's refuses any other ("": any)
+    auto_converge: bool = False           # capability auto-converge: throttle a busy guest
+    throttle_initial: int = 20            # cpu-throttle-initial (%)
+    throttle_increment: int = 10          # cpu-throttle-increment (%)
+    throttle_max: int = 99                # max-cpu-throttle (%)
+    throttle_threshold: int = 50          # throttle-trigger-threshold (% of bytes sent)
+    throttle_tailslow: bool = False       # cpu-throttle-tailslow
     extras: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -100,6 +112,9 @@ class MigrationConfig:
                              "1M")
         if self.pin_budget and self.pin_budget < cs:
             raise ValueError("x-pin-budget must be 0 (unlimited) or at least one chunk")
+        for name, (attr, low, high) in _THROTTLE.items():
+            if not low <= getattr(self, attr) <= high:
+                raise ValueError(f"{name} must be between {low} and {high}")
         if len(self.machine.encode()) > 255 or "\0" in self.machine:
             raise ValueError(f"machine type {self.machine!r}: a name of 1-255 bytes")
 
@@ -115,6 +130,8 @@ class MigrationConfig:
                 changes["odp"] = _parse_bool(name, value)
             elif name == "x-rdma-extensions":
                 changes["extensions"] = _parse_bool(name, value)
+            elif name == "auto-converge":
+                changes["auto_converge"] = _parse_bool(name, value)
             else:
                 raise ValueError(f"unknown capability {name!r} (known: {', '.join(CAPABILITIES)})")
         for item in parameters:
@@ -132,6 +149,10 @@ class MigrationConfig:
                     changes["pin_budget"] = parse_size(value)
                 elif name == "x-memlock-limit":
                     changes["memlock_limit"] = parse_size(value)
+                elif name in _THROTTLE:
+                    changes[_THROTTLE[name][0]] = int(value)
+                elif name == "cpu-throttle-tailslow":
+                    changes["throttle_tailslow"] = _parse_bool(name, value)
                 else:
                     raise ValueError(
                         f"unknown parameter {name!r} (known: {', '.join(PARAMETERS)})")

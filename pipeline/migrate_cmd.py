@@ -31,8 +31,10 @@ def add_arguments(p) -> None:
 def main(args) -> int:
     from pipeline.api import start_outgoing
     from pipeline.config import parse_size
+    from pipeline.source_pipeline import prestart
     from pipeline.uri import parse_uri
     from shm.naming import new_run_id
+    from stages.harness import discard_spares
 
     try:
         uri = parse_uri(args.uri)
@@ -49,6 +51,8 @@ def main(args) -> int:
     with StopSignals("migrate") as signals:
         try:
             with signals.starting():
+                if uri.scheme == "rdma":     # stage interpreters start while the guest boots
+                    prestart()
                 guest = spec.create(ram, run_id=run_id, chunk_size=config.chunk_size,
                                     blocks=guest_blocks(args.machine, ram))
             with guest:
@@ -62,6 +66,7 @@ def main(args) -> int:
                 if args.dump and summary["status"] == "completed":
                     _dump(args.dump, guest, summary)
         finally:
+            discard_spares()
             progress.done()
         code = signals.report(summary)
     return conclude("migrate", summary, args.json, code)

@@ -34,6 +34,7 @@ from stages.records import (
     Command,
     records,
 )
+from stages.scanner import GAP_PAGES
 
 SLICE = 0.1
 # What an rdma-pipeline destination pins beside its chunks (its control link's buffers): the
@@ -49,6 +50,19 @@ RINGS = {  # name: (dtype, capacity, coordinator's role)
     "requests": (REQUEST_RING, 1 << 14, CONSUMER),
     "answers": (ANSWER, 1 << 14, PRODUCER),
 }
+
+TARGETS = {"scanner": "stages.scanner:scanner_main",
+           "registrar": "stages.registrar:registrar_main",
+           "poster": "stages.poster:poster_main"}
+
+
+def prestart() -> None:
+    """Start the source's stage interpreters ahead of a migration (``stages.harness.prestart``:
+    its setup-time then holds no interpreter start-up); ``stages.harness.discard_spares`` ends
+    those a migration did not take."""
+    from stages.harness import prestart as start_spares
+
+    start_spares(list(TARGETS.values()))
 
 
 class SourcePipeline:
@@ -76,12 +90,15 @@ class SourcePipeline:
             raise
         n = {k: r.name for k, r in self.rings.items()}
         region = guest.region.name
-        self.scanner = StageProcess("scanner", "stages.scanner:scanner_main", {
+        self.scanner = StageProcess("scanner", TARGETS["scanner"], {
             "region": region, "dirty": guest.dirty_source(),
             "chunk_pages": guest.region.chunk_pages,
             "commands": n["commands"], "runs": n["runs"], "syncs": n["syncs"],
-            "pagehash": self.pages.name})
-        self.registrar = StageProcess("registrar", "stages.registrar:registrar_main", {
+            "pagehash": self.pages.name,
+            # Under max-bandwidth bytes are what costs: no write carries clean pages (a guest
+            # dirtying a third of its pages at random sent 1.4x their bytes with gaps of 2).
+            "gap": 0 if config.max_bandwidth else GAP_PAGES})
+        self.registrar = StageProcess("registrar", TARGETS["registrar"], {
             "region": region, "transport": config.transport, "pin_all": config.pin_all,
             "peer": peer,       # its PD goes on the device of the route to the destination
             "pin_budget": config.pin_budget, "memlock_limit": config.memlock_limit,
@@ -89,7 +106,7 @@ class SourcePipeline:
             "runs": n["runs"], "answers": n["answers"],
             "completions": n["completions"], "writes": n["writes"],
             "requests": n["requests"]})
-        self.poster = StageProcess("poster", "stages.poster:poster_main", {
+        self.poster = StageProcess("poster", TARGETS["poster"], {
             "transport": config.transport, "writes": n["writes"],
             "completions": n["completions"], "max_bandwidth": config.max_bandwidth})
         self.stages = [self.scanner, self.registrar, self.poster]

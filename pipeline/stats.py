@@ -6,16 +6,18 @@ dict (JSON-ready) with QEMU's keys: ``status``, ``total-time``, ``setup-time``, 
 ``total``, ``duplicate``, ``normal``, ``normal-bytes``, ``mbps``, ``dirty-pages-rate``,
 ``dirty-sync-count``; ``mbps`` is the last round's rate while the migration runs and, once it
 has completed, all bytes over the time from the end of setup to completion, as QEMU's
-``migration_calculate_complete``), plus ours: ``verified``, ``round``, ``rounds`` (per round:
+``migration_calculate_complete``), ``cpu-throttle-percentage`` (auto-converge, once it
+throttles), plus ours: ``verified``, ``round``, ``rounds`` (per round:
 ``round``, ``start`` (s after the migration started), ``seconds``, ``bytes`` sent, ``pages``,
 ``zero-pages``, then ``remaining`` and ``dirty-pages-rate`` from the sync that followed),
 ``cleanup-time`` (ms spent stopping the stages after completion, outside total-time),
 ``error``, ``stages``, ``guest`` and
 ``dirty-tracking`` (which guest ran and which dirty source tracked it).
 
-Counting: ``duplicate`` is zero pages found by the scanner (sent as COMPRESS, or written as
-part of a run in a registered chunk); ``normal`` the non-zero pages written; ``transferred``
-every byte RDMA-written plus every control-message byte sent.
+Counting: ``duplicate`` is zero pages found by the scanner (sent as COMPRESS, written as
+part of a run in a registered chunk, or not sent at all where the destination holds zeros
+already); ``normal`` the non-zero pages written; ``transferred`` the bytes that crossed: every
+byte RDMA-written plus every control-message byte sent.
 """
 
 from __future__ import annotations
@@ -90,6 +92,7 @@ class MigrationStats:
     verification: str = ""           # why the RAM was not verified (a stream with no digest)
     on_sync: Callable[[int], None] | None = None   # called with dirty-sync-count at each sync
     live_rdma_bytes: Callable[[], int] | None = None   # bytes written so far, within a round
+    cpu_throttle_percentage: int = 0  # auto-converge's throttle of the guest (0: none)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def update(self, **changes) -> None:
@@ -191,6 +194,8 @@ class MigrationStats:
             }
             if downtime is not None:
                 out["downtime"] = downtime
+            if self.cpu_throttle_percentage:
+                out["cpu-throttle-percentage"] = self.cpu_throttle_percentage
             if self.guest:
                 out["guest"] = self.guest
                 out["dirty-tracking"] = self.dirty_tracking

@@ -26,6 +26,7 @@ import multiprocessing.connection
 import os
 import signal
 import sys
+import threading
 import time
 import traceback
 from multiprocessing import resource_tracker
@@ -102,6 +103,79 @@ def _entry(target: str, name: str, config: dict, conn, parent: int | None = None
             os._exit(code)
 
 
+def _spare_entry(modules: list[str], conn, parent: int) -> None:
+    """A spare stage interpreter (``prestart``): imports ``modules`` ahead of time, then
+    becomes the stage whose (target, name, config) arrive on its pipe; exits 0 unused when the
+    pipe closes (its parent discarded it, or died)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except Exception:  # noqa: BLE001 - the stage's own import reports it, with its name
+            pass
+    try:
+        target, name, config = conn.recv()
+    except (EOFError, OSError):
+        os._exit(EXIT_OK)
+    _entry(target, name, config, conn, parent)
+
+
+# Spare interpreters by target, started ahead of the stages that take them (``prestart``).
+_SPARES: dict[str, list[tuple[Any, Any]]] = {}
+_SPARES_LOCK = threading.Lock()
+PRELOAD = ("numpy", "shm.ring", "shm.region", "stages.harness", "stages.verbs.soft")
+
+
+def prestart(targets: list[str]) -> None:
+    """Start one spare interpreter per ``"module:function"`` in ``targets``, importing its
+    module: a ``StageProcess`` of that target started later (daemonic, in this process) takes
+    it instead of spawning, so the imports (a fresh interpreter with numpy: 100-300 ms here,
+    more on a loaded machine) are paid before the migration rather than in its setup-time.
+    ``discard_spares`` ends those left unused."""
+    resource_tracker.ensure_running()
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        for target in targets:
+            mine, theirs = _CTX.Pipe(duplex=True)
+            proc = _CTX.Process(target=_spare_entry,
+                                args=([*PRELOAD, target.split(":")[0]], theirs, os.getpid()),
+                                name="rdp-spare", daemon=True)
+            proc.start()
+            theirs.close()
+            with _SPARES_LOCK:
+                _SPARES.setdefault(target, []).append((proc, mine))
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def _take_spare(target: str) -> tuple[Any, Any] | None:
+    with _SPARES_LOCK:
+        spares = _SPARES.get(target, [])
+        while spares:
+            proc, conn = spares.pop(0)
+            if proc.exitcode is None:
+                return proc, conn
+            conn.close()
+            proc.join(0)
+    return None
+
+
+def discard_spares() -> None:
+    """End the spare interpreters no stage took (they exit when their pipe closes)."""
+    with _SPARES_LOCK:
+        spares = [s for group in _SPARES.values() for s in group]
+        _SPARES.clear()
+    for _proc, conn in spares:
+        conn.close()
+    for proc, _conn in spares:
+        proc.join(2.0)
+        if proc.exitcode is None:
+            proc.kill()
+            proc.join(2.0)
+        proc.close()
+
+
 EXIT_WAIT_S = 1.0     # a stage that reported its error is on its way out
 
 
@@ -124,6 +198,14 @@ class StageProcess:
 
     # -- lifecycle -----------------------------------------------------------------------
     def start(self) -> StageProcess:
+        spare = _take_spare(self.target) if self.process.daemon else None
+        if spare is not None:                # a prestarted interpreter becomes this stage
+            self._child_conn.close()
+            self.conn.close()
+            self.process, self.conn = spare
+            self.process.name = f"rdp-{self.name}"
+            self.send(self.target, self.name, self.config)
+            return self
         # The child inherits this thread's signal mask through fork and exec: with SIGINT
         # blocked, a Ctrl-C while it boots waits until it ignores SIGINT (``_entry``). The
         # resource tracker starts first: starting it unblocks SIGINT in the calling thread.

@@ -5,8 +5,8 @@ requests at once (``qp.post_writes``) and the clock is passed in. WRITE records 
 backlog of arrays, with each round's END marker in order between them. ``pump`` posts, in one
 ``post`` call, as much of the contiguous stretch at the head of the backlog (up to the next
 END) as the send queue has room for (``max_outstanding``) and the bandwidth cap allows
-(``max_bandwidth`` bytes/s, a budget refilled every 10 ms; the first write of a window always
-goes). No Python runs per write: everything is whole-array numpy.
+(``max_bandwidth`` bytes/s: a ``TokenBucket`` ``WINDOW`` seconds deep). No Python runs per
+write: everything is whole-array numpy.
 
 Invariants:
 - wr_ids are a running counter, so a completion for wr_id k retires every write with id <= k
@@ -54,7 +54,7 @@ from stages.verbs.base import WRITE_WR_DTYPE
 # idle a quarter of the time and a guest dirtying 586 MB/s took 7-12 rounds; at 4096, 3-4.
 DEPTH = 4096
 FOREIGN_WR_ID = 1 << 63   # work requests from here up share the QP but are not the poster's
-WINDOW = 0.01     # seconds of bandwidth budget
+WINDOW = 0.01     # the bandwidth cap's bucket depth, in seconds at the cap
 NO_COMPLETIONS = np.zeros(0, COMPLETION_RING)
 NO_COMPLETIONS.flags.writeable = False
 
@@ -66,6 +66,40 @@ OUTSTANDING_DTYPE = np.dtype([
     ("chunk", "<u4"),
     ("length", "<u8"),
 ])
+
+
+class TokenBucket:
+    """Pacing to ``rate`` bytes/s, the clock passed in: bytes leave while the bucket holds
+    them; it refills at ``rate`` up to ``depth`` bytes (``WINDOW`` seconds' worth) and starts
+    full. A write larger than the whole bucket leaves once the bucket is full and leaves it in
+    debt, so the average never exceeds the rate and no write ever passes unconditionally: by
+    any time t after the first write, at most ``rate * t + max(depth, largest write)`` bytes
+    have left."""
+
+    def __init__(self, rate: int, depth: int = 0) -> None:
+        if rate <= 0:
+            raise ValueError("rate must be > 0")
+        self.rate = float(rate)
+        self.depth = float(depth or max(1, int(rate * WINDOW)))
+        self.tokens = self.depth
+        self._last: float | None = None
+
+    def take(self, lengths: np.ndarray, now: float) -> tuple[int, float]:
+        """How many of ``lengths`` (in order) may leave at ``now`` (their bytes are taken from
+        the bucket), and the seconds until the next one may (0.0 when all went)."""
+        if self._last is not None and now > self._last:
+            self.tokens = min(self.depth, self.tokens + (now - self._last) * self.rate)
+        self._last = now if self._last is None else max(self._last, now)
+        sent = np.cumsum(lengths, dtype=np.float64)
+        n = int(np.searchsorted(sent, self.tokens, side="right"))
+        if n == 0 and len(sent) and sent[0] > self.depth and self.tokens >= self.depth:
+            n = 1                        # larger than the bucket: goes when it is full
+        if n:
+            self.tokens -= float(sent[n - 1])
+        if n == len(sent):
+            return n, 0.0
+        need = min(float(lengths[n]), self.depth)
+        return n, (need - self.tokens) / self.rate + 1e-6   # a hair late, never early
 
 
 class Poster:
@@ -90,8 +124,7 @@ class Poster:
         self.writes_posted = 0
         self.bytes_posted = 0
         self.busy_ns = 0
-        self._window_start = 0.0
-        self._window_bytes = 0
+        self.bucket = TokenBucket(max_bandwidth) if max_bandwidth else None
 
     @property
     def idle(self) -> bool:
@@ -133,10 +166,9 @@ class Poster:
             batch, stretch_end = self._head(room)
             n = len(batch)
             capped = False
-            if self.max_bandwidth:
-                n, capped = self._allowed(batch, now)
-                if capped:
-                    wait = self._window_start + WINDOW - now
+            if self.bucket is not None:
+                n, wait = self.bucket.take(batch["length"], now)
+                capped = n < len(batch)
             if n:
                 tail = capped or stretch_end or self.max_outstanding < self.signal_every
                 self._post_batch(batch[:n], tail)
@@ -190,19 +222,6 @@ class Poster:
             else:
                 self.backlog[0] = head[n:]
                 n = 0
-
-    def _allowed(self, batch: np.ndarray, now: float) -> tuple[int, bool]:
-        """How many of ``batch`` the bandwidth cap lets go now, and whether it held any back."""
-        if now - self._window_start >= WINDOW:
-            self._window_start, self._window_bytes = now, 0
-        budget = self.max_bandwidth * WINDOW - self._window_bytes
-        sent = np.cumsum(batch["length"], dtype=np.uint64)
-        n = int(np.searchsorted(sent, budget, side="right"))
-        if n == 0 and self._window_bytes == 0:
-            n = 1                       # a write larger than the budget goes on its own
-        if n:
-            self._window_bytes += int(sent[n - 1])
-        return n, n < len(batch)
 
     def _post_batch(self, batch: np.ndarray, signal_tail: bool) -> None:
         n = len(batch)
@@ -338,7 +357,7 @@ def proxy_writes(proxy, recs: np.ndarray) -> np.ndarray:
 
 
 __all__ = ["RNR_RETRY", "Poster", "check_completions", "mr_handle_of", "proxy_writes",
-           "serve_writes", "FOREIGN_WR_ID"]
+           "serve_writes", "FOREIGN_WR_ID", "TokenBucket"]
 
 
 def _segments(recs: np.ndarray):

@@ -7,8 +7,11 @@ round that sends it) and returns how many pages are pending: the coordinator's c
 ``scan_stretches(round)`` syncs, turns ``pending`` into runs with ``shm.dirtylog.dirty_runs``,
 clears ``pending``, and then reads the round's pages once, a stretch of RAM at a time
 (``STRETCH_PAGES``, cut at chunk boundaries): each page's hash goes into the page table and the
-same read tags it zero or not (``stages.pagehash.hash_and_test``). It yields each stretch's RUN
-records (merged, ``merge_runs``) as soon as the stretch is done, so the first writes leave after
+same read tags it zero or not (``stages.pagehash.hash_and_test``). Runs are cut where pages
+turn from data to zero (``split_runs``); zero pages the destination surely holds zeros in
+(``dest_zero``: never written nor compressed there, since its RAM starts zero) are dropped, so
+they never cross, not even as a COMPRESS, and no write carries them. It yields each stretch's
+RUN records (merged, ``merge_runs``) as soon as the stretch is done, so the first writes leave after
 one stretch rather than after the whole round, and last the END marker, which means "the round's
 hashes are in the table". ``scan(round)`` is the same, joined. Pages not in memory are never
 read. All of it is numpy over whole stretches; no Python loop runs per page.
@@ -55,6 +58,11 @@ def expand_runs(first: np.ndarray, n: np.ndarray) -> tuple[np.ndarray, np.ndarra
 
 GAP_PAGES = 2     # clean pages a write may carry to save a write (a write costs about 8 KiB more)
 
+# Values of a RUN's ``zero`` inside the scanner: data, zero pages the destination may hold data
+# in (a COMPRESS, or written when small), and zero pages it holds zeros in already (nothing
+# crosses: dropped before the runs leave; only 0 and 1 ever reach the registrar).
+DATA, ZERO, ALREADY_ZERO = 0, 1, 2
+
 
 def merge_runs(body: np.ndarray, chunk_pages: int, gap: int = GAP_PAGES) -> np.ndarray:
     """Runs with data that lie within ``gap`` clean pages of each other in one chunk, as one
@@ -64,12 +72,15 @@ def merge_runs(body: np.ndarray, chunk_pages: int, gap: int = GAP_PAGES) -> np.n
     more data here (a busy guest converged fastest with a gap of 1 or 2 pages; 8 sent twice
     the bytes and took twice the rounds). A zero run next to a data run joins it (its zeros
     are written: cheaper than a COMPRESS message each); two zero runs never join, since a
-    COMPRESS must not cover the pages between them, which may hold data. So every merged run
-    holds data and is written whole."""
+    COMPRESS must not cover the pages between them, which may hold data. An ALREADY_ZERO run
+    joins nothing and no run joins across it: its zeros are at the destination already and
+    never cross as data. So every merged run holds data and is written whole."""
     first = body["first_page"].astype(np.int64)
     end = first + body["n_pages"].astype(np.int64)
-    data = body["zero"] == 0
+    data = body["zero"] == DATA
+    keep = body["zero"] != ALREADY_ZERO
     join = ((body["block"][1:] == body["block"][:-1]) & (data[1:] | data[:-1])
+            & keep[1:] & keep[:-1]
             & (first[1:] // chunk_pages == first[:-1] // chunk_pages)
             & (first[1:] - end[:-1] <= gap))
     if not join.any():
@@ -77,11 +88,30 @@ def merge_runs(body: np.ndarray, chunk_pages: int, gap: int = GAP_PAGES) -> np.n
     starts = np.flatnonzero(np.concatenate([[True], ~join]))
     out = body[starts].copy()
     out["n_pages"] = np.maximum.reduceat(end, starts) - first[starts]
-    out["zero"] = np.logical_and.reduceat(~data, starts)     # a lone zero run stays zero
+    # a group of several runs holds data; a lone run keeps its tag
+    out["zero"] = np.where(np.logical_and.reduceat(~data, starts), body["zero"][starts], DATA)
+    return out
+
+
+def split_runs(body: np.ndarray, pages: np.ndarray, starts: np.ndarray,
+               kind: np.ndarray) -> np.ndarray:
+    """``body``'s runs (their pages ``pages``, each run's first at ``starts``) cut where the
+    pages' ``kind`` (DATA, ZERO, ALREADY_ZERO) changes, each piece tagged with its kind."""
+    cut = np.zeros(len(pages), bool)
+    cut[starts] = True
+    cut[1:] |= kind[1:] != kind[:-1]
+    first = np.flatnonzero(cut)
+    out = np.repeat(body, np.diff(np.append(np.searchsorted(first, starts), len(first))))
+    out["first_page"] = pages[first]
+    out["n_pages"] = np.diff(np.append(first, len(pages)))
+    out["zero"] = kind[first]
     return out
 
 
 STRETCH_PAGES = 1 << 15   # 128 MiB: RAM hashed and tagged before its runs go out
+# The first stretch of each block comes in smaller steps (8 MiB, then 32 MiB): the first writes
+# of a whole-RAM round leave after 8 MiB is hashed rather than 128 MiB (70-90 ms here).
+RAMP_PAGES = (1 << 11, 1 << 13)
 THREAD_PAGES = 1 << 13    # a stretch with this many dirty pages is hashed on THREADS threads
 
 
@@ -91,16 +121,22 @@ class Scanner:
     def __init__(self, views: list[np.ndarray], chunk_pages: int,
                  fetch: Callable[[], list[np.ndarray]],
                  runs: Callable[[list[np.ndarray], int], np.ndarray],
-                 table=None) -> None:
+                 table=None, gap: int = GAP_PAGES) -> None:
         self.views = views
         self.table = table            # a stages.pagehash.PageTable, or None: hashes discarded
         self._scratch: list[np.ndarray] = []
         self._spare: np.ndarray | None = None     # the hashes of a scanner without a table
         self.chunk_pages = chunk_pages
+        self.gap = gap                # clean pages a merged write may carry (merge_runs)
         self.stretch_pages = -(-STRETCH_PAGES // chunk_pages) * chunk_pages
+        ramp = {-(-p // chunk_pages) * chunk_pages for p in RAMP_PAGES}
+        self.ramp = np.array(sorted(p for p in ramp if p < self.stretch_pages), np.int64)
         self._fetch = fetch
         self._runs = runs
         self.pending = [np.ones(len(v), dtype=bool) for v in views]
+        # Pages the destination surely holds zeros in: nothing was written or compressed there
+        # yet (its RAM starts zero). A zero page of these never crosses, not even as COMPRESS.
+        self.dest_zero = [np.ones(len(v), dtype=bool) for v in views]
         self.pages_scanned = 0
         self.zero_pages = 0
         self.busy_ns = 0
@@ -139,8 +175,11 @@ class Scanner:
             p[:] = False
         # Runs come sorted by block then page and never cross a chunk, so none crosses a
         # stretch either, and merging stretch by stretch merges as the whole round would.
-        key = runs["block"].astype(np.int64) << 40 | runs["first_page"].astype(np.int64) \
-            // self.stretch_pages
+        first = runs["first_page"].astype(np.int64)
+        part = np.where(first < self.stretch_pages,
+                        np.searchsorted(self.ramp, first, side="right"),
+                        len(self.ramp) + first // self.stretch_pages)
+        key = runs["block"].astype(np.int64) << 40 | part
         cuts = np.flatnonzero(key[1:] != key[:-1]) + 1
         dirty = zero = 0
         for part in np.split(runs, cuts) if len(runs) else ():
@@ -148,14 +187,27 @@ class Scanner:
                            block=part["block"], first_page=part["first_page"],
                            n_pages=part["n_pages"])
             pages, starts = expand_runs(body["first_page"], body["n_pages"])
-            nz = self._hash_and_test(int(part["block"][0]), pages)
-            body["zero"] = ~np.logical_or.reduceat(nz, starts)
+            b = int(part["block"][0])
+            nz = self._hash_and_test(b, pages)
+            n_nz = int(np.count_nonzero(nz))
             dirty += len(pages)
-            zero += len(pages) - int(np.count_nonzero(nz))
+            zero += len(pages) - n_nz
+            if n_nz < len(pages):
+                kind = np.where(nz, DATA, np.where(self.dest_zero[b][pages], ALREADY_ZERO,
+                                                   ZERO)).astype(np.uint8)
+                body = split_runs(body, pages, starts, kind)
             if len(body) > 1:
-                body = merge_runs(body, self.chunk_pages)
+                body = merge_runs(body, self.chunk_pages, self.gap)
+            if n_nz < len(pages):
+                body = body[body["zero"] != ALREADY_ZERO]
+            if len(body):
+                # what is written or compressed may hold anything at the destination now
+                # (a write carries the page as it is when posted, not as it was scanned)
+                covered, _ = expand_runs(body["first_page"], body["n_pages"])
+                self.dest_zero[b][covered] = False
             self.busy_ns += time.perf_counter_ns() - t0
-            yield body.view(RUN_RING)
+            if len(body):
+                yield body.view(RUN_RING)
             t0 = time.perf_counter_ns()
         self.pages_scanned += dirty
         self.zero_pages += zero
@@ -219,7 +271,8 @@ def scanner_main(config: dict, link) -> int:
         table = None
         if config.get("pagehash"):
             table = pagehash.PageTable.attach(config["pagehash"])
-        scanner = Scanner(views, config["chunk_pages"], source.fetch, dirty_runs, table)
+        scanner = Scanner(views, config["chunk_pages"], source.fetch, dirty_runs, table,
+                          gap=int(config.get("gap", GAP_PAGES)))
         import threading
 
         mapper = threading.Thread(target=lambda: [map_in(v) for v in views], daemon=True,

@@ -123,6 +123,15 @@ class SourceDriver:
         except MigrationError:
             pass              # a guest that died: nothing left to resume
 
+    def _throttle(self, action: act.ThrottleGuest) -> None:
+        try:
+            self.guest.throttle(action.percentage)
+        except MigrationError:
+            if action.percentage:
+                raise
+            # unthrottling a guest that died: nothing left to slow down
+
     HANDLERS: dict[type, Callable] = {
         act.StateChanged: _state, act.PauseGuest: _pause, act.ResumeGuest: _resume,
+        act.ThrottleGuest: _throttle,
     }

@@ -72,6 +72,11 @@ class GuestProcess:
         self.process.send(op)
         return self.process.recv(timeout, what=op)
 
+    def throttle(self, percentage: int, timeout: float = 10.0) -> None:
+        """Auto-converge: let the guest run ``100 - percentage`` % as fast (0: unthrottled)."""
+        self.process.send("throttle", int(percentage))
+        self.process.recv(timeout, what="throttle")
+
     def resume(self, timeout: float = 10.0) -> float:
         """Let the guest run again; the guest's clock when it did."""
         return self.request("resume", timeout)[1]

@@ -10,7 +10,9 @@ page); a set share of the pages written are zero pages. Every page is marked in 
 
 ``guest_main`` is the process (see ``stages.harness``): it attaches the region and the dirty log
 by name, fills its RAM once ("boots"), reports ready, then writes at ``dirty_rate`` bytes/s,
-answering ``pause`` / ``resume`` / ``state`` / ``stop`` on its pipe between batches. With
+answering ``pause`` / ``resume`` / ``state`` / ``throttle`` / ``stop`` on its pipe between
+batches (``throttle``, auto-converge's, scales its write rate; the state it migrates keeps the
+rate it was given). With
 ``tracking="uffd"`` it keeps no dirty log at all: after booting it arms its own mapping of the
 RAM with userfaultfd write-protect (``shm.uffd.arm``), reports that mapping's (address, length)
 per block in its ready message, and the scanner harvests the pages it wrote from
@@ -200,6 +202,10 @@ def _run(work: Workload, views, mark, link, state: GuestState) -> None:
                 link.send("resumed", time.monotonic())
             elif op == "state":
                 link.send("state", asdict(state))
+            elif op == "throttle":       # auto-converge: write (100 - pct) % of the rate
+                rate_pages = state.dirty_rate * (100 - int(cmd[1])) / 100 / PAGE_SIZE
+                t0, done_at_t0 = time.monotonic(), state.pages_written
+                link.send("throttle", int(cmd[1]))
             elif op == "stop":
                 link.send("stopped", asdict(state))
                 return

@@ -43,6 +43,8 @@ def source_query_migrate(status: str, snap: dict | None, error: str = "") -> dic
         "precopy-bytes": ram["transferred"], "downtime-bytes": 0, "postcopy-bytes": 0,
         "dirty-sync-missed-zero-copy": 0,
     }
+    if snap.get("cpu-throttle-percentage"):       # QEMU: only while auto-converge throttles
+        out["cpu-throttle-percentage"] = snap["cpu-throttle-percentage"]
     return out
 
 

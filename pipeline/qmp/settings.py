@@ -3,11 +3,10 @@
 
 The names are QEMU 7.2's plus ours (``x-`` prefixed). What rdma-pipeline carries out:
 ``rdma-pin-all``, ``x-odp``, ``downtime-limit``, ``max-bandwidth``, ``x-max-rounds``,
-``x-keep-going``, ``x-pin-budget``, ``x-memlock-limit``; ``events`` turns MIGRATION and
-MIGRATION_PASS events on, as in QEMU. ``auto-converge`` and the cpu-throttle parameters are
-kept and reported (a client may set them) but throttle nothing: a synthetic guest has no vCPU
-to slow down. QEMU's other capabilities may be turned off, not on; its other parameters are
-refused by name. Argument errors use QEMU's texts.
+``x-keep-going``, ``x-pin-budget``, ``x-memlock-limit``, ``auto-converge`` and the cpu-throttle
+parameters (the synthetic guest's write rate, a KVM guest's vCPU time); ``events`` turns
+MIGRATION and MIGRATION_PASS events on, as in QEMU. QEMU's other capabilities may be turned
+off, not on; its other parameters are refused by name. Argument errors use QEMU's texts.
 """
 
 from __future__ import annotations
@@ -61,7 +60,12 @@ QEMU_ONLY_PARAMETERS = (
 
 _CONFIG_FIELD = {"downtime-limit": "downtime_limit_ms", "max-bandwidth": "max_bandwidth",
                  "x-max-rounds": "max_rounds", "x-keep-going": "keep_going",
-                 "x-pin-budget": "pin_budget", "x-memlock-limit": "memlock_limit"}
+                 "x-pin-budget": "pin_budget", "x-memlock-limit": "memlock_limit",
+                 "cpu-throttle-initial": "throttle_initial",
+                 "cpu-throttle-increment": "throttle_increment",
+                 "max-cpu-throttle": "throttle_max",
+                 "throttle-trigger-threshold": "throttle_threshold",
+                 "cpu-throttle-tailslow": "throttle_tailslow"}
 
 
 def check_value(name: str, kind: str, value: object) -> None:
@@ -91,11 +95,13 @@ class MigrationSettings:
         self.caps = {name: False for name in CAPABILITIES}
         self.caps["rdma-pin-all"] = base.pin_all
         self.caps["x-odp"] = base.odp
+        self.caps["auto-converge"] = base.auto_converge
         self.params: dict[str, object] = {
             "downtime-limit": base.downtime_limit_ms, "max-bandwidth": base.max_bandwidth,
-            "cpu-throttle-initial": 20, "cpu-throttle-increment": 10,
-            "cpu-throttle-tailslow": False, "max-cpu-throttle": 99,
-            "throttle-trigger-threshold": 50, "x-max-rounds": base.max_rounds,
+            "cpu-throttle-initial": base.throttle_initial,
+            "cpu-throttle-increment": base.throttle_increment,
+            "cpu-throttle-tailslow": base.throttle_tailslow, "max-cpu-throttle": base.throttle_max,
+            "throttle-trigger-threshold": base.throttle_threshold, "x-max-rounds": base.max_rounds,
             "x-keep-going": base.keep_going, "x-pin-budget": base.pin_budget,
             "x-memlock-limit": base.memlock_limit}
 
@@ -161,4 +167,4 @@ class MigrationSettings:
     def _config(self, caps: dict, params: dict) -> MigrationConfig:
         changes = {field: params[name] for name, field in _CONFIG_FIELD.items()}
         return dataclasses.replace(self.base, pin_all=caps["rdma-pin-all"], odp=caps["x-odp"],
-                                   **changes)
+                                   auto_converge=caps["auto-converge"], **changes)

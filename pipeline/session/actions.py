@@ -71,6 +71,13 @@ class CommandScanner:
 
 
 @dataclass(frozen=True, slots=True)
+class ThrottleGuest:
+    """Auto-converge: let the guest run ``100 - percentage`` % of the time (0: unthrottled)."""
+
+    percentage: int
+
+
+@dataclass(frozen=True, slots=True)
 class ResumeGuest:
     """Before the commit point only: the migration did not complete."""
 

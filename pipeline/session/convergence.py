@@ -4,6 +4,7 @@ Convergence follows QEMU: after each round, the bytes still dirty (measured by a
 sync) divided by the bandwidth measured over that round is the expected downtime; when it fits
 in ``downtime-limit`` the source switches over. A guest that dirties faster than we send never
 gets there: after ``max_rounds`` rounds the decision is ``GIVE_UP`` unless ``keep_going``.
+``AutoConverge`` is QEMU's auto-converge: it throttles such a guest until it does.
 """
 
 from __future__ import annotations
@@ -64,3 +65,46 @@ class Convergence:
                 f"{self.limit_s * 1000:.0f} ms (sending {self.bandwidth / 1e6:.0f} MB/s, "
                 f"guest dirtying {dirty_rate / 1e6:.0f} MB/s); raise downtime-limit or "
                 "max-bandwidth, or set x-keep-going=on")
+
+
+class AutoConverge:
+    """QEMU's auto-converge (migration_trigger_throttle, mig_throttle_guest_down): after
+    each round, when the bytes the guest dirtied exceed ``threshold`` % of the bytes sent,
+    for the second time since the throttle last changed, the guest is throttled: to
+    ``initial`` % the first time, then ``increment`` % more each time (with ``tailslow``, only
+    as much more as should bring the dirtied bytes down to the threshold), at most
+    ``maximum`` %. ``percentage`` is the throttle now (0: none)."""
+
+    def __init__(self, initial: int = 20, increment: int = 10, maximum: int = 99,
+                 threshold: int = 50, tailslow: bool = False) -> None:
+        self.initial = initial
+        self.increment = increment
+        self.maximum = maximum
+        self.threshold = threshold
+        self.tailslow = tailslow
+        self.percentage = 0
+        self._high = 0                # rounds over the threshold since the last change
+
+    def after_round(self, dirtied: int, sent: int) -> int | None:
+        """The new throttle percentage after a round that dirtied ``dirtied`` bytes while it
+        sent ``sent``, or None when it stays as it is."""
+        limit = sent * self.threshold // 100
+        if dirtied <= limit:
+            return None
+        self._high += 1
+        if self._high < 2:
+            return None
+        self._high = 0
+        if not self.percentage:
+            new = min(self.initial, self.maximum)
+        else:
+            step = self.increment
+            if self.tailslow:
+                now = 100 - self.percentage          # the share the guest runs now
+                ideal = now * limit / dirtied
+                step = min(int(now - ideal), self.increment)
+            new = min(self.percentage + step, self.maximum)
+        if new == self.percentage:
+            return None
+        self.percentage = new
+        return new

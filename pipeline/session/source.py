@@ -59,7 +59,7 @@ from pipeline.section_writer import DeviceSections, write_header
 from pipeline.sections import MACHINE, RAM_SID, ROUND_SECTION, ROUND_SID
 from pipeline.session import actions as act
 from pipeline.session import events as ev
-from pipeline.session.convergence import Convergence, Decision, RoundResult
+from pipeline.session.convergence import AutoConverge, Convergence, Decision, RoundResult
 from pipeline.session.policy import PeerPolicy, stream_policy
 from pipeline.session.states import SOURCE_TRANSITIONS, SourceState, StateMachine
 from pipeline.stats import MigrationStats
@@ -117,6 +117,9 @@ class SourceSession:
         self.stats = stats or MigrationStats()
         self.sm = StateMachine("source", SOURCE_TRANSITIONS)
         self.conv = Convergence(config.downtime_limit_ms, config.max_rounds, config.keep_going)
+        self.throttle = AutoConverge(
+            config.throttle_initial, config.throttle_increment, config.throttle_max,
+            config.throttle_threshold, config.throttle_tailslow) if config.auto_converge else None
         self.policy: PeerPolicy | None = stream_policy(
             "file" if snapshot else "tcp", self.machine) if inline else None
         self.writer = StreamWriter()
@@ -199,6 +202,8 @@ class SourceSession:
         self._expect = None
         self.stats.update(runs_on="source")
         out: list = [act.AbortPeer()]
+        if self.throttle is not None and self.throttle.percentage:
+            out.append(act.ThrottleGuest(0))     # the guest runs on here at its own speed
         if self.paused:
             out.append(act.ResumeGuest())
             self.paused = False
@@ -458,10 +463,20 @@ class SourceSession:
         st.update(remaining_bytes=dirty * PAGE_SIZE, dirty_pages_rate=rate,
                   expected_downtime_ms=min(self.conv.expected_downtime_s, 1e9) * 1e3)
         if decision is Decision.ITERATE:
-            return self._start_round(now)
+            return self._throttle(dirty * PAGE_SIZE, last["bytes"]) + self._start_round(now)
         if decision is Decision.GIVE_UP:
             raise MigrationError(self.conv.explain(rate * PAGE_SIZE))
         return self._switchover(now)
+
+    def _throttle(self, dirtied: int, sent: int) -> list:
+        """Auto-converge: throttle the guest harder when it dirties too much (QEMU's rule)."""
+        if self.throttle is None or self.paused:
+            return []
+        pct = self.throttle.after_round(dirtied, sent)
+        if pct is None:
+            return []
+        self.stats.update(cpu_throttle_percentage=pct)
+        return [act.ThrottleGuest(pct)]
 
     # -- switchover ----------------------------------------------------------------------
     def _switchover(self, now: float) -> list:

@@ -156,3 +156,27 @@ def test_an_orphan_releases_its_dead_parents_objects_within_2_s():
     finally:
         st.conn.close()
         st._closed = True
+
+
+def test_a_prestarted_interpreter_becomes_the_stage_and_unused_ones_end():
+    from stages import harness
+
+    harness.prestart(["stage_targets:ok_main", "stage_targets:ok_main",
+                      "stage_targets:hang_main"])
+    try:
+        spares = [p.pid for p, _ in harness._SPARES["stage_targets:ok_main"]]
+        with StageProcess("ok", "stage_targets:ok_main", {"x": 7}) as st:
+            st.start()
+            assert st.pid == spares[0]               # taken, not spawned
+            assert st.wait_ready(30) == {"echo": 7}
+            assert st.recv(10) == ("hello", 1)
+            assert st.stop(5) == 0
+        assert [p.pid for p, _ in harness._SPARES["stage_targets:ok_main"]] == spares[1:]
+        with StageProcess("g", "stage_targets:ok_main", {"x": 1}, daemon=False) as st:
+            st.start()                               # not daemonic: never a spare
+            assert st.pid not in spares
+            st.wait_ready(30)
+            st.stop(5)
+    finally:
+        harness.discard_spares()
+    assert harness._SPARES == {}

@@ -1,3 +1,4 @@
+import copy
 from collections import Counter
 
 import numpy as np
@@ -208,30 +209,57 @@ def test_queued_arrays_without_end_are_posted_in_one_call():
 
 def test_bandwidth_cap_defers_posting():
     rec = Recorder()
-    p = Poster(rec, max_bandwidth=400 * 4096)     # 4 writes of 4 KiB per 10 ms window
+    p = Poster(rec, max_bandwidth=400 * 4096)     # a bucket of 4 writes of 4 KiB (10 ms)
     _, wait = p.on_writes(writes(10), 0.0)
-    assert len(rec.wrs) == 4 and 0 < wait <= 0.01
+    assert len(rec.wrs) == 4 and wait == pytest.approx(0.0025, abs=1e-5)   # one write's time
     assert rec.signals[-1]                        # the last write before the wait: signaled
-    _, wait = p.pump(0.005)                       # same window: nothing more
-    assert len(rec.wrs) == 4 and 0 < wait <= 0.005
-    _, wait = p.pump(0.0101)
-    assert len(rec.wrs) == 8 and rec.signals[-1] and wait > 0
-    _, wait = p.pump(0.0202)
+    _, wait = p.pump(0.001)                       # not one write's worth yet
+    assert len(rec.wrs) == 4 and wait == pytest.approx(0.0015, abs=1e-5)
+    _, wait = p.pump(0.0051)                      # two writes' worth
+    assert len(rec.wrs) == 6 and rec.signals[-1] and wait > 0
+    _, wait = p.pump(1.0)                         # the bucket holds 4: all that is left goes
     assert len(rec.wrs) == 10 and wait == 0
 
 
 def test_bandwidth_cap_counts_bytes_not_writes():
     rec = Recorder()
-    p = Poster(rec, max_bandwidth=1000 * 100)     # 1000 bytes per window
+    p = Poster(rec, max_bandwidth=1000 * 100)     # a bucket of 1000 bytes
     batch = writes(5)
     batch.view(WRITE)["length"] = [600, 300, 100, 1, 5000]
     p.on_writes(batch, 0.0)
-    assert rec.wrs["length"].tolist() == [600, 300, 100]      # exactly the budget
-    p.pump(0.01)
-    assert rec.wrs["length"].tolist() == [600, 300, 100, 1]   # 5000 more would go over
-    p.pump(0.02)                                  # a fresh window: a big write goes alone
+    assert rec.wrs["length"].tolist() == [600, 300, 100]      # exactly the bucket
+    p.pump(0.00001)
+    assert rec.wrs["length"].tolist() == [600, 300, 100, 1]   # 1 byte refilled in 10 us
+    _, wait = p.pump(0.005)                       # half full: 5000 waits for a full bucket
+    assert rec.wrs["length"].tolist() == [600, 300, 100, 1] and wait > 0
+    _, wait = p.pump(0.005 + wait)                # full: larger than the bucket, it goes
     assert rec.wrs["length"].tolist() == [600, 300, 100, 1, 5000]
-    assert p.bytes_posted == 6001
+    assert p.bytes_posted == 6001 and p.bucket.tokens < -3999   # in debt, paid back later
+
+
+def test_token_bucket_never_exceeds_the_rate_and_lets_no_write_through_unconditionally():
+    from stages.poster import WINDOW, TokenBucket
+
+    rate = 4_000_000                              # 4 MB/s: a bucket of 40 kB
+    rng = np.random.default_rng(3)
+    lengths = rng.choice([4096, 65536, 1 << 20], 400).astype(np.uint64)
+    bucket = TokenBucket(rate)
+    now, at, sent, times = 0.0, 0, 0, []
+    while at < len(lengths):
+        n, wait = bucket.take(lengths[at:], now)
+        if n:
+            sent += int(lengths[at:at + n].sum())
+            times.append((now, sent))
+            at += n
+        assert n or wait > 0                      # nothing went: a wait says when
+        # the old cap's flaw: a fresh window let its first write through whatever came before
+        if at < len(lengths) and wait > 1.01 * WINDOW:
+            assert copy.deepcopy(bucket).take(lengths[at:at + 1], now + WINDOW)[0] == 0
+        now += wait
+    for t, total in times:                        # never ahead of the rate ...
+        assert total <= rate * t + (1 << 20) + 1
+    t_end, total = times[-1]
+    assert total / t_end == pytest.approx(rate, rel=0.05)     # ... and not behind it either
 
 
 def test_failed_post_changes_nothing():

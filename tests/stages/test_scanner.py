@@ -47,23 +47,30 @@ def test_expand_runs():
     assert starts.tolist() == [0, 2]
 
 
-def test_first_round_sends_everything_and_tags_zero_runs():
+def test_first_round_scans_everything_and_sends_only_data():
     views, log, sc = make()
     views[0][9] = 7          # chunk 1 of block 0 has data
+    views[0][20:28] = 1      # chunk 2 is all data, chunk 3 starts with some
+    views[0][29] = 1
     out = sc.scan(1)
     assert (out["op"][:-1] == RunOp.RUN).all() and out["op"][-1] == RunOp.END
     runs, end = out[:-1].view(RUN), out[-1].view(SCAN_END)
-    assert runs["n_pages"].sum() == 80 == end["dirty_pages"]
-    assert len(runs) == 8 + 2            # cut at every 8-page chunk boundary
-    nonzero = runs[runs["zero"] == 0]
-    assert nonzero["block"].tolist() == [0] and nonzero["first_page"].tolist() == [8]
-    assert end["zero_pages"] == 79
+    assert end["dirty_pages"] == 80 and end["zero_pages"] == 80 - 10
+    # the destination's RAM starts zero: its zero pages never cross, not even as COMPRESS,
+    # and runs are cut at every 8-page chunk boundary
+    assert runs[["block", "first_page", "n_pages", "zero"]].tolist() == [
+        (0, 9, 1, 0), (0, 20, 4, 0), (0, 24, 4, 0), (0, 29, 1, 0)]   # no write carries 28
+    assert sc.dest_zero[0][[9, 20, 27, 29]].tolist() == [False] * 4
+    assert sc.dest_zero[0][[8, 10, 28, 30]].tolist() == [True] * 4
+    assert sc.scan(2).view(SCAN_END)["dirty_pages"].tolist() == [0]   # nothing dirty: END only
     assert sc.scan(2).view(SCAN_END)["dirty_pages"].tolist() == [0]   # nothing dirty: END only
 
 
 def test_sync_accumulates_without_losing_bits():
     views, log, sc = make()
+    views[0][[1, 2, 3, 20]] = 1
     sc.scan(1)
+    views[0][[1, 2, 3, 20]] = 0          # zero now where the destination holds data
     log.mark(0, np.array([1, 2, 3, 20]))
     assert sc.sync() == 4
     log.mark(1, np.array([5]))
@@ -77,7 +84,9 @@ def test_sync_accumulates_without_losing_bits():
 
 def test_zero_tag_uses_whole_block_scan_when_many_dirty():
     views, log, sc = make(pages=(64,))
+    views[0][:] = 1
     sc.scan(1)
+    views[0][:] = 0
     log.mark(0, np.arange(0, 64))
     views[0][63, 5] = 1
     runs = sc.scan(2)[:-1].view(RUN)
@@ -94,14 +103,18 @@ def test_nearby_data_runs_in_a_chunk_merge_and_zero_runs_stay_apart():
         return out
 
     runs = body((0, 0, 1, 0), (0, 3, 2, 0), (0, 20, 1, 0), (0, 22, 1, 1), (0, 24, 1, 0),
-                (0, 33, 1, 1), (0, 35, 1, 1), (0, 40, 1, 0), (1, 41, 1, 0))
+                (0, 33, 1, 1), (0, 35, 1, 1), (0, 40, 1, 0), (1, 41, 1, 0),
+                (1, 44, 1, 0), (1, 45, 2, 2), (1, 47, 1, 0), (1, 50, 1, 2))
     got = merge_runs(runs, chunk_pages=32, gap=8)
     assert got[["block", "first_page", "n_pages", "zero"]].tolist() == [
         (0, 0, 5, 0),      # 0 and 3-4: the two clean pages between them travel too
         (0, 20, 5, 0),     # 11 pages from the last: apart; a zero run joins its data neighbours
         (0, 33, 1, 1),     # another chunk; two zero runs never join (a COMPRESS must not
         (0, 35, 6, 0),     # cover page 34), but a zero run joins the data run after it
-        (1, 41, 1, 0)]     # another block
+        (1, 41, 4, 0),     # another block
+        (1, 45, 2, 2),     # zeros the destination holds already: nothing joins across them
+        (1, 47, 1, 0),
+        (1, 50, 1, 2)]
 
 
 def hashing_to_zero(seed):
@@ -128,18 +141,34 @@ def guest(pages, seed):
     return views
 
 
-def direct_records(views, bitmaps, chunk_pages, round_no):
-    """What a round's records must be: runs, zero tags by a plain zero test, merged."""
-    from stages.scanner import merge_runs
+def direct_records(views, bitmaps, chunk_pages, round_no, dest_zero):
+    """What a round's records must be: runs cut where pages turn from data to zero (by a
+    plain zero test, page by page), zeros the destination holds already (``dest_zero``,
+    updated) dropped, merged."""
+    from stages.scanner import ALREADY_ZERO, merge_runs
 
     runs = reference_runs(bitmaps, chunk_pages)
-    body = np.zeros(len(runs), RUN)
-    for name in ("block", "first_page", "n_pages"):
-        body[name] = runs[name]
+    rows = []
+    for r in runs:
+        b, f = int(r["block"]), int(r["first_page"])
+        kinds = [0 if views[b][p].any() else 2 if dest_zero[b][p] else 1
+                 for p in range(f, f + int(r["n_pages"]))]
+        for i, k in enumerate(kinds):
+            if i == 0 or k != kinds[i - 1]:
+                rows.append((b, f + i, 1, k))
+            else:
+                rows[-1] = (b, rows[-1][1], rows[-1][2] + 1, k)
+    body = np.zeros(len(rows), RUN)
+    for i, (b, f, n, k) in enumerate(rows):
+        body[i]["block"], body[i]["first_page"], body[i]["n_pages"], body[i]["zero"] = b, f, n, k
     body["round"] = round_no
-    body["zero"] = [not views[r["block"]][r["first_page"]:r["first_page"] + r["n_pages"]].any()
-                    for r in runs]
-    return merge_runs(body, chunk_pages) if len(body) > 1 else body
+    if len(body) > 1:
+        body = merge_runs(body, chunk_pages)
+    body = body[body["zero"] != ALREADY_ZERO]
+    for r in body:
+        f = int(r["first_page"])
+        dest_zero[int(r["block"])][f:f + int(r["n_pages"])] = False
+    return body
 
 
 def fields(out):
@@ -167,7 +196,8 @@ def test_rounds_in_stretches_make_the_records_of_one_direct_pass(monkeypatch, st
     log, scanner = scanner_over(views, chunk_pages=8)
     rng = np.random.default_rng(7)
     everything = [np.packbits(np.ones(len(v), bool), bitorder="little") for v in views]
-    expect = [direct_records(views, everything, 8, 1)]
+    dest_zero = [np.ones(len(v), bool) for v in views]
+    expect = [direct_records(views, everything, 8, 1, dest_zero)]
     got = [scanner.scan(1)]
     for r in (2, 3, 4):
         for b, v in enumerate(views):
@@ -175,7 +205,7 @@ def test_rounds_in_stretches_make_the_records_of_one_direct_pass(monkeypatch, st
             v[marked[::2]] = 0
             log.mark(b, marked)
         bitmaps = [np.packbits(x, bitorder="little") for x in log.bits]
-        expect.append(direct_records(views, bitmaps, 8, r))
+        expect.append(direct_records(views, bitmaps, 8, r, dest_zero))
         got.append(scanner.scan(r))
     for e, g in zip(expect, got, strict=True):
         assert fields(g[:-1]) == fields(e)
@@ -253,11 +283,25 @@ def test_pages_not_in_memory_stay_untouched(monkeypatch):
             assert out[-1].view(SCAN_END)["dirty_pages"] == 1024
             assert out[-1].view(SCAN_END)["zero_pages"] == 1024 - 1 - 200 - 1
             assert out[:-1].view(RUN)[["first_page", "n_pages", "zero"]].tolist() == [
-                (0, 256, 0), (256, 256, 1), (512, 256, 0), (768, 256, 0)]
+                (3, 1, 0), (700, 68, 0), (768, 132, 0), (1000, 1, 0)]
             log.mark(0, np.array([3, 4, 50, 51, 699, 700, 1000, 1001]))
             out = scanner.scan(2)
             assert (resident(view) == held).all()
             assert out[:-1].view(RUN)[["first_page", "n_pages", "zero"]].tolist() == [
-                (3, 2, 0), (50, 2, 1), (699, 2, 0), (1000, 2, 0)]
+                (3, 1, 0), (700, 1, 0), (1000, 1, 0)]     # 4, 50, 51, 699, 1001: zero there
         finally:
             region.unlink()
+
+
+def test_a_blocks_first_stretch_comes_in_smaller_steps(monkeypatch):
+    import stages.scanner as sc
+
+    monkeypatch.setattr(sc, "STRETCH_PAGES", 64)
+    monkeypatch.setattr(sc, "RAMP_PAGES", (3, 16))     # 3: rounded up to a chunk (4 pages)
+    views = [np.ones((200, 512), np.uint64), np.ones((10, 512), np.uint64)]
+    log, scanner = scanner_over(views, chunk_pages=4)
+    parts = [p.view(RUN) for p in scanner.scan_stretches(1)][:-1]
+    spans = [(int(p["block"][0]), int(p["first_page"][0]),
+              int(p["first_page"][-1] + p["n_pages"][-1])) for p in parts]
+    assert spans == [(0, 0, 4), (0, 4, 16), (0, 16, 64), (0, 64, 128), (0, 128, 192),
+                     (0, 192, 200), (1, 0, 4), (1, 4, 10)]

@@ -191,14 +191,53 @@ def _state(guest: KvmGuest, rate: RateController | None) -> dict:
             "pages_written": pages_written_now(guest.mem, layout)}
 
 
+class DutyCycle:
+    """Auto-converge's throttle of the vCPU, as QEMU's cpu_throttle: in each cycle the vCPU
+    runs ``SLICE`` seconds, then sleeps ``SLICE * pct / (100 - pct)`` (0 %: runs on)."""
+
+    SLICE = 0.01
+
+    def __init__(self) -> None:
+        self.percentage = 0
+        self.asleep = False            # paused by the throttle (not by the migration)
+        self.switch_at = 0.0
+
+    def set(self, percentage: int, now: float) -> None:
+        self.percentage = percentage
+        self.switch_at = now
+
+    def timeout(self, now: float, tick: float) -> float:
+        return min(tick, max(0.0, self.switch_at - now)) if self.percentage else tick
+
+    def step(self, guest, rate, now: float) -> None:
+        """Sleep or wake the running vCPU when its time comes (a guest the migration
+        paused is left alone)."""
+        if self.asleep and (not self.percentage or now >= self.switch_at):
+            guest.start()
+            self.asleep = False
+            if rate is not None:
+                rate.restart(now)
+            self.switch_at = now + self.SLICE
+        elif self.percentage and not self.asleep and guest.running and now >= self.switch_at:
+            guest.pause()
+            self.asleep = True
+            if rate is not None:      # the rate is the guest's pace while it runs
+                rate.pause()
+            self.switch_at = now + self.SLICE * self.percentage / (100 - self.percentage)
+
+
 def _serve(guest: KvmGuest, log, link, rate: RateController | None) -> int:
     tick = STEP / 2 if rate is not None and rate.active else TICK
+    duty = DutyCycle()
     while True:
-        if link.poll(tick):
+        if link.poll(duty.timeout(time.monotonic(), tick)):
             msg = link.recv()
             op = msg[0]
-            if op == "pause":
+            if op in ("pause", "stop") and duty.asleep:
+                duty.asleep = False           # the migration's pause now: stays paused
+            elif op == "pause":
                 guest.pause()
+            if op == "pause":
                 if rate is not None:
                     rate.pause()
                 link.send("paused", {"device_state": guest.device_state(), **_progress(guest)},
@@ -214,8 +253,14 @@ def _serve(guest: KvmGuest, log, link, rate: RateController | None) -> int:
                 guest.set_delay(int(msg[1]))
                 rate = None
                 link.send("delay", int(msg[1]))
+            elif op == "throttle":   # auto-converge: ("throttle", percentage)
+                duty.set(int(msg[1]), time.monotonic())
+                if not duty.percentage:
+                    duty.step(guest, rate, time.monotonic())
+                link.send("throttle", duty.percentage)
             elif op == "stop":
-                guest.pause()
+                if guest.running:
+                    guest.pause()
                 link.send("stopped", _progress(guest))
                 return 0
             continue
@@ -223,5 +268,6 @@ def _serve(guest: KvmGuest, log, link, rate: RateController | None) -> int:
             raise guest.vcpu.error
         if log is not None and log.service_error is not None:
             raise log.service_error
+        duty.step(guest, rate, time.monotonic())
         if rate is not None and guest.running:
             rate.step()
