@@ -112,11 +112,12 @@ class StreamWriter:
 
 
 class StreamReader:
-    """Reassemble QEMU FILE payloads into the stream and parse it into events."""
+    """Reassemble QEMU FILE payloads into the stream and parse it into events (``describe``:
+    device sections no codec knows are read by the stream's VMDESCRIPTION, see the parser)."""
 
     def __init__(self, devices: Mapping[str, DeviceCodec] | None = None, *,
-                 page_size: int = PAGE_SIZE) -> None:
-        self.parser = StreamParser(devices, page_size=page_size)
+                 page_size: int = PAGE_SIZE, describe: bool = False) -> None:
+        self.parser = StreamParser(devices, page_size=page_size, describe=describe)
         self._ends: deque[int] = deque()      # stream offsets where fed payloads end
         self._error: RemoteProtocolError | None = None
         self.bytes_received = 0

@@ -112,8 +112,9 @@ class DestinationSession:
         self.stats = stats or MigrationStats()
         self.sm = StateMachine("destination", DESTINATION_TRANSITIONS)
         self.policy: PeerPolicy | None = STREAM_POLICY if self.inline else None
+        # describe: a QEMU machine's device sections are read by the stream's VMDESCRIPTION
         self.reader = None if self.inline else StreamReader(
-            {**device_codecs(), ROUND_SECTION: device_codec})
+            {**device_codecs(), ROUND_SECTION: device_codec}, describe=True)
         self.region: tuple[de.RegionBlock, ...] | None = None
         self.region_chunk = 0                 # the region's chunk size
         self.order: tuple[de.RegionBlock, ...] = ()   # the region's blocks in MEM_SIZE order
@@ -492,16 +493,16 @@ class DestinationSession:
     def _finish(self) -> list:
         """Hash the RAM to compare it with the source's digest (the driver computes, the
         session decides)."""
-        if not self.policy.verified:      # decided at connect time: no digest comes
-            self.verified = None
-            self.stats.update(verified=None, verification=self.policy.unverified)
-            return self._resume()
         expected = self.digests
         if expected is None and not self.ours:
             self.stats.update(verification=f"RAM not verified: the stream (machine type "
                               f"'{self.machine}') carries no RAM digest, as no QEMU stream "
                               "does; RAM recorded as received, no guest resumed")
-            return self._ask(de.Confirm(False))
+            return self._ask(de.Confirm(self.inline or self.policy.ready_after_eof))
+        if not self.policy.verified:      # decided at connect time: no digest comes
+            self.verified = None
+            self.stats.update(verified=None, verification=self.policy.unverified)
+            return self._resume()
         if expected is None:
             what = "stream carried" if self.inline else "source sent"
             raise RemoteProtocolError(f"the {what} no RAM digest: cannot verify the RAM",

@@ -9,14 +9,16 @@ QEMU FILE message when it fills, mid-record if so, and on each flush. What it do
 - connects with 8 bytes of private data, version 1 and no flag, then (``return_path``: the
   return-path capability) opens the second connection of its return path and grants READY on
   it at once, as QEMU's return-path thread does when it starts reading;
-- header, configuration, MIG_CMD_OPEN_RETURN_PATH, a device section padded so that the
-  SETUP HOOK's 8 bytes fall over the 32 KiB boundary (two QEMU FILE messages), ram START and
-  MEM_SIZE;
+- header, configuration ``none``, MIG_CMD_OPEN_RETURN_PATH, a device section padded so that
+  the SETUP HOOK's 8 bytes fall over the 32 KiB boundary (two QEMU FILE messages), ram START
+  and MEM_SIZE;
 - SETUP window: RAM BLOCKS, REGISTER FINISHED; a round: REGISTER (one record, repeat 1, the
   address translated into the destination's ram_addr space, padding left as garbage), RDMA
   WRITEs on the one QP (every one signaled), COMPRESS for a zero chunk never registered,
   UNREGISTER of a chunk (its number passed through the translation, as QEMU does) and the
-  same chunk registered and written again; FINISH window; EOS, EOF, VMDESCRIPTION;
+  same chunk registered and written again; FINISH window; EOS, QEMU's ``-M none`` device
+  sections (``timer``, ``globalstate``: no codec of ours reads them, the VMDESCRIPTION does),
+  EOF, VMDESCRIPTION;
 - no READY is expected after EOF: it waits for SHUT on its return path, then disconnects
   (without a return path it disconnects as soon as its last message is sent).
 
@@ -54,6 +56,7 @@ from pipeline.protocol.records import (
     RAM_VERSION,
     Command,
     Configuration,
+    DeviceState,
     EndOfSection,
     Eof,
     FileHeader,
@@ -79,6 +82,28 @@ QEMU_CAPS = struct.pack(">II", 1, 0)      # RDMACapabilities: version 1, no flag
 WRID_SEND, WRID_RECV, WRID_WRITE = 2000, 4000, 1
 TIMEOUT_S = 10.0
 HOOK_CUT = 3                             # HOOK bytes in the first of the two messages
+
+
+# What QEMU's -M none saves after RAM: two device sections, read by the VMDESCRIPTION alone
+# (this destination has no codec for either).
+DEVICES = (
+    {"name": "timer", "instance_id": 0, "vmsd_name": "timer", "version": 2,
+     "fields": [{"name": "cpu_ticks_offset", "type": "int64", "size": 8},
+                {"name": "unused", "type": "buffer", "size": 8}]},
+    {"name": "globalstate", "instance_id": 0, "vmsd_name": "globalstate", "version": 1,
+     "fields": [{"name": "size", "type": "uint32", "size": 4},
+                {"name": "runstate", "type": "buffer", "size": 100}]},
+)
+RUNSTATE = b"running".ljust(100, b"\0")
+
+
+def machine_none_devices() -> list:
+    bodies = (struct.pack(">q", 123456789) + bytes(8), struct.pack(">I", 8) + RUNSTATE)
+    out = []
+    for sid, (dev, body) in enumerate(zip(DEVICES, bodies, strict=True), start=3):
+        out += [SectionHeader(SectionType.SECTION_FULL, sid, dev["name"], 0, dev["version"]),
+                DeviceState(sid, dev["name"], body), SectionFooter(sid)]
+    return out
 
 
 def ram() -> dict[str, np.ndarray]:
@@ -254,8 +279,9 @@ class QemuRdmaSource(threading.Thread):
             self._round(f, main, src, local)
             f.event(SectionHeader(SectionType.SECTION_END, 2, RAM_IDSTR))
             self._window(f, main)
-            f.event(EndOfSection(), SectionFooter(2), Eof(),
-                    VmDescription(json.dumps({"page_size": 4096, "devices": []}).encode()))
+            f.event(EndOfSection(), SectionFooter(2), *machine_none_devices(), Eof(),
+                    VmDescription(json.dumps({"page_size": 4096,
+                                              "devices": list(DEVICES)}).encode()))
             f.flush()
             if rp is not None:
                 msg = rp.recv(0)                           # QEMU's destination: SHUT
