@@ -69,6 +69,20 @@ class RdmaDestination(DestinationDriver):
         super().check()
         if self._acceptor_error is not None:
             raise self._acceptor_error
+        self._count_bytes()
+
+    def _count_bytes(self) -> None:
+        """What crossed so far: the stream's bytes, and the RDMA WRITEs' where the device
+        shows them (the soft provider counts what lands; a NIC's one-sided writes are
+        invisible here, as to QEMU's destination)."""
+        qps = [*self.data_qps, *([self.link.qp] if self.link is not None else [])]
+        landed = sum(getattr(qp, "bytes_written", 0) for qp in qps)
+        stream = self.session.reader.bytes_received if self.session.reader is not None else 0
+        self.stats.update(rdma_bytes=landed, control_bytes=stream)
+
+    def summary(self) -> dict:
+        self._count_bytes()
+        return super().summary()
 
     # -- connections ---------------------------------------------------------------------
     def open_device(self) -> None:

@@ -31,6 +31,9 @@ def test_incoming_and_migrate_commands():
     assert s["status"] == "completed" and s["verified"] is True
     assert d["status"] == "completed" and d["verified"] is True
     assert d["ram"]["total"] == s["ram"]["total"]
+    # the destination counts what crossed too (the stream, and the WRITEs that landed): the
+    # source's figure less its control messages
+    assert 0.99 * s["ram"]["transferred"] <= d["ram"]["transferred"] <= s["ram"]["transferred"]
 
 
 def test_the_source_says_why_the_destination_failed():

@@ -264,6 +264,7 @@ class Link:
         with qp.lock:
             if ok:
                 qp.batch_done(first, count, k, mrs)
+                qp.bytes_written += int(lengths[:k].sum(dtype=np.uint64))
             else:
                 qp.batch_aborted(mrs)
         if not ok:
@@ -308,6 +309,8 @@ class Link:
                     with qp.lock:
                         if ok:
                             qp.request_done(seq, length, target)
+                            if kind == wire.WRITE:
+                                qp.bytes_written += length
                         else:
                             qp.request_aborted(target)
                     if not ok:

@@ -93,6 +93,7 @@ class SoftQP(base.QP):
         self.rnr_until = 0.0  # monotonic time before which nothing is (re)transmitted
         self.unsignaled_done = 0  # completed unsignaled WRs awaiting a signaled one
         self.expected = 0  # responder: sequence of the next request to execute
+        self.bytes_written = 0  # responder: RDMA WRITE payload bytes landed in our MRs
         self.ack_due: int | None = None  # responder: highest executed sequence not yet acked
         self.control: list[bytes] = []  # responder: NAK frames to send
         self.link = None
