@@ -9,13 +9,13 @@ Cases (guest / dirty tracking):
 
 Every case is a whole ``run_local`` migration (guest, source stages, destination process, soft
 provider over loopback) of the same workload: ``--ram`` of RAM written in order, one sweep
-after another, at ``--dirty-mb`` MB/s (the synthetic guest with the ``sequential`` pattern and no
+after another, at ``--dirty-rate`` MB/s (the synthetic guest with the ``sequential`` pattern and no
 zero pages, so both guests dirty the same number of distinct pages per second). Each run is a
 fresh subprocess printing one JSON line; ``--repeat`` runs per case, the table shows medians and
 the "vs." column compares downtime with synthetic-soft from the same invocation. Figures are
 wall-clock on a shared machine: compare rows of one run, not runs of different days.
 
-    python -m bench.bench_real_guests [--ram 256M] [--dirty-mb 100] [--repeat 3] [-k kvm]
+    python -m bench.bench_real_guests [--ram 256M] [--dirty-rate 100] [--repeat 3] [-k kvm]
                                       [--parameter downtime-limit=300 ...] [--json]
 """
 
@@ -110,7 +110,7 @@ def table(summaries: list[dict]) -> str:
 
 def _one(name: str, args) -> dict:
     cmd = [sys.executable, "-m", "bench.bench_real_guests", "--case", name,
-           "--ram", f"{args.ram_mib}M", "--dirty-mb", str(args.dirty_mb)]
+           "--ram", f"{args.ram_mib}M", "--dirty-rate", str(args.dirty_mb)]
     for p in args.parameter:
         cmd += ["--parameter", p]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
@@ -126,8 +126,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ram", type=mib_of, metavar="SIZE", default=256, dest="ram_mib",
                    help="guest RAM, e.g. 256M or 1G (default 256M)")
     p.add_argument("--ram-mib", type=int, dest="ram_mib", help=argparse.SUPPRESS)  # old name
-    p.add_argument("--dirty-mb", type=float, default=100.0,
-                   help="MB/s each guest writes (default 100)")
+    p.add_argument("--dirty-rate", type=float, default=100.0, dest="dirty_mb", metavar="MB/S",
+                   help="MB/s each guest writes, as for rdma-pipeline run (default 100)")
+    p.add_argument("--dirty-mb", type=float, dest="dirty_mb", help=argparse.SUPPRESS)  # old name
     p.add_argument("--repeat", type=int, default=3, help="runs per case (default 3)")
     p.add_argument("--parameter", action="append", default=[], metavar="NAME=VALUE",
                    help="a migration parameter, as for rdma-pipeline run")
