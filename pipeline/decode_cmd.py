@@ -64,15 +64,21 @@ def _describe_capabilities(data: bytes) -> dict:
             "session_token": caps.session_token, "digest": caps.digest, "bytes": len(data)}
 
 
-def _trace_hex(line: str) -> str:
-    """A ``--trace-control`` line (``{"t", "dir", "hex"}``) as its hex; other lines as they are."""
+# A trace's first lines hold the connection's private data, not control messages.
+PRIVATE_DATA = ("connect", "accepted")
+
+
+def _trace_hex(line: str) -> tuple[str, bool]:
+    """A ``--trace-control`` line (``{"t", "dir", "hex"}``) as its hex, and whether it is the
+    connection's private data (``dir`` connect or accepted); other lines as they are."""
     text = line.strip()
     if text.startswith("{"):
         try:
-            return str(json.loads(text)["hex"])
-        except (ValueError, KeyError, TypeError):
+            entry = json.loads(text)
+            return str(entry["hex"]), entry.get("dir") in PRIVATE_DATA
+        except (ValueError, KeyError, TypeError, AttributeError):
             pass
-    return text
+    return text, False
 
 
 def _decode_one(text: str, capabilities: bool) -> dict:
@@ -86,21 +92,18 @@ def main(args: argparse.Namespace) -> int:
     from shm.errors import ProtocolError
 
     if args.capabilities is not None:
-        inputs = [("--capabilities", args.capabilities)]
-        capabilities = True
+        inputs = [("--capabilities", (args.capabilities, True))]
     elif args.hex == ["-"]:
         inputs = [(f"line {n}", _trace_hex(line)) for n, line in enumerate(sys.stdin, 1)
                   if line.strip()]
-        capabilities = False
     elif args.hex:
-        inputs = [("input", " ".join(args.hex))]
-        capabilities = False
+        inputs = [("input", (" ".join(args.hex), False))]
     else:
         print("rdma-pipeline decode: give HEX, - (hex lines on stdin) or --capabilities HEX",
               file=sys.stderr)
         return EXIT_BAD_INPUT
     status = EXIT_OK
-    for where, text in inputs:
+    for where, (text, capabilities) in inputs:
         try:
             print(json.dumps(_decode_one(text, capabilities)), flush=True)
         except (ValueError, ProtocolError) as exc:

@@ -53,6 +53,22 @@ def test_stdin_lines_and_a_bad_one(capsys, monkeypatch):
     assert "line 6: not hex: 'z'" in errors[2]
 
 
+def test_a_trace_file_reads_as_it_is(capsys, monkeypatch):
+    """A --trace-control file: the connection's private data first, then the messages."""
+    from pipeline.session.policy import PeerPolicy
+
+    private = PeerPolicy.request(pin_all=False, chunk_size=1 << 20).encode().hex()
+    trace = "\n".join(json.dumps(x) for x in [
+        {"t": 0.0, "dir": "connect", "hex": private},
+        {"t": 0.01, "dir": "accepted", "hex": private},
+        {"t": 0.02, "dir": "recv", "hex": "00000000000000020000000100000000"},
+    ]) + "\n"
+    code, out, err = run(["-"], capsys, stdin=trace, monkeypatch=monkeypatch)
+    assert code == 0 and err == ""
+    assert [o.get("kind") or o["type"] for o in out] == ["capabilities", "capabilities", "READY"]
+    assert "RAM_DIGEST" in out[0]["flag_names"]
+
+
 @pytest.mark.parametrize("argv, words", [
     (["00000001 00000002 00000001 00000000"], ["header len 1 but the message is 16 bytes"]),
     (["000"], ["odd number of hex digits"]),
