@@ -13,7 +13,7 @@ import time
 
 from pipeline.control import ControlLink, ControlTrace
 from pipeline.drivers.loop import one_line
-from pipeline.drivers.source_common import COMMIT_LOST, SourceDriver
+from pipeline.drivers.source_common import SourceDriver
 from pipeline.protocol.channel import Role
 from pipeline.protocol.messages import CommitMessage, ReadyMessage
 from pipeline.session import actions as act
@@ -109,11 +109,8 @@ class RdmaSource(SourceDriver):
             raise RemoteProtocolError(f"expected READY after EOF, got {type(msg).__name__}")
         return ev.Confirmed()
 
-    def _send_commit(self, action: act.SendCommit) -> None:
-        try:
-            self.link.send(CommitMessage())
-        except Exception as exc:  # noqa: BLE001 - after the commit point: a warning
-            self.stats.update(warning=COMMIT_LOST.format(self.reason(exc)))
+    def send_commit(self) -> None:
+        self.link.send(CommitMessage())
 
     def _abort(self, action: act.AbortPeer) -> None:
         if self.link is not None:
@@ -159,7 +156,7 @@ class RdmaSource(SourceDriver):
         act.Connect: _connect, act.ConnectDataPath: _connect_data,
         act.SendStream: _send_stream, act.SendControl: _send_control,
         act.ReceiveControl: _receive, act.AwaitCredit: _await_credit, act.AbortPeer: _abort,
-        act.AwaitConfirmation: _await_confirmation, act.SendCommit: _send_commit,
+        act.AwaitConfirmation: _await_confirmation,
         act.PushAnswers: _push_answers, act.CommandScanner: _command,
         act.AwaitStage: _await_stage, act.SyncDirtyLog: _sync,
         act.ReadRoundPages: _round_pages, act.ComputeDigest: _digest,

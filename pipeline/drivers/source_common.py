@@ -117,6 +117,17 @@ class SourceDriver:
         state = self.guest.pause()
         return ev.GuestPaused(self.guest.device_section, state.to_bytes())
 
+    def send_commit(self) -> None:
+        """Tell the destination the source committed (the carrier's COMMIT)."""
+        raise NotImplementedError
+
+    def _send_commit(self, action: act.SendCommit) -> None:
+        try:
+            self.send_commit()
+        except Exception as exc:  # noqa: BLE001 - after the commit point: a warning
+            self.stats.update(warning=COMMIT_LOST.format(self.reason(exc)),
+                              runs_on="the destination, if the commit reached it; else neither")
+
     def _resume(self, action: act.ResumeGuest) -> None:
         try:
             self.guest.resume()
@@ -133,5 +144,6 @@ class SourceDriver:
 
     HANDLERS: dict[type, Callable] = {
         act.StateChanged: _state, act.PauseGuest: _pause, act.ResumeGuest: _resume,
+        act.SendCommit: _send_commit,
         act.ThrottleGuest: _throttle,
     }

@@ -21,7 +21,7 @@ import time
 
 import numpy as np
 
-from pipeline.drivers.source_common import COMMIT_LOST, SourceDriver
+from pipeline.drivers.source_common import SourceDriver
 from pipeline.protocol.ram_batch import page_dtype, page_records, zero_records
 from pipeline.session import actions as act
 from pipeline.session import events as ev
@@ -136,11 +136,8 @@ class StreamSource(SourceDriver):
         self.sink.finish(action.timeout)
         return ev.Confirmed()
 
-    def _send_commit(self, action: act.SendCommit) -> None:
-        try:
-            self.sink.commit()
-        except Exception as exc:  # noqa: BLE001 - after the commit point: a warning
-            self.stats.update(warning=COMMIT_LOST.format(self.reason(exc)))
+    def send_commit(self) -> None:
+        self.sink.commit()
 
     def _abort(self, action: act.AbortPeer) -> None:
         """Closing the stream before its end is the failure a stream destination sees."""
@@ -149,7 +146,7 @@ class StreamSource(SourceDriver):
         **SourceDriver.HANDLERS,
         act.Connect: _connect, act.SendStream: _send_stream, act.SendPages: _send_pages,
         act.SyncDirtyLog: _sync, act.ComputeDigest: _digest,
-        act.AwaitConfirmation: _await_confirmation, act.SendCommit: _send_commit,
+        act.AwaitConfirmation: _await_confirmation,
         act.AbortPeer: _abort,
     }
 

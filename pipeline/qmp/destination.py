@@ -11,7 +11,6 @@ from __future__ import annotations
 from pipeline.qmp import info
 from pipeline.qmp.machine import MIGRATE_ARGS, Machine, command_table, guard
 from pipeline.qmp.protocol import QmpError
-from shm.errors import MigrationError
 
 
 class DestinationMachine(Machine):
@@ -40,15 +39,8 @@ class DestinationMachine(Machine):
         def listening(port: int) -> None:
             self.server.call_soon(self._listening, target, port)
 
-        try:
-            mig = start_incoming(target, config, blocks=self.blocks, keep_guest=True,
-                                 on_listening=listening)
-        except (MigrationError, ValueError) as exc:
-            self.error = str(exc)
-            self.migration_event("failed")
-            raise QmpError(str(exc)) from None
-        self.mig = mig
-        self.watch(mig)
+        self.launch(lambda: start_incoming(target, config, blocks=self.blocks, keep_guest=True,
+                                           on_listening=listening))
 
     def _listening(self, target, port: int) -> None:
         host = f"[{target.host}]" if ":" in target.host else target.host

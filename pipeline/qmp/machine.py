@@ -72,6 +72,18 @@ class Machine:
         if self.settings.events:
             self.event("MIGRATION", {"status": status})
 
+    def launch(self, start: Callable[[], object]) -> None:
+        """Start a migration (``start()`` returns it) and watch it; a refusal is the command's
+        error and a failed MIGRATION event, as QEMU answers."""
+        try:
+            mig = start()
+        except (MigrationError, ValueError) as exc:
+            self.error = str(exc)
+            self.migration_event("failed")
+            raise QmpError(str(exc)) from None
+        self.mig = mig
+        self.watch(mig)
+
     def watch(self, mig) -> None:
         """Have ``finished`` run on the monitor's thread once ``mig``'s worker has ended."""
         mig.subscribe(lambda state, reason: self.server.call_soon(self.state_changed, mig,

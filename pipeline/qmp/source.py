@@ -13,7 +13,6 @@ from __future__ import annotations
 from pipeline.qmp import info
 from pipeline.qmp.machine import IN_PROGRESS, MIGRATE_ARGS, Machine, command_table, guard
 from pipeline.qmp.protocol import QmpError
-from shm.errors import MigrationError
 
 
 class SourceMachine(Machine):
@@ -64,15 +63,8 @@ class SourceMachine(Machine):
         self.summary = None
         self.error = ""
         self.migration_event("setup")
-        try:
-            mig = start_outgoing(uri, self.guest, config, run_id=self.run_id,
-                                 on_pass=self._pass_from_worker)
-        except (MigrationError, ValueError) as exc:
-            self.error = str(exc)
-            self.migration_event("failed")
-            raise QmpError(str(exc)) from None
-        self.mig = mig
-        self.watch(mig)
+        self.launch(lambda: start_outgoing(uri, self.guest, config, run_id=self.run_id,
+                                           on_pass=self._pass_from_worker))
         return {}
 
     def _pass_from_worker(self, n: int) -> None:

@@ -230,17 +230,23 @@ def test_migration_to_a_dead_port_fails_and_the_source_runs():
         run(body(mon))
 
 
+async def slow_migration(src_mon, port: int):
+    """The source's client once its migration is active: events on, 64 MiB at 2 MiB/s, so it
+    is still running when the test acts on it."""
+    src = await client(src_mon, "src")
+    await src.execute("migrate-set-capabilities", {"capabilities": [
+        {"capability": "events", "state": True}]})
+    await src.execute("migrate-set-parameters", {"max-bandwidth": 2 << 20})
+    await src.execute("migrate", {"uri": f"rdma:127.0.0.1:{port}"})
+    await next_event(src, "MIGRATION", status="active")
+    return src
+
+
 def test_migrate_cancel_mid_way_leaves_the_source_running():
     port = free_port()
 
     async def body(src_mon, dst_mon):
-        src = await client(src_mon, "src")
-        await src.execute("migrate-set-capabilities", {"capabilities": [
-            {"capability": "events", "state": True}]})
-        # 64 MiB at 2 MiB/s: the migration is still running when it is cancelled
-        await src.execute("migrate-set-parameters", {"max-bandwidth": 2 << 20})
-        await src.execute("migrate", {"uri": f"rdma:127.0.0.1:{port}"})
-        await next_event(src, "MIGRATION", status="active")
+        src = await slow_migration(src_mon, port)
         info = await src.execute("query-migrate")
         assert info["status"] == "active" and "downtime" not in info
         assert {"total-time", "setup-time", "expected-downtime"} <= set(info)
@@ -281,12 +287,7 @@ def test_quit_during_a_migration_ends_both_and_leaves_nothing():
     port = free_port()
 
     async def body(src_mon, dst_mon):
-        src = await client(src_mon, "src")
-        await src.execute("migrate-set-capabilities", {"capabilities": [
-            {"capability": "events", "state": True}]})
-        await src.execute("migrate-set-parameters", {"max-bandwidth": 2 << 20})
-        await src.execute("migrate", {"uri": f"rdma:127.0.0.1:{port}"})
-        await next_event(src, "MIGRATION", status="active")
+        src = await slow_migration(src_mon, port)
         await quit_monitor(src)                     # cancels the migration, then ends
         assert src_mon.wait() == 0
         assert dst_mon.wait() == 1
