@@ -330,7 +330,13 @@ def test_the_same_checks_hold_for_qemu_migrating_to_qemu():
     running source."""
     ports = free_port(), free_port()
 
-    async def body(src_mon):
+    async def body(src_mon, dst_mons):
+        # A destination QEMU listens on its -incoming port before its monitor answers: wait
+        # for that answer, or a loaded machine migrates before anyone listens (refused).
+        for n, mon in enumerate(dst_mons):
+            dst = await client(mon, f"qemu-dst{n}")
+            assert (await dst.execute("query-status"))["status"] == "inmigrate"
+            await dst.disconnect()
         src = await client(src_mon, "qemu-src")
         await src.execute("migrate-set-capabilities", {"capabilities": [
             {"capability": "events", "state": True}]})
@@ -338,10 +344,10 @@ def test_the_same_checks_hold_for_qemu_migrating_to_qemu():
         await src.execute("migrate", {"uri": f"tcp:127.0.0.1:{ports[0]}"})
         seen = await events_until(src)
         statuses = [e["data"]["status"] for e in seen if e["event"] == "MIGRATION"]
-        assert statuses[0] == "setup" and statuses[-1] == "completed"
+        info = await src.execute("query-migrate")
+        assert statuses[0] == "setup" and statuses[-1] == "completed", info
         assert "STOP" in [e["event"] for e in seen]
         assert any(e["event"] == "MIGRATION_PASS" and e["data"]["pass"] == 1 for e in seen)
-        info = await src.execute("query-migrate")
         assert {"total-time", "setup-time", "downtime", "ram"} <= set(info)
         assert "expected-downtime" not in info
         assert set(info["ram"]) == QEMU_RAM_KEYS
@@ -361,7 +367,7 @@ def test_the_same_checks_hold_for_qemu_migrating_to_qemu():
         await quit_monitor(src)
         assert src_mon.wait() == 0
 
-    with Monitored(["-incoming", f"tcp:127.0.0.1:{ports[0]}"], qemu=True), \
-            Monitored(["-incoming", f"tcp:127.0.0.1:{ports[1]}"], qemu=True), \
+    with Monitored(["-incoming", f"tcp:127.0.0.1:{ports[0]}"], qemu=True) as dst0, \
+            Monitored(["-incoming", f"tcp:127.0.0.1:{ports[1]}"], qemu=True) as dst1, \
             Monitored([], qemu=True) as src_mon:
-        run(body(src_mon))
+        run(body(src_mon, (dst0, dst1)))
