@@ -263,3 +263,52 @@ def test_local_room_past_the_budget_keeps_requests_going_during_releases():
     assert select(q, UNREGISTER_REQUEST)["chunk"].tolist() == [0]
     assert select(q, REGISTER_REQUEST)["chunk"].tolist() == [1]
     assert reg.registered_now == 1 and len(reg.releasing) == 1
+
+
+def test_small_zero_runs_of_a_chunk_asked_for_anyway_are_written_not_compressed():
+    reg = make()
+    # chunk 0: data and a small zero run (registered for the data: the zero run is written);
+    # chunk 1: zero runs alone (COMPRESS, nothing registered for it)
+    _, q = reg.on_runs(runs((0, 0, 1, 0), (0, 7, 2, 1), (0, CP + 3, 1, 1)))
+    assert select(q, REGISTER_REQUEST)["chunk"].tolist() == [0]
+    assert select(q, COMPRESS_REQUEST)["offset"].tolist() == [(CP + 3) * 4096]
+    w, _ = reg.on_answers(answer(0, 0, 7))
+    assert w.view(WRITE)[["pages", "zero_pages"]].tolist() == [
+        (1, 0), (2, 2)]
+
+
+def _budget_round(reg, chunks, round_no):
+    """Runs for one page in each of ``chunks``; returns the requests of that batch."""
+    return reg.on_runs(runs(*[(0, k * CP, 1, 0) for k in chunks], round_no=round_no))[1]
+
+
+def test_a_pin_budget_is_cycled_a_group_at_a_time_not_a_chunk_at_a_time():
+    blocks = [BlockInfo(0x10000000, 16 * CHUNK)]
+    reg = Registrar(blocks, CHUNK, pin_all=False, reg_mr=FakeMR, pin_budget=4 * CHUNK,
+                    local_budget=8 * CHUNK)
+    q = _budget_round(reg, range(12), 1)
+    assert select(q, REGISTER_REQUEST)["chunk"].tolist() == [0, 1, 2, 3]
+    reg.register_pending()
+    reg.on_answers(np.concatenate([answer(0, c, 10 + c) for c in range(4)]))
+    # one chunk's writes complete: no UNREGISTER of one chunk yet (half the budget: 2)
+    q = reg.on_completions(_done(0, 0))
+    assert not len(select(q, UNREGISTER_REQUEST)) and not len(select(q, REGISTER_REQUEST))
+    # a second: both go in one UNREGISTER, and two chunks are asked for in one REGISTER
+    q = reg.on_completions(_done(0, 1))
+    assert select(q, UNREGISTER_REQUEST)["chunk"].tolist() == [0, 1]
+    assert select(q, REGISTER_REQUEST)["chunk"].tolist() == [4, 5]
+    assert reg.registered_now <= 4
+
+
+def test_a_pin_budget_never_waits_for_a_group_with_nothing_under_way():
+    blocks = [BlockInfo(0x10000000, 16 * CHUNK)]
+    reg = Registrar(blocks, CHUNK, pin_all=False, reg_mr=FakeMR, pin_budget=4 * CHUNK,
+                    local_budget=8 * CHUNK)
+    _budget_round(reg, [0], 1)
+    reg.register_pending()
+    reg.on_answers(answer(0, 0, 10))
+    reg.on_completions(_done(0, 0))
+    # one idle chunk, everything else asked for: all of it fits or is made room for now
+    q = _budget_round(reg, [1, 2, 3, 4], 2)
+    assert select(q, UNREGISTER_REQUEST)["chunk"].tolist() == [0]
+    assert select(q, REGISTER_REQUEST)["chunk"].tolist() == [1, 2, 3, 4]
