@@ -167,9 +167,7 @@ class Scanner:
         self.sync()
         t0 = time.perf_counter_ns()
         packed = [np.packbits(p, bitorder="little") for p in self.pending]
-        if self.table is not None:
-            for sent, bits in zip(self.table.sent, packed, strict=True):
-                sent[:] = bits                   # the round's pages, for the destination
+        crossed = [np.zeros(len(p), bool) for p in self.pending] if self.table is not None else None
         runs = self._runs(packed, self.chunk_pages)
         for p in self.pending:
             p[:] = False
@@ -205,10 +203,17 @@ class Scanner:
                 # (a write carries the page as it is when posted, not as it was scanned)
                 covered, _ = expand_runs(body["first_page"], body["n_pages"])
                 self.dest_zero[b][covered] = False
+                if crossed is not None:
+                    crossed[b][covered] = True
             self.busy_ns += time.perf_counter_ns() - t0
             if len(body):
                 yield body.view(RUN_RING)
             t0 = time.perf_counter_ns()
+        if crossed is not None:
+            # The round's pages for the destination to hash: those written or compressed.
+            # A zero page that never crossed is zero there, and its entry the 0 it began as.
+            for sent, bits in zip(self.table.sent, crossed, strict=True):
+                sent[:] = np.packbits(bits, bitorder="little")
         self.pages_scanned += dirty
         self.zero_pages += zero
         self.busy_ns += time.perf_counter_ns() - t0

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from stages.records import RUN, SCAN_END, RunOp
-from stages.scanner import Scanner, expand_runs
+from stages.scanner import GAP_PAGES, Scanner, expand_runs
 
 
 def reference_runs(bitmaps, chunk_pages):
@@ -254,7 +254,16 @@ def test_page_table_holds_the_hashes_of_the_final_contents(monkeypatch):
             views[0][marked] = rng.integers(0, 3, (30, 512), np.uint64)   # some zero, most not
             log.mark(0, marked)
         scanner.scan(5)
-        assert unpack_round(pack_round(table.sent), [200, 40])[0].tolist() == marked.tolist()
+        # the round's pages as they crossed: every page marked, and the clean pages a
+        # merged write carried between two of them (at most GAP_PAGES in a gap)
+        sent = unpack_round(pack_round(table.sent), [200, 40])[0]
+        extra = np.setdiff1d(sent, marked)
+        assert np.isin(marked, sent).all()
+        gaps = np.diff(marked) - 1
+        carried = np.concatenate([np.arange(a + 1, b) for a, b, g in
+                                  zip(marked[:-1], marked[1:], gaps, strict=True)
+                                  if 0 < g <= GAP_PAGES])
+        assert np.isin(extra, carried).all()
         assert (table.hashes[0] == hash_rows(views[0])).all()
     finally:
         table.close()
@@ -305,3 +314,24 @@ def test_a_blocks_first_stretch_comes_in_smaller_steps(monkeypatch):
               int(p["first_page"][-1] + p["n_pages"][-1])) for p in parts]
     assert spans == [(0, 0, 4), (0, 4, 16), (0, 16, 64), (0, 64, 128), (0, 128, 192),
                      (0, 192, 200), (1, 0, 4), (1, 4, 10)]
+
+
+def test_zero_pages_that_never_crossed_are_not_given_to_the_destination_to_hash():
+    from shm import naming
+    from stages.pagehash import PageTable, pack_round, unpack_round
+
+    views = [np.zeros((64, 512), np.uint64)]
+    views[0][[3, 4, 40]] = 7
+    table = PageTable.create(naming.segment_name(naming.new_run_id(), "phash"), [64])
+    try:
+        log, scanner = scanner_over(views, chunk_pages=16, table=table)
+        scanner.scan(1)                 # all 64 pending: only the data pages crossed
+        assert unpack_round(pack_round(table.sent), [64])[0].tolist() == [3, 4, 40]
+        views[0][40] = 0                # crossed before: its zero must cross (and be hashed)
+        views[0][50] = 0                # written zero, never crossed: zero there already
+        log.mark(0, np.array([40, 50]))
+        scanner.scan(2)
+        assert unpack_round(pack_round(table.sent), [64])[0].tolist() == [40]
+    finally:
+        table.close()
+        table.unlink()
