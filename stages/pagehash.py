@@ -168,12 +168,24 @@ def hash_and_test(view: np.ndarray, pages: np.ndarray, table: np.ndarray,
 
 
 def table_digests(tables: list[np.ndarray], chunk_pages: int) -> bytes:
-    """SHA-256 of each chunk's slice of the page-hash tables, blocks then chunks in order."""
+    """SHA-256 of each chunk's slice of the page-hash tables, blocks then chunks in order.
+    A slice of zeros (a chunk of zero pages: most of an idle guest) has one digest, known
+    beforehand: only the others are hashed (8 GiB of zeros: 1 ms rather than 14)."""
+    zero = np.frombuffer(hashlib.sha256(bytes(chunk_pages * 8)).digest(), np.uint8)
     out = []
     for t in tables:
-        raw = memoryview(np.ascontiguousarray(t, "<u8")).cast("B")
+        t = np.ascontiguousarray(t, "<u8")
+        full = len(t) // chunk_pages
+        digests = np.empty((-(-len(t) // chunk_pages), 32), np.uint8)
+        digests[:] = zero
+        busy = np.ones(len(digests), bool)
+        busy[:full] = t[:full * chunk_pages].reshape(full, chunk_pages).any(axis=1)
+        raw = memoryview(t).cast("B")
         step = chunk_pages * 8
-        out.extend(hashlib.sha256(raw[i:i + step]).digest() for i in range(0, len(raw), step))
+        for i in np.flatnonzero(busy).tolist():
+            digests[i] = np.frombuffer(hashlib.sha256(raw[i * step:(i + 1) * step]).digest(),
+                                       np.uint8)
+        out.append(digests.tobytes())
     return b"".join(out)
 
 

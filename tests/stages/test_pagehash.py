@@ -168,6 +168,16 @@ def test_table_digests_name_the_chunk_that_differs():
     assert differ == [1]
 
 
+def test_table_digests_of_zero_chunks_are_the_sha256_of_their_slice():
+    import hashlib
+
+    tables = [np.zeros(10, np.uint64), np.zeros(3, np.uint64), np.zeros(0, np.uint64)]
+    tables[0][5] = 9
+    want = b"".join(hashlib.sha256(t[i:i + 4].astype("<u8").tobytes()).digest()
+                    for t in tables for i in range(0, len(t), 4))
+    assert table_digests(tables, 4) == want and len(want) == 32 * (3 + 1)
+
+
 def test_hasher_skips_pages_never_faulted_in():
     with RamRegion.create(naming.new_run_id(), [RamBlockSpec("pc.ram", 8 << 20)]) as region:
         try:
