@@ -102,6 +102,30 @@ def in_halves(work: Callable[[int, int], None], n: int) -> None:
         f.result()
 
 
+ZERO_BLOCK = 16                    # pages tested as one flat stretch (64 KiB)
+
+
+def nonzero_rows(rows: np.ndarray) -> np.ndarray:
+    """Whether each row of ``rows`` (uint64, (n, WORDS_PER_PAGE)) is non-zero, reading it once:
+    ZERO_BLOCK rows at a time as one flat stretch (a max over 8192 words runs at the memory's
+    speed, 14 GB/s a core here; a reduce per 512-word row at 11), and row by row only inside
+    the blocks that hold data, still in cache (or throughout, when most blocks do)."""
+    import numpy as np
+
+    n = len(rows) - len(rows) % ZERO_BLOCK
+    nonzero = np.zeros(len(rows), bool)
+    if n:
+        busy = np.flatnonzero(rows[:n].reshape(-1, ZERO_BLOCK * WORDS_PER_PAGE).max(axis=1))
+        if len(busy) * 4 >= n // ZERO_BLOCK:
+            return np.bitwise_or.reduce(rows, axis=1) != 0      # 1.4x faster than any()
+        if len(busy):
+            idx = (busy[:, None] * ZERO_BLOCK + np.arange(ZERO_BLOCK)).ravel()
+            nonzero[idx] = np.bitwise_or.reduce(rows[idx], axis=1) != 0
+    if n < len(rows):
+        nonzero[n:] = np.bitwise_or.reduce(rows[n:], axis=1) != 0
+    return nonzero
+
+
 def nonzero_pages(view: np.ndarray, pages: np.ndarray) -> np.ndarray:
     """For each page number, whether the page (a row of ``view``, uint64 (pages,
     WORDS_PER_PAGE)) is non-zero. Pages not resident are zero without being read; few pages
@@ -127,7 +151,7 @@ def nonzero_pages(view: np.ndarray, pages: np.ndarray) -> np.ndarray:
             if r is not None and not r.any():
                 continue
             if r is None or r.all():
-                whole[p0:p1] = view[p0:p1].any(axis=1)
+                whole[p0:p1] = nonzero_rows(view[p0:p1])
             else:
                 idx = np.flatnonzero(r) + p0
                 whole[idx] = view[idx].any(axis=1)

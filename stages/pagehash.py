@@ -30,7 +30,7 @@ import threading
 
 import numpy as np
 
-from shm.memory import WORDS_PER_PAGE, in_halves, resident
+from shm.memory import WORDS_PER_PAGE, in_halves, nonzero_rows, resident
 
 WINDOW = 2048                      # pages hashed per numpy call (8 MiB)
 STRETCH = 1 << 18                  # pages of a round bitmap unpacked at a time (1 GiB of RAM)
@@ -69,32 +69,13 @@ def hash_pages(view: np.ndarray, pages: np.ndarray, table: np.ndarray,
 
 
 TEST_WINDOW = 1024                 # pages hashed and tested per call when zero tags are wanted
-ZERO_BLOCK = 16                    # pages tested as one flat stretch (64 KiB) where most are zero
 PROBE_STEP = 8                     # rows whose first word is probed to choose the order of work
-
-
-def _test_rows(rows: np.ndarray) -> np.ndarray:
-    """Whether each row of ``rows`` is non-zero, reading it once: ZERO_BLOCK rows at a time as
-    one flat stretch (a max over 8192 words runs at the memory's speed; a max per 512-word row
-    a quarter slower), and row by row only inside the blocks that hold data, still in cache."""
-    n = len(rows) - len(rows) % ZERO_BLOCK
-    nonzero = np.zeros(len(rows), bool)
-    if n:
-        busy = np.flatnonzero(rows[:n].reshape(-1, ZERO_BLOCK * WORDS_PER_PAGE).max(axis=1))
-        if len(busy) * 4 >= n // ZERO_BLOCK:       # data in most blocks: row by row throughout
-            return np.bitwise_or.reduce(rows, axis=1) != 0
-        if len(busy):
-            idx = (busy[:, None] * ZERO_BLOCK + np.arange(ZERO_BLOCK)).ravel()
-            nonzero[idx] = np.bitwise_or.reduce(rows[idx], axis=1) != 0
-    if n < len(rows):
-        nonzero[n:] = np.bitwise_or.reduce(rows[n:], axis=1) != 0
-    return nonzero
 
 
 def _hash_and_test_rows(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Hashes of ``rows`` and whether each row is non-zero, reading each row once from memory.
     The first word of each row is the probe (one cache line a page): a row led by a non-zero
-    word is data. Most rows led by a zero word: test them all first (``_test_rows``: zero rows
+    word is data. Most rows led by a zero word: test them all first (``nonzero_rows``: zero rows
     need no hashing, they hash to 0) and hash only the others; else hash them all and test
     only those that hash to 0 (zero rows, or rarely data), still in cache."""
     if np.count_nonzero(rows[::PROBE_STEP, 0]) * 2 * PROBE_STEP >= len(rows):
@@ -106,7 +87,7 @@ def _hash_and_test_rows(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         elif len(unsure):
             nonzero[unsure] = np.bitwise_or.reduce(rows[unsure], axis=1) != 0
         return h, nonzero
-    nonzero = _test_rows(rows)
+    nonzero = nonzero_rows(rows)
     data = np.flatnonzero(nonzero)
     if len(data) * 2 >= len(rows):
         return hash_rows(rows), nonzero

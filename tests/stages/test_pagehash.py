@@ -115,7 +115,7 @@ def test_hash_and_test_is_exact_whichever_way_a_window_is_read(monkeypatch, wind
 @pytest.mark.parametrize("count", [1024, 1000])          # whole zero blocks, and a tail
 def test_a_mostly_zero_window_finds_data_past_a_zero_lead_word_and_hashes_it(count):
     """The zero-led order of work: pages tested a flat block at a time, only the data hashed."""
-    from stages.pagehash import ZERO_BLOCK
+    from shm.memory import ZERO_BLOCK
 
     view = np.zeros((count, 512), np.uint64)
     late = [1, 17 * ZERO_BLOCK + 5, count - 1]          # first word zero, a later one not
