@@ -10,8 +10,10 @@ multipliers are odd), a change of several words goes unseen with probability abo
 
 Each side keeps a table of page hashes (8 bytes per 4 KiB page, 0.2% of RAM). The source's
 scanner hashes a round's pages as it scans them and takes their zero tags from the same read
-(``hash_and_test``: a page whose hash is not 0 is not zero; only a page that hashes to 0 is
-tested word by word, which is rare unless it is zero); the destination
+(``hash_and_test``: where a probe of the pages' first words finds mostly data, every page is
+hashed and only those that hash to 0 are tested word by word; elsewhere the pages are tested
+16 at a time as one flat stretch first, and only the data found is hashed: a zero page is read
+once and given hash 0 without a hash pass); the destination
 hashes the pages of a round once the round's writes have all landed (``PageHasher``, told which
 pages by the source). A page written again later is hashed again later, so at the end each
 table holds the hashes of the final contents. The digest compared is SHA-256 over each chunk's
