@@ -102,6 +102,30 @@ def in_halves(work: Callable[[int, int], None], n: int) -> None:
         f.result()
 
 
+ZERO_BLOCK = 16                    # pages tested as one flat stretch (64 KiB)
+
+
+def nonzero_rows(rows: np.ndarray) -> np.ndarray:
+    """Whether each row of ``rows`` (uint64, (n, WORDS_PER_PAGE)) is non-zero, reading it once:
+    ZERO_BLOCK rows at a time as one flat stretch (a max over 8192 words runs at the memory's
+    speed, 14 GB/s a core here; a reduce per 512-word row at 11), and row by row only inside
+    the blocks that hold data, still in cache (or throughout, when most blocks do)."""
+    import numpy as np
+
+    n = len(rows) - len(rows) % ZERO_BLOCK
+    nonzero = np.zeros(len(rows), bool)
+    if n:
+        busy = np.flatnonzero(rows[:n].reshape(-1, ZERO_BLOCK * WORDS_PER_PAGE).max(axis=1))
+        if len(busy) * 4 >= n // ZERO_BLOCK:
+            return np.bitwise_or.reduce(rows, axis=1) != 0      # 1.4x faster than any()
+        if len(busy):
+            idx = (busy[:, None] * ZERO_BLOCK + np.arange(ZERO_BLOCK)).ravel()
+            nonzero[idx] = np.bitwise_or.reduce(rows[idx], axis=1) != 0
+    if n < len(rows):
+        nonzero[n:] = np.bitwise_or.reduce(rows[n:], axis=1) != 0
+    return nonzero
+
+
 def nonzero_pages(view: np.ndarray, pages: np.ndarray) -> np.ndarray:
     """For each page number, whether the page (a row of ``view``, uint64 (pages,
     WORDS_PER_PAGE)) is non-zero. Pages not resident are zero without being read; few pages
@@ -127,7 +151,7 @@ def nonzero_pages(view: np.ndarray, pages: np.ndarray) -> np.ndarray:
             if r is not None and not r.any():
                 continue
             if r is None or r.all():
-                whole[p0:p1] = view[p0:p1].any(axis=1)
+                whole[p0:p1] = nonzero_rows(view[p0:p1])
             else:
                 idx = np.flatnonzero(r) + p0
                 whole[idx] = view[idx].any(axis=1)
@@ -140,28 +164,37 @@ def map_in(view: np.ndarray, piece: int = 1 << 14) -> None:
     """Map this process's page tables onto the pages of ``view`` already in memory
     (MADV_POPULATE_READ, in bulk): a first pass over RAM another process wrote would otherwise
     take a page fault per 64 KiB, 0.1 s per GiB here. Pages not in memory are left alone:
-    mapping them would allocate them."""
+    mapping them would allocate them. ``piece`` pages at a time, each asked about residency
+    on its own: mincore over pages not mapped yet looks each one up (0.1 s for 8 GiB here),
+    so THREADS threads share that work as well as the mapping."""
     import numpy as np
 
-    res = resident(view)
-    if res is None or not res.any():
-        return
-    edges = np.flatnonzero(np.diff(np.concatenate([[False], res, [False]]).astype(np.int8)))
     base = view.ctypes.data
-    pieces = [(p0, min(piece, int(hi) - p0)) for lo, hi in zip(edges[::2], edges[1::2],
-                                                                  strict=True)
-              for p0 in range(int(lo), int(hi), piece)]
+    refused = False
 
     def part(lo: int, hi: int) -> None:
-        for p0, n in pieces[lo:hi]:
-            if not madvise(base + p0 * PAGE_SIZE, n * PAGE_SIZE, Madv.POPULATE_READ):
-                return                                   # older kernel: faults do it
+        nonlocal refused
+        for p0 in range(lo, hi, piece):
+            res = resident(view[p0:min(hi, p0 + piece)])
+            if refused or res is None or not res.any():
+                continue
+            if res.all():
+                edges = [0, len(res)]
+            else:
+                edges = np.flatnonzero(np.diff(np.concatenate([[False], res, [False]])
+                                               .astype(np.int8))).tolist()
+            for a, b in zip(edges[::2], edges[1::2], strict=True):
+                if not madvise(base + (p0 + a) * PAGE_SIZE, (b - a) * PAGE_SIZE,
+                               Madv.POPULATE_READ):
+                    refused = True                       # older kernel: faults do it
+                    return
 
-    if len(pieces) > 1:
-        from concurrent.futures import ThreadPoolExecutor
+    n = len(view)
+    if THREADS < 2 or n <= piece:
+        part(0, n)
+        return
+    from concurrent.futures import ThreadPoolExecutor
 
-        with ThreadPoolExecutor(THREADS) as workers:
-            half = -(-len(pieces) // THREADS)
-            list(workers.map(lambda i: part(i, i + half), range(0, len(pieces), half)))
-    else:
-        part(0, len(pieces))
+    step = -(-n // THREADS // piece) * piece
+    with ThreadPoolExecutor(THREADS) as workers:
+        list(workers.map(lambda lo: part(lo, min(n, lo + step)), range(0, n, step)))

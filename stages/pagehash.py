@@ -10,8 +10,10 @@ multipliers are odd), a change of several words goes unseen with probability abo
 
 Each side keeps a table of page hashes (8 bytes per 4 KiB page, 0.2% of RAM). The source's
 scanner hashes a round's pages as it scans them and takes their zero tags from the same read
-(``hash_and_test``: a page whose hash is not 0 is not zero; only a page that hashes to 0 is
-tested word by word, which is rare unless it is zero); the destination
+(``hash_and_test``: where a probe of the pages' first words finds mostly data, every page is
+hashed and only those that hash to 0 are tested word by word; elsewhere the pages are tested
+16 at a time as one flat stretch first, and only the data found is hashed: a zero page is read
+once and given hash 0 without a hash pass); the destination
 hashes the pages of a round once the round's writes have all landed (``PageHasher``, told which
 pages by the source). A page written again later is hashed again later, so at the end each
 table holds the hashes of the final contents. The digest compared is SHA-256 over each chunk's
@@ -30,7 +32,7 @@ import threading
 
 import numpy as np
 
-from shm.memory import WORDS_PER_PAGE, in_halves, resident
+from shm.memory import WORDS_PER_PAGE, in_halves, nonzero_rows, resident
 
 WINDOW = 2048                      # pages hashed per numpy call (8 MiB)
 STRETCH = 1 << 18                  # pages of a round bitmap unpacked at a time (1 GiB of RAM)
@@ -69,14 +71,20 @@ def hash_pages(view: np.ndarray, pages: np.ndarray, table: np.ndarray,
 
 
 TEST_WINDOW = 1024                 # pages hashed and tested per call when zero tags are wanted
+PROBE_STEP = 8                     # every how many rows a first word is probed first
 
 
 def _hash_and_test_rows(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Hashes of ``rows`` and whether each row is non-zero, reading each row once from memory.
-    Most rows led by a zero word: test them all first (zero rows need no hashing: they hash to
-    0) and hash the others; else hash them all and test only those that hash to 0 (zero rows,
-    or rarely data), still in cache."""
-    if np.count_nonzero(rows[:, 0]) * 2 >= len(rows):
+    The first word of each row is the probe (one cache line a page): a row led by a non-zero
+    word is data. Every PROBE_STEP-th row is probed first, and all of them only where those
+    suggest data (a window of zeros then costs a cache line per 8 pages; in a window of data
+    the full probe also walks the page tables ahead of the hash, 4% faster here than without
+    it). Most rows led by a zero word: test them all first (``nonzero_rows``: zero rows
+    need no hashing, they hash to 0) and hash only the others; else hash them all and test
+    only those that hash to 0 (zero rows, or rarely data), still in cache."""
+    if (np.count_nonzero(rows[::PROBE_STEP, 0]) * 2 * PROBE_STEP >= len(rows)
+            and np.count_nonzero(rows[:, 0]) * 2 >= len(rows)):
         h = hash_rows(rows)
         nonzero = h != 0
         unsure = np.flatnonzero(~nonzero)
@@ -85,7 +93,7 @@ def _hash_and_test_rows(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         elif len(unsure):
             nonzero[unsure] = np.bitwise_or.reduce(rows[unsure], axis=1) != 0
         return h, nonzero
-    nonzero = np.bitwise_or.reduce(rows, axis=1) != 0             # 1.4x faster than any()
+    nonzero = nonzero_rows(rows)
     data = np.flatnonzero(nonzero)
     if len(data) * 2 >= len(rows):
         return hash_rows(rows), nonzero
@@ -147,12 +155,24 @@ def hash_and_test(view: np.ndarray, pages: np.ndarray, table: np.ndarray,
 
 
 def table_digests(tables: list[np.ndarray], chunk_pages: int) -> bytes:
-    """SHA-256 of each chunk's slice of the page-hash tables, blocks then chunks in order."""
+    """SHA-256 of each chunk's slice of the page-hash tables, blocks then chunks in order.
+    A slice of zeros (a chunk of zero pages: most of an idle guest) has one digest, known
+    beforehand: only the others are hashed (8 GiB of zeros: 1 ms rather than 14)."""
+    zero = np.frombuffer(hashlib.sha256(bytes(chunk_pages * 8)).digest(), np.uint8)
     out = []
     for t in tables:
-        raw = memoryview(np.ascontiguousarray(t, "<u8")).cast("B")
+        t = np.ascontiguousarray(t, "<u8")
+        full = len(t) // chunk_pages
+        digests = np.empty((-(-len(t) // chunk_pages), 32), np.uint8)
+        digests[:] = zero
+        busy = np.ones(len(digests), bool)
+        busy[:full] = t[:full * chunk_pages].reshape(full, chunk_pages).any(axis=1)
+        raw = memoryview(t).cast("B")
         step = chunk_pages * 8
-        out.extend(hashlib.sha256(raw[i:i + step]).digest() for i in range(0, len(raw), step))
+        for i in np.flatnonzero(busy).tolist():
+            digests[i] = np.frombuffer(hashlib.sha256(raw[i * step:(i + 1) * step]).digest(),
+                                       np.uint8)
+        out.append(digests.tobytes())
     return b"".join(out)
 
 

@@ -16,6 +16,7 @@ from shm.memory import (
     map_in,
     mincore,
     nonzero_pages,
+    nonzero_rows,
     resident,
 )
 
@@ -57,6 +58,18 @@ def test_nonzero_pages_reads_only_resident_pages(monkeypatch, ram, share):
     assert (nonzero_pages(ram, pages) == data[pages]).all()
     if held is not None:
         assert (resident(ram) == held).all()
+
+
+@pytest.mark.parametrize("n", [0, 7, 1024, 1029])
+@pytest.mark.parametrize("data_share", [0.0, 0.01, 0.9])
+def test_nonzero_rows_finds_any_word_set_in_blocks_of_zeros_or_of_data(n, data_share):
+    rng = np.random.default_rng(n)
+    rows = np.zeros((n, WORDS_PER_PAGE), np.uint64)
+    data = np.flatnonzero(rng.random(n) < data_share)
+    rows[data, rng.integers(1, WORDS_PER_PAGE, len(data))] = 1     # the first word stays 0
+    if n:
+        rows[n - 1, WORDS_PER_PAGE - 1] = 2                          # in the tail, if any
+    assert (nonzero_rows(rows) == rows.any(axis=1)).all()
 
 
 @pytest.mark.parametrize("n", [0, 5, 16 * memory.SLICE_PAGES + 3])

@@ -112,6 +112,30 @@ def test_hash_and_test_is_exact_whichever_way_a_window_is_read(monkeypatch, wind
         assert (table[pages] == hash_rows(view[pages])).all()
 
 
+@pytest.mark.parametrize("count", [1024, 1000])          # whole zero blocks, and a tail
+def test_a_mostly_zero_window_finds_data_past_a_zero_lead_word_and_hashes_it(count):
+    """The zero-led order of work: pages tested a flat block at a time, only the data hashed."""
+    from shm.memory import ZERO_BLOCK
+
+    view = np.zeros((count, 512), np.uint64)
+    late = [1, 17 * ZERO_BLOCK + 5, count - 1]          # first word zero, a later one not
+    for p, word in zip(late, (1, 255, 511), strict=True):
+        view[p, word] = np.uint64(0x1234_5678)
+    view[40 * ZERO_BLOCK] = hashing_to_zero(9)          # data that hashes to 0
+    odd = 40 * ZERO_BLOCK + 1
+    view[odd] = hashing_to_zero(10)
+    view[odd, 0] = 0                  # no longer hashes to 0, and led by a zero word
+    view[odd, 3] ^= np.uint64(1) if view[odd, 3] else np.uint64(2)
+    pages = np.arange(count)
+    table = np.full(count, 7, np.uint64)
+    nonzero = hash_and_test(view, pages, table)
+    expect = view.any(axis=1)
+    assert expect[late].all() and expect.sum() == len(late) + 2
+    assert (nonzero == expect).all()
+    assert (table == hash_rows(view)).all()             # zero pages: 0, without a hash pass
+    assert (table[~expect] == 0).all() and (table[late] != 0).all()
+
+
 def test_hash_and_test_leaves_pages_not_held_unread_at_zero():
     view = mixed_pages(600)
     held = np.ones(600, bool)
@@ -142,6 +166,16 @@ def test_table_digests_name_the_chunk_that_differs():
     assert len(da) == 32 * (3 + 1)
     differ = [i for i in range(4) if da[i * 32:(i + 1) * 32] != db[i * 32:(i + 1) * 32]]
     assert differ == [1]
+
+
+def test_table_digests_of_zero_chunks_are_the_sha256_of_their_slice():
+    import hashlib
+
+    tables = [np.zeros(10, np.uint64), np.zeros(3, np.uint64), np.zeros(0, np.uint64)]
+    tables[0][5] = 9
+    want = b"".join(hashlib.sha256(t[i:i + 4].astype("<u8").tobytes()).digest()
+                    for t in tables for i in range(0, len(t), 4))
+    assert table_digests(tables, 4) == want and len(want) == 32 * (3 + 1)
 
 
 def test_hasher_skips_pages_never_faulted_in():

@@ -335,3 +335,31 @@ def test_zero_pages_that_never_crossed_are_not_given_to_the_destination_to_hash(
     finally:
         table.close()
         table.unlink()
+
+
+def test_an_idle_guest_of_zeros_sends_only_the_pages_with_data_past_a_zero_first_word():
+    """The idle case read once: flat zero blocks, yet a page whose first word is zero and a
+    later word not is data, is written and hashed; zero pages hash to 0 in the table."""
+    from shm import naming
+    from stages.pagehash import PageTable, hash_rows, pack_round, unpack_round
+
+    n = 4096
+    view = np.zeros((n, 512), np.uint64)
+    late = [0, 333, 2048 + 17, n - 1]
+    view[late, 200] = 3
+    view[1500] = hashing_to_zero(7)
+    table = PageTable.create(naming.segment_name(naming.new_run_id(), "phash"), [n])
+    try:
+        _, scanner = scanner_over([view], chunk_pages=256, table=table)
+        out = scanner.scan(1)
+        data = sorted([*late, 1500])
+        assert out[:-1].view(RUN)[["first_page", "n_pages", "zero"]].tolist() == [
+            (p, 1, 0) for p in data]
+        assert out[-1].view(SCAN_END)["zero_pages"] == n - len(data)
+        assert (table.hashes[0] == hash_rows(view)).all()
+        assert (table.hashes[0][late] != 0).all()
+        assert np.count_nonzero(table.hashes[0]) == len(late)     # 1500 hashes to 0 too
+        assert unpack_round(pack_round(table.sent), [n])[0].tolist() == data
+    finally:
+        table.close()
+        table.unlink()
