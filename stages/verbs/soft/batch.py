@@ -15,6 +15,7 @@ the QP lock.
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import os
 import socket
@@ -32,75 +33,202 @@ except (ValueError, OSError):
 
 
 # -- requester ---------------------------------------------------------------------------
-def collect(qp, bufs: list, *, max_bytes: int, max_iov: int) -> None:
-    """Append frames for the WRs from ``qp.tx_next`` to ``bufs`` and advance ``tx_next``.
+class WriteRun:
+    """The RDMA WRITEs of one ``post_writes`` call (all with good local SGEs), as arrays: ONE
+    send-queue entry for the sequences ``seq0 .. end-1``; writes ``done ..`` are outstanding
+    and ``seq`` is the first of them. ``cum`` is the payload offset of each write (and of the
+    end); the payload is ``views`` (local bytes, adjacent writes merged into one view) starting
+    at the payload offsets ``view_at``. ``mr_of`` says which of ``mrs`` each write holds an
+    in-flight reference on (None: all of them ``mrs[0]``)."""
 
-    Stops at a WR with a local protection error (it fails when it reaches the front), when
-    ``bufs`` holds ``max_iov`` buffers or ``max_bytes`` of payload."""
-    sq = qp.sq
-    if not sq:
-        return
-    pending = itertools.islice(sq, qp.tx_next - sq[0].seq, None)
-    size = 0
-    wr = next(pending, None)
-    while wr is not None and not wr.bad and len(bufs) < max_iov and size < max_bytes:
-        if wr.opcode != SendOpcode.RDMA_WRITE:
-            bufs.append(wire.frame(wire.SEND, wr.seq, length=wr.length))
-            if wr.length:
-                bufs.append(wr.view)
-            size += wr.length
-            qp.tx_next += 1
-            wr = next(pending, None)
-            continue
-        # A run of WRITEs: as many as one frame, the iovec and the byte budget allow.
-        run, run_bytes = [wr], wr.length
-        room = max_iov - len(bufs) - 2
-        wr = next(pending, None)
-        while (wr is not None and not wr.bad and wr.opcode == SendOpcode.RDMA_WRITE
-               and len(run) < wire.MAX_BATCH and len(run) < room
-               and run_bytes + wr.length <= FRAME_BYTES and size + run_bytes < max_bytes):
-            run.append(wr)
-            run_bytes += wr.length
-            wr = next(pending, None)
-        if len(run) == 1:
-            first = run[0]
-            bufs.append(wire.frame(wire.WRITE, first.seq, remote_addr=first.remote_addr,
-                                   rkey=first.rkey, length=first.length))
+    __slots__ = ("seq0", "seq", "end", "done", "wr_id", "signaled", "cum", "descs", "mrs",
+                 "mr_of", "view_at", "views", "rnr_left", "rnr_count")
+    opcode = SendOpcode.RDMA_WRITE
+    bad = False
+
+    def __init__(self, seq: int, wrs: np.ndarray, mr_of: np.ndarray, offset: np.ndarray,
+                 mrs: list, rnr_left: int) -> None:
+        n = len(wrs)
+        self.seq0 = self.seq = seq
+        self.end, self.done = seq + n, 0
+        self.rnr_left, self.rnr_count = rnr_left, 0
+        self.wr_id = wrs["wr_id"].copy()
+        self.signaled = wrs["signaled"] != 0
+        self.descs = memoryview(wire.descriptors(wrs["remote_addr"], wrs["rkey"],
+                                                 wrs["length"]))
+        lengths = wrs["length"].astype(np.int64)
+        self.cum = cum = np.zeros(n + 1, np.int64)
+        np.cumsum(lengths, out=cum[1:])
+        used = mr_of[:1] if (mr_of == mr_of[0]).all() else np.unique(mr_of)
+        if len(used) == 1:
+            self.mrs, self.mr_of = [mrs[int(used[0])]], None
+            mrs[int(used[0])].inflight += n
         else:
-            bufs.append(wire.batch_header(run[0].seq, len(run), run_bytes))
-            bufs.append(b"".join([w.desc for w in run]))
-        bufs.extend([w.view for w in run if w.length])
-        size += run_bytes
-        qp.tx_next += len(run)
+            self.mrs = [mrs[i] for i in used.tolist()]
+            self.mr_of = np.searchsorted(used, mr_of).astype(np.int32)
+            for mr, count in zip(self.mrs, np.bincount(self.mr_of).tolist(), strict=True):
+                mr.inflight += count
+        # One view per stretch of writes that are adjacent in local memory (same MR).
+        nz = np.flatnonzero(lengths)
+        self.view_at, self.views = [], []
+        if len(nz):
+            start, size, owner = offset[nz].astype(np.int64), lengths[nz], mr_of[nz]
+            new = np.ones(len(nz), bool)
+            new[1:] = (owner[1:] != owner[:-1]) | (start[1:] != start[:-1] + size[:-1])
+            first = nz[new]
+            at = cum[first]
+            stop = np.append(at[1:], cum[-1])
+            self.view_at = at.tolist()
+            self.views = [mrs[m]._view[s:s + ln] for m, s, ln in zip(
+                mr_of[first].tolist(), offset[first].tolist(), (stop - at).tolist(),
+                strict=True)]
+
+    def length_at(self, seq: int) -> int:
+        i = seq - self.seq0
+        return int(self.cum[i + 1] - self.cum[i])
+
+    def take(self, seq: int, descs: list, views: list, *, max_count: int, max_bytes: int,
+             max_views: int, first: bool) -> tuple[int, int]:
+        """Append the descriptors and payload views of the writes from ``seq`` on: as many as
+        ``max_count``, ``max_bytes`` (at least one write if ``first`` in its frame) and
+        ``max_views`` (at least 1) allow. Returns ``(writes, bytes)`` taken."""
+        cum, a = self.cum, seq - self.seq0
+        b = min(self.end - self.seq0, a + max_count)
+        p = int(cum[a])
+        if int(cum[b]) - p > max_bytes:
+            b = max(int(np.searchsorted(cum, p + max_bytes, "right")) - 1, a + first)
+        q = int(cum[b])
+        if q > p:
+            view_at, parts = self.view_at, self.views
+            i = bisect.bisect_right(view_at, p) - 1
+            last = i + max_views
+            if last < len(view_at) and view_at[last] < q:  # too many views: stop before one
+                q = view_at[last]  # (a view starts where a write starts)
+                b = int(np.searchsorted(cum, q, "right")) - 1
+            j = i
+            while j < len(view_at) and view_at[j] < q:
+                view, at = parts[j], view_at[j]
+                lo, hi = max(p - at, 0), min(q - at, len(view))
+                views.append(view if lo == 0 and hi == len(view) else view[lo:hi])
+                j += 1
+        descs.append(self.descs[a * wire.DESC.size:b * wire.DESC.size])
+        return b - a, q - p
+
+    def release_rest(self, counts: dict) -> None:
+        """Add the in-flight references of the outstanding writes to ``counts``."""
+        self.release_into(counts, self.done, self.end - self.seq0)
+
+    def release_into(self, counts: dict, a: int, b: int) -> None:
+        """Add the in-flight references of writes ``a .. b-1`` (indices) to ``counts``."""
+        if self.mr_of is None:
+            mr = self.mrs[0]
+            counts[mr] = counts.get(mr, 0) + (b - a)
+            return
+        for mr, count in zip(self.mrs, np.bincount(self.mr_of[a:b], minlength=len(
+                self.mrs)).tolist(), strict=True):
+            if count:
+                counts[mr] = counts.get(mr, 0) + count
 
 
-def local_sges(pd, wrs: np.ndarray) -> tuple[list, list]:
-    """The MR and byte view of each WR's local SGE, None for both where the lkey is unknown or
-    the SGE lies outside its MR. Takes one in-flight reference per good WR (pd lock held)."""
+def write_runs(pd, wrs: np.ndarray, seq: int, rnr_left: int, bad_wr) -> list:
+    """Send-queue entries for an array of WRITEs numbered from ``seq`` (pd lock held): a
+    ``WriteRun`` per stretch of WRs with good local SGEs, ``bad_wr(seq, wr)`` for each WR whose
+    lkey is unknown or whose SGE lies outside its MR (it fails when its turn comes)."""
     n = len(wrs)
-    mrs: list = [None] * n
-    views: list = [None] * n
-    lkeys = wrs["lkey"]
-    groups = ((int(lkeys[0]), None),) if (lkeys == lkeys[0]).all() else (
-        (int(key), np.flatnonzero(lkeys == key)) for key in np.unique(lkeys))
-    for key, index in groups:
+    lkeys, addr, length = wrs["lkey"], wrs["addr"], wrs["length"].astype(np.uint64)
+    mr_of = np.full(n, -1, np.int32)
+    offset = np.zeros(n, np.uint64)
+    mrs: list = []
+    same = bool((lkeys == lkeys[0]).all())
+    for key in [int(lkeys[0])] if same else np.unique(lkeys).tolist():
         mr = pd.lookup(key)
         if mr is None:
             continue
-        sel = wrs if index is None else wrs[index]
-        addr, length = sel["addr"], sel["length"].astype(np.uint64)
-        offset = addr - np.uint64(mr.addr)  # wraps below the MR: caught by the next test
-        ok = (addr >= mr.addr) & (offset <= mr.length) & (length <= mr.length - offset)
-        good = np.arange(n) if index is None else index
-        if not ok.all():
-            good, offset, length = good[ok], offset[ok], length[ok]
-        whole = mr._view
-        for i, start, end in zip(good.tolist(), offset.tolist(),
-                                     (offset + length).tolist(), strict=True):
-            mrs[i] = mr
-            views[i] = whole[start:end]
-        mr.inflight += len(good)
-    return mrs, views
+        sel = slice(None) if same else lkeys == key
+        a, ln = addr[sel], length[sel]
+        off = a - np.uint64(mr.addr)  # wraps below the MR: caught by the next test
+        ok = (a >= mr.addr) & (off <= mr.length) & (ln <= mr.length - off)
+        mr_of[sel] = np.where(ok, len(mrs), -1)
+        offset[sel] = off
+        mrs.append(mr)
+    bad = np.flatnonzero(mr_of < 0).tolist()
+    entries, start = [], 0
+    for stop in [*bad, n]:
+        if stop > start:
+            entries.append(WriteRun(seq + start, wrs[start:stop], mr_of[start:stop],
+                                    offset[start:stop], mrs, rnr_left))
+        if stop < n:
+            entries.append(bad_wr(seq + stop, wrs[stop]))
+        start = stop + 1
+    return entries
+
+
+def entry_at(sq, seq: int):
+    """The send-queue entry holding sequence ``seq`` and its index (looked for from the newest
+    end: ``seq`` is usually the next to transmit, among the latest posted)."""
+    for back, entry in enumerate(reversed(sq)):
+        if entry.seq <= seq:
+            return entry, len(sq) - 1 - back
+    raise LookupError(seq)
+
+
+def collect(qp, bufs: list, *, max_bytes: int, max_iov: int) -> None:
+    """Append frames for the WRs from ``qp.tx_next`` to ``bufs`` and advance ``tx_next``.
+
+    Each run of consecutive WRITEs (however they were posted) becomes WRITE_BATCH frames; SENDs
+    and lone WRITEs stay single frames. Stops at a WR with a local protection error (it fails
+    when it reaches the front), when ``bufs`` holds ``max_iov`` buffers or ``max_bytes`` of
+    payload."""
+    sq = qp.sq
+    if not sq or qp.tx_next >= qp.next_seq:
+        return
+    entry, index = entry_at(sq, qp.tx_next)
+    pending = itertools.islice(sq, index + 1, None)
+    tx, size = qp.tx_next, 0
+    while entry is not None and not entry.bad and len(bufs) < max_iov and size < max_bytes:
+        if entry.opcode != SendOpcode.RDMA_WRITE:
+            bufs.append(wire.frame(wire.SEND, tx, length=entry.length))
+            if entry.length:
+                bufs.append(entry.view)
+            size += entry.length
+            tx += 1
+            entry = next(pending, None)
+            continue
+        # WRITEs from tx on, across entries: as many as one frame, the iovec and the budgets
+        # allow.
+        first, descs, views, frame_bytes = tx, [], [], 0
+        room = max_iov - len(bufs) - 2
+        while (entry is not None and not entry.bad and entry.opcode == SendOpcode.RDMA_WRITE
+               and tx - first < wire.MAX_BATCH and len(views) < room
+               and frame_bytes < FRAME_BYTES and size + frame_bytes < max_bytes):
+            budget = min(FRAME_BYTES - frame_bytes, max_bytes - size - frame_bytes)
+            if type(entry) is WriteRun:
+                count, got = entry.take(tx, descs, views, max_count=wire.MAX_BATCH - (tx - first),
+                                        max_bytes=budget, max_views=room - len(views),
+                                        first=tx == first)
+                tx += count
+                frame_bytes += got
+                if tx < entry.end:
+                    break  # the frame is full
+            else:
+                if tx > first and entry.length > budget:
+                    break
+                descs.append(entry.desc)
+                if entry.length:
+                    views.append(entry.view)
+                tx += 1
+                frame_bytes += entry.length
+            entry = next(pending, None)
+        if tx - first == 1:
+            remote_addr, rkey, length = wire.DESC.unpack(descs[0])
+            bufs.append(wire.frame(wire.WRITE, first, remote_addr=remote_addr, rkey=rkey,
+                                   length=length))
+        else:
+            bufs.append(wire.batch_header(first, tx - first, frame_bytes))
+            bufs.append(descs[0] if len(descs) == 1 else b"".join(descs))
+        bufs.extend(views)
+        size += frame_bytes
+    qp.tx_next = tx
 
 
 # -- responder ---------------------------------------------------------------------------
