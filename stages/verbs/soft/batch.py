@@ -46,8 +46,8 @@ class WriteRun:
     opcode = SendOpcode.RDMA_WRITE
     bad = False
 
-    def __init__(self, seq: int, wrs: np.ndarray, mr_of: np.ndarray, offset: np.ndarray,
-                 mrs: list, rnr_left: int) -> None:
+    def __init__(self, seq: int, wrs: np.ndarray, mrs: list, mr_of: np.ndarray | None,
+                 offset: np.ndarray, rnr_left: int) -> None:
         n = len(wrs)
         self.seq0 = self.seq = seq
         self.end, self.done = seq + n, 0
@@ -59,29 +59,46 @@ class WriteRun:
         lengths = wrs["length"].astype(np.int64)
         self.cum = cum = np.zeros(n + 1, np.int64)
         np.cumsum(lengths, out=cum[1:])
-        used = mr_of[:1] if (mr_of == mr_of[0]).all() else np.unique(mr_of)
-        if len(used) == 1:
-            self.mrs, self.mr_of = [mrs[int(used[0])]], None
-            mrs[int(used[0])].inflight += n
+        if mr_of is not None and (mr_of == mr_of[0]).all():
+            mrs, mr_of = [mrs[int(mr_of[0])]], None
+        if mr_of is None:
+            self.mrs, self.mr_of = mrs, None
+            mrs[0].inflight += n
         else:
-            self.mrs = [mrs[i] for i in used.tolist()]
-            self.mr_of = np.searchsorted(used, mr_of).astype(np.int32)
-            for mr, count in zip(self.mrs, np.bincount(self.mr_of).tolist(), strict=True):
+            used = np.unique(mr_of)
+            self.mrs = mrs = [mrs[i] for i in used.tolist()]
+            self.mr_of = mr_of = np.searchsorted(used, mr_of).astype(np.int32)
+            for mr, count in zip(mrs, np.bincount(mr_of).tolist(), strict=True):
                 mr.inflight += count
         # One view per stretch of writes that are adjacent in local memory (same MR).
-        nz = np.flatnonzero(lengths)
+        offset = offset.astype(np.int64)
+        if lengths.all():
+            start, size, owner, nz = offset, lengths, mr_of, None
+        else:
+            nz = np.flatnonzero(lengths)
+            start, size = offset[nz], lengths[nz]
+            owner = None if mr_of is None else mr_of[nz]
         self.view_at, self.views = [], []
-        if len(nz):
-            start, size, owner = offset[nz].astype(np.int64), lengths[nz], mr_of[nz]
-            new = np.ones(len(nz), bool)
-            new[1:] = (owner[1:] != owner[:-1]) | (start[1:] != start[:-1] + size[:-1])
-            first = nz[new]
-            at = cum[first]
-            stop = np.append(at[1:], cum[-1])
-            self.view_at = at.tolist()
-            self.views = [mrs[m]._view[s:s + ln] for m, s, ln in zip(
-                mr_of[first].tolist(), offset[first].tolist(), (stop - at).tolist(),
-                strict=True)]
+        if not len(start):
+            return
+        new = np.empty(len(start), bool)
+        new[0] = True
+        np.not_equal(start[1:], start[:-1] + size[:-1], out=new[1:])
+        if owner is not None:
+            new[1:] |= owner[1:] != owner[:-1]
+        first = np.flatnonzero(new) if nz is None else nz[new]
+        at = cum[first]
+        ends = np.empty(len(at), np.int64)
+        ends[:-1] = at[1:]
+        ends[-1] = cum[-1]
+        spans = zip(offset[first].tolist(), (ends - at + offset[first]).tolist(), strict=True)
+        self.view_at = at.tolist()
+        if mr_of is None:
+            whole = mrs[0]._view
+            self.views = [whole[s:e] for s, e in spans]
+        else:
+            self.views = [mrs[m]._view[s:e] for m, (s, e) in zip(mr_of[first].tolist(), spans,
+                                                                  strict=True)]
 
     def length_at(self, seq: int) -> int:
         i = seq - self.seq0
@@ -105,12 +122,15 @@ class WriteRun:
             if last < len(view_at) and view_at[last] < q:  # too many views: stop before one
                 q = view_at[last]  # (a view starts where a write starts)
                 b = int(np.searchsorted(cum, q, "right")) - 1
-            j = i
-            while j < len(view_at) and view_at[j] < q:
-                view, at = parts[j], view_at[j]
-                lo, hi = max(p - at, 0), min(q - at, len(view))
-                views.append(view if lo == 0 and hi == len(view) else view[lo:hi])
-                j += 1
+            j = bisect.bisect_left(view_at, q, i)  # views i .. j-1 hold [p, q)
+            head, tail = parts[i], parts[j - 1]
+            if j - i == 1:
+                views.append(head[p - view_at[i]:q - view_at[i]])
+            else:
+                views.append(head[p - view_at[i]:] if p > view_at[i] else head)
+                views += parts[i + 1:j - 1]
+                end = q - view_at[j - 1]
+                views.append(tail if end == len(tail) else tail[:end])
         descs.append(self.descs[a * wire.DESC.size:b * wire.DESC.size])
         return b - a, q - p
 
@@ -136,27 +156,32 @@ def write_runs(pd, wrs: np.ndarray, seq: int, rnr_left: int, bad_wr) -> list:
     lkey is unknown or whose SGE lies outside its MR (it fails when its turn comes)."""
     n = len(wrs)
     lkeys, addr, length = wrs["lkey"], wrs["addr"], wrs["length"].astype(np.uint64)
+    if (lkeys == lkeys[0]).all():  # the common case: one MR
+        mr = pd.lookup(int(lkeys[0]))
+        if mr is not None:
+            offset = addr - np.uint64(mr.addr)  # wraps below the MR: caught by the next test
+            ok = (addr >= mr.addr) & (offset <= mr.length) & (length <= mr.length - offset)
+            if ok.all():
+                return [WriteRun(seq, wrs, [mr], None, offset, rnr_left)]
     mr_of = np.full(n, -1, np.int32)
     offset = np.zeros(n, np.uint64)
     mrs: list = []
-    same = bool((lkeys == lkeys[0]).all())
-    for key in [int(lkeys[0])] if same else np.unique(lkeys).tolist():
+    for key in np.unique(lkeys).tolist():
         mr = pd.lookup(key)
         if mr is None:
             continue
-        sel = slice(None) if same else lkeys == key
+        sel = lkeys == key
         a, ln = addr[sel], length[sel]
-        off = a - np.uint64(mr.addr)  # wraps below the MR: caught by the next test
+        off = a - np.uint64(mr.addr)
         ok = (a >= mr.addr) & (off <= mr.length) & (ln <= mr.length - off)
         mr_of[sel] = np.where(ok, len(mrs), -1)
         offset[sel] = off
         mrs.append(mr)
-    bad = np.flatnonzero(mr_of < 0).tolist()
     entries, start = [], 0
-    for stop in [*bad, n]:
+    for stop in [*np.flatnonzero(mr_of < 0).tolist(), n]:
         if stop > start:
-            entries.append(WriteRun(seq + start, wrs[start:stop], mr_of[start:stop],
-                                    offset[start:stop], mrs, rnr_left))
+            entries.append(WriteRun(seq + start, wrs[start:stop], mrs, mr_of[start:stop],
+                                    offset[start:stop], rnr_left))
         if stop < n:
             entries.append(bad_wr(seq + stop, wrs[stop]))
         start = stop + 1
@@ -236,53 +261,74 @@ def remote_targets(pd, descs: np.ndarray) -> tuple[int, list, list, list]:
     """Check a WRITE_BATCH's descriptors (pd lock held): ``(k, views, mrs, ranges)``.
 
     The first ``k`` writes pass (the key names an MR of this PD with REMOTE_WRITE and the range
-    lies inside it); ``views`` are their non-empty targets in order, ``mrs`` the distinct MRs
-    they use (each given one in-flight reference) and ``ranges`` the ``(mr, address,
-    length)`` spans of on-demand MRs to fault in before the data lands, adjacent writes
-    merged."""
+    lies inside it); ``views`` are their non-empty targets in order (writes adjacent in the
+    same MR share one view), ``mrs`` the distinct MRs they use (each given one in-flight
+    reference) and ``ranges`` the ``(mr, address, length)`` spans of on-demand MRs to fault in
+    before the data lands, adjacent writes merged."""
     n = len(descs)
     rkeys = descs["rkey"]
     same = bool((rkeys == rkeys[0]).all())
-    keys = [int(rkeys[0])] if same else np.unique(rkeys).tolist()
-    addr = descs["remote_addr"]
+    addr = descs["remote_addr"].astype(np.uint64)
     length = descs["length"].astype(np.uint64)
-    ok = np.zeros(n, bool)
-    offset = np.zeros(n, np.uint64)
-    targets: dict[int, object] = {}
-    for key in keys:
-        mr = pd.lookup(key)
+    if same:
+        mr = pd.lookup(int(rkeys[0]))
         if mr is None or not mr.access & Access.REMOTE_WRITE:
-            continue
-        targets[key] = mr
-        sel = slice(None) if same else rkeys == key
-        a, ln = addr[sel], length[sel]
-        off = a - np.uint64(mr.addr)
-        ok[sel] = (a >= mr.addr) & (off <= mr.length) & (ln <= mr.length - off)
-        offset[sel] = off
-    k = n if ok.all() else int(np.argmin(ok))
+            return 0, [], [], []
+        offset = addr - np.uint64(mr.addr)  # wraps below the MR: caught by the next test
+        ok = (addr >= mr.addr) & (offset <= mr.length) & (length <= mr.length - offset)
+        k = n if ok.all() else int(np.argmin(ok))
+        used, owner = [mr], None
+    else:
+        ok = np.zeros(n, bool)
+        offset = np.zeros(n, np.uint64)
+        targets: dict[int, object] = {}
+        for key in np.unique(rkeys).tolist():
+            mr = pd.lookup(key)
+            if mr is None or not mr.access & Access.REMOTE_WRITE:
+                continue
+            targets[key] = mr
+            sel = rkeys == key
+            a, ln = addr[sel], length[sel]
+            off = a - np.uint64(mr.addr)
+            ok[sel] = (a >= mr.addr) & (off <= mr.length) & (ln <= mr.length - off)
+            offset[sel] = off
+        k = n if ok.all() else int(np.argmin(ok))
+        keys = rkeys[:k].astype(np.int64)
+        used = [targets[key] for key in np.unique(keys).tolist()]
+        owner = np.searchsorted(np.array([m.rkey for m in used], np.int64), keys)
     if k == 0:
         return 0, [], [], []
-    used = [targets[int(rkeys[0])]] if same else [targets[key] for key in np.unique(
-        rkeys[:k]).tolist()]
-    by_key = {mr.rkey: mr for mr in used}
+    start = offset[:k].astype(np.int64)
+    size = length[:k].astype(np.int64)
+    stop = start + size
+    # One view per stretch of non-empty writes that follow each other in one MR.
+    nz = np.flatnonzero(size)
     views: list = []
+    if len(nz):
+        s, e = start[nz], stop[nz]
+        new = np.empty(len(nz), bool)
+        new[0] = True
+        np.not_equal(s[1:], e[:-1], out=new[1:])
+        if owner is not None:
+            new[1:] |= owner[nz][1:] != owner[nz][:-1]
+        first = np.flatnonzero(new)
+        last = np.empty(len(first), np.intp)
+        last[:-1] = first[1:] - 1
+        last[-1] = len(nz) - 1
+        spans = zip(s[first].tolist(), e[last].tolist(), strict=True)
+        if owner is None:
+            whole = used[0]._view
+            views = [whole[lo:hi] for lo, hi in spans]
+        else:
+            views = [used[m]._view[lo:hi] for m, (lo, hi) in zip(owner[nz][first].tolist(),
+                                                                   spans, strict=True)]
     ranges: list = []
-    starts, ends = offset[:k], offset[:k] + length[:k]
-    if same:
-        whole = used[0]._view
-        views = [whole[s:e] for s, e in zip(starts.tolist(), ends.tolist(), strict=True)
-                 if e > s]
-    else:
-        for key, s, e in zip(rkeys[:k].tolist(), starts.tolist(), ends.tolist(),
-                                strict=True):
-            if e > s:
-                views.append(by_key[key]._view[s:e])
-    for mr in used:
+    for i, mr in enumerate(used):
         mr.inflight += 1
         if mr.on_demand:
-            sel = slice(None) if same else rkeys[:k] == mr.rkey
+            sel = slice(None) if owner is None else owner == i
             base = mr.local_address
-            ranges += [(mr, base + s, e - s) for s, e in _merged(starts[sel], ends[sel])]
+            ranges += [(mr, base + lo, hi - lo) for lo, hi in _merged(start[sel], stop[sel])]
     return k, views, used, ranges
 
 
@@ -318,6 +364,9 @@ def recv_scattered(sock: socket.socket, views: list) -> bool:
         got = sock.recvmsg_into(chunk, 0, socket.MSG_WAITALL)[0]
         if got == 0:
             return False
+        if got == sum(map(len, chunk)):  # MSG_WAITALL: the usual case
+            i += len(chunk)
+            continue
         for view in chunk:
             size = len(view)
             if got < size:
