@@ -22,7 +22,7 @@ import socket
 
 import numpy as np
 
-from stages.verbs.base import Access, SendOpcode
+from stages.verbs.base import SendOpcode
 from stages.verbs.soft import wire
 
 FRAME_BYTES = 1 << 20  # payload of one WRITE_BATCH beyond its first write: bounds ACK latency
@@ -97,8 +97,9 @@ class WriteRun:
             whole = mrs[0]._view
             self.views = [whole[s:e] for s, e in spans]
         else:
-            self.views = [mrs[m]._view[s:e] for m, (s, e) in zip(mr_of[first].tolist(), spans,
-                                                                  strict=True)]
+            wholes = [mr._view for mr in mrs]
+            self.views = [wholes[m][s:e] for m, (s, e) in zip(mr_of[first].tolist(), spans,
+                                                               strict=True)]
 
     def length_at(self, seq: int) -> int:
         i = seq - self.seq0
@@ -163,20 +164,13 @@ def write_runs(pd, wrs: np.ndarray, seq: int, rnr_left: int, bad_wr) -> list:
             ok = (addr >= mr.addr) & (offset <= mr.length) & (length <= mr.length - offset)
             if ok.all():
                 return [WriteRun(seq, wrs, [mr], None, offset, rnr_left)]
-    mr_of = np.full(n, -1, np.int32)
-    offset = np.zeros(n, np.uint64)
-    mrs: list = []
-    for key in np.unique(lkeys).tolist():
-        mr = pd.lookup(key)
-        if mr is None:
-            continue
-        sel = lkeys == key
-        a, ln = addr[sel], length[sel]
-        off = a - np.uint64(mr.addr)
-        ok = (a >= mr.addr) & (off <= mr.length) & (ln <= mr.length - off)
-        mr_of[sel] = np.where(ok, len(mrs), -1)
-        offset[sel] = off
-        mrs.append(mr)
+    keys, mr_of = np.unique(lkeys, return_inverse=True)  # one lookup per distinct key
+    mrs = [pd.lookup(key) for key in keys.tolist()]
+    base, size = _extents(mrs)
+    offset = addr - base[mr_of]  # wraps below the MR: caught by the next test
+    ok = (base[mr_of] != _NO_MR) & (addr >= base[mr_of]) & (offset <= size[mr_of]) & (
+        length <= size[mr_of] - offset)
+    mr_of = np.where(ok, mr_of, -1)
     entries, start = [], 0
     for stop in [*np.flatnonzero(mr_of < 0).tolist(), n]:
         if stop > start:
@@ -257,6 +251,16 @@ def collect(qp, bufs: list, *, max_bytes: int, max_iov: int) -> None:
 
 
 # -- responder ---------------------------------------------------------------------------
+_NO_MR = np.uint64((1 << 64) - 1)  # the base of a key that names no usable MR: fails every check
+
+
+def _extents(mrs: list) -> tuple[np.ndarray, np.ndarray]:
+    """The base addresses and lengths of ``mrs`` (None entries: ``_NO_MR`` and 0)."""
+    base = np.array([_NO_MR if mr is None else mr.addr for mr in mrs], np.uint64)
+    size = np.array([0 if mr is None else mr.length for mr in mrs], np.uint64)
+    return base, size
+
+
 def remote_targets(pd, descs: np.ndarray) -> tuple[int, list, list, list]:
     """Check a WRITE_BATCH's descriptors (pd lock held): ``(k, views, mrs, ranges)``.
 
@@ -272,30 +276,26 @@ def remote_targets(pd, descs: np.ndarray) -> tuple[int, list, list, list]:
     length = descs["length"].astype(np.uint64)
     if same:
         mr = pd.lookup(int(rkeys[0]))
-        if mr is None or not mr.access & Access.REMOTE_WRITE:
+        if mr is None or not mr.remote_write:
             return 0, [], [], []
         offset = addr - np.uint64(mr.addr)  # wraps below the MR: caught by the next test
         ok = (addr >= mr.addr) & (offset <= mr.length) & (length <= mr.length - offset)
         k = n if ok.all() else int(np.argmin(ok))
         used, owner = [mr], None
-    else:
-        ok = np.zeros(n, bool)
-        offset = np.zeros(n, np.uint64)
-        targets: dict[int, object] = {}
-        for key in np.unique(rkeys).tolist():
-            mr = pd.lookup(key)
-            if mr is None or not mr.access & Access.REMOTE_WRITE:
-                continue
-            targets[key] = mr
-            sel = rkeys == key
-            a, ln = addr[sel], length[sel]
-            off = a - np.uint64(mr.addr)
-            ok[sel] = (a >= mr.addr) & (off <= mr.length) & (ln <= mr.length - off)
-            offset[sel] = off
+    else:  # one key lookup per distinct key, the checks over all writes at once
+        keys, owner = np.unique(rkeys, return_inverse=True)
+        mrs = [pd.lookup(key) for key in keys.tolist()]
+        mrs = [mr if mr is not None and mr.remote_write else None for mr in mrs]
+        base, size = _extents(mrs)
+        offset = addr - base[owner]
+        ok = (base[owner] != _NO_MR) & (addr >= base[owner]) & (offset <= size[owner]) & (
+            length <= size[owner] - offset)
         k = n if ok.all() else int(np.argmin(ok))
-        keys = rkeys[:k].astype(np.int64)
-        used = [targets[key] for key in np.unique(keys).tolist()]
-        owner = np.searchsorted(np.array([m.rkey for m in used], np.int64), keys)
+        if k == 0:
+            return 0, [], [], []
+        present = np.unique(owner[:k])
+        used = [mrs[i] for i in present.tolist()]
+        owner = np.searchsorted(present, owner[:k])
     if k == 0:
         return 0, [], [], []
     start = offset[:k].astype(np.int64)
@@ -320,8 +320,9 @@ def remote_targets(pd, descs: np.ndarray) -> tuple[int, list, list, list]:
             whole = used[0]._view
             views = [whole[lo:hi] for lo, hi in spans]
         else:
-            views = [used[m]._view[lo:hi] for m, (lo, hi) in zip(owner[nz][first].tolist(),
-                                                                   spans, strict=True)]
+            wholes = [mr._view for mr in used]
+            views = [wholes[m][lo:hi] for m, (lo, hi) in zip(owner[nz][first].tolist(), spans,
+                                                              strict=True)]
     ranges: list = []
     for i, mr in enumerate(used):
         mr.inflight += 1
