@@ -260,3 +260,122 @@ def test_batch_into_on_demand_memory_faults_in_what_it_writes():
     finally:
         pair.close()
         ram.close()
+
+
+# -- the soft send queue: a post_writes call is one entry, retired in parts --------------
+def _unlinked_qp(ctx, mr, max_send_wr: int = 32):
+    """A soft QP in RTS without a connection: nothing is transmitted, the test plays the
+    responder's ACKs and NAKs itself (under the QP lock, as the link's reader would)."""
+    cq = ctx.create_cq(64)
+    qp = mr.pd.create_qp(cq, cq, max_send_wr=max_send_wr, max_recv_wr=0)
+    qp._state = QPState.RTS
+    return qp, cq
+
+
+def _local_writes(mr, n: int, signaled) -> np.ndarray:
+    wrs = np.zeros(n, WRITE_WR_DTYPE)
+    wrs["wr_id"] = np.arange(n) + 100
+    wrs["addr"] = mr.addr + np.arange(n, dtype=np.uint64) * 64
+    wrs["length"], wrs["lkey"], wrs["remote_addr"], wrs["rkey"] = 64, mr.lkey, 1 << 20, 7
+    wrs["signaled"] = signaled
+    return wrs
+
+
+def test_ack_inside_a_batch_retires_its_head_and_completes_only_signaled_writes():
+    from stages.verbs import open_provider
+
+    memory = np.zeros(64 * KiB, np.uint8)
+    with open_provider("soft").open_device() as ctx:
+        pd = ctx.alloc_pd()
+        mr = pd.reg_mr(memory.ctypes.data, memory.nbytes, Access.LOCAL_WRITE)
+        qp, cq = _unlinked_qp(ctx, mr)
+        signaled = np.isin(np.arange(10), [3, 7, 9])
+        qp.post_writes(_local_writes(mr, 10, signaled))
+        assert len(qp.sq) == 1 and mr.inflight == 10  # one entry for the whole call
+        with qp.lock:
+            qp.on_ack(4)  # lands inside the entry: writes 0..4 are placed
+        assert [(wc.wr_id, wc.status) for wc in cq.poll()] == [(103, WCStatus.SUCCESS)]
+        assert qp.sq_used == 6 and mr.inflight == 5 and qp.unsignaled_done == 1
+        with pytest.raises(TransportError):
+            mr.close()  # writes 5..9 still use it
+        with qp.lock:
+            qp.on_ack(7)
+        assert [wc.wr_id for wc in cq.poll()] == [107]
+        with qp.lock:
+            qp.on_nak(9, wire.NAK_REM_ACCESS)  # 8 placed, 9 refused: ERR
+        wcs = cq.poll()
+        assert [(wc.wr_id, wc.status, wc.byte_len) for wc in wcs] == [
+            (109, WCStatus.REM_ACCESS_ERR, 64)]
+        assert qp.state == QPState.ERR and qp.sq_used == 0 and mr.inflight == 0
+        qp.close()
+        cq.close()
+        mr.close()
+
+
+def test_flush_of_a_partly_acked_batch_completes_each_remaining_write():
+    from stages.verbs import open_provider
+
+    memory = np.zeros(64 * KiB, np.uint8)
+    with open_provider("soft").open_device() as ctx:
+        pd = ctx.alloc_pd()
+        mr = pd.reg_mr(memory.ctypes.data, memory.nbytes, Access.LOCAL_WRITE)
+        qp, cq = _unlinked_qp(ctx, mr)
+        wrs = _local_writes(mr, 8, False)
+        wrs["lkey"][5] ^= 0x77  # a bad local key splits the call into entries around it
+        qp.post_writes(wrs[:6])
+        qp.post_writes(_local_writes(mr, 3, True))
+        assert len(qp.sq) == 3 and mr.inflight == 8
+        with qp.lock:
+            qp.on_ack(2)  # no completion: 0..2 are unsignaled
+        assert not cq.poll() and qp.unsignaled_done == 3
+        with qp.lock:
+            qp.on_ack(4)  # the bad WR reaches the front: it fails, the rest flushes
+        wcs = cq.poll(32)
+        assert [(wc.wr_id, wc.status) for wc in wcs] == [
+            (105, WCStatus.LOC_PROT_ERR), (100, WCStatus.WR_FLUSH_ERR),
+            (101, WCStatus.WR_FLUSH_ERR), (102, WCStatus.WR_FLUSH_ERR)]
+        assert qp.sq_used == 0 and mr.inflight == 0 and qp.state == QPState.ERR
+        qp.post_writes(_local_writes(mr, 2, False))  # in ERR: flushed at once, each one
+        assert [wc.status for wc in cq.poll()] == [WCStatus.WR_FLUSH_ERR] * 2
+        qp.close()
+        cq.close()
+        mr.close()
+
+
+def test_batches_over_many_mrs_check_every_key_at_both_ends():
+    pair = Pair("soft", max_send_wr=256)
+    try:
+        pair.mem_a[:] = np.arange(MiB) % 251
+        quarter = MiB // 4  # four MRs a side over the same memory
+        src = [pair.pd_a.reg_mr(pair.mr_a.addr + i * quarter, quarter, Access.LOCAL_WRITE)
+               for i in range(4)]
+        dst = [pair.pd_b.reg_mr(pair.mr_b.addr + i * quarter, quarter,
+                                Access.LOCAL_WRITE | Access.REMOTE_WRITE) for i in range(4)]
+        n = 64
+        pages = np.arange(n) * 4096  # page i lies in MR i // 64 ... spread over the four
+        pages = (pages * 3) % MiB
+        which = pages // quarter
+        wrs = np.zeros(n, WRITE_WR_DTYPE)
+        wrs["wr_id"], wrs["signaled"], wrs["length"] = np.arange(n), 1, 4096
+        wrs["addr"] = pair.mr_a.addr + pages.astype(np.uint64)
+        wrs["remote_addr"] = pair.mr_b.addr + pages.astype(np.uint64)
+        wrs["lkey"] = [src[i].lkey for i in which]
+        wrs["rkey"] = [dst[i].rkey for i in which]
+        pair.qp_a.post_writes(wrs)
+        assert all(wc.ok for wc in wait_wcs(pair.cq_a, n))
+        placed = np.zeros(MiB, bool)
+        for page in pages.tolist():
+            placed[page:page + 4096] = True
+        assert (pair.mem_b[placed] == pair.mem_a[placed]).all()
+        assert not pair.mem_b[~placed].any()
+        wrs["wr_id"] += n
+        wrs["rkey"][40] = dst[3].rkey ^ 0x5A5A  # no such key at the target: NAKed there
+        pair.qp_a.post_writes(wrs)
+        statuses = [wc.status for wc in wait_wcs(pair.cq_a, n)]
+        assert statuses == [WCStatus.SUCCESS] * 40 + [WCStatus.REM_ACCESS_ERR] + [
+            WCStatus.WR_FLUSH_ERR] * 23
+        assert all(mr.inflight == 0 for mr in [*src, *dst, pair.mr_a, pair.mr_b])
+        for mr in [*src, *dst]:
+            mr.close()
+    finally:
+        pair.close()
