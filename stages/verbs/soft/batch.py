@@ -1,16 +1,19 @@
 """Many RDMA WRITEs at once: the soft provider's WRITE_BATCH frame at both ends.
 
-Requester: ``collect`` turns the send queue from ``qp.tx_next`` into frames, coalescing each
-run of consecutive WRITEs (however they were posted) into one WRITE_BATCH; SENDs and lone
-WRITEs stay single frames. ``local_sges`` resolves the SGEs of an array of WRs with one key
-lookup per distinct lkey.
+Requester: ``write_runs`` turns the WRs of one ``post_writes`` call into send-queue entries:
+one ``WriteRun`` (arrays, no object per write) per stretch of WRs whose local SGEs pass, with
+one key lookup per distinct lkey; a WR that fails them gets an entry of its own. ``collect``
+turns the send queue from ``qp.tx_next`` into frames by slicing those arrays, coalescing each
+run of consecutive WRITEs (however they were posted) into WRITE_BATCH frames; SENDs and lone
+WRITEs stay single frames. Locally adjacent writes share one payload buffer (fewer iovecs).
 
 Responder: ``remote_targets`` checks a batch's descriptors all at once (rkey, bounds,
 REMOTE_WRITE) and says how many of them, from the first, may be placed; ``recv_scattered``
-then reads the payloads straight into those MR views with recvmsg_into (no copy).
+then reads the payloads straight into those MR views with recvmsg_into (no copy), writes
+adjacent in one MR sharing a view.
 
-Everything here that touches a PD's key table runs under ``pd._lock``; ``collect`` runs under
-the QP lock.
+Everything here that touches a PD's key table or an MR's in-flight count runs under
+``pd._lock``; ``collect`` runs under the QP lock.
 """
 
 from __future__ import annotations
