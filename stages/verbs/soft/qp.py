@@ -6,7 +6,7 @@ send (``link.send_claimed``), which holds the socket, not the lock.
 
 Invariants:
 - ``sq`` holds the posted send WRs not yet completed, in posting (= sequence) order, as
-  entries of consecutive sequences: a ``SendWR`` each, or a ``batch.WriteRun`` for the WRITEs
+  entries of consecutive sequences: a ``SendWR`` each, or a ``sendq.WriteRun`` for the WRITEs
   of one ``post_writes`` call (retired in part when an ACK lands inside it); ``tx_next`` is the
   sequence of the next WR to transmit. A WR is completed by a cumulative ACK
   from the peer's responder (RC: completion means the data is placed) or by an error.
@@ -44,36 +44,12 @@ from stages.verbs.base import (
     WorkCompletion,
     closed_error,
 )
-from stages.verbs.soft import batch, wire
+from stages.verbs.soft import batch, sendq, wire
 from stages.verbs.soft.link import INLINE_MAX, IOV_MAX
+from stages.verbs.soft.sendq import SendWR
 
 _qp_numbers = itertools.count(secrets.randbelow(1 << 20) + 1)
 RNR_BACKOFF_MIN, RNR_BACKOFF_MAX = 0.001, 0.02  # seconds; doubled per retry of a WR
-
-
-class SendWR:
-    """One posted WR: a send-queue entry of one sequence (``batch.WriteRun`` holds many)."""
-
-    __slots__ = ("seq", "end", "wr_id", "opcode", "view", "length", "remote_addr", "rkey",
-                 "signaled", "mr", "rnr_left", "rnr_count", "bad", "desc")
-
-    def __init__(self, seq, wr_id, opcode, view, length, remote_addr, rkey, signaled, mr,
-                 rnr_left, desc=b""):
-        self.seq, self.end, self.wr_id, self.opcode, self.view = seq, seq + 1, wr_id, opcode, view
-        self.length, self.remote_addr, self.rkey = length, remote_addr, rkey
-        self.signaled, self.mr, self.rnr_left, self.rnr_count = signaled, mr, rnr_left, 0
-        self.bad = mr is None  # a local protection error, reported when its turn comes
-        self.desc = desc  # a WRITE's WRITE_BATCH descriptor, packed once at posting
-
-    def length_at(self, seq: int) -> int:
-        return self.length
-
-    def release_into(self, counts: dict, a: int, b: int) -> None:
-        if self.mr is not None:
-            counts[self.mr] = counts.get(self.mr, 0) + 1
-
-    def release_rest(self, counts: dict) -> None:
-        self.release_into(counts, 0, 1)
 
 
 class RecvWR:
@@ -100,7 +76,7 @@ class SoftQP(base.QP):
         self.qp_num = next(_qp_numbers) & 0xFFFFFF
         self.lock = threading.Condition(threading.Lock())
         self._state = QPState.INIT
-        self.sq: deque = deque()  # SendWR and batch.WriteRun entries
+        self.sq: deque = deque()  # SendWR and sendq.WriteRun entries
         self.rq: deque[RecvWR] = deque()
         self.sq_used = self.rq_used = 0
         self.next_seq = self.tx_next = 0
@@ -183,7 +159,7 @@ class SoftQP(base.QP):
             take = min(n, self.max_send_wr - self.sq_used)
             if take:
                 with self.pd._lock:
-                    self.sq.extend(batch.write_runs(self.pd, wrs[:take], self.next_seq,
+                    self.sq.extend(sendq.write_runs(self.pd, wrs[:take], self.next_seq,
                                                     self.rnr_retry, self._bad_write))
                 self.sq_used += take
                 self.next_seq += take
@@ -217,7 +193,7 @@ class SoftQP(base.QP):
         thread hand-off), else wake the writer."""
         link = self.link
         if (link is not None and time.monotonic() >= self.rnr_until
-                and batch.entry_at(self.sq, self.tx_next)[0].length_at(self.tx_next)
+                and sendq.entry_at(self.sq, self.tx_next)[0].length_at(self.tx_next)
                 <= INLINE_MAX and link.claim()):
             start, bufs = self.tx_next, []
             batch.collect(self, bufs, max_bytes=INLINE_MAX, max_iov=IOV_MAX)
