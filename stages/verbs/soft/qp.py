@@ -115,7 +115,8 @@ class SoftQP(base.QP):
 
     def post_send(self, wr_id: int, opcode: SendOpcode, addr: int, length: int, lkey: int, *,
                   remote_addr: int = 0, rkey: int = 0, signaled: bool = True) -> None:
-        opcode = SendOpcode(opcode)
+        if type(opcode) is not SendOpcode:  # (an enum call costs a microsecond)
+            opcode = SendOpcode(opcode)
         if opcode not in SEND_WC_OPCODE:
             raise ValueError(f"the soft provider posts RDMA_WRITE and SEND, not {opcode.name}")
         if not 0 <= length <= wire.MAX_MESSAGE:
@@ -371,7 +372,7 @@ class SoftQP(base.QP):
             with self.pd._lock:
                 mr = self.pd.lookup(rkey)
                 view = None
-                if mr is not None and mr.access & Access.REMOTE_WRITE:
+                if mr is not None and mr.remote_write:
                     view = mr.slice(remote_addr, length)
                 if view is None:
                     self._nak(seq, wire.NAK_REM_ACCESS)
