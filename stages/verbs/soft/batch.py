@@ -27,6 +27,7 @@ import numpy as np
 from stages.verbs.base import SendOpcode
 from stages.verbs.soft import sendq, wire
 
+FEW = 64  # writes in a batch below which a Python loop checks them faster than numpy
 FRAME_BYTES = 1 << 20  # payload of one WRITE_BATCH beyond its first write: bounds ACK latency
 try:
     RECV_IOV_MAX = min(os.sysconf("SC_IOV_MAX"), 1024)
@@ -106,6 +107,8 @@ def remote_targets(pd, descs: np.ndarray) -> tuple[int, list, list, list]:
     n = len(descs)
     rkeys = descs["rkey"]
     same = bool((rkeys == rkeys[0]).all())
+    if n <= FEW or (n <= 4 * FEW and not same):
+        return _few_targets(pd, descs)
     addr = descs["remote_addr"].astype(np.uint64)
     length = descs["length"].astype(np.uint64)
     if same:
@@ -165,6 +168,37 @@ def remote_targets(pd, descs: np.ndarray) -> tuple[int, list, list, list]:
             base = mr.local_address
             ranges += [(mr, base + lo, hi - lo) for lo, hi in _merged(start[sel], stop[sel])]
     return k, views, used, ranges
+
+
+def _few_targets(pd, descs: np.ndarray) -> tuple[int, list, list, list]:
+    """``remote_targets`` by a Python loop: below a few dozen writes (or a few hundred over
+    many MRs) it costs less than numpy's fixed cost per call. On-demand ranges are the views'
+    spans (adjacent writes merged, not sorted)."""
+    spans: list = []
+    used: dict = {}
+    k, last, last_end = 0, None, -1
+    for addr, rkey, length in descs.tolist():
+        mr = used.get(rkey)
+        if mr is None:
+            mr = pd.lookup(rkey)
+            if mr is None or not mr.remote_write:
+                break
+        offset = addr - mr.addr
+        if offset < 0 or offset + length > mr.length:
+            break
+        used[rkey] = mr
+        k += 1
+        if not length:
+            continue
+        if mr is last and offset == last_end:
+            spans[-1][2] = last_end = offset + length
+        else:
+            last, last_end = mr, offset + length
+            spans.append([mr, offset, last_end])
+    for mr in used.values():
+        mr.inflight += 1
+    ranges = [(mr, mr.local_address + lo, hi - lo) for mr, lo, hi in spans if mr.on_demand]
+    return k, [mr._view[lo:hi] for mr, lo, hi in spans], list(used.values()), ranges
 
 
 def _merged(starts: np.ndarray, ends: np.ndarray) -> list[tuple[int, int]]:

@@ -379,3 +379,46 @@ def test_batches_over_many_mrs_check_every_key_at_both_ends():
             mr.close()
     finally:
         pair.close()
+
+
+@pytest.mark.parametrize("spoil", ["none", "unknown key", "out of bounds", "no remote write"])
+def test_few_and_many_write_checks_agree(spoil):
+    """The responder's numpy checks (large batches) and its Python loop (small ones) take the
+    same writes, into the same bytes, with the same MR references."""
+    from stages.verbs import open_provider
+
+    memory = (np.arange(8 * MiB) % 241).astype(np.uint8)
+    with open_provider("soft").open_device() as ctx:
+        pd = ctx.alloc_pd()
+        access = Access.LOCAL_WRITE | Access.REMOTE_WRITE
+        mrs = [pd.reg_mr(memory.ctypes.data + i * MiB, MiB, access) for i in range(7)]
+        mrs.append(pd.reg_mr(memory.ctypes.data + 7 * MiB, MiB, Access.LOCAL_WRITE))
+        rng = np.random.default_rng(11)
+        n = 300
+        which = rng.integers(0, 7, n)
+        which[:40] = 2  # a stretch of adjacent writes in one MR: one view
+        offset = rng.integers(0, MiB - 8192, n).astype(np.uint64)
+        offset[:40] = 4096 * np.arange(40, dtype=np.uint64)
+        length = rng.choice([0, 1, 100, 4096, 8192], n).astype(np.uint64)
+        length[:40] = 4096
+        if spoil == "unknown key":
+            which[170] = 99
+        elif spoil == "out of bounds":
+            offset[170], length[170] = MiB - 50, 100
+        elif spoil == "no remote write":
+            which[170] = 7
+        keys = np.array([mr.rkey for mr in mrs] + [0xDEAD])[np.minimum(which, 8)]
+        addr = np.array([mr.addr for mr in mrs] + [0])[np.minimum(which, 8)].astype(
+            np.uint64) + offset
+        descs = np.frombuffer(wire.descriptors(addr, keys, length), wire.DESC_DTYPE)
+        got = []
+        for check in (batch.remote_targets, batch._few_targets):
+            k, views, used, ranges = check(pd, descs)
+            got.append((k, b"".join(bytes(v) for v in views), sorted(mr.rkey for mr in used),
+                        [mr.inflight for mr in mrs]))
+            assert not ranges  # no on-demand MR here
+            assert len(views) <= max(k - 39, 1)  # the adjacent stretch shares one view
+            for mr in mrs:
+                mr.inflight = 0
+        assert got[0] == got[1]
+        assert got[0][0] == (n if spoil == "none" else 170)
