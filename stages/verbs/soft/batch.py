@@ -61,7 +61,9 @@ def collect(qp, bufs: list, *, max_bytes: int, max_iov: int) -> None:
         # WRITEs from tx on, across entries: as many as one frame, the iovec and the budgets
         # allow.
         first, descs, views, frame_bytes = tx, [], [], 0
-        room = max_iov - len(bufs) - 2
+        room = max_iov - len(bufs) - 2  # buffers left for payloads after header and descriptors
+        if room < 1:
+            break  # the next call starts a fresh iovec (never a frame of no writes)
         while (entry is not None and not entry.bad and entry.opcode == SendOpcode.RDMA_WRITE
                and tx - first < wire.MAX_BATCH and len(views) < room
                and frame_bytes < FRAME_BYTES and size + frame_bytes < max_bytes):
