@@ -82,8 +82,13 @@ class SoftCQ(CQ):
                 raise TransportError(f"completion queue overrun (depth {self.depth})",
                                      errno=errno.EOVERFLOW,
                                      hint="create the CQ deeper or poll it more often")
-            taken = [self._items.popleft() for _ in range(min(n, len(self._items)))]
-            if taken and not self._items:
+            items = self._items
+            if n >= len(items):
+                taken = list(items)
+                items.clear()
+            else:
+                taken = [items.popleft() for _ in range(n)]
+            if taken and not items:
                 try:
                     os.eventfd_read(self._efd)
                 except BlockingIOError:

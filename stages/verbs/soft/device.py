@@ -45,6 +45,7 @@ class SoftMR(base.MR):
         self._bytes: memoryview | None = None      # made on first use (see _view)
         self.inflight = 0  # work requests using this MR (guarded by pd._lock)
         self.on_demand = bool(self.access & Access.ON_DEMAND)  # populate what a write targets
+        self.remote_write = bool(self.access & Access.REMOTE_WRITE)  # (a Flag test is slow)
         self._faults: faulting.FaultMap | None = None
         self._backing_held = False
 

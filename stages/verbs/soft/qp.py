@@ -5,8 +5,10 @@ runs under ``qp.lock``, which the link's writer waits on as a condition, except 
 send (``link.send_claimed``), which holds the socket, not the lock.
 
 Invariants:
-- ``sq`` holds the posted send WRs not yet completed, in posting (= sequence) order;
-  ``tx_next`` is the sequence of the next one to transmit. A WR is completed by a cumulative ACK
+- ``sq`` holds the posted send WRs not yet completed, in posting (= sequence) order, as
+  entries of consecutive sequences: a ``SendWR`` each, or a ``sendq.WriteRun`` for the WRITEs
+  of one ``post_writes`` call (retired in part when an ACK lands inside it); ``tx_next`` is the
+  sequence of the next WR to transmit. A WR is completed by a cumulative ACK
   from the peer's responder (RC: completion means the data is placed) or by an error.
 - Completions come in posting order; a signaled one retires the unsignaled WRs before it, and
   slots (``sq_used``, ``rq_used``) are freed when those completions are polled.
@@ -42,24 +44,12 @@ from stages.verbs.base import (
     WorkCompletion,
     closed_error,
 )
-from stages.verbs.soft import batch, wire
+from stages.verbs.soft import batch, sendq, wire
 from stages.verbs.soft.link import INLINE_MAX, IOV_MAX
+from stages.verbs.soft.sendq import SendWR
 
 _qp_numbers = itertools.count(secrets.randbelow(1 << 20) + 1)
 RNR_BACKOFF_MIN, RNR_BACKOFF_MAX = 0.001, 0.02  # seconds; doubled per retry of a WR
-
-
-class SendWR:
-    __slots__ = ("seq", "wr_id", "opcode", "view", "length", "remote_addr", "rkey", "signaled",
-                 "mr", "rnr_left", "rnr_count", "bad", "desc")
-
-    def __init__(self, seq, wr_id, opcode, view, length, remote_addr, rkey, signaled, mr,
-                 rnr_left, desc=b""):
-        self.seq, self.wr_id, self.opcode, self.view = seq, wr_id, opcode, view
-        self.length, self.remote_addr, self.rkey = length, remote_addr, rkey
-        self.signaled, self.mr, self.rnr_left, self.rnr_count = signaled, mr, rnr_left, 0
-        self.bad = mr is None  # a local protection error, reported when its turn comes
-        self.desc = desc  # a WRITE's WRITE_BATCH descriptor, packed once at posting
 
 
 class RecvWR:
@@ -86,7 +76,7 @@ class SoftQP(base.QP):
         self.qp_num = next(_qp_numbers) & 0xFFFFFF
         self.lock = threading.Condition(threading.Lock())
         self._state = QPState.INIT
-        self.sq: deque[SendWR] = deque()
+        self.sq: deque = deque()  # SendWR and sendq.WriteRun entries
         self.rq: deque[RecvWR] = deque()
         self.sq_used = self.rq_used = 0
         self.next_seq = self.tx_next = 0
@@ -125,7 +115,8 @@ class SoftQP(base.QP):
 
     def post_send(self, wr_id: int, opcode: SendOpcode, addr: int, length: int, lkey: int, *,
                   remote_addr: int = 0, rkey: int = 0, signaled: bool = True) -> None:
-        opcode = SendOpcode(opcode)
+        if type(opcode) is not SendOpcode:  # (an enum call costs a microsecond)
+            opcode = SendOpcode(opcode)
         if opcode not in SEND_WC_OPCODE:
             raise ValueError(f"the soft provider posts RDMA_WRITE and SEND, not {opcode.name}")
         if not 0 <= length <= wire.MAX_MESSAGE:
@@ -168,19 +159,9 @@ class SoftQP(base.QP):
             self._check_postable()
             take = min(n, self.max_send_wr - self.sq_used)
             if take:
-                part = wrs[:take]
-                descs = wire.descriptors(part["remote_addr"], part["rkey"], part["length"])
                 with self.pd._lock:
-                    mrs, views = batch.local_sges(self.pd, part)
-                seq, rnr, write, size = self.next_seq, self.rnr_retry, SendOpcode.RDMA_WRITE, \
-                    wire.DESC.size
-                self.sq.extend([
-                    SendWR(seq + i, wr_id, write, view, length, remote_addr, rkey, signaled != 0,
-                           mr, rnr, descs[i * size:(i + 1) * size])
-                    for i, (wr_id, remote_addr, length, rkey, signaled, mr, view) in enumerate(zip(
-                        part["wr_id"].tolist(), part["remote_addr"].tolist(),
-                        part["length"].tolist(), part["rkey"].tolist(),
-                        part["signaled"].tolist(), mrs, views, strict=True))])
+                    self.sq.extend(sendq.write_runs(self.pd, wrs[:take], self.next_seq,
+                                                    self.rnr_retry, self._bad_write))
                 self.sq_used += take
                 self.next_seq += take
                 inline = self._posted()
@@ -188,6 +169,12 @@ class SoftQP(base.QP):
             inline[0].send_claimed(*inline[1:])
         if take < n:
             raise self._sq_full(f": posted {take} of {n} writes")
+
+    def _bad_write(self, seq: int, wr) -> SendWR:
+        """The entry of a WRITE whose local SGE failed its checks."""
+        return SendWR(seq, int(wr["wr_id"]), SendOpcode.RDMA_WRITE, None, int(wr["length"]),
+                      int(wr["remote_addr"]), int(wr["rkey"]), bool(wr["signaled"]), None,
+                      self.rnr_retry)
 
     def _posted(self):
         """New WRs are queued: flush them in ERR, fail a bad one whose turn it is, or send.
@@ -207,8 +194,8 @@ class SoftQP(base.QP):
         thread hand-off), else wake the writer."""
         link = self.link
         if (link is not None and time.monotonic() >= self.rnr_until
-                and self.sq[self.tx_next - self.sq[0].seq].length <= INLINE_MAX
-                and link.claim()):
+                and sendq.entry_at(self.sq, self.tx_next)[0].length_at(self.tx_next)
+                <= INLINE_MAX and link.claim()):
             start, bufs = self.tx_next, []
             batch.collect(self, bufs, max_bytes=INLINE_MAX, max_iov=IOV_MAX)
             if bufs:
@@ -247,29 +234,67 @@ class SoftQP(base.QP):
         for mr in mrs:
             if mr is not None:
                 counts[mr] = counts.get(mr, 0) + 1
+        self._release_counts(counts)
+
+    def _release_counts(self, counts: dict) -> None:
         if counts:
             with self.pd._lock:
                 for mr, count in counts.items():
                     mr.inflight -= count
 
-    def _complete_sends(self, wrs: list, status: WCStatus) -> None:
-        """Complete ``wrs`` (oldest first): one CQ push for all of their completions."""
-        self._release_each([wr.mr for wr in wrs])
+    def _pop_sends(self, last: int) -> list:
+        """Take the WRs up to sequence ``last`` off the send queue, as ``(entry, a, b)``
+        pieces (a run's writes ``a .. b-1`` by index), splitting a run ``last`` lies in."""
+        sq, pieces = self.sq, []
+        while sq and sq[0].seq <= last:
+            entry = sq[0]
+            if type(entry) is SendWR:
+                pieces.append((sq.popleft(), 0, 1))
+            elif entry.end - 1 <= last:
+                pieces.append((sq.popleft(), entry.done, entry.end - entry.seq0))
+            else:
+                stop = last + 1 - entry.seq0
+                pieces.append((entry, entry.done, stop))
+                entry.done, entry.seq = stop, last + 1
+                break
+        return pieces
+
+    def _complete_sends(self, pieces: list, status: WCStatus) -> None:
+        """Complete the ``(entry, a, b)`` pieces of ``_pop_sends`` (oldest first): one CQ push
+        for all of their completions."""
+        counts: dict = {}
         items, done, qp_num = [], self.unsignaled_done, self.qp_num
         failed = status != WCStatus.SUCCESS
-        for wr in wrs:
-            done += 1
-            if wr.signaled or failed:
-                wc = WorkCompletion(wr.wr_id, status, SEND_WC_OPCODE[wr.opcode], wr.length,
-                                    qp_num)
-                items.append((wc, self, True, done))
-                done = 0
+        write = SEND_WC_OPCODE[SendOpcode.RDMA_WRITE]
+        for entry, a, b in pieces:
+            entry.release_into(counts, a, b)
+            if type(entry) is SendWR:
+                done += 1
+                if entry.signaled or failed:
+                    wc = WorkCompletion(entry.wr_id, status, SEND_WC_OPCODE[entry.opcode],
+                                        entry.length, qp_num)
+                    items.append((wc, self, True, done))
+                    done = 0
+                continue
+            # A run: a completion per signaled write (per write when failing), each retiring
+            # the unsignaled ones before it.
+            where = np.arange(b - a) if failed else np.flatnonzero(entry.signaled[a:b])
+            if not len(where):
+                done += b - a
+                continue
+            retire = np.diff(where, prepend=-1)
+            retire[0] += done
+            at = where + a
+            lengths = entry.cum[at + 1] - entry.cum[at]
+            items += [(WorkCompletion(wr_id, status, write, length, qp_num), self, True, count)
+                      for wr_id, length, count in zip(entry.wr_id[at].tolist(),
+                                                      lengths.tolist(), retire.tolist(),
+                                                      strict=True)]
+            done = b - a - 1 - int(where[-1])
         self.unsignaled_done = done
+        self._release_counts(counts)
         if items:
             self.send_cq._push_many(items)
-
-    def _complete_send(self, wr: SendWR, status: WCStatus) -> None:
-        self._complete_sends([wr], status)
 
     def _complete_recv(self, rwr: RecvWR, status: WCStatus, byte_len: int = 0) -> None:
         self._release(rwr.mr)
@@ -285,9 +310,7 @@ class SoftQP(base.QP):
 
     def _flush(self) -> None:
         if self.sq:
-            wrs = list(self.sq)
-            self.sq.clear()
-            self._complete_sends(wrs, WCStatus.WR_FLUSH_ERR)
+            self._complete_sends(self._pop_sends(self.next_seq), WCStatus.WR_FLUSH_ERR)
         while self.rq:
             self._complete_recv(self.rq.popleft(), WCStatus.WR_FLUSH_ERR)
 
@@ -302,15 +325,14 @@ class SoftQP(base.QP):
             self.link.wind_down()
 
     def _fail_front(self, status: WCStatus) -> None:
-        self._complete_send(self.sq.popleft(), status)
+        self._complete_sends(self._pop_sends(self.sq[0].seq), status)
         self._enter_error()
 
     # -- requester side, called by the link's reader -------------------------------------
     def on_ack(self, seq: int) -> None:
         sq = self.sq
         if sq and sq[0].seq <= seq:  # the queue holds consecutive sequence numbers
-            count = min(seq - sq[0].seq + 1, len(sq))
-            self._complete_sends([sq.popleft() for _ in range(count)], WCStatus.SUCCESS)
+            self._complete_sends(self._pop_sends(seq), WCStatus.SUCCESS)
         if sq and sq[0].bad and self._state == QPState.RTS:
             self._fail_front(WCStatus.LOC_PROT_ERR)
 
@@ -350,7 +372,7 @@ class SoftQP(base.QP):
             with self.pd._lock:
                 mr = self.pd.lookup(rkey)
                 view = None
-                if mr is not None and mr.access & Access.REMOTE_WRITE:
+                if mr is not None and mr.remote_write:
                     view = mr.slice(remote_addr, length)
                 if view is None:
                     self._nak(seq, wire.NAK_REM_ACCESS)
@@ -458,8 +480,10 @@ class SoftQP(base.QP):
             link.close()
         with self.lock:
             # No flush completions on destroy (as ibv_destroy_qp); just drop the references.
-            for wr in self.sq:
-                self._release(wr.mr)
+            counts: dict = {}
+            for entry in self.sq:
+                entry.release_rest(counts)
+            self._release_counts(counts)
             for rwr in self.rq:
                 self._release(rwr.mr)
             self.sq.clear()

@@ -260,3 +260,251 @@ def test_batch_into_on_demand_memory_faults_in_what_it_writes():
     finally:
         pair.close()
         ram.close()
+
+
+# -- the soft send queue: a post_writes call is one entry, retired in parts --------------
+def _unlinked_qp(ctx, mr, max_send_wr: int = 32):
+    """A soft QP in RTS without a connection: nothing is transmitted, the test plays the
+    responder's ACKs and NAKs itself (under the QP lock, as the link's reader would)."""
+    cq = ctx.create_cq(64)
+    qp = mr.pd.create_qp(cq, cq, max_send_wr=max_send_wr, max_recv_wr=0)
+    qp._state = QPState.RTS
+    return qp, cq
+
+
+def _local_writes(mr, n: int, signaled) -> np.ndarray:
+    wrs = np.zeros(n, WRITE_WR_DTYPE)
+    wrs["wr_id"] = np.arange(n) + 100
+    wrs["addr"] = mr.addr + np.arange(n, dtype=np.uint64) * 64
+    wrs["length"], wrs["lkey"], wrs["remote_addr"], wrs["rkey"] = 64, mr.lkey, 1 << 20, 7
+    wrs["signaled"] = signaled
+    return wrs
+
+
+def test_ack_inside_a_batch_retires_its_head_and_completes_only_signaled_writes():
+    from stages.verbs import open_provider
+
+    memory = np.zeros(64 * KiB, np.uint8)
+    with open_provider("soft").open_device() as ctx:
+        pd = ctx.alloc_pd()
+        mr = pd.reg_mr(memory.ctypes.data, memory.nbytes, Access.LOCAL_WRITE)
+        qp, cq = _unlinked_qp(ctx, mr)
+        signaled = np.isin(np.arange(10), [3, 7, 9])
+        qp.post_writes(_local_writes(mr, 10, signaled))
+        assert len(qp.sq) == 1 and mr.inflight == 10  # one entry for the whole call
+        with qp.lock:
+            qp.on_ack(4)  # lands inside the entry: writes 0..4 are placed
+        assert [(wc.wr_id, wc.status) for wc in cq.poll()] == [(103, WCStatus.SUCCESS)]
+        assert qp.sq_used == 6 and mr.inflight == 5 and qp.unsignaled_done == 1
+        with pytest.raises(TransportError):
+            mr.close()  # writes 5..9 still use it
+        with qp.lock:
+            qp.on_ack(7)
+        assert [wc.wr_id for wc in cq.poll()] == [107]
+        with qp.lock:
+            qp.on_nak(9, wire.NAK_REM_ACCESS)  # 8 placed, 9 refused: ERR
+        wcs = cq.poll()
+        assert [(wc.wr_id, wc.status, wc.byte_len) for wc in wcs] == [
+            (109, WCStatus.REM_ACCESS_ERR, 64)]
+        assert qp.state == QPState.ERR and qp.sq_used == 0 and mr.inflight == 0
+        qp.close()
+        cq.close()
+        mr.close()
+
+
+def test_flush_of_a_partly_acked_batch_completes_each_remaining_write():
+    from stages.verbs import open_provider
+
+    memory = np.zeros(64 * KiB, np.uint8)
+    with open_provider("soft").open_device() as ctx:
+        pd = ctx.alloc_pd()
+        mr = pd.reg_mr(memory.ctypes.data, memory.nbytes, Access.LOCAL_WRITE)
+        qp, cq = _unlinked_qp(ctx, mr)
+        wrs = _local_writes(mr, 8, False)
+        wrs["lkey"][5] ^= 0x77  # a bad local key splits the call into entries around it
+        qp.post_writes(wrs[:6])
+        qp.post_writes(_local_writes(mr, 3, True))
+        assert len(qp.sq) == 3 and mr.inflight == 8
+        with qp.lock:
+            qp.on_ack(2)  # no completion: 0..2 are unsignaled
+        assert not cq.poll() and qp.unsignaled_done == 3
+        with qp.lock:
+            qp.on_ack(4)  # the bad WR reaches the front: it fails, the rest flushes
+        wcs = cq.poll(32)
+        assert [(wc.wr_id, wc.status) for wc in wcs] == [
+            (105, WCStatus.LOC_PROT_ERR), (100, WCStatus.WR_FLUSH_ERR),
+            (101, WCStatus.WR_FLUSH_ERR), (102, WCStatus.WR_FLUSH_ERR)]
+        assert qp.sq_used == 0 and mr.inflight == 0 and qp.state == QPState.ERR
+        qp.post_writes(_local_writes(mr, 2, False))  # in ERR: flushed at once, each one
+        assert [wc.status for wc in cq.poll()] == [WCStatus.WR_FLUSH_ERR] * 2
+        qp.close()
+        cq.close()
+        mr.close()
+
+
+def test_batches_over_many_mrs_check_every_key_at_both_ends():
+    pair = Pair("soft", max_send_wr=256)
+    try:
+        pair.mem_a[:] = np.arange(MiB) % 251
+        quarter = MiB // 4  # four MRs a side over the same memory
+        src = [pair.pd_a.reg_mr(pair.mr_a.addr + i * quarter, quarter, Access.LOCAL_WRITE)
+               for i in range(4)]
+        dst = [pair.pd_b.reg_mr(pair.mr_b.addr + i * quarter, quarter,
+                                Access.LOCAL_WRITE | Access.REMOTE_WRITE) for i in range(4)]
+        n = 64
+        pages = np.arange(n) * 4096  # page i lies in MR i // 64 ... spread over the four
+        pages = (pages * 3) % MiB
+        which = pages // quarter
+        wrs = np.zeros(n, WRITE_WR_DTYPE)
+        wrs["wr_id"], wrs["signaled"], wrs["length"] = np.arange(n), 1, 4096
+        wrs["addr"] = pair.mr_a.addr + pages.astype(np.uint64)
+        wrs["remote_addr"] = pair.mr_b.addr + pages.astype(np.uint64)
+        wrs["lkey"] = [src[i].lkey for i in which]
+        wrs["rkey"] = [dst[i].rkey for i in which]
+        pair.qp_a.post_writes(wrs)
+        assert all(wc.ok for wc in wait_wcs(pair.cq_a, n))
+        placed = np.zeros(MiB, bool)
+        for page in pages.tolist():
+            placed[page:page + 4096] = True
+        assert (pair.mem_b[placed] == pair.mem_a[placed]).all()
+        assert not pair.mem_b[~placed].any()
+        wrs["wr_id"] += n
+        wrs["rkey"][40] = dst[3].rkey ^ 0x5A5A  # no such key at the target: NAKed there
+        pair.qp_a.post_writes(wrs)
+        statuses = [wc.status for wc in wait_wcs(pair.cq_a, n)]
+        assert statuses == [WCStatus.SUCCESS] * 40 + [WCStatus.REM_ACCESS_ERR] + [
+            WCStatus.WR_FLUSH_ERR] * 23
+        assert all(mr.inflight == 0 for mr in [*src, *dst, pair.mr_a, pair.mr_b])
+        for mr in [*src, *dst]:
+            mr.close()
+    finally:
+        pair.close()
+
+
+@pytest.mark.parametrize("spoil", ["none", "unknown key", "out of bounds", "no remote write"])
+def test_few_and_many_write_checks_agree(spoil):
+    """The responder's numpy checks (large batches) and its Python loop (small ones) take the
+    same writes, into the same bytes, with the same MR references."""
+    from stages.verbs import open_provider
+
+    memory = (np.arange(8 * MiB) % 241).astype(np.uint8)
+    with open_provider("soft").open_device() as ctx:
+        pd = ctx.alloc_pd()
+        access = Access.LOCAL_WRITE | Access.REMOTE_WRITE
+        mrs = [pd.reg_mr(memory.ctypes.data + i * MiB, MiB, access) for i in range(7)]
+        mrs.append(pd.reg_mr(memory.ctypes.data + 7 * MiB, MiB, Access.LOCAL_WRITE))
+        rng = np.random.default_rng(11)
+        n = 300
+        which = rng.integers(0, 7, n)
+        which[:40] = 2  # a stretch of adjacent writes in one MR: one view
+        offset = rng.integers(0, MiB - 8192, n).astype(np.uint64)
+        offset[:40] = 4096 * np.arange(40, dtype=np.uint64)
+        length = rng.choice([0, 1, 100, 4096, 8192], n).astype(np.uint64)
+        length[:40] = 4096
+        if spoil == "unknown key":
+            which[170] = 99
+        elif spoil == "out of bounds":
+            offset[170], length[170] = MiB - 50, 100
+        elif spoil == "no remote write":
+            which[170] = 7
+        keys = np.array([mr.rkey for mr in mrs] + [0xDEAD])[np.minimum(which, 8)]
+        addr = np.array([mr.addr for mr in mrs] + [0])[np.minimum(which, 8)].astype(
+            np.uint64) + offset
+        descs = np.frombuffer(wire.descriptors(addr, keys, length), wire.DESC_DTYPE)
+        got = []
+        for check in (batch.remote_targets, batch._few_targets):
+            k, views, used, ranges = check(pd, descs)
+            got.append((k, b"".join(bytes(v) for v in views), sorted(mr.rkey for mr in used),
+                        [mr.inflight for mr in mrs]))
+            assert not ranges  # no on-demand MR here
+            assert len(views) <= max(k - 39, 1)  # the adjacent stretch shares one view
+            for mr in mrs:
+                mr.inflight = 0
+        assert got[0] == got[1]
+        assert got[0][0] == (n if spoil == "none" else 170)
+
+
+def _parse_frames(data: bytes) -> list:
+    """``(seq, remote_addr, rkey, payload)`` per WRITE in a stream of request frames, checking
+    each WRITE_BATCH's count and total."""
+    out, i = [], 0
+    while i < len(data):
+        kind, _, _, seq, remote_addr, rkey, length = wire.FRAME.unpack_from(data, i)
+        i += wire.FRAME.size
+        if kind == wire.WRITE:
+            out.append((seq, remote_addr, rkey, data[i:i + length]))
+            i += length
+            continue
+        assert kind == wire.WRITE_BATCH and 1 <= rkey <= wire.MAX_BATCH
+        descs = np.frombuffer(data, wire.DESC_DTYPE, rkey, i)
+        i += rkey * wire.DESC.size
+        assert int(descs["length"].astype(np.int64).sum()) == length
+        for j, (addr, key, size) in enumerate(descs.tolist()):
+            out.append((seq + j, addr, key, data[i:i + size]))
+            i += size
+    return out
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_collect_frames_any_send_queue_under_any_budget(seed):
+    """Runs over several MRs, adjacent or not, cut by tight iovec and byte budgets, rewound
+    (an inline send that sent nothing) and acked in the middle: every frame is well formed,
+    stays within the iovec, and the writes arrive once each, in order, with their bytes."""
+    from collections import deque
+    from types import SimpleNamespace
+
+    from stages.verbs import open_provider
+    from stages.verbs.soft import sendq
+
+    rng = np.random.default_rng(seed)
+    memory = rng.integers(0, 256, 4 * MiB, np.uint8)
+    with open_provider("soft").open_device() as ctx:
+        pd = ctx.alloc_pd()
+        mrs = [pd.reg_mr(memory.ctypes.data + i * MiB, MiB, Access.LOCAL_WRITE)
+               for i in range(4)]
+        qp = SimpleNamespace(sq=deque(), next_seq=0, tx_next=0)
+        expected = []
+        for _ in range(int(rng.integers(1, 5))):
+            n = int(rng.choice([1, 2, 5, 300, 1100]))
+            which = rng.integers(0, 4, n) if rng.random() < 0.5 else np.full(n, n % 4)
+            offset = (np.arange(n, dtype=np.uint64) * 4096) % MiB if rng.random() < 0.5 else \
+                np.sort(rng.integers(0, 256, n)).astype(np.uint64) * 4096
+            wrs = np.zeros(n, WRITE_WR_DTYPE)
+            wrs["addr"] = np.array([mr.addr for mr in mrs], np.uint64)[which] + offset
+            wrs["lkey"] = np.array([mr.lkey for mr in mrs])[which]
+            wrs["length"] = 4096 if rng.random() < 0.3 else rng.choice([0, 1, 100, 4096], n)
+            wrs["remote_addr"] = rng.integers(0, 1 << 40, n).astype(np.uint64)
+            wrs["rkey"] = rng.integers(0, 1 << 20, n)
+            qp.sq.extend(sendq.write_runs(pd, wrs, qp.next_seq, 0, None))
+            qp.next_seq += n
+            for w, i in zip(wrs, which.tolist(), strict=True):
+                start = int(w["addr"]) - mrs[i].addr
+                expected.append((int(w["remote_addr"]), int(w["rkey"]),
+                                 memory[i * MiB + start:i * MiB + start + int(w["length"])]
+                                 .tobytes()))
+        got: list = []
+        while qp.tx_next < qp.next_seq:
+            max_iov = int(rng.choice([3, 4, 7, 50, 1024]))
+            bufs = [b"x" * wire.FRAME.size] * (int(rng.integers(0, 2)) if max_iov >= 4 else 0)
+            queued, start = len(bufs), qp.tx_next
+            batch.collect(qp, bufs, max_bytes=int(rng.choice([1, 4096, 100_000, 8 << 20])),
+                          max_iov=max_iov)
+            assert len(bufs) <= max_iov and qp.tx_next > start
+            frames = _parse_frames(b"".join(bytes(b) for b in bufs[queued:]))
+            assert [f[0] for f in frames] == list(range(start, qp.tx_next))
+            if rng.random() < 0.2:
+                qp.tx_next = start  # nothing went out: sent again from the same WR
+                continue
+            got += frames
+            if rng.random() < 0.5:  # an ACK lands somewhere in what was sent
+                last = int(rng.integers(qp.sq[0].seq, qp.tx_next))
+                while qp.sq and qp.sq[0].seq <= last:
+                    entry = qp.sq[0]
+                    if entry.end - 1 <= last:
+                        qp.sq.popleft()
+                    else:
+                        entry.done, entry.seq = last + 1 - entry.seq0, last + 1
+                        break
+        assert [frame[1:] for frame in got] == expected
+        for mr in mrs:
+            mr.inflight = 0
