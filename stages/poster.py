@@ -184,7 +184,7 @@ class Poster:
         t0 = time.perf_counter_ns()
         out = NO_COMPLETIONS
         if len(wr_ids):
-            done = self._retire(int(np.max(wr_ids)))
+            done = self._retire(int(max(wr_ids)))
             if len(done):
                 out = _per_chunk(done)
         self.busy_ns += time.perf_counter_ns() - t0
