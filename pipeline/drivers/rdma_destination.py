@@ -60,6 +60,7 @@ class RdmaDestination(DestinationDriver):
         self._populator: threading.Thread | None = None
         self._populate_queue: queue.Queue | None = None
         self._populate_gen = 0         # registration windows opened so far
+        self._rounds_named = 0         # round sections received (a source of ours sends them)
         super().__init__(uri, config, **kw)
 
     def create_session(self, blocks, prealloc: bool) -> DestinationSession:
@@ -269,7 +270,8 @@ class RdmaDestination(DestinationDriver):
             raise
         for (key, _addr, _length), mr in zip(a.ranges, mrs, strict=True):
             self.chunk_mrs[key] = mr
-            self._populate_ahead(mr)
+            if not self._rounds_named:
+                self._populate_ahead(mr)
         return de.ChunksRegistered(tuple(mr.rkey for mr in mrs))
 
     def _unpinned(self, length: int) -> None:
@@ -310,6 +312,15 @@ class RdmaDestination(DestinationDriver):
             self._populator.start()
         self._populate_queue.put((self._populate_gen, mr))
 
+    def _hash_round(self, a: de.HashRound):
+        """A round's pages, named by a source of ours once they all landed: the first round,
+        RAM's first pass, is over. Chunks registered from then on take a few scattered
+        writes each (a busy guest's), which fault in their own pages: faulting whole chunks
+        in ahead for them held the rest of each chunk in memory, zero, for nothing (about 19
+        MiB in round 2 of the default 512 MiB guest; end to end the time is the same)."""
+        self._rounds_named += 1
+        return DestinationDriver._hash_round(self, a)
+
     def _populate_loop(self) -> None:
         """Fault in the chunks of the current round only: once the next window opens, every
         write of the rounds before has landed (faulting in its own range), and what is left of
@@ -335,5 +346,5 @@ class RdmaDestination(DestinationDriver):
         de.Reply: _reply, de.Confirm: _confirm, de.AwaitCommit: _await_commit,
         de.AbortPeer: _abort_peer,
         de.RegisterChunks: _register_chunks, de.DeregisterChunks: _deregister_chunks,
-        de.PinBlocks: _pin_blocks,
+        de.PinBlocks: _pin_blocks, de.HashRound: _hash_round,
     }
