@@ -431,7 +431,6 @@ class Registrar:
         return concat(WRITE_RING, out)
 
 
-
 def _export(mrs: list, attempts: int = 5) -> list:
     """The export handles of ``mrs`` (all of one PD, exported together: one PD-table write in
     the soft provider), retried: the soft provider reads /proc/self/maps to find the backing

@@ -45,7 +45,6 @@ class SendWR:
         self.release_into(counts, 0, 1)
 
 
-
 class WriteRun:
     """The RDMA WRITEs of one ``post_writes`` call (all with good local SGEs), as arrays: ONE
     send-queue entry for the sequences ``seq0 .. end-1``; writes ``done ..`` are outstanding
