@@ -161,11 +161,12 @@ def _take_spare(target: str) -> tuple[Any, Any] | None:
     return None
 
 
-def discard_spares() -> None:
-    """End the spare interpreters no stage took (they exit when their pipe closes)."""
+def discard_spares(targets: list[str] | None = None) -> None:
+    """End the spare interpreters no stage took (of ``targets`` only, when given; they exit
+    when their pipe closes)."""
     with _SPARES_LOCK:
-        spares = [s for group in _SPARES.values() for s in group]
-        _SPARES.clear()
+        names = list(_SPARES) if targets is None else [t for t in targets if t in _SPARES]
+        spares = [s for name in names for s in _SPARES.pop(name)]
     for _proc, conn in spares:
         conn.close()
     for proc, _conn in spares:

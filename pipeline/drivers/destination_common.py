@@ -148,8 +148,16 @@ class DestinationDriver:
 
     # -- ownership -----------------------------------------------------------------------
     def __enter__(self):
+        from stages.harness import discard_spares, prestart
+
         self._stack = contextlib.ExitStack()
         self._stack.callback(self._close_region)       # last: after all that writes into it
+        if self.session.carrier != "file":
+            # The guest process starts with the stream (its MEM_SIZE); its interpreter starts
+            # now, while this side waits for a source: its imports (about 0.1 core-s) then
+            # stay out of the first round, where both cores are busy moving pages.
+            prestart([GUEST_ENTRY])
+            self._stack.callback(discard_spares, [GUEST_ENTRY])
         return self
 
     def __exit__(self, *exc) -> None:

@@ -180,3 +180,20 @@ def test_a_prestarted_interpreter_becomes_the_stage_and_unused_ones_end():
     finally:
         harness.discard_spares()
     assert harness._SPARES == {}
+
+
+def test_discarding_the_spares_of_some_targets_keeps_the_others():
+    from stages import harness
+
+    harness.prestart(["stage_targets:ok_main", "stage_targets:hang_main"])
+    try:
+        (kept, _), = harness._SPARES["stage_targets:ok_main"]
+        (gone, _), = harness._SPARES["stage_targets:hang_main"]
+        kept_pid, gone_pid = kept.pid, gone.pid
+        harness.discard_spares(["stage_targets:hang_main"])
+        assert not os.path.exists(f"/proc/{gone_pid}")        # ended and reaped
+        assert kept.is_alive()
+        assert list(harness._SPARES) == ["stage_targets:ok_main"]
+    finally:
+        harness.discard_spares()
+    assert not os.path.exists(f"/proc/{kept_pid}")

@@ -26,6 +26,7 @@ from pipeline.session import destination_events as de
 from pipeline.session.states import DestinationState
 from pipeline.uri import URI
 from shm.naming import new_run_id
+from stages import harness
 
 pytestmark = pytest.mark.slow
 
@@ -66,6 +67,7 @@ def migrate(driver_class, scheme, source, *, blocks=None, prealloc=False, **kw):
     assert not src.is_alive()
     assert run_entries(run_id) == set(), "the region was left behind"
     assert driver.region is None and driver.guest is None and driver.hasher is None
+    assert destination_common.GUEST_ENTRY not in harness._SPARES, "a spare was left"
     left = {t for t in threads() - before if t.is_alive()}
     assert not left, f"threads left running: {left}"
     return driver, error, src
@@ -207,3 +209,18 @@ def test_the_region_closes_last(monkeypatch):
                         lambda self: (order.append("guest"), real_guest(self)))
     migrate(RdmaDestination, "rdma", rdma_source)
     assert order == ["guest", "ctx", "region"]
+
+
+def test_the_guest_process_is_the_interpreter_prestarted_while_listening(monkeypatch):
+    taken = []
+    real = harness._take_spare
+
+    def take(target):
+        spare = real(target)
+        taken.append((target, spare is not None))
+        return spare
+
+    monkeypatch.setattr(harness, "_take_spare", take)
+    _driver, error, src = migrate(StreamDestination, "tcp", tcp_source, blocks=list(BLOCKS))
+    assert error is None and src.confirmed
+    assert taken == [(destination_common.GUEST_ENTRY, True)]
