@@ -107,6 +107,14 @@ def main(argv: list[str] | None = None) -> int:
         need = TARGET_4[r["baseline"]]
         print(f"target 4, {r['case']}: {r['vs_baseline']:.2f}x {r['baseline']} (>= {need}): "
               f"{'met' if r['vs_baseline'] >= need else 'NOT met'}")
+        if r["vs_baseline"] < need:
+            rs = [x for x in runs[r["case"]] if "stages" in x]
+            busy = {k: med(rs, lambda x, k=k: x["stages"][k]["busy-time"])
+                    for k in ("scanner", "poster")}
+            print(f"  held back by CPU: in {r['total_ms']:.0f} ms the scanner was busy "
+                  f"{busy['scanner']:.0f} ms (every page read for its zero test and hash) and "
+                  f"the poster {busy['poster']:.0f} ms; the destination reads every page again "
+                  f"to hash it; {r['baseline']} does neither")
     print(f"guest RAM {ram / (1 << 30):g} GiB, non-zero, idle; medians of {args.repeat}; "
           f"load average {os.getloadavg()[0]:.2f} at the end")
     print("\n".join(notes))
