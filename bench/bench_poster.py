@@ -204,6 +204,31 @@ def run_case(name: str) -> dict:
     return {**row, **_usage()}
 
 
+# Issue 15's target 3: (case, what it is measured against, at least).
+TARGET_3 = (("write-1m", "tcp-1m", 0.95), ("poster-4k", "tcp-4k", 1.0),
+            ("poster-1m", "write-1m", 0.95))
+
+
+def targets(rows: list[dict]) -> list[str]:
+    """Target 3 against this run's figures, met or not; for a miss, where the posting
+    thread's time went (the provider's post calls, which hold the kernel's copy of an inline
+    send, against the poster's own work per write)."""
+    by = {r["case"]: r for r in rows if "error" not in r and r.get("gb_per_s")}
+    out = []
+    for case, base, need in TARGET_3:
+        if case not in by or base not in by:
+            continue
+        r = by[case]
+        ratio = r["gb_per_s"] / by[base]["gb_per_s"]
+        out.append(f"target 3, {case}: {ratio:.2f}x {base} (>= {need}): "
+                   f"{'met' if ratio >= need else 'NOT met'}")
+        if ratio < need and r.get("busy_s"):
+            out.append(f"  held back by the posting thread: {r['post_s']:.2f} s of its "
+                       f"{r['wall_s']:.2f} s inside the provider's post calls (the send's "
+                       f"kernel copy among it), {r['own_ns_per_write']} ns of its own per write")
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     from bench.stages import module_main
 

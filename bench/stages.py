@@ -177,7 +177,10 @@ def run_stage(stage: str, *, repeat: int = 3, quick: bool = False, cases=None,
 
 
 def table(stage: str, rows: list[dict]) -> str:
-    return format_table(rows, STAGES[stage].columns)
+    """The stage's table, then the lines of its module's ``targets(rows)`` if it has one."""
+    out = format_table(rows, STAGES[stage].columns)
+    targets = getattr(STAGES[stage].load(), "targets", None)
+    return "\n".join([out, *targets(rows)]) if targets else out
 
 
 def module_main(stage: str, argv: list[str] | None = None, description: str = "") -> int:

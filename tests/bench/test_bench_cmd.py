@@ -47,3 +47,20 @@ def test_median_and_baseline_helpers():
     text = format_table([table["fast"], {"case": "bad", "error": "boom"}],
                         [("case", "case", ""), ("x/s", "x", ".1f"), ("vs.", "vs_baseline", "")])
     assert "x/s" in text and "error: boom" in text
+
+
+def test_the_poster_table_says_whether_target_3_is_met_and_what_held_a_miss_back():
+    from bench import bench_poster
+
+    rows = [{"case": "tcp-4k", "gb_per_s": 1.6}, {"case": "tcp-1m", "gb_per_s": 4.0},
+            {"case": "write-1m", "gb_per_s": 3.9},
+            {"case": "poster-1m", "gb_per_s": 3.0, "busy_s": 1.0, "post_s": 0.8,
+             "wall_s": 1.3, "own_ns_per_write": 500},
+            {"case": "poster-4k", "gb_per_s": 1.4, "busy_s": 0.4, "post_s": 0.3,
+             "wall_s": 0.6, "own_ns_per_write": 450}]
+    lines = bench_poster.targets(rows)
+    assert lines[0] == "target 3, write-1m: 0.97x tcp-1m (>= 0.95): met"
+    assert lines[1] == "target 3, poster-4k: 0.87x tcp-4k (>= 1.0): NOT met"
+    assert lines[2].startswith("  held back by the posting thread: 0.30 s of its 0.60 s")
+    assert lines[3] == "target 3, poster-1m: 0.77x write-1m (>= 0.95): NOT met"
+    assert len(lines) == 5
