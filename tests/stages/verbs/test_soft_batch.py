@@ -3,6 +3,7 @@ WRITE_BATCH frame (known-answer bytes, scattered reads, on-demand faulting)."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import signal
@@ -263,13 +264,24 @@ def test_batch_into_on_demand_memory_faults_in_what_it_writes():
 
 
 # -- the soft send queue: a post_writes call is one entry, retired in parts --------------
-def _unlinked_qp(ctx, mr, max_send_wr: int = 32):
-    """A soft QP in RTS without a connection: nothing is transmitted, the test plays the
-    responder's ACKs and NAKs itself (under the QP lock, as the link's reader would)."""
-    cq = ctx.create_cq(64)
-    qp = mr.pd.create_qp(cq, cq, max_send_wr=max_send_wr, max_recv_wr=0)
-    qp._state = QPState.RTS
-    return qp, cq
+@contextlib.contextmanager
+def _unlinked_qp(max_send_wr: int = 32):
+    """(mr, qp, cq): a soft QP in RTS without a connection over a 64 KiB MR. Nothing is
+    transmitted: the test plays the responder's ACKs and NAKs itself (under the QP lock, as
+    the link's reader would)."""
+    from stages.verbs import open_provider
+
+    memory = np.zeros(64 * KiB, np.uint8)
+    with open_provider("soft").open_device() as ctx:
+        pd = ctx.alloc_pd()
+        mr = pd.reg_mr(memory.ctypes.data, memory.nbytes, Access.LOCAL_WRITE)
+        cq = ctx.create_cq(64)
+        qp = pd.create_qp(cq, cq, max_send_wr=max_send_wr, max_recv_wr=0)
+        qp._state = QPState.RTS
+        yield mr, qp, cq
+        qp.close()
+        cq.close()
+        mr.close()
 
 
 def _local_writes(mr, n: int, signaled) -> np.ndarray:
@@ -282,13 +294,7 @@ def _local_writes(mr, n: int, signaled) -> np.ndarray:
 
 
 def test_ack_inside_a_batch_retires_its_head_and_completes_only_signaled_writes():
-    from stages.verbs import open_provider
-
-    memory = np.zeros(64 * KiB, np.uint8)
-    with open_provider("soft").open_device() as ctx:
-        pd = ctx.alloc_pd()
-        mr = pd.reg_mr(memory.ctypes.data, memory.nbytes, Access.LOCAL_WRITE)
-        qp, cq = _unlinked_qp(ctx, mr)
+    with _unlinked_qp() as (mr, qp, cq):
         signaled = np.isin(np.arange(10), [3, 7, 9])
         qp.post_writes(_local_writes(mr, 10, signaled))
         assert len(qp.sq) == 1 and mr.inflight == 10  # one entry for the whole call
@@ -307,19 +313,10 @@ def test_ack_inside_a_batch_retires_its_head_and_completes_only_signaled_writes(
         assert [(wc.wr_id, wc.status, wc.byte_len) for wc in wcs] == [
             (109, WCStatus.REM_ACCESS_ERR, 64)]
         assert qp.state == QPState.ERR and qp.sq_used == 0 and mr.inflight == 0
-        qp.close()
-        cq.close()
-        mr.close()
 
 
 def test_flush_of_a_partly_acked_batch_completes_each_remaining_write():
-    from stages.verbs import open_provider
-
-    memory = np.zeros(64 * KiB, np.uint8)
-    with open_provider("soft").open_device() as ctx:
-        pd = ctx.alloc_pd()
-        mr = pd.reg_mr(memory.ctypes.data, memory.nbytes, Access.LOCAL_WRITE)
-        qp, cq = _unlinked_qp(ctx, mr)
+    with _unlinked_qp() as (mr, qp, cq):
         wrs = _local_writes(mr, 8, False)
         wrs["lkey"][5] ^= 0x77  # a bad local key splits the call into entries around it
         qp.post_writes(wrs[:6])
@@ -337,9 +334,6 @@ def test_flush_of_a_partly_acked_batch_completes_each_remaining_write():
         assert qp.sq_used == 0 and mr.inflight == 0 and qp.state == QPState.ERR
         qp.post_writes(_local_writes(mr, 2, False))  # in ERR: flushed at once, each one
         assert [wc.status for wc in cq.poll()] == [WCStatus.WR_FLUSH_ERR] * 2
-        qp.close()
-        cq.close()
-        mr.close()
 
 
 def test_batches_over_many_mrs_check_every_key_at_both_ends():
