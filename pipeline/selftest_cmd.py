@@ -107,7 +107,7 @@ class Checks:
             wc = p.wait(p.cq_a, 1)[0]
             if wc.status != WCStatus.REM_ACCESS_ERR:
                 raise AssertionError(f"status {wc.status.name}")
-            if not _until(lambda: p.qp_a.state == QPState.ERR):
+            if not wait_until(lambda: p.qp_a.state == QPState.ERR):
                 raise AssertionError(f"QP state {p.qp_a.state.name} after the error")
             return "REM_ACCESS_ERR, then the QP reads ERR"
 
@@ -258,8 +258,9 @@ class Pair:
         self.close()
 
 
-def _until(predicate, timeout: float = 5.0) -> bool:
-    """Wait for a QP's asynchronous move (the device's, nothing to block on here)."""
+def wait_until(predicate, timeout: float = 5.0) -> bool:
+    """Poll ``predicate`` every 10 ms until true (True) or ``timeout`` (False): for a QP's
+    asynchronous move, which pyverbs gives no fd to block on. The tests use it too."""
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:

@@ -362,17 +362,6 @@ class StageProcess:
         self.close()
 
 
-def stop_all(stages: list[StageProcess], timeout: float) -> None:
-    """Stop stages in parallel within one shared deadline, then close them all."""
-    deadline = time.monotonic() + timeout
-    for st in stages:
-        if st.process.pid is not None:
-            st.process.join(max(0.0, deadline - time.monotonic()))
-    for st in stages:
-        st.stop(0.0)
-        st.close()
-
-
 class Inbox:
     """Several blocking inputs (rings) merged into one queue with a selectable wake-up fd.
 

@@ -210,15 +210,6 @@ class ControlChannel:
         return frozenset(t for t in _SENDER if t is not T.READY and _SENDER[t] is self.role
                          and self._why_not(self.role, t) is None)
 
-    @property
-    def receivable(self) -> frozenset[MessageType]:
-        """The types ``receive`` accepts now (ERROR whenever a RECV is posted)."""
-        if self._state in (State.CONNECTING, State.CLOSED, State.ERROR) or not self._rq:
-            return frozenset()
-        peer = self.role.peer
-        ok = {t for t in _SENDER if _SENDER[t] is peer and self._why_not(peer, t) is None}
-        return frozenset(ok | {T.ERROR})
-
     # -- handshake -----------------------------------------------------------------------------
     def initiate(self, requested: Capabilities, *,
                  block_lengths: Sequence[int] | None = None) -> bytes:

@@ -40,12 +40,6 @@ class PeerPolicy:
         return self.machine == MACHINE
 
     @property
-    def extended(self) -> bool:
-        """The peer is rdma-pipeline: it granted at least one of our extensions."""
-        return (self.data_qps or self.multi_register or self.digest != Digest.NONE
-                or self.chunk_size != DEFAULT_CHUNK_SIZE)
-
-    @property
     def verified(self) -> bool:
         """The destination checks every chunk against the source's digest before it resumes."""
         return self.digest != Digest.NONE

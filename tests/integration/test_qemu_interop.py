@@ -46,10 +46,28 @@ def dumped(directory) -> dict[str, bytes]:
     return out
 
 
-def incoming(uri: str, dump, *extra) -> subprocess.Popen:
-    return subprocess.Popen([*CLI, "incoming", uri, "--machine", "none", "--dump", str(dump),
+def incoming(uri: str, dump, *extra, machine: str | None = "none") -> subprocess.Popen:
+    """``rdma-pipeline incoming URI --dump DUMP``, held to ``machine`` (None: any type)."""
+    held = ("--machine", machine) if machine else ()
+    return subprocess.Popen([*CLI, "incoming", uri, *held, "--dump", str(dump),
                              "--timeout", "60", *extra],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def qemu_into_incoming(vm, dump, *, return_path: bool = True,
+                       machine: str | None = "none") -> tuple[int, str, str]:
+    """QEMU ``vm`` migrates over tcp: into a fresh ``incoming``: its (exit code, stdout,
+    stderr)."""
+    port = free_port()
+    dest = incoming(f"tcp:127.0.0.1:{port}", dump, machine=machine)
+    try:
+        assert dest.stderr.readline().startswith("listening on")
+        vm.set_capability("return-path", return_path)
+        vm.migrate(f"tcp:127.0.0.1:{port}")
+        assert vm.wait_migration() == "completed", vm.log()
+    finally:
+        code, out, err = finish(dest)
+    return code, out, err
 
 
 def finish(proc: subprocess.Popen, timeout: float = 60.0) -> tuple[int, str, str]:
@@ -72,17 +90,9 @@ def migrate(uri: str, dump, *extra) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize("return_path", [True, False], ids=["return-path", "no-return-path"])
 def test_qemu_into_incoming_over_tcp(tmp_path, pattern, return_path):
     path, expected = pattern
-    port = free_port()
     dump = tmp_path / "dump"
     with QemuVm(tmp_path, RAM, pattern=path) as vm:
-        dest = incoming(f"tcp:127.0.0.1:{port}", dump)
-        try:
-            assert dest.stderr.readline().startswith("listening on")
-            vm.set_capability("return-path", return_path)
-            vm.migrate(f"tcp:127.0.0.1:{port}")
-            assert vm.wait_migration() == "completed", vm.log()
-        finally:
-            code, out, err = finish(dest)
+        code, out, err = qemu_into_incoming(vm, dump, return_path=return_path)
         assert code == 0, err
         assert "verification: RAM not verified" in out and "machine type 'none'" in out
         qemu_ram = vm.pmemsave(str(tmp_path / "qemu.mem"), RAM)
@@ -100,19 +110,9 @@ def test_a_pc_machine_into_incoming_without_machine(tmp_path, pattern):
     named with '/'; 30 device sections with structs and subsections, all decoded by the
     VMDESCRIPTION that arrives last over tcp:)."""
     path, expected = pattern
-    port = free_port()
     dump = tmp_path / "dump"
     with QemuVm(tmp_path, RAM, pattern=path, at=MIB, machine="pc", paused=True) as vm:
-        dest = subprocess.Popen([*CLI, "incoming", f"tcp:127.0.0.1:{port}", "--dump",
-                                 str(dump), "--timeout", "60"],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        try:
-            assert dest.stderr.readline().startswith("listening on")
-            vm.set_capability("return-path", True)
-            vm.migrate(f"tcp:127.0.0.1:{port}")
-            assert vm.wait_migration() == "completed", vm.log()
-        finally:
-            code, out, err = finish(dest)
+        code, out, err = qemu_into_incoming(vm, dump, machine=None)
         assert code == 0, err
         assert "machine type 'pc-i440fx" in out
         above_1m = vm.pmemsave(str(tmp_path / "qemu.mem"), RAM - MIB, at=MIB)

@@ -18,6 +18,7 @@ from contextlib import contextmanager
 import numpy as np
 import pytest
 
+from pipeline.selftest_cmd import wait_until
 from stages.verbs import Access, open_provider
 from stages.verbs.rdmacore import probe
 
@@ -130,14 +131,7 @@ class Pair:
         self.ctx_b.close()
 
 
-def wait_for(predicate, timeout: float = 5.0) -> bool:
-    """Poll a cheap predicate every 10 ms (test code only) until true or ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
+wait_for = wait_until       # poll a cheap predicate every 10 ms until true or the timeout
 
 
 @contextmanager
